@@ -1,0 +1,206 @@
+"""riklet's configuration: defaults < YAML file < environment < command-line flags.
+
+Every setting is declared once in :data:`SETTINGS` with its YAML key, environment variable,
+flag and parser. An unknown YAML key or a value that does not parse is an error naming the
+file (or variable, or flag) and the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from common.errors import InvalidArgument
+from common.units import parse_duration, parse_memory
+
+
+def _str(value: object, field: str) -> str:
+    if not isinstance(value, (str, int)) or isinstance(value, bool) or str(value) == "":
+        raise InvalidArgument("expected a non-empty string", field)
+    return str(value)
+
+
+def _address(value: object, field: str) -> str:
+    text = _str(value, field)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(f"expected HOST:PORT, got {text!r}", field)
+    return text
+
+
+def _level(value: object, field: str) -> str:
+    text = _str(value, field).upper()
+    if text not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        raise InvalidArgument(f"unknown log level {value!r}", field)
+    return text
+
+
+def _runtime(value: object, field: str) -> str:
+    text = _str(value, field)
+    if text not in {"process", "containerd"}:
+        raise InvalidArgument(f"unknown runtime {text!r} (process, containerd)", field)
+    return text
+
+
+def _count(value: object, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgument("expected a positive integer", field)
+    return value
+
+
+def _path(value: object, field: str) -> str:
+    return os.path.abspath(_str(value, field))
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str                      # dotted YAML key, also the attribute name with '.' -> '_'
+    parse: Callable[[object, str], Any]
+    default: Callable[[], Any]
+    env: str | None = None
+    flag: str | None = None
+    help: str = ""
+
+    @property
+    def attr(self) -> str:
+        return self.key.replace(".", "_")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("paths.run_dir", _path, lambda: "./.riklet/run", "RIKLET_RUN_DIR", "--run-dir",
+            "IPC sockets (created 0700)"),
+    Setting("paths.state_dir", _path, lambda: "./.riklet/state", "RIKLET_STATE_DIR", "--state-dir",
+            "database, logs, shim records"),
+    Setting("node.id", _str, socket.gethostname, "NODE_ID", "--node-id", "this node's id"),
+    Setting("api.address", _address, lambda: "127.0.0.1:9091", "RIKLET_API_ADDRESS",
+            "--api-address", "Node API (gRPC) listen address"),
+    Setting("metrics.address", _address, lambda: "127.0.0.1:9092", "RIKLET_METRICS_ADDRESS",
+            "--metrics-address", "Prometheus /metrics listen address"),
+    Setting("logging.level", _level, lambda: "INFO", "LOG_LEVEL", "--log-level", "log level"),
+    Setting("runtime.default", _runtime, lambda: "process", "RIKLET_RUNTIME", "--runtime",
+            "runtime for containers that do not say"),
+    Setting("runtime.stop_grace_period", parse_duration, lambda: 10.0, None, None,
+            "SIGTERM to SIGKILL delay when a pod does not set one"),
+    Setting("restart.backoff_initial", parse_duration, lambda: 1.0, None, None,
+            "first restart delay of a crashing container"),
+    Setting("restart.backoff_max", parse_duration, lambda: 300.0, None, None,
+            "longest restart delay"),
+    Setting("restart.backoff_reset", parse_duration, lambda: 600.0, None, None,
+            "running this long resets the back-off"),
+    Setting("logs.max_size", parse_memory, lambda: 10 * 1024 * 1024, None, None,
+            "rotate a container log at this size"),
+    Setting("logs.max_files", _count, lambda: 3, None, None, "rotated files kept per container"),
+)
+
+_BY_KEY = {s.key: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Config:
+    paths_run_dir: str
+    paths_state_dir: str
+    node_id: str
+    api_address: str
+    metrics_address: str
+    logging_level: str
+    runtime_default: str
+    runtime_stop_grace_period: float
+    restart_backoff_initial: float
+    restart_backoff_max: float
+    restart_backoff_reset: float
+    logs_max_size: int
+    logs_max_files: int
+    sources: Mapping[str, str]     # key -> where its value came from
+
+    # IPC endpoints, all in the run directory.
+    @property
+    def memory_endpoint(self) -> str:
+        return f"ipc://{self.paths_run_dir}/memory.sock"
+
+    @property
+    def memory_events_endpoint(self) -> str:
+        return f"ipc://{self.paths_run_dir}/memory-events.sock"
+
+    @property
+    def monitor_endpoint(self) -> str:
+        return f"ipc://{self.paths_run_dir}/monitor.sock"
+
+
+def _flatten(data: Mapping[str, Any], prefix: str, source: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, key + ".", source))
+        elif key in _BY_KEY:
+            out[key] = value
+        else:
+            raise InvalidArgument(f"unknown configuration key in {source}", key)
+    return out
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read configuration file {path}: {exc.strerror}", "config") from exc
+    except yaml.YAMLError as exc:
+        raise InvalidArgument(f"{path} is not valid YAML: {exc}", "config") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise InvalidArgument(f"{path} must hold a mapping at the top level", "config")
+    return _flatten(data, "", path)
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML configuration file (env RIKLET_CONFIG)")
+    for s in SETTINGS:
+        if s.flag:
+            parser.add_argument(s.flag, dest=s.attr, help=s.help)
+
+
+def load(flags: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    path = getattr(flags, "config", None) or env.get("RIKLET_CONFIG")
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if path:
+        layers.append((path, read_yaml(path)))
+    layers.append(("environment", {s.key: env[s.env] for s in SETTINGS if s.env and env.get(s.env)}))
+    if flags is not None:
+        layers.append(("flags", {s.key: getattr(flags, s.attr) for s in SETTINGS
+                                 if s.flag and getattr(flags, s.attr, None) is not None}))
+    for source, layer in layers:
+        for key, raw in layer.items():
+            s = _BY_KEY[key]
+            where = {"environment": s.env, "flags": s.flag}.get(source) or f"{source}: {key}"
+            values[key] = s.parse(raw, where)
+            sources[key] = source
+    for s in SETTINGS:
+        if s.key not in values:
+            values[s.key] = s.parse(s.default(), s.key)
+            sources[s.key] = "default"
+    return Config(**{_BY_KEY[k].attr: v for k, v in values.items()}, sources=sources)
+
+
+def parse_args(prog: str, argv: Sequence[str] | None = None,
+               extra: Callable[[argparse.ArgumentParser], None] | None = None) -> tuple[Config, argparse.Namespace]:
+    """The command line every service shares; exits with a clear message on a bad setting."""
+    parser = argparse.ArgumentParser(prog=prog)
+    add_flags(parser)
+    if extra:
+        extra(parser)
+    ns = parser.parse_args(argv)
+    try:
+        return load(ns), ns
+    except InvalidArgument as exc:
+        parser.exit(2, f"{prog}: configuration error: {exc}\n")
