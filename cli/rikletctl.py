@@ -1,0 +1,273 @@
+"""rikletctl: drive a riklet node agent over its Node API.
+
+Finds the agent through ``--endpoint`` or ``RIKLET_ENDPOINT`` (default ``127.0.0.1:9091``).
+Exit codes: 0 success, 1 the agent refused the request (its error is printed), 2 bad usage,
+3 the agent could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+from common import pb
+from common.errors import InvalidArgument
+from common.model import RESTART_POLICIES, dns_label
+from common.units import parse_cpu, parse_memory
+
+pb.ensure()
+from common.pb import node_pb2 as npb  # noqa: E402  (generated just above when missing)
+from common.pb import node_pb2_grpc as npb_grpc  # noqa: E402
+
+DEFAULT_ENDPOINT = "127.0.0.1:9091"
+
+
+class Usage(Exception):
+    pass
+
+
+def pod_json(pod: npb.Pod) -> dict[str, Any]:
+    status = json.loads(pod.status_json or "{}")
+    spec = json.loads(pod.spec_json or "{}")
+    return {
+        "name": pod.name, "uid": pod.uid, "workload": pod.workload, "phase": pod.phase,
+        "reason": pod.reason or None, "message": pod.message or None, "desired": pod.desired,
+        "version": pod.version, "createdAt": pod.created_at, "restartCount": pod.restart_count,
+        "exitCode": status.get("exitCode"),
+        "containers": [{
+            "name": c.name, "state": c.state, "pid": c.pid or None, "restartCount": c.restart_count,
+            "exitCode": c.exit_code if c.has_exit_code else None, "reason": c.reason or None,
+            "startedAt": c.started_at or None, "finishedAt": c.finished_at or None,
+        } for c in pod.containers],
+        "ports": spec.get("ports", []),
+        "endpoints": [{"host_port": e.host_port or None, "protocol": e.protocol,
+                       "address": e.address, "port": e.port} for e in pod.endpoints],
+        "spec": spec,
+    }
+
+
+def _age(created: float) -> str:
+    secs = max(0, int(time.time() - created))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= size:
+            return f"{secs // size}{unit}"
+    return f"{secs}s"
+
+
+def print_table(pods: Sequence[npb.Pod]) -> None:
+    rows = [("NAME", "PHASE", "RESTARTS", "PID", "PORTS", "AGE")]
+    for p in pods:
+        pids = ",".join(str(c.pid) for c in p.containers if c.pid and c.state == "running") or "-"
+        ports = ",".join(f"{e.host_port}->{e.port}/{e.protocol.lower()}" if e.host_port
+                         else f"{e.port}/{e.protocol.lower()}" for e in p.endpoints) or "-"
+        phase = f"{p.phase} ({p.reason})" if p.reason else p.phase
+        rows.append((p.name, phase, str(p.restart_count), pids, ports, _age(p.created_at)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _port_flag(text: str, i: int) -> dict[str, Any]:
+    spec, _, proto = text.partition("/")
+    host, sep, target = spec.partition(":")
+    try:
+        entry = {"port": int(host), "target_port": int(target)} if sep else {"target_port": int(host)}
+    except ValueError as exc:
+        raise InvalidArgument(f"expected HOST:TARGET[/tcp|/udp], got {text!r}", f"--port[{i}]") from exc
+    if proto:
+        entry["protocol"] = proto.upper()
+    return entry
+
+
+def run_manifest(args: argparse.Namespace) -> dict[str, Any]:
+    dns_label(args.name, "NAME")
+    if not args.command:
+        raise InvalidArgument("give the command after --, e.g. -- python3 -m http.server", "CMD")
+    container: dict[str, Any] = {"name": args.container or args.name, "command": args.command}
+    env: dict[str, str] = {}
+    for i, item in enumerate(args.env):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"expected K=V, got {item!r}", f"--env[{i}]")
+        env[key] = value
+    if env:
+        container["env"] = [{"name": k, "value": v} for k, v in env.items()]
+    if args.port:
+        container["ports"] = [_port_flag(p, i) for i, p in enumerate(args.port)]
+    resources: dict[str, Any] = {}
+    if args.cpu is not None:
+        parse_cpu(args.cpu, "--cpu")
+        resources["cpu"] = args.cpu
+    if args.memory is not None:
+        parse_memory(args.memory, "--memory")
+        resources["memory"] = args.memory
+    if resources:
+        container["resources"] = resources
+    if args.workdir:
+        container["workingDir"] = args.workdir
+    spec: dict[str, Any] = {"containers": [container], "restartPolicy": args.restart}
+    if args.grace is not None:
+        spec["terminationGracePeriodSeconds"] = args.grace
+    return {"apiVersion": "v1", "kind": "Pod", "name": args.name, "spec": spec}
+
+
+class Ctl:
+    def __init__(self, endpoint: str, out_json: bool = False) -> None:
+        self.channel = grpc.insecure_channel(endpoint)
+        self.stub = npb_grpc.NodeStub(self.channel)
+        self.json = out_json
+
+    def show(self, pods: Sequence[npb.Pod], single: bool = False) -> None:
+        if self.json:
+            data: Any = pod_json(pods[0]) if single else [pod_json(p) for p in pods]
+            print(json.dumps(data, indent=2))
+        else:
+            print_table(pods)
+
+    def apply(self, args: argparse.Namespace) -> None:
+        if args.filename == "-":
+            text, fmt = sys.stdin.read(), ""
+        else:
+            with open(args.filename, encoding="utf-8") as fh:
+                text = fh.read()
+            fmt = "yaml" if args.filename.endswith((".yaml", ".yml")) else (
+                "json" if args.filename.endswith(".json") else "")
+        self._apply(text, fmt)
+
+    def _apply(self, text: str, fmt: str) -> None:
+        reply = self.stub.Apply(npb.ApplyRequest(manifest=text, format=fmt), timeout=30)
+        if self.json:
+            self.show(reply.pods)
+            return
+        for pod, changed in zip(reply.pods, reply.changed, strict=False):
+            print(f"pod/{pod.name} {'configured' if changed else 'unchanged'}")
+
+    def run(self, args: argparse.Namespace) -> None:
+        self._apply(json.dumps(run_manifest(args)), "json")
+
+    def get(self, args: argparse.Namespace) -> None:
+        if args.name:
+            self.show([self.stub.Get(npb.GetRequest(name=args.name), timeout=10)], single=True)
+        else:
+            self.show(self.stub.List(npb.ListRequest(), timeout=10).pods)
+
+    def delete(self, args: argparse.Namespace) -> None:
+        for name in args.names:
+            self.stub.Delete(npb.DeleteRequest(name=name), timeout=10)
+            print(f"pod/{name} deleted")
+
+    def stop(self, args: argparse.Namespace) -> None:
+        for name in args.names:
+            self.stub.Stop(npb.StopRequest(name=name), timeout=10)
+            print(f"pod/{name} stopped")
+
+    def logs(self, args: argparse.Namespace) -> None:
+        req = npb.LogsRequest(name=args.name, container=args.container or "", follow=args.follow,
+                              tail=args.tail if args.tail is not None else 0)
+        out = sys.stdout.buffer
+        for chunk in self.stub.Logs(req, timeout=None if args.follow else 30):
+            out.write(chunk.data)
+            out.flush()
+
+    def node(self, args: argparse.Namespace) -> None:
+        info = self.stub.NodeInfo(npb.NodeInfoRequest(), timeout=10)
+        data = {"resources": json.loads(info.resources_json), "realtime": json.loads(info.realtime_json)}
+        if self.json:
+            print(json.dumps(data, indent=2))
+            return
+        res, rt = data["resources"], data["realtime"]
+        print(f"node {res.get('id')}: {res.get('cpu')} cpus, {res.get('memory', 0) // 2**20} MiB, "
+              f"{res.get('distrib')} {res.get('version')} {res.get('arch')}")
+        print(f"cpu {rt.get('cpu', {}).get('currentUsage')}%  memory {rt.get('memory', {}).get('currentUsage')}%")
+
+    def watch(self, args: argparse.Namespace) -> None:
+        for ev in self.stub.Watch(npb.WatchRequest(name=args.name or "")):
+            if self.json:
+                print(json.dumps({"kind": ev.kind, "seq": ev.seq, "pod": pod_json(ev.pod)}), flush=True)
+            else:
+                print(f"{ev.kind:9} {ev.pod.name:20} {ev.pod.phase} {ev.pod.reason}", flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rikletctl", description="Drive a riklet node agent.")
+    p.add_argument("--endpoint", default=os.environ.get("RIKLET_ENDPOINT", DEFAULT_ENDPOINT),
+                   help="Node API address (env RIKLET_ENDPOINT, default %(default)s)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def add(name: str, fn: Callable[[Ctl, argparse.Namespace], None], helptext: str,
+            aliases: Sequence[str] = (), output: bool = False) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=helptext, aliases=list(aliases))
+        sp.set_defaults(fn=fn)
+        if output:
+            sp.add_argument("-o", "--output", choices=["table", "json"], default="table")
+        return sp
+
+    sp = add("apply", Ctl.apply, "create or update a workload from a JSON or YAML file", output=True)
+    sp.add_argument("-f", "--filename", required=True, help="file, or - for standard input")
+    sp = add("run", Ctl.run, "run a one-container process workload", output=True)
+    sp.add_argument("name")
+    sp.add_argument("--port", action="append", default=[], help="HOST:TARGET[/tcp|/udp]")
+    sp.add_argument("--env", "-e", action="append", default=[], help="K=V")
+    sp.add_argument("--cpu", help="cores, e.g. 0.5")
+    sp.add_argument("--memory", help="bytes, e.g. 64m")
+    sp.add_argument("--restart", choices=RESTART_POLICIES, default="Always")
+    sp.add_argument("--grace", type=float, help="seconds between SIGTERM and SIGKILL on stop")
+    sp.add_argument("--workdir", help="working directory (absolute)")
+    sp.add_argument("--container", help="container name (default: NAME)")
+    sp.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    sp = add("get", Ctl.get, "show pods", output=True)
+    sp.add_argument("what", choices=["pods", "pod", "po"])
+    sp.add_argument("name", nargs="?")
+    sp = add("delete", Ctl.delete, "stop and remove pods", aliases=["rm"])
+    sp.add_argument("names", nargs="+", metavar="pod NAME")
+    sp = add("stop", Ctl.stop, "stop pods, keeping them (apply starts them again)")
+    sp.add_argument("names", nargs="+", metavar="NAME")
+    sp = add("logs", Ctl.logs, "print a container's output")
+    sp.add_argument("name")
+    sp.add_argument("-c", "--container")
+    sp.add_argument("-f", "--follow", action="store_true")
+    sp.add_argument("--tail", type=int)
+    add("node", Ctl.node, "node resources and usage", output=True)
+    sp = add("watch", Ctl.watch, "stream pod changes", output=True)
+    sp.add_argument("name", nargs="?")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cmd in ("delete", "rm") and args.names and args.names[0] in ("pod", "pods", "po"):
+        args.names = args.names[1:]
+        if not args.names:
+            parser.error("delete: give a pod name")
+    if getattr(args, "command", None) and args.command[:1] == ["--"]:
+        args.command = args.command[1:]
+    if args.cmd == "get" and args.what == "pod" and not args.name:
+        parser.error("get pod: give a pod name")
+    ctl = Ctl(args.endpoint, getattr(args, "output", "table") == "json")
+    try:
+        args.fn(ctl, args)
+    except InvalidArgument as exc:
+        print(f"rikletctl: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"rikletctl: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except grpc.RpcError as exc:
+        code = exc.code()
+        print(f"rikletctl: {code.name.lower()}: {exc.details()}", file=sys.stderr)
+        return 3 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

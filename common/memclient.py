@@ -1,0 +1,228 @@
+"""How the other services use Runtime Memory: :class:`MemoryClient` for requests, and
+:class:`PodMirror`, a live local copy of every pod kept by the "clone" pattern (subscribe,
+snapshot, then apply only the events newer than the snapshot; resnapshot on any gap).
+
+A memory restart is invisible to both beyond a short delay. The client resends the same
+request (same id) until ~10 s have passed; memory remembers the ids of recent writes with
+their results, so a write whose reply was lost is answered, not applied twice.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from common import ipc
+from common.config import Config
+from common.errors import BadFrame, RikletError, Timeout, Unavailable
+from common.zmqutil import RequestClient
+
+log = logging.getLogger(__name__)
+
+PATIENCE = 10.0          # seconds a call keeps trying before raising Unavailable
+RESYNC_RETRY = 0.5       # seconds between snapshot attempts while memory is down
+HB_TOPIC = "hb"
+
+OnChange = Callable[[str, "dict[str, Any] | None"], None]
+
+
+class MemoryClient:
+    """Typed requests to memory. Thread-safe: one request at a time per client."""
+
+    def __init__(self, cfg_or_endpoint: Config | str, timeout: float = 2.0, retries: int | None = None,
+                 context: zmq.Context[Any] | None = None) -> None:
+        self.endpoint = cfg_or_endpoint if isinstance(cfg_or_endpoint, str) else cfg_or_endpoint.memory_endpoint
+        if retries is None:
+            retries = max(0, math.ceil(PATIENCE / timeout) - 1)
+        self._rpc = RequestClient(self.endpoint, timeout=timeout, retries=retries, context=context)
+
+    def _call(self, op: str, **args: Any) -> Any:
+        try:
+            return self._rpc.call(op, **args)
+        except Timeout as exc:
+            raise Unavailable(f"memory at {self.endpoint} did not answer {op!r}", "memory") from exc
+
+    def apply(self, name: str, spec: dict[str, Any], uid: str | None = None) -> dict[str, Any]:
+        """Returns ``{"pod": record, "changed": bool}``."""
+        args: dict[str, Any] = {"name": name, "spec": spec}
+        if uid is not None:
+            args["uid"] = uid
+        result: dict[str, Any] = self._call("pod.apply", **args)
+        return result
+
+    def set_status(self, name: str, uid: str, status: dict[str, Any],
+                   expect_version: int | None = None) -> dict[str, Any]:
+        args: dict[str, Any] = {"name": name, "uid": uid, "status": status}
+        if expect_version is not None:
+            args["expect_version"] = expect_version
+        record: dict[str, Any] = self._call("pod.set_status", **args)
+        return record
+
+    def set_desired(self, name: str, desired: str) -> dict[str, Any]:
+        record: dict[str, Any] = self._call("pod.set_desired", name=name, desired=desired)
+        return record
+
+    def remove(self, name: str, uid: str) -> None:
+        self._call("pod.remove", name=name, uid=uid)
+
+    def get(self, name: str) -> dict[str, Any]:
+        record: dict[str, Any] = self._call("pod.get", name=name)
+        return record
+
+    def list(self) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = self._call("pod.list")
+        return records
+
+    def snapshot(self) -> dict[str, Any]:
+        snap: dict[str, Any] = self._call("snapshot")
+        return snap
+
+    def close(self) -> None:
+        self._rpc.close()
+
+
+def diff_pods(old: dict[str, dict[str, Any]],
+              new: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any] | None]]:
+    """Every pod that differs between two states, as (name, new record or None if gone)."""
+    return [(name, new.get(name)) for name in sorted(old.keys() | new.keys()) if old.get(name) != new.get(name)]
+
+
+class PodMirror:
+    """A local, eventually consistent copy of memory's pods, kept by a background thread.
+
+    ``on_change(name, record_or_None)`` runs on that thread for every change it sees,
+    including each difference found by a resync. While memory is down the mirror keeps the
+    last known state and tries again every 0.5 s.
+    """
+
+    def __init__(self, cfg: Config, on_change: OnChange | None = None,
+                 context: zmq.Context[Any] | None = None) -> None:
+        self._endpoint = cfg.memory_endpoint
+        self._events_endpoint = cfg.memory_events_endpoint
+        self._on_change = on_change
+        self._ctx = context or zmq.Context.instance()
+        self._lock = threading.Lock()
+        self._pods: dict[str, dict[str, Any]] = {}
+        self._seq = 0
+        self._epoch: str | None = None
+        self._synced = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("PodMirror already started")
+        self._thread = threading.Thread(target=self._run, name="pod-mirror", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def pods(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return copy.deepcopy(self._pods)
+
+    @property
+    def seq(self) -> int:
+        return self._seq
+
+    @property
+    def epoch(self) -> str | None:
+        return self._epoch
+
+    def wait_synced(self, timeout: float | None = None) -> bool:
+        """True once the mirror holds a snapshot and no gap after it is known."""
+        return self._synced.wait(timeout)
+
+    # -- the mirror thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        # Subscribe before the snapshot: what happens in between arrives as events to skip.
+        sub.connect(self._events_endpoint)
+        rpc = RequestClient(self._endpoint, timeout=2.0, retries=0, context=self._ctx)
+        need_sync = True
+        try:
+            while not self._stop.is_set():
+                if need_sync:
+                    need_sync = not self._resync(rpc)
+                    if need_sync:
+                        self._stop.wait(RESYNC_RETRY)
+                        continue
+                if not sub.poll(200, zmq.POLLIN):
+                    continue
+                try:
+                    ev = ipc.decode_event(sub.recv_multipart())
+                except BadFrame as exc:
+                    log.warning("ignored a malformed event", extra={"error": str(exc)})
+                    continue
+                if self._apply(ev):
+                    need_sync = True
+                    self._synced.clear()
+        finally:
+            sub.close(linger=0)
+            rpc.close()
+
+    def _resync(self, rpc: RequestClient) -> bool:
+        try:
+            snap = rpc.call("snapshot")
+            new = {p["name"]: p for p in snap["pods"]}
+            seq, epoch = int(snap["seq"]), str(snap["epoch"])
+        except RikletError as exc:  # Timeout while memory restarts, or a reply we cannot use
+            log.debug("snapshot failed", extra={"error": str(exc)})
+            return False
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("malformed snapshot", extra={"error": repr(exc)})
+            return False
+        with self._lock:
+            old, self._pods = self._pods, new
+            self._seq, self._epoch = seq, epoch
+        self._synced.set()
+        for name, record in diff_pods(old, new):
+            self._notify(name, record)
+        return True
+
+    def _apply(self, ev: ipc.Event) -> bool:
+        """Apply one event in order; True when a resync is needed instead."""
+        if ev.topic == HB_TOPIC:
+            # Events precede the heartbeat on the same socket: a higher seq means we lost some.
+            return ev.data.get("epoch") != self._epoch or ev.seq > self._seq
+        if ev.seq <= self._seq:
+            return False  # already part of the snapshot
+        if ev.seq != self._seq + 1:
+            return True
+        kind, pod = ev.data.get("kind"), ev.data.get("pod")
+        if kind == "removed" and isinstance(ev.data.get("name"), str):
+            name: str = ev.data["name"]
+            record = None
+        elif kind in ("applied", "status", "desired") and isinstance(pod, dict) \
+                and isinstance(pod.get("name"), str):
+            name, record = pod["name"], pod
+        else:
+            return True  # a kind this mirror does not know: the snapshot is authoritative
+        with self._lock:
+            if record is None:
+                self._pods.pop(name, None)
+            else:
+                self._pods[name] = record
+            self._seq = ev.seq
+        self._notify(name, record)
+        return False
+
+    def _notify(self, name: str, record: dict[str, Any] | None) -> None:
+        if self._on_change is None:
+            return
+        try:
+            self._on_change(name, copy.deepcopy(record))
+        except Exception:  # a subscriber's bug must not stop the mirror for everyone else
+            log.exception("on_change failed", extra={"pod": name})

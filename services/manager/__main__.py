@@ -1,0 +1,91 @@
+"""riklet-manager: the Node API and the reconciler that runs pods."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common import config
+from common import log as logsetup
+from common import pb
+from common.memclient import MemoryClient, PodMirror
+from common.zmqutil import RequestClient, make_run_dir
+
+log = logging.getLogger("riklet.manager")
+
+SERVICE_NAME = "riklet.v1.Node"
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, _ = config.parse_args("riklet-manager", argv)
+    logsetup.setup("manager", cfg.logging_level)
+    pb.ensure()
+    from common.pb import node_pb2, node_pb2_grpc  # generated: import after ensure()
+    from services.manager.api import NodeService
+    from services.manager.process import ProcessRuntime
+    from services.manager.reconcile import Reconciler
+
+    make_run_dir(cfg.paths_run_dir)
+    memory = MemoryClient(cfg)
+    runtime = ProcessRuntime(
+        cfg.paths_state_dir, cfg.runtime_stop_grace_period, cfg.logs_max_size, cfg.logs_max_files,
+        {"initial": cfg.restart_backoff_initial, "max": cfg.restart_backoff_max,
+         "reset": cfg.restart_backoff_reset})
+    previous: dict[str, dict[str, Any]] = {}
+    service: NodeService | None = None
+    reconciler: Reconciler | None = None
+
+    def on_change(name: str, record: dict[str, Any] | None) -> None:
+        before = previous.pop(name, None)
+        if record is not None:
+            previous[name] = record
+        if service is not None:
+            service.on_change(name, record, before)
+        if reconciler is not None and record is not None:
+            reconciler.poke(name)
+
+    mirror = PodMirror(cfg, on_change=on_change)
+    mirror.start()
+    if not mirror.wait_synced(30):
+        log.warning("memory not reachable yet; serving and retrying")
+    reconciler = Reconciler(memory, {"process": runtime}, mirror)
+    service = NodeService(memory, mirror, RequestClient(cfg.monitor_endpoint, timeout=2.0, retries=1),
+                          runtime.log_path, cfg.runtime_stop_grace_period, reconciler.poke)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="grpc"),
+                         options=[("grpc.max_receive_message_length", 1024 * 1024)])
+    node_pb2_grpc.add_NodeServicer_to_server(service, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (node_pb2.DESCRIPTOR.services_by_name["Node"].full_name, reflection.SERVICE_NAME,
+         health.SERVICE_NAME), server)
+    if server.add_insecure_port(cfg.api_address) == 0:
+        raise SystemExit(f"riklet-manager: cannot listen on {cfg.api_address}")
+    server.start()
+    reconciler.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("manager serving", extra={"address": cfg.api_address})
+
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    log.info("manager stopping")
+    health_servicer.enter_graceful_shutdown()
+    server.stop(grace=2).wait()
+    reconciler.stop()
+    mirror.stop()
+    # Workloads are left running on purpose: their shims do not depend on this process.
+
+
+if __name__ == "__main__":
+    main()

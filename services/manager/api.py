@@ -1,0 +1,223 @@
+"""The Node API (gRPC): validates at the boundary, writes desired state to memory.
+
+Nothing here runs a workload: the reconciler does, from what memory says. riklet errors become
+gRPC status codes with the field at fault in the message (``field: message``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
+
+import grpc
+
+from common import rotlog
+from common.errors import Conflict, ErrorCode, InvalidArgument, NotFound, RikletError
+from common.memclient import MemoryClient
+from common.model import dns_label, load_manifest, parse_workload
+from common.pb import node_pb2 as pb
+from common.pb import node_pb2_grpc as pb_grpc
+from common.zmqutil import RequestClient
+from services.manager.ports import check_ports
+
+log = logging.getLogger(__name__)
+
+_GRPC_CODES = {
+    ErrorCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.BAD_FRAME: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorCode.CONFLICT: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.TIMEOUT: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+T = TypeVar("T")
+
+
+def pod_message(record: Mapping[str, Any]) -> pb.Pod:
+    status = record.get("status") or {}
+    spec = record.get("spec") or {}
+    containers = []
+    for c in status.get("containers") or []:
+        code = c.get("exitCode")
+        containers.append(pb.ContainerStatus(
+            name=c.get("name") or "", state=c.get("state") or "", pid=int(c.get("pid") or 0),
+            restart_count=int(c.get("restartCount") or 0), has_exit_code=code is not None,
+            exit_code=int(code or 0), reason=c.get("reason") or "",
+            started_at=float(c.get("startedAt") or 0), finished_at=float(c.get("finishedAt") or 0)))
+    endpoints = [pb.Endpoint(host_port=int(e.get("host_port") or 0), protocol=e.get("protocol", ""),
+                             address=e.get("address", ""), port=int(e.get("port") or 0))
+                 for e in status.get("endpoints") or []]
+    return pb.Pod(
+        name=record["name"], uid=record.get("uid", ""), workload=spec.get("workload", ""),
+        phase=status.get("phase", ""), reason=status.get("reason") or "",
+        message=status.get("message") or "", desired=record.get("desired", ""),
+        version=int(record.get("version", 0)), created_at=float(record.get("created_at", 0)),
+        restart_count=int(status.get("restartCount") or 0), containers=containers,
+        endpoints=endpoints, spec_json=json.dumps(spec), status_json=json.dumps(status))
+
+
+class NodeService(pb_grpc.NodeServicer):
+    def __init__(self, memory: MemoryClient, mirror: Any, monitor: RequestClient,
+                 log_path: Callable[[str, str], str], grace_default: float,
+                 poke: Callable[[str | None], None]) -> None:
+        self.memory = memory
+        self.mirror = mirror
+        self.monitor = monitor
+        self.log_path = log_path
+        self.grace_default = grace_default
+        self.poke = poke
+        self._apply_lock = threading.Lock()   # port checks and writes must not interleave
+        self._watchers: list[queue.Queue[tuple[str, dict[str, Any]] | None]] = []
+        self._watch_lock = threading.Lock()
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _call(self, context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except RikletError as exc:
+            context.abort(_GRPC_CODES[exc.code], str(exc))
+            raise  # unreachable: abort raises
+
+    def _pod_name(self, name: str) -> str:
+        return dns_label(name, "name")
+
+    def _record(self, name: str) -> dict[str, Any]:
+        return self.memory.get(self._pod_name(name))
+
+    # -- unary -------------------------------------------------------------------------------
+
+    def Apply(self, request: pb.ApplyRequest, context: grpc.ServicerContext) -> pb.ApplyResponse:
+        return self._call(context, lambda: self._apply(request.manifest, request.format))
+
+    def _apply(self, manifest: str, fmt: str) -> pb.ApplyResponse:
+        workload = parse_workload(load_manifest(manifest, fmt), self.grace_default)
+        with self._apply_lock:
+            current = self.memory.list()
+            check_ports(workload, current)
+            records, changed = [], []
+            for name, spec in workload.pods:
+                existing = next((p for p in current if p["name"] == name), None)
+                if existing is not None and existing["spec"].get("workload") != workload.name:
+                    raise Conflict(f"pod {name} belongs to workload "
+                                   f"{existing['spec'].get('workload')}", "name")
+                result = self.memory.apply(name, spec)
+                records.append(result["pod"])
+                changed.append(bool(result.get("changed", True)))
+            wanted = {n for n, _ in workload.pods}
+            for old in current:  # fewer replicas than before: the extra pods go
+                if old["spec"].get("workload") == workload.name and old["name"] not in wanted:
+                    self.memory.set_desired(old["name"], "deleted")
+        for r in records:
+            self.poke(r["name"])
+        log.info("applied", extra={"workload": workload.name, "pods": [r["name"] for r in records]})
+        return pb.ApplyResponse(pods=[pod_message(r) for r in records], changed=changed)
+
+    def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
+        return pb.DeleteResponse(pod=self._call(context, lambda: self._desire(request.name, "deleted")))
+
+    def Stop(self, request: pb.StopRequest, context: grpc.ServicerContext) -> pb.StopResponse:
+        return pb.StopResponse(pod=self._call(context, lambda: self._desire(request.name, "stopped")))
+
+    def _desire(self, name: str, desired: str) -> pb.Pod:
+        result = self.memory.set_desired(self._pod_name(name), desired)
+        record = result.get("pod", result)
+        self.poke(record["name"])
+        return pod_message(record)
+
+    def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.Pod:
+        return self._call(context, lambda: pod_message(self._record(request.name)))
+
+    def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListResponse:
+        def run() -> pb.ListResponse:
+            pods = sorted(self.memory.list(), key=lambda p: p["name"])
+            if request.workload:
+                pods = [p for p in pods if p["spec"].get("workload") == request.workload]
+            return pb.ListResponse(pods=[pod_message(p) for p in pods])
+        return self._call(context, run)
+
+    def NodeInfo(self, request: pb.NodeInfoRequest, context: grpc.ServicerContext) -> pb.NodeInfoResponse:
+        def run() -> pb.NodeInfoResponse:
+            resources = self.monitor.call("node.resources")
+            realtime = self.monitor.call("node.realtime")
+            return pb.NodeInfoResponse(resources_json=json.dumps(resources),
+                                       realtime_json=json.dumps(realtime))
+        return self._call(context, run)
+
+    # -- streams -----------------------------------------------------------------------------
+
+    def Logs(self, request: pb.LogsRequest, context: grpc.ServicerContext) -> Iterator[pb.LogChunk]:
+        path = self._call(context, lambda: self._log_file(request.name, request.container))
+        data = rotlog.tail(path, request.tail if request.tail > 0 else None)
+        for i in range(0, len(data), 64 * 1024):
+            yield pb.LogChunk(data=data[i:i + 64 * 1024])
+        if not request.follow:
+            return
+        stop = threading.Event()
+        context.add_callback(stop.set)
+        for chunk in rotlog.follow(path, stop):
+            yield pb.LogChunk(data=chunk)
+
+    def _log_file(self, name: str, container: str) -> str:
+        record = self._record(name)
+        names = [c["name"] for c in record["spec"].get("containers", [])]
+        if not container:
+            if len(names) != 1:
+                raise InvalidArgument(f"the pod has containers {', '.join(names)}: name one", "container")
+            container = names[0]
+        if container not in names:
+            raise NotFound(f"no container {container!r} in pod {name} ({', '.join(names)})", "container")
+        path = self.log_path(record["name"], container)
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            open(path, "ab").close()  # not started yet: follow waits for output
+        return path
+
+    def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[pb.PodEvent]:
+        only = request.name
+        if only:
+            self._call(context, lambda: self._pod_name(only))
+        q: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue(maxsize=10000)
+        with self._watch_lock:
+            self._watchers.append(q)
+        context.add_callback(lambda: q.put(None))
+        try:
+            for record in sorted(self.mirror.pods().values(), key=lambda p: p["name"]):
+                if not only or record["name"] == only:
+                    yield pb.PodEvent(kind="snapshot", pod=pod_message(record))
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                kind, record = item
+                if not only or record["name"] == only:
+                    yield pb.PodEvent(kind=kind, pod=pod_message(record), seq=int(self.mirror.seq))
+        finally:
+            with self._watch_lock:
+                self._watchers.remove(q)
+
+    def on_change(self, name: str, record: dict[str, Any] | None, previous: dict[str, Any] | None) -> None:
+        """Called by the mirror for every pod change; fans out to Watch streams."""
+        if record is None:
+            kind, record = "removed", previous or {"name": name}
+        elif previous is None or previous.get("spec") != record.get("spec"):
+            kind = "applied"
+        elif previous.get("desired") != record.get("desired"):
+            kind = "desired"
+        else:
+            kind = "status"
+        with self._watch_lock:
+            for q in self._watchers:
+                try:
+                    q.put_nowait((kind, record))
+                except queue.Full:  # a stuck client loses events rather than the manager memory
+                    pass
+

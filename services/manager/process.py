@@ -1,0 +1,185 @@
+"""The process runtime: each pod's commands run under a per-pod shim that outlives the manager.
+
+A pod's directory (``<state>/pods/<name>``) holds ``spec.json`` (what the shim runs),
+``driver.json`` (what this driver needs to re-attach: uid, spec hash, ports, whether the agent
+stopped it), the shim's ``status.json`` and ``logs/``. Re-attaching after a manager restart is
+reading those files: the shim never depended on the manager.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+from typing import Any
+
+from common import cgroups
+from common.errors import Unavailable
+from services.manager import shim
+from services.manager.runtime import Observed, PodRecord, spec_hash
+
+log = logging.getLogger(__name__)
+
+
+def _write_json(path: str, data: Any) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def free_port(protocol: str) -> int:
+    kind = socket.SOCK_DGRAM if protocol == "UDP" else socket.SOCK_STREAM
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ProcessRuntime:
+    name = "process"
+
+    def __init__(self, state_dir: str, grace_default: float, log_max_size: int, log_max_files: int,
+                 backoff: dict[str, float]) -> None:
+        self.root = os.path.join(state_dir, "pods")
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        # Agents side by side on one machine must not share cgroups: key them by state dir.
+        self.agent_id = hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:8]
+        self.grace_default = grace_default
+        self.log_max_size = log_max_size
+        self.log_max_files = log_max_files
+        self.backoff = backoff
+
+    def pod_dir(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def log_path(self, pod_name: str, container: str) -> str:
+        return os.path.join(self.pod_dir(pod_name), "logs", f"{container}.log")
+
+    def cgroup_parent(self, name: str) -> str:
+        return f"riklet/{self.agent_id}/{name}"
+
+    # -- observing ---------------------------------------------------------------------------
+
+    def observe(self, pod: PodRecord) -> Observed | None:
+        pdir = self.pod_dir(pod["name"])
+        driver = _read_json(os.path.join(pdir, "driver.json"))
+        if driver is None or driver.get("uid") != pod["uid"]:
+            return None
+        st = shim.read_status(pdir) or {}
+        alive = bool(st) and shim.pid_alive(int(st.get("shim_pid", 0)), int(st.get("shim_start", 0)))
+        containers = list(st.get("containers") or [])
+        finished = st.get("state") == "exited"
+        lost = bool(st) and not alive and not finished
+        pids = [int(c["pid"]) for c in containers if c.get("state") == "running" and c.get("pid")]
+        started = [c.get("startedAt") for c in containers if c.get("startedAt")]
+        return Observed(
+            alive=alive, spec_hash=str(driver.get("spec_hash")), stopped=bool(driver.get("stopped")),
+            lost=lost, containers=containers, endpoints=list(driver.get("endpoints") or []),
+            cgroup=self.cgroup_parent(pod["name"]), pids=pids,
+            started_at=min(started) if started else None)
+
+    # -- acting ------------------------------------------------------------------------------
+
+    def start(self, pod: PodRecord) -> Observed:
+        name, spec = pod["name"], pod["spec"]
+        pdir = self.pod_dir(name)
+        os.makedirs(os.path.join(pdir, "logs"), mode=0o700, exist_ok=True)
+        self._kill_leftovers(name)
+        endpoints, env_ports = self._endpoints(spec)
+        _write_json(os.path.join(pdir, "driver.json"), {
+            "uid": pod["uid"], "spec_hash": spec_hash(spec), "endpoints": endpoints, "stopped": False})
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(pdir, "status.json"))
+        _write_json(os.path.join(pdir, "spec.json"), self._shim_spec(pod, env_ports))
+        shim.spawn(pdir)
+        obs = self.observe(pod)
+        if obs is None:
+            raise Unavailable(f"the shim of pod {name} did not report", "pod")
+        return obs
+
+    def stop(self, pod: PodRecord) -> None:
+        pdir = self.pod_dir(pod["name"])
+        driver = _read_json(os.path.join(pdir, "driver.json"))
+        if driver is not None and not driver.get("stopped"):
+            driver["stopped"] = True
+            _write_json(os.path.join(pdir, "driver.json"), driver)
+        st = shim.read_status(pdir) or {}
+        pid, start = int(st.get("shim_pid", 0)), int(st.get("shim_start", 0))
+        if shim.pid_alive(pid, start):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        elif st:
+            # No shim to enforce the grace period: whatever it left behind is killed now.
+            self._kill_leftovers(pod["name"])
+
+    def cleanup(self, pod: PodRecord) -> None:
+        self._kill_leftovers(pod["name"])
+        shutil.rmtree(self.pod_dir(pod["name"]), ignore_errors=True)
+
+    # -- details -----------------------------------------------------------------------------
+
+    def _kill_leftovers(self, name: str) -> None:
+        """Processes of a pod whose shim died are orphans nobody reaps logs from: kill them."""
+        st = shim.read_status(self.pod_dir(name)) or {}
+        for c in st.get("containers") or []:
+            if c.get("state") == "running" and c.get("pid") and shim.pid_alive(
+                    int(c["pid"]), int(c.get("pid_start") or 0)):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(int(c["pid"]), signal.SIGKILL)
+        group = cgroups.Cgroup(self.cgroup_parent(name))
+        with contextlib.suppress(Exception):
+            if group.exists():
+                group.kill_all(signal.SIGKILL)
+
+    def _endpoints(self, spec: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, dict[str, str]]]:
+        """Where each port's traffic goes. Target port 0 asks for a free port, given to the
+        container as ``PORT`` (first such port) and ``PORT_<N>``."""
+        endpoints: list[dict[str, Any]] = []
+        env: dict[str, dict[str, str]] = {}
+        for i, p in enumerate(spec.get("ports") or []):
+            target = p["target_port"] or free_port(p["protocol"])
+            if not p["target_port"]:
+                cenv = env.setdefault(p["container"], {})
+                cenv.setdefault("PORT", str(target))
+                cenv[f"PORT_{i}"] = str(target)
+            # The workload binds a host port equal to its target itself: nothing to proxy.
+            host = p["port"] if p["port"] and p["port"] != target else 0
+            endpoints.append({"host_port": host, "protocol": p["protocol"],
+                              "address": "127.0.0.1", "port": target})
+        return endpoints, env
+
+    def _shim_spec(self, pod: PodRecord, env_ports: dict[str, dict[str, str]]) -> dict[str, Any]:
+        spec = pod["spec"]
+        pdir = self.pod_dir(pod["name"])
+        return {
+            "pod": pod["name"], "uid": pod["uid"],
+            "grace_period": float(spec.get("gracePeriod", self.grace_default)),
+            "cgroup_parent": self.cgroup_parent(pod["name"]),
+            "log": {"dir": os.path.join(pdir, "logs"), "max_size": self.log_max_size,
+                    "max_files": self.log_max_files},
+            "backoff": self.backoff,
+            "containers": [{
+                "name": c["name"], "command": list(c["command"]) + list(c.get("args") or []),
+                "env": {**c.get("env", {}), **env_ports.get(c["name"], {})},
+                "working_dir": c.get("workingDir"),
+                "cpu_millis": c["resources"].get("cpu_millis"),
+                "memory_bytes": c["resources"].get("memory_bytes"),
+                "restart_policy": spec.get("restartPolicy", "Always"),
+            } for c in spec["containers"]],
+        }

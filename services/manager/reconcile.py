@@ -1,0 +1,169 @@
+"""The reconciler: makes what runs match what memory says should run.
+
+Each pod is synced by one worker at a time; a pod that changes while its sync runs is synced
+again afterwards (only the newest desired state matters: intermediate ones are skipped on
+purpose). Every step is idempotent and never blocks on a workload: stopping sends the signal
+and the next sync sees the result. A periodic tick catches what no event announces (a container
+exiting, a shim dying).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from common.errors import NotFound, RikletError
+from common.memclient import MemoryClient
+from services.manager.runtime import Observed, PodRecord, Runtime, spec_hash
+from services.manager.status import Phase, derive, same
+
+log = logging.getLogger(__name__)
+
+
+class Reconciler:
+    def __init__(self, memory: MemoryClient, runtimes: Mapping[str, Runtime],
+                 pods: Any, interval: float = 0.5, workers: int = 8) -> None:
+        self.memory = memory
+        self.runtimes = runtimes
+        self.pods = pods              # a PodMirror: .pods() -> {name: record}
+        self.interval = interval
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sync")
+        self._lock = threading.Lock()
+        self._running: set[str] = set()
+        self._again: set[str] = set()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="reconciler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def poke(self, name: str | None = None) -> None:
+        """Something changed: sync ``name`` now (or everything on the next pass)."""
+        if name is not None:
+            self._submit(name)
+        else:
+            self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for name in list(self.pods.pods()):
+                self._submit(name)
+            self._wake.wait(self.interval)
+            self._wake.clear()
+
+    def _submit(self, name: str) -> None:
+        with self._lock:
+            if name in self._running:
+                self._again.add(name)
+                return
+            self._running.add(name)
+        try:
+            self._pool.submit(self._run, name)
+        except RuntimeError:  # shutting down
+            with self._lock:
+                self._running.discard(name)
+
+    def _run(self, name: str) -> None:
+        while True:
+            record = self.pods.pods().get(name)
+            if record is not None:
+                try:
+                    self.sync(record)
+                except RikletError as exc:
+                    log.warning("sync failed, will retry", extra={"pod": name, "error": str(exc)})
+                except Exception:
+                    log.exception("sync crashed, will retry", extra={"pod": name})
+            with self._lock:
+                if name not in self._again:
+                    self._running.discard(name)
+                    return
+                self._again.discard(name)
+
+    # -- one pod -----------------------------------------------------------------------------
+
+    def runtime_of(self, record: PodRecord) -> Runtime:
+        kinds = {c.get("runtime", "process") for c in record["spec"].get("containers", [])}
+        kind = "containerd" if "containerd" in kinds else "process"
+        runtime = self.runtimes.get(kind)
+        if runtime is None:
+            raise NotFound(f"no {kind} runtime is configured on this node", "spec.containers.runtime")
+        return runtime
+
+    def sync(self, record: PodRecord) -> None:
+        desired = record.get("desired", "running")
+        try:
+            runtime = self.runtime_of(record)
+        except NotFound as exc:
+            self._publish(record, {"phase": Phase.ERROR.value, "reason": "RuntimeUnavailable",
+                                   "message": exc.message, "containers": [], "endpoints": []})
+            if desired == "deleted":
+                self.memory.remove(record["name"], record["uid"])
+            return
+        obs = runtime.observe(record)
+        if desired in ("deleted", "stopped"):
+            self._sync_stop(record, runtime, obs, desired)
+            return
+        if obs is not None and obs.alive and obs.spec_hash != spec_hash(record["spec"]):
+            log.info("spec changed: replacing containers", extra={"pod": record["name"]})
+            self._publish(record, {**(record.get("status") or {}), "phase": Phase.TERMINATING.value})
+            runtime.stop(record)
+            return  # the next sync starts the new spec once the old one is gone
+        if self._should_start(record, obs):
+            self._publish(record, {"phase": Phase.CREATING.value, "reason": None, "message": None,
+                                   "containers": [], "endpoints": []})
+            try:
+                obs = runtime.start(record)
+            except RikletError as exc:
+                self._publish(record, {"phase": Phase.ERROR.value, "reason": "StartError",
+                                       "message": str(exc), "containers": [], "endpoints": []})
+                return
+            log.info("pod started", extra={"pod": record["name"]})
+        if obs is not None:
+            self._publish(record, derive(obs, desired))
+
+    def _should_start(self, record: PodRecord, obs: Observed | None) -> bool:
+        if obs is None:
+            return True
+        if obs.alive:
+            return False
+        # Not alive: start again if it was lost, stopped by us earlier, or runs an older spec.
+        return obs.lost or obs.stopped or obs.spec_hash != spec_hash(record["spec"])
+
+    def _sync_stop(self, record: PodRecord, runtime: Runtime, obs: Observed | None, desired: str) -> None:
+        if obs is not None and obs.alive:
+            self._publish(record, {**derive(obs, desired), "phase": Phase.TERMINATING.value})
+            runtime.stop(record)
+            return
+        if desired == "deleted":
+            runtime.cleanup(record)
+            try:
+                self.memory.remove(record["name"], record["uid"])
+            except NotFound:
+                pass
+            log.info("pod deleted", extra={"pod": record["name"]})
+            return
+        if obs is not None and not obs.stopped:
+            runtime.stop(record)  # marks it stopped so that a later apply starts it again
+            obs = runtime.observe(record)
+        status = derive(obs, desired) if obs is not None else {
+            "phase": Phase.TERMINATED.value, "containers": [], "endpoints": []}
+        self._publish(record, {**status, "phase": Phase.TERMINATED.value})
+
+    def _publish(self, record: PodRecord, status: dict[str, Any]) -> None:
+        old = record.get("status") or {}
+        if same(old, status):
+            return
+        status = {**old, **status, "transitionAt": time.time()} if old.get("phase") != status.get(
+            "phase") else {**old, **status}
+        self.memory.set_status(record["name"], record["uid"], status)

@@ -1,0 +1,51 @@
+"""What the reconciler needs from a runtime driver, whatever runs the containers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+PodRecord = Mapping[str, Any]
+
+
+def spec_hash(spec: Mapping[str, Any]) -> str:
+    """A stable digest of a pod spec: when it changes, the pod's containers are replaced."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What a driver sees of one pod right now."""
+
+    alive: bool                       # the holder (shim, task) is running
+    spec_hash: str                    # the spec it was started with
+    stopped: bool                     # the agent stopped it on purpose (stop or delete)
+    lost: bool                        # the holder died without finishing its containers
+    containers: list[dict[str, Any]] = field(default_factory=list)
+    endpoints: list[dict[str, Any]] = field(default_factory=list)
+    cgroup: str | None = None
+    pids: list[int] = field(default_factory=list)
+    internal_ip: str = "127.0.0.1"
+    started_at: float | None = None
+
+
+class Runtime(Protocol):
+    name: str
+
+    def observe(self, pod: PodRecord) -> Observed | None:
+        """The pod as it runs now; None if this driver holds nothing for it."""
+
+    def start(self, pod: PodRecord) -> Observed:
+        """Start the pod's containers (the pod holds nothing alive when this is called)."""
+
+    def stop(self, pod: PodRecord) -> None:
+        """Ask the pod's containers to stop (grace period, then kill); returns at once."""
+
+    def cleanup(self, pod: PodRecord) -> None:
+        """Forget everything held for a stopped pod (files, cgroups)."""
+
+    def log_path(self, pod_name: str, container: str) -> str:
+        """Where a container's current log file is."""

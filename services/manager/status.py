@@ -1,0 +1,71 @@
+"""Pod phases, derived from what a driver observes: pure functions.
+
+Phases: Pending (accepted, not started), Creating, Running, Error (crashed or failed to start,
+with reason and exit code), Terminating, Terminated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import Enum
+from typing import Any
+
+from services.manager.runtime import Observed
+
+
+class Phase(str, Enum):
+    PENDING = "Pending"
+    CREATING = "Creating"
+    RUNNING = "Running"
+    ERROR = "Error"
+    TERMINATING = "Terminating"
+    TERMINATED = "Terminated"
+
+
+_CONTAINER_FIELDS = ("name", "state", "pid", "restartCount", "exitCode", "signal", "reason",
+                     "message", "startedAt", "finishedAt", "nextRestartAt")
+
+
+def _failed(c: Mapping[str, Any]) -> bool:
+    return c.get("reason") not in (None, "Completed") or (c.get("exitCode") or 0) != 0
+
+
+def derive(obs: Observed, desired: str) -> dict[str, Any]:
+    """The status a pod shows for an observation (phase, reason, exit code, containers...)."""
+    containers = [{k: c.get(k) for k in _CONTAINER_FIELDS} for c in obs.containers]
+    phase, reason, message, exit_code = _phase(obs, containers, desired)
+    return {
+        "phase": phase.value, "reason": reason, "message": message, "exitCode": exit_code,
+        "restartCount": sum(int(c.get("restartCount") or 0) for c in containers),
+        "containers": containers,
+        "endpoints": obs.endpoints if phase == Phase.RUNNING else [],
+        "cgroup": obs.cgroup, "pids": obs.pids, "internalIp": obs.internal_ip,
+        "startedAt": obs.started_at,
+    }
+
+
+def _phase(obs: Observed, containers: list[dict[str, Any]], desired: str
+           ) -> tuple[Phase, str | None, str | None, int | None]:
+    if desired != "running":
+        return (Phase.TERMINATING if obs.alive else Phase.TERMINATED), None, None, None
+    if obs.lost:
+        return Phase.ERROR, "ShimLost", "the pod's shim died; it will be restarted", None
+    waiting = [c for c in containers if c["state"] == "waiting"]
+    failed = [c for c in containers if c["state"] != "running" and _failed(c)]
+    if failed:
+        worst = failed[0]
+        pending = worst["state"] == "waiting" and worst.get("nextRestartAt")
+        reason = worst.get("reason") or "Error"
+        message = worst.get("message") or (f"container {worst['name']} will be restarted"
+                                            if pending else f"container {worst['name']} failed")
+        return Phase.ERROR, reason, message, worst.get("exitCode")
+    if any(c["state"] == "running" for c in containers):
+        return Phase.RUNNING, None, None, None
+    if waiting or not containers:
+        return Phase.CREATING, None, None, None
+    return Phase.TERMINATED, "Completed", None, 0
+
+
+def same(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+    """Whether writing ``new`` over ``old`` would change anything a user sees."""
+    return old is not None and {k: old.get(k) for k in new} == dict(new)

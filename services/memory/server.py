@@ -1,0 +1,195 @@
+"""memory's I/O shell: a ROUTER socket that answers requests against the store, and a PUB
+socket that publishes every committed change plus a heartbeat carrying the current sequence
+number, so that subscribers notice the events they missed (PUB/SUB drops silently).
+
+Ops (each declares its arguments; an unknown one is rejected naming ``args.<key>``)::
+
+    pod.apply       {name, spec, uid?}                   -> {"pod": record, "changed": bool}
+    pod.set_status  {name, uid, status, expect_version?} -> record
+    pod.set_desired {name, desired}                      -> record
+    pod.remove      {name, uid}                          -> null
+    pod.get         {name}                               -> record
+    pod.list        {}                                   -> [record]
+    snapshot        {}                                   -> {"seq", "epoch", "pods"}
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from common import ipc
+from common.config import Config
+from common.errors import InvalidArgument, Unavailable
+from common.zmqutil import ipc_path, make_run_dir, prepare_ipc_bind, route_one
+from services.memory.store import Change, Store
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 1.0
+HB_TOPIC = "hb"
+# Frames are checked against ipc.MAX_FRAME_BYTES after receipt (with an error reply naming the
+# frame); this cap only stops a runaway peer from making us buffer without bound.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+Run = Callable[[Store, dict[str, Any], str], Any]
+
+
+@dataclass(frozen=True)
+class Op:
+    required: tuple[str, ...]
+    optional: tuple[str, ...]
+    run: Run
+
+
+OPS: dict[str, Op] = {
+    "pod.apply": Op(("name", "spec"), ("uid",),
+                    lambda s, a, rid: s.apply(a["name"], a["spec"], a.get("uid"), request_id=rid)),
+    "pod.set_status": Op(("name", "uid", "status"), ("expect_version",),
+                         lambda s, a, rid: s.set_status(a["name"], a["uid"], a["status"],
+                                                        a.get("expect_version"), request_id=rid)),
+    "pod.set_desired": Op(("name", "desired"), (),
+                          lambda s, a, rid: s.set_desired(a["name"], a["desired"], request_id=rid)),
+    "pod.remove": Op(("name", "uid"), (), lambda s, a, rid: s.remove(a["name"], a["uid"], request_id=rid)),
+    "pod.get": Op(("name",), (), lambda s, a, rid: s.get(a["name"])),
+    "pod.list": Op((), (), lambda s, a, rid: s.list()),
+    "snapshot": Op((), (), lambda s, a, rid: s.snapshot()),
+}
+
+
+def check_args(op: str, args: dict[str, Any]) -> Op:
+    spec = OPS.get(op)
+    if spec is None:
+        raise InvalidArgument(f"unknown op {op!r} (known: ping, {', '.join(sorted(OPS))})", "body.op")
+    for key in args:
+        if key not in spec.required and key not in spec.optional:
+            raise InvalidArgument(f"unknown argument for {op}", f"args.{key}")
+    for key in spec.required:
+        if key not in args:
+            raise InvalidArgument(f"required by {op}", f"args.{key}")
+    return spec
+
+
+def _lock(path: str) -> int:
+    """Hold an exclusive lock on ``path`` for the life of the process: a live twin is refused
+    even when its socket is too busy to answer prepare_ipc_bind's probe in time."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        os.close(fd)
+        raise Unavailable(f"another memory service holds {path}", "lock") from exc
+    return fd
+
+
+class MemoryServer:
+    """Owns the store and both sockets; everything runs on the thread calling :meth:`serve`."""
+
+    def __init__(self, cfg: Config, context: zmq.Context[Any] | None = None) -> None:
+        self._ctx = context or zmq.Context.instance()
+        make_run_dir(cfg.paths_run_dir)
+        make_run_dir(cfg.paths_state_dir)  # same rule: private to the agent's user
+        self._locks = [_lock(os.path.join(cfg.paths_run_dir, "memory.lock")),
+                       _lock(os.path.join(cfg.paths_state_dir, "memory.lock"))]
+        try:
+            prepare_ipc_bind(cfg.memory_endpoint, self._ctx)
+            prepare_ipc_bind(cfg.memory_events_endpoint, self._ctx)
+            self.store = Store.open(cfg.paths_state_dir)
+        except BaseException:
+            self._unlock()
+            raise
+        # Bind only once the store is open, so no client is accepted before we can answer it.
+        self._router = self._bind(zmq.ROUTER, cfg.memory_endpoint)
+        self._pub = self._bind(zmq.PUB, cfg.memory_events_endpoint)
+        self._router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        # A signal handler or another thread wakes the poll loop through this pair.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._stopping = False
+        log.info("memory serving", extra={"endpoint": cfg.memory_endpoint, "db": self.store.path,
+                                          "seq": self.store.seq, "epoch": self.store.epoch})
+
+    def _bind(self, kind: int, endpoint: str) -> zmq.Socket[Any]:
+        sock = self._ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(endpoint)
+        path = ipc_path(endpoint)
+        if path:
+            os.chmod(path, 0o600)
+        return sock
+
+    def handle(self, req: ipc.Request) -> Any:
+        op = check_args(req.op, req.args)
+        out = op.run(self.store, req.args, req.id)
+        if not isinstance(out, Change):
+            return out
+        for ev in out.events:  # the transaction has committed: now the world may know
+            self._pub.send_multipart(ipc.encode_event(ev))
+        return out.result
+
+    def heartbeat(self) -> None:
+        seq = self.store.seq
+        self._pub.send_multipart(ipc.encode_event(
+            ipc.Event(HB_TOPIC, seq, {"seq": seq, "epoch": self.store.epoch})))
+
+    def request_stop(self) -> None:
+        """Safe from a signal handler and from other threads."""
+        self._stopping = True
+        try:
+            self._wake_w.send(b"x")
+        except BlockingIOError:
+            pass  # the pipe is full, so the loop is already due to wake up
+
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        next_hb = time.monotonic()
+        while not self._stopping:
+            now = time.monotonic()
+            if now >= next_hb:
+                self.heartbeat()
+                next_hb = now + HEARTBEAT_INTERVAL
+            ready = dict(poller.poll(max(0, int((next_hb - now) * 1000)) + 1))
+            if self._router in ready:
+                self._route()
+            if self._wake_r.fileno() in ready:
+                self._drain_wake()
+
+    def _route(self) -> None:
+        try:
+            route_one(self._router, self.handle)
+        except RecursionError:
+            # ipc's JSON decoding lets a deeply nested frame escape as RecursionError; the
+            # sender gets no answer but the service lives on.
+            log.warning("dropped a request nested too deeply to decode")
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _unlock(self) -> None:
+        for fd in self._locks:
+            os.close(fd)
+        self._locks = []
+
+    def close(self) -> None:
+        self._router.close(linger=0)
+        self._pub.close(linger=0)
+        self.store.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        self._unlock()
+        log.info("memory stopped")

@@ -1,0 +1,280 @@
+"""Runtime Memory's store: every pod's desired spec and observed status, in SQLite.
+
+The store is the only owner of state. Each write is one transaction that also advances the
+event sequence number (``meta.seq``), so the events a write returns carry exactly the numbers
+that a later snapshot reports. ``synchronous=FULL`` with WAL: once a write has returned, a
+``kill -9`` (or a power cut) loses nothing.
+
+Writes may carry the IPC request id. It is remembered, in the same transaction, together with
+the result, so that a client retrying after a lost reply (memory restarted between commit and
+reply) gets the original answer instead of a spurious Conflict or NotFound.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from common.errors import Conflict, Internal, InvalidArgument, NotFound
+from common.ipc import Event
+
+DB_NAME = "riklet.db"
+SCHEMA_VERSION = 1
+MAX_DOC_BYTES = 256 * 1024
+DESIRED = ("running", "stopped", "deleted")
+# Longer than any client's total patience (MemoryClient gives up after ~10 s).
+DEDUPE_WINDOW = 120.0
+
+_NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+# Documents are stored as canonical JSON TEXT: a column declared JSON would get NUMERIC affinity.
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pods (
+    name TEXT PRIMARY KEY, uid TEXT NOT NULL, version INTEGER NOT NULL, desired TEXT NOT NULL,
+    spec TEXT NOT NULL, status TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY, op TEXT NOT NULL, result TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS requests_at ON requests (at);
+"""
+_COLUMNS = "name, uid, version, desired, spec, status, created_at, updated_at"
+
+Emit = list[tuple[str, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Change:
+    """What a write returns: the client's result and the events to publish after commit."""
+    result: Any
+    events: tuple[Event, ...] = ()
+
+
+# -- validation at the boundary: every rejection names the field ------------------------------
+
+def check_name(value: object, field: str = "args.name") -> str:
+    if not isinstance(value, str) or len(value) > 63 or not _NAME_RE.fullmatch(value):
+        raise InvalidArgument("must be a DNS label: 1-63 of [a-z0-9-], alphanumeric at both ends", field)
+    return value
+
+
+def canonical(value: object, field: str) -> str:
+    """A JSON object as canonical text (so identical specs compare equal), size-limited."""
+    if not isinstance(value, dict):
+        raise InvalidArgument("must be a JSON object", field)
+    try:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidArgument(f"not representable as JSON: {exc}", field) from exc
+    if len(text.encode()) > MAX_DOC_BYTES:
+        raise InvalidArgument(f"larger than {MAX_DOC_BYTES} bytes encoded", field)
+    return text
+
+
+def check_uid(value: object, field: str = "args.uid") -> str:
+    if not isinstance(value, str) or not value or len(value) > 128:
+        raise InvalidArgument("must be a non-empty string of at most 128 characters", field)
+    return value
+
+
+def check_desired(value: object, field: str = "args.desired") -> str:
+    if value not in DESIRED:
+        raise InvalidArgument(f"must be one of {', '.join(DESIRED)}", field)
+    return str(value)
+
+
+def check_version(value: object, field: str = "args.expect_version") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgument("must be a positive integer", field)
+    return value
+
+
+def _record(row: tuple[Any, ...]) -> dict[str, Any]:
+    name, uid, version, desired, spec, status, created_at, updated_at = row
+    return {"name": name, "uid": uid, "version": version, "desired": desired,
+            "spec": json.loads(spec), "status": json.loads(status),
+            "created_at": created_at, "updated_at": updated_at}
+
+
+class Store:
+    """One SQLite connection; use it from one thread only (the service thread)."""
+
+    def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._clock = clock
+        # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) below.
+        self._db = sqlite3.connect(path, isolation_level=None)
+        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode != "wal":
+            raise Internal(f"{path}: SQLite refused WAL mode (got {mode!r})")
+        self._db.execute("PRAGMA synchronous=FULL")
+        with self._tx():
+            have = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if have > SCHEMA_VERSION:
+                raise Internal(f"{path}: schema {have} is newer than this riklet ({SCHEMA_VERSION})")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('seq', '0'), ('epoch', ?)",
+                             (uuid.uuid4().hex,))
+
+    @classmethod
+    def open(cls, state_dir: str) -> Store:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        return cls(os.path.join(state_dir, DB_NAME))
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _meta(self, key: str) -> str:
+        return str(self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
+
+    @property
+    def seq(self) -> int:
+        return int(self._meta("seq"))
+
+    @property
+    def epoch(self) -> str:
+        return self._meta("epoch")
+
+    def _row(self, name: str) -> dict[str, Any] | None:
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM pods WHERE name = ?", (name,)).fetchone()
+        return _record(row) if row else None
+
+    def _existing(self, name: str) -> dict[str, Any]:
+        rec = self._row(name)
+        if rec is None:
+            raise NotFound(f"no pod named {name!r}", "name")
+        return rec
+
+    def _put(self, rec: dict[str, Any]) -> None:
+        self._db.execute(
+            f"INSERT OR REPLACE INTO pods ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (rec["name"], rec["uid"], rec["version"], rec["desired"], canonical(rec["spec"], "spec"),
+             canonical(rec["status"], "status"), rec["created_at"], rec["updated_at"]))
+
+    def _bumped(self, rec: dict[str, Any], **changes: Any) -> dict[str, Any]:
+        new = {**rec, **changes, "version": rec["version"] + 1, "updated_at": self._clock()}
+        self._put(new)
+        return new
+
+    def _write(self, op: str, request_id: str | None, body: Callable[[], tuple[Any, Emit]]) -> Change:
+        """Run ``body`` in one transaction with its sequence numbers and its request record."""
+        with self._tx():
+            if request_id is not None:
+                row = self._db.execute("SELECT result FROM requests WHERE id = ? AND op = ?",
+                                       (request_id, op)).fetchone()
+                if row:
+                    return Change(json.loads(row[0]))  # a retry: its events went out the first time
+            result, emits = body()
+            first = self.seq + 1
+            events = tuple(Event(topic, first + i, data) for i, (topic, data) in enumerate(emits))
+            self._db.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (str(first - 1 + len(events)),))
+            if request_id is not None:
+                now = self._clock()
+                self._db.execute("DELETE FROM requests WHERE at < ?", (now - DEDUPE_WINDOW,))
+                self._db.execute("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?)",
+                                 (request_id, op, json.dumps(result), now))
+        return Change(result, events)
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def apply(self, name: str, spec: dict[str, Any], uid: str | None = None,
+              request_id: str | None = None) -> Change:
+        """Create or replace a pod's spec and want it running. Idempotent by name."""
+        name, spec_text = check_name(name), canonical(spec, "args.spec")
+        uid = None if uid is None else check_uid(uid)
+
+        def body() -> tuple[Any, Emit]:
+            cur = self._row(name)
+            if cur is None:
+                now = self._clock()
+                rec = {"name": name, "uid": uid or uuid.uuid4().hex, "version": 1, "desired": "running",
+                       "spec": spec, "status": {"phase": "Pending"}, "created_at": now, "updated_at": now}
+                self._put(rec)
+            elif uid is not None and uid != cur["uid"]:
+                # The old instance may still need cleaning up under its own uid: never overwrite it.
+                raise Conflict(f"pod {name!r} exists with uid {cur['uid']}", "uid")
+            elif canonical(cur["spec"], "spec") == spec_text and cur["desired"] == "running":
+                return {"pod": cur, "changed": False}, []
+            else:
+                rec = self._bumped(cur, spec=spec, desired="running")
+            rec = self._existing(name)  # as stored: canonical key order, what a snapshot returns
+            return {"pod": rec, "changed": True}, [(f"pod.{name}.applied", {"kind": "applied", "pod": rec})]
+
+        return self._write("pod.apply", request_id, body)
+
+    def set_status(self, name: str, uid: str, status: dict[str, Any], expect_version: int | None = None,
+                   request_id: str | None = None) -> Change:
+        """Replace the observed status. ``expect_version`` guards against lost updates."""
+        name, uid = check_name(name), check_uid(uid)
+        canonical(status, "args.status")
+        expect = None if expect_version is None else check_version(expect_version)
+
+        def body() -> tuple[Any, Emit]:
+            cur = self._existing(name)
+            if cur["uid"] != uid:
+                raise Conflict(f"pod {name!r} has uid {cur['uid']}, not {uid}", "uid")
+            if expect is not None and cur["version"] != expect:
+                raise Conflict(f"pod {name!r} is at version {cur['version']}, not {expect}",
+                               "expect_version")
+            self._bumped(cur, status=status)
+            rec = self._existing(name)
+            return rec, [(f"pod.{name}.status", {"kind": "status", "pod": rec})]
+
+        return self._write("pod.set_status", request_id, body)
+
+    def set_desired(self, name: str, desired: str, request_id: str | None = None) -> Change:
+        name, desired = check_name(name), check_desired(desired)
+
+        def body() -> tuple[Any, Emit]:
+            cur = self._existing(name)
+            if cur["desired"] == desired:
+                return cur, []
+            rec = self._bumped(cur, desired=desired)
+            return rec, [(f"pod.{name}.desired", {"kind": "desired", "pod": rec})]
+
+        return self._write("pod.set_desired", request_id, body)
+
+    def remove(self, name: str, uid: str, request_id: str | None = None) -> Change:
+        """Forget a pod; the manager calls this once the pod is cleaned up."""
+        name, uid = check_name(name), check_uid(uid)
+
+        def body() -> tuple[Any, Emit]:
+            cur = self._existing(name)
+            if cur["uid"] != uid:
+                raise Conflict(f"pod {name!r} has uid {cur['uid']}, not {uid}", "uid")
+            self._db.execute("DELETE FROM pods WHERE name = ?", (name,))
+            return None, [(f"pod.{name}.removed", {"kind": "removed", "name": name, "uid": uid})]
+
+        return self._write("pod.remove", request_id, body)
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def get(self, name: str) -> dict[str, Any]:
+        return self._existing(check_name(name))
+
+    def list(self) -> list[dict[str, Any]]:
+        return [_record(row) for row in self._db.execute(f"SELECT {_COLUMNS} FROM pods ORDER BY name")]
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._tx():  # one consistent read: seq matches the pods exactly
+            return {"seq": self.seq, "epoch": self.epoch, "pods": self.list()}

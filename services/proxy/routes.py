@@ -1,0 +1,137 @@
+"""The proxy's route table, computed from pod records with no I/O.
+
+A route is keyed by ``(protocol, host_port)`` and lists the endpoints that traffic arriving on
+that host port may go to. ``status.endpoints`` of each pod is authoritative; only pods that are
+both observed Running and desired running contribute, so a pod being stopped stops receiving
+new connections as soon as its desired state changes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("TCP", "UDP")
+
+
+@dataclass(frozen=True, order=True)
+class Endpoint:
+    address: str   # an IP literal: the data path never waits on name resolution
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
+
+
+RouteKey = tuple[str, int]                      # (protocol, host_port)
+Routes = dict[RouteKey, tuple[Endpoint, ...]]
+
+
+@dataclass(frozen=True)
+class RouteChanges:
+    added: frozenset[RouteKey] = frozenset()
+    removed: frozenset[RouteKey] = frozenset()
+    changed: frozenset[RouteKey] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.changed)
+
+
+_sctp_warned = False
+
+
+def _warn_sctp(pod: str, host_port: object) -> None:
+    global _sctp_warned
+    if not _sctp_warned:
+        _sctp_warned = True
+        log.warning("SCTP endpoints are ignored: this kernel has no SCTP",
+                    extra={"pod": pod, "host_port": host_port})
+
+
+def _port(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        return None
+    return value
+
+
+def _endpoint(pod: str, raw: object) -> tuple[RouteKey, Endpoint] | None:
+    """One ``status.endpoints`` entry as a route key and endpoint; None (logged) if unusable."""
+    if not isinstance(raw, Mapping):
+        log.debug("endpoint is not an object", extra={"pod": pod})
+        return None
+    proto = str(raw.get("protocol") or "TCP").upper()
+    if proto == "SCTP":
+        _warn_sctp(pod, raw.get("host_port"))
+        return None
+    host_port, port, address = _port(raw.get("host_port")), _port(raw.get("port")), raw.get("address")
+    try:
+        ok_address = isinstance(address, str) and bool(ipaddress.ip_address(address))
+    except ValueError:
+        ok_address = False
+    if proto not in PROTOCOLS or host_port is None or port is None or not ok_address:
+        log.debug("unusable endpoint skipped", extra={"pod": pod, "endpoint": dict(raw)})
+        return None
+    return (proto, host_port), Endpoint(str(address), port)
+
+
+def _serving(pod: Mapping[str, Any]) -> bool:
+    status = pod.get("status")
+    return (pod.get("desired") == "running" and isinstance(status, Mapping)
+            and status.get("phase") == "Running")
+
+
+def routes_from_pods(pods: Iterable[Mapping[str, Any]]) -> Routes:
+    """Route table of the pods that serve traffic; endpoints sorted so equal inputs compare equal."""
+    table: dict[RouteKey, set[Endpoint]] = {}
+    for pod in pods:
+        if not _serving(pod):
+            continue
+        name = str(pod.get("name", "?"))
+        entries = pod["status"].get("endpoints") or []
+        if not isinstance(entries, list):
+            continue
+        for raw in entries:
+            found = _endpoint(name, raw)
+            if found is not None:
+                table.setdefault(found[0], set()).add(found[1])
+    return {key: tuple(sorted(eps)) for key, eps in sorted(table.items())}
+
+
+def diff(old: Mapping[RouteKey, tuple[Endpoint, ...]],
+         new: Mapping[RouteKey, tuple[Endpoint, ...]]) -> RouteChanges:
+    return RouteChanges(
+        added=frozenset(new.keys() - old.keys()),
+        removed=frozenset(old.keys() - new.keys()),
+        changed=frozenset(k for k in old.keys() & new.keys() if old[k] != new[k]),
+    )
+
+
+class RoundRobin:
+    """Endpoint choice for new connections or flows. Each pick starts one further along, and
+    returns the whole rotation so a caller can fail over to the next endpoints in turn."""
+
+    __slots__ = ("_endpoints", "_next")
+
+    def __init__(self, endpoints: tuple[Endpoint, ...] = ()) -> None:
+        self._endpoints = endpoints
+        self._next = 0
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        return self._endpoints
+
+    def set(self, endpoints: tuple[Endpoint, ...]) -> None:
+        self._endpoints = endpoints
+
+    def order(self) -> tuple[Endpoint, ...]:
+        eps = self._endpoints
+        if not eps:
+            return ()
+        start = self._next % len(eps)
+        self._next = start + 1
+        return eps[start:] + eps[:start]

@@ -1,0 +1,250 @@
+"""UDP forwarding: one listening socket per route, one flow per client address.
+
+A flow is a connected UDP socket to the endpoint chosen (round robin) when the client's first
+datagram arrived; the endpoint's replies come back through the listening socket, so the client
+sees them from the address it sent to. Flows are bounded (the least recently used is evicted
+when the table is full) and expire after an idle period. Datagrams that find a full socket
+buffer are dropped and counted: UDP promises nothing more, and queueing would only add latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Hashable
+from typing import Any, Generic, TypeVar
+
+from services.proxy.routes import Endpoint, RoundRobin
+from services.proxy.stats import Stats
+
+log = logging.getLogger(__name__)
+
+MAX_FLOWS = 4096
+IDLE_TIMEOUT = 60.0
+MAX_DATAGRAM = 65535
+REPLY_BURST = 64   # replies read per wake-up, so one busy flow cannot starve the loop
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class FlowTable(Generic[K, V]):
+    """A bounded map kept in least-recently-used order, with the time each key was last used."""
+
+    def __init__(self, max_flows: int = MAX_FLOWS) -> None:
+        if max_flows < 1:
+            raise ValueError("max_flows must be at least 1")
+        self.max_flows = max_flows
+        self._items: OrderedDict[K, V] = OrderedDict()
+        self._seen: dict[K, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def get(self, key: K) -> V | None:
+        return self._items.get(key)
+
+    def touch(self, key: K, now: float) -> V | None:
+        """The value for ``key``, marked as just used; None if there is none."""
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+            self._seen[key] = now
+        return value
+
+    def add(self, key: K, value: V, now: float) -> list[tuple[K, V]]:
+        """Insert ``key``; returns the entries evicted to stay within the bound."""
+        self._items[key] = value
+        self._items.move_to_end(key)
+        self._seen[key] = now
+        evicted = []
+        while len(self._items) > self.max_flows:
+            old, val = self._items.popitem(last=False)
+            del self._seen[old]
+            evicted.append((old, val))
+        return evicted
+
+    def pop(self, key: K) -> V | None:
+        self._seen.pop(key, None)
+        return self._items.pop(key, None)
+
+    def expire(self, now: float, idle: float) -> list[tuple[K, V]]:
+        """Remove and return the entries unused for ``idle`` seconds (oldest first)."""
+        stale = []
+        for key in self._items:   # LRU order: stop at the first one still in use
+            if now - self._seen[key] < idle:
+                break
+            stale.append(key)
+        for key in stale:
+            del self._seen[key]
+        return [(key, self._items.pop(key)) for key in stale]
+
+    def items(self) -> list[tuple[K, V]]:
+        return list(self._items.items())
+
+
+class _Flow:
+    __slots__ = ("client", "endpoint", "sock")
+
+    def __init__(self, client: Any, endpoint: Endpoint, sock: socket.socket) -> None:
+        self.client = client
+        self.endpoint = endpoint
+        self.sock = sock
+
+
+def _family(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+
+
+class UdpListener(asyncio.DatagramProtocol):
+    """The listening socket of one UDP route and the flows of its clients."""
+
+    def __init__(self, port: int, endpoints: tuple[Endpoint, ...], *, host: str, stats: Stats,
+                 max_flows: int = MAX_FLOWS, idle_timeout: float = IDLE_TIMEOUT) -> None:
+        self.port = port
+        self.host = host
+        self.picker = RoundRobin(endpoints)
+        self.flows: FlowTable[Any, _Flow] = FlowTable(max_flows)
+        self.idle_timeout = idle_timeout
+        self._stats = stats
+        self._transport: asyncio.DatagramTransport | None = None
+        self._paused = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def open(self) -> None:
+        """Bind the listening socket; raises OSError (e.g. EADDRINUSE) if the port is taken."""
+        loop = asyncio.get_running_loop()
+        # Bound by hand: asyncio refuses reuse_address for UDP, and SO_REUSEADDR would let two
+        # listeners share the port silently on Linux.
+        sock = socket.socket(_family(self.host), socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind((self.host, self.port))
+        except OSError:
+            sock.close()
+            raise
+        await loop.create_datagram_endpoint(lambda: self, sock=sock)
+        self._schedule_sweep()
+
+    def set_endpoints(self, endpoints: tuple[Endpoint, ...]) -> None:
+        """New flows use the new list; flows to endpoints that left are closed, so their clients'
+        next datagram opens a flow to a live endpoint instead of vanishing until idle."""
+        self.picker.set(endpoints)
+        keep = set(endpoints)
+        for client, flow in self.flows.items():
+            if flow.endpoint not in keep:
+                self._close_flow(client)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for client, _ in self.flows.items():
+            self._close_flow(client)
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    # --- listening socket ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self._transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        now = time.monotonic()
+        flow = self.flows.touch(addr, now) or self._open_flow(addr, now)
+        if flow is None:
+            self._stats.datagrams_dropped += 1
+            return
+        try:
+            flow.sock.send(data)
+        except BlockingIOError:
+            self._stats.datagrams_dropped += 1
+        except OSError as exc:
+            # Typically ECONNREFUSED from an earlier ICMP: re-pick on the next datagram.
+            log.debug("udp send failed", extra={"endpoint": str(flow.endpoint), "error": repr(exc)})
+            self._stats.datagrams_dropped += 1
+            self._close_flow(addr)
+        else:
+            self._stats.datagrams_in += 1
+            self._stats.bytes_in += len(data)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("udp listener error", extra={"port": self.port, "error": repr(exc)})
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+
+    # --- flows -----------------------------------------------------------------------------
+
+    def _open_flow(self, client: Any, now: float) -> _Flow | None:
+        loop = asyncio.get_running_loop()
+        for ep in self.picker.order():
+            sock = socket.socket(_family(ep.address), socket.SOCK_DGRAM)
+            try:
+                sock.setblocking(False)
+                sock.connect((ep.address, ep.port))
+            except OSError as exc:
+                sock.close()
+                log.debug("udp flow connect failed", extra={"endpoint": str(ep), "error": repr(exc)})
+                continue
+            flow = _Flow(client, ep, sock)
+            loop.add_reader(sock.fileno(), self._on_reply, flow)
+            self._stats.udp_flows_total += 1
+            self._stats.udp_flows_active += 1
+            for _, old in self.flows.add(client, flow, now):
+                self._stats.udp_flows_evicted += 1
+                self._release(old)
+            return flow
+        return None
+
+    def _on_reply(self, flow: _Flow) -> None:
+        for _ in range(REPLY_BURST):
+            try:
+                data = flow.sock.recv(MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.debug("udp upstream error", extra={"endpoint": str(flow.endpoint), "error": repr(exc)})
+                if self.flows.get(flow.client) is flow:
+                    self._close_flow(flow.client)
+                return
+            self.flows.touch(flow.client, time.monotonic())
+            if self._paused or self._transport is None:
+                self._stats.datagrams_dropped += 1
+                continue
+            self._transport.sendto(data, flow.client)
+            self._stats.datagrams_out += 1
+            self._stats.bytes_out += len(data)
+
+    def _close_flow(self, client: Any) -> None:
+        flow = self.flows.pop(client)
+        if flow is not None:
+            self._release(flow)
+
+    def _release(self, flow: _Flow) -> None:
+        self._stats.udp_flows_active -= 1
+        try:
+            asyncio.get_running_loop().remove_reader(flow.sock.fileno())
+        finally:
+            flow.sock.close()
+
+    def _schedule_sweep(self) -> None:
+        interval = max(0.05, min(self.idle_timeout / 4, 5.0))
+        self._timer = asyncio.get_running_loop().call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        for _, flow in self.flows.expire(time.monotonic(), self.idle_timeout):
+            self._release(flow)
+        self._schedule_sweep()
