@@ -37,7 +37,8 @@ class MemoryClient:
 
     def __init__(self, cfg_or_endpoint: Config | str, timeout: float = 2.0, retries: int | None = None,
                  context: zmq.Context[Any] | None = None) -> None:
-        self.endpoint = cfg_or_endpoint if isinstance(cfg_or_endpoint, str) else cfg_or_endpoint.memory_endpoint
+        self.endpoint = (cfg_or_endpoint if isinstance(cfg_or_endpoint, str)
+                         else cfg_or_endpoint.memory_endpoint)
         if retries is None:
             retries = max(0, math.ceil(PATIENCE / timeout) - 1)
         self._rpc = RequestClient(self.endpoint, timeout=timeout, retries=retries, context=context)
@@ -90,7 +91,8 @@ class MemoryClient:
 def diff_pods(old: dict[str, dict[str, Any]],
               new: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any] | None]]:
     """Every pod that differs between two states, as (name, new record or None if gone)."""
-    return [(name, new.get(name)) for name in sorted(old.keys() | new.keys()) if old.get(name) != new.get(name)]
+    names = sorted(old.keys() | new.keys())
+    return [(name, new.get(name)) for name in names if old.get(name) != new.get(name)]
 
 
 class PodMirror:

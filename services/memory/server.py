@@ -15,6 +15,7 @@ Ops (each declares its arguments; an unknown one is rejected naming ``args.<key>
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -144,10 +145,8 @@ class MemoryServer:
     def request_stop(self) -> None:
         """Safe from a signal handler and from other threads."""
         self._stopping = True
-        try:
+        with contextlib.suppress(BlockingIOError):  # full: the loop is already due to wake up
             self._wake_w.send(b"x")
-        except BlockingIOError:
-            pass  # the pipe is full, so the loop is already due to wake up
 
     def serve(self) -> None:
         poller = zmq.Poller()
@@ -174,11 +173,9 @@ class MemoryServer:
             log.warning("dropped a request nested too deeply to decode")
 
     def _drain_wake(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             while self._wake_r.recv(4096):
                 pass
-        except BlockingIOError:
-            pass
 
     def _unlock(self) -> None:
         for fd in self._locks:

@@ -129,7 +129,10 @@ class Store:
     @classmethod
     def open(cls, state_dir: str) -> Store:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        return cls(os.path.join(state_dir, DB_NAME))
+        path = os.path.join(state_dir, DB_NAME)
+        # SQLite gives its -wal and -shm files the database's mode: make that private first.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        return cls(path)
 
     def close(self) -> None:
         self._db.close()

@@ -1,0 +1,1 @@
+"""riklet-monitor: node and pod metrics over IPC and Prometheus."""

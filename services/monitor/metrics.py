@@ -22,7 +22,7 @@ import psutil
 
 from services.monitor import host
 from services.monitor.pods import CgroupOpener, PodSource, measure, open_cgroup_default
-from services.monitor.sampler import CpuSampler, usage_percent
+from services.monitor.sampler import CpuSampler
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +210,10 @@ def _spec_limit(record: Mapping[str, Any], key: str) -> int | None:
     pod)."""
     containers = [_dict(c) for c in _list(_dict(record.get("spec")).get("containers"))]
     values = [_dict(c.get("resources")).get(key) for c in containers]
-    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
+    limits = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    if not values or len(limits) != len(values):
         return None
-    return sum(values)
+    return sum(limits)
 
 
 def pod_capacity(record: Mapping[str, Any], cgroup_limit: int | None,

@@ -1,15 +1,15 @@
 """Where a pod's usage is read from: its cgroup when it has one, else its process tree.
 
 The cgroup is the better source: it counts every process the pod ever forked, including the
-ones that already exited, and the memory the kernel charges it (page cache included). The
-process tree is the fallback for a pod whose cgroup is missing (no cgroup support, or a
-runtime that did not make one): it sees only live processes and sums their RSS, which counts
-shared pages once per process.
+ones that already exited, and the memory the kernel charges it (its working set, active page
+cache included). The process tree is the fallback for a pod whose cgroup is missing or
+unreadable (no cgroup support, a runtime that made none, a monitor without access): it sees
+only live processes and sums their RSS, which counts shared pages once per process.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import psutil
 
+from common.cgroups import Cgroup
 from common.errors import RikletError
 from services.monitor.sampler import Reader
 
@@ -38,7 +39,7 @@ class CgroupUsage(Protocol):
 
 
 class CgroupLike(Protocol):
-    """The part of ``common.cgroups.Cgroup`` the monitor reads."""
+    """The part of :class:`common.cgroups.Cgroup` the monitor reads (tests pass stand-ins)."""
 
     def exists(self) -> bool: ...
     def usage(self) -> CgroupUsage: ...
@@ -47,21 +48,8 @@ class CgroupLike(Protocol):
 CgroupOpener = Callable[[str], "CgroupLike | None"]
 
 
-@functools.cache
-def _cgroup_class() -> Callable[[str], CgroupLike] | None:
-    # Imported late: common/cgroups.py may be absent (not built yet, or a trimmed install), and
-    # the monitor must still answer from process trees rather than fail to start.
-    try:
-        from common.cgroups import Cgroup
-    except ImportError:
-        log.warning("common.cgroups is not available: pods are measured from their process trees")
-        return None
-    return Cgroup
-
-
 def open_cgroup_default(relpath: str) -> CgroupLike | None:
-    cls = _cgroup_class()
-    return cls(relpath) if cls else None
+    return Cgroup(relpath)
 
 
 @dataclass(frozen=True)
@@ -79,9 +67,10 @@ def _dict(value: Any) -> Mapping[str, Any]:
 def root_pids(status: Mapping[str, Any]) -> list[int]:
     """The pod's pids as memory knows them: ``status.pids`` and each container's ``pid``.
     PID 0 and 1 are never a pod's: taking them would measure the whole host."""
-    found = list(status.get("pids") or []) if isinstance(status.get("pids"), list) else []
-    containers = status.get("containers") if isinstance(status.get("containers"), list) else []
-    found += [_dict(c).get("pid") for c in containers]
+    pids, containers = status.get("pids"), status.get("containers")
+    found: list[Any] = list(pids) if isinstance(pids, list) else []
+    if isinstance(containers, list):
+        found += [_dict(c).get("pid") for c in containers]
     out: list[int] = []
     for pid in found:
         if isinstance(pid, int) and not isinstance(pid, bool) and pid > 1 and pid not in out:
@@ -128,11 +117,9 @@ def tree_rss(procs: Iterable[psutil.Process]) -> int:
 
 def _from_cgroup(record: Mapping[str, Any], relpath: str,
                  open_cgroup: CgroupOpener) -> PodSource | None:
-    cg = open_cgroup(relpath)
-    if cg is None:
-        return None
     try:
-        if not cg.exists():
+        cg = open_cgroup(relpath)
+        if cg is None or not cg.exists():
             return None
         first = cg.usage()
     except _CGROUP_ERRORS as exc:
@@ -144,10 +131,8 @@ def _from_cgroup(record: Mapping[str, Any], relpath: str,
     def read_cpu() -> float:
         # A group removed mid-sample reads as "no progress" rather than failing the query.
         nonlocal last_cpu
-        try:
+        with contextlib.suppress(*_CGROUP_ERRORS):
             last_cpu = cg.usage().cpu_ns / 1e9
-        except _CGROUP_ERRORS:
-            pass
         return last_cpu
 
     uid = record.get("uid") or record.get("name")

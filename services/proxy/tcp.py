@@ -11,6 +11,7 @@ instead of growing memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import struct
@@ -212,10 +213,8 @@ class ClientConnection(asyncio.Protocol):
         self.stats.connections_refused += 1
         sock = self.transport.get_extra_info("socket")
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):  # already gone: abort() is all that is left
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            except OSError:
-                pass  # already gone: abort() below is all that is left to do
         self.transport.abort()
 
     def buffered(self) -> int:

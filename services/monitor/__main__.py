@@ -1,0 +1,83 @@
+"""riklet-monitor: answers node and pod metric queries over IPC and serves /metrics.
+
+Run as ``riklet-monitor`` or ``python -m services.monitor``. SIGTERM or SIGINT stop it cleanly
+(exit 0): the HTTP server is shut down and the socket file removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+import zmq
+
+from common import config
+from common import log as rlog
+from common.errors import RikletError
+from common.zmqutil import RequestClient, ipc_path, make_run_dir, prepare_ipc_bind, route_one
+from services.monitor.prom import MetricsServer
+from services.monitor.service import Monitor, memory_pod_lister
+
+log = logging.getLogger("riklet.monitor")
+
+POLL_MS = 200  # how soon a stop request is noticed while the socket is idle
+
+
+def serve(cfg: config.Config, stop: threading.Event) -> None:
+    ctx: zmq.Context[Any] = zmq.Context.instance()
+    make_run_dir(cfg.paths_run_dir)
+    prepare_ipc_bind(cfg.monitor_endpoint, ctx)
+    memory = RequestClient(cfg.memory_endpoint, timeout=1.0, retries=1, context=ctx)
+    monitor = Monitor(cfg.node_id, cfg.paths_state_dir, memory_pod_lister(memory))
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(cfg.monitor_endpoint)
+    path = ipc_path(cfg.monitor_endpoint)
+    if path:
+        os.chmod(path, 0o600)
+    http = MetricsServer(cfg.metrics_address, monitor.scrape)
+    http.start()
+    log.info("monitor ready", extra={"endpoint": cfg.monitor_endpoint, "metrics": cfg.metrics_address})
+    try:
+        while not stop.is_set():
+            if sock.poll(POLL_MS, zmq.POLLIN):
+                route_one(sock, monitor.handle)
+    finally:
+        http.stop()
+        sock.close(linger=0)
+        memory.close()
+        if path and os.path.exists(path):
+            os.unlink(path)
+        log.info("monitor stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, _ = config.parse_args("riklet-monitor", argv)
+    rlog.setup("monitor", cfg.logging_level)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("stopping", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        serve(cfg, stop)
+    except RikletError as exc:  # e.g. another monitor is live on the endpoint
+        log.error("cannot start", extra={"error": str(exc)})
+        return 1
+    except OSError as exc:  # e.g. the metrics port is taken
+        log.error("cannot start", extra={"error": str(exc)})
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

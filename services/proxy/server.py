@@ -1,0 +1,150 @@
+"""The proxy's listeners, reconciled against the newest route table.
+
+Route tables arrive faster than listeners can be opened (every pod status change produces
+one), so only the newest is applied: :meth:`ProxyServer.update` replaces whatever was waiting,
+and one worker task brings the listeners to it. A port that cannot be bound is logged and
+retried on the next update and on a timer; it never takes the other routes down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from services.proxy.routes import Endpoint, RouteKey, Routes, diff
+from services.proxy.stats import Stats
+from services.proxy.tcp import CONNECT_TIMEOUT, ClientConnection, TcpListener
+from services.proxy.udp import IDLE_TIMEOUT, MAX_FLOWS, UdpListener
+
+log = logging.getLogger(__name__)
+
+Listener = TcpListener | UdpListener
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    bind_host: str = "0.0.0.0"
+    connect_timeout: float = CONNECT_TIMEOUT
+    udp_max_flows: int = MAX_FLOWS
+    udp_idle_timeout: float = IDLE_TIMEOUT
+    retry_interval: float = 5.0   # re-try ports that could not be bound
+
+
+class ProxyServer:
+    """Owns every listener and established TCP connection of the node's proxy. All methods run
+    on the event loop thread; other threads use ``loop.call_soon_threadsafe(server.update, r)``."""
+
+    def __init__(self, settings: ProxySettings | None = None, stats: Stats | None = None) -> None:
+        self.settings = settings or ProxySettings()
+        self.stats = stats or Stats()
+        self.connections: set[ClientConnection] = set()
+        self._listeners: dict[RouteKey, Listener] = {}
+        self._routes: Routes = {}          # the table last reconciled against
+        self._pending: Routes | None = None
+        self._failed: set[RouteKey] = set()
+        self._worker: asyncio.Task[None] | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    @property
+    def routes(self) -> Routes:
+        return dict(self._routes)
+
+    def listening(self) -> set[RouteKey]:
+        return set(self._listeners)
+
+    def failed(self) -> set[RouteKey]:
+        return set(self._failed)
+
+    def buffered_bytes(self) -> int:
+        """User-space bytes held by all TCP connections: what back-pressure keeps bounded."""
+        return sum(conn.buffered() for conn in self.connections)
+
+    def update(self, routes: Routes) -> None:
+        """Ask for ``routes`` to be applied; a table still waiting is replaced, not queued."""
+        if self._closed:
+            return
+        self._pending = routes
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._drain())
+
+    async def apply(self, routes: Routes) -> None:
+        """Apply ``routes`` and return once the listeners match it (or failed to bind)."""
+        self.update(routes)
+        while self._worker is not None and not self._worker.done():
+            await asyncio.shield(self._worker)
+
+    async def close(self, abort_connections: bool = True) -> None:
+        self._closed = True
+        self._pending = None
+        if self._retry is not None:
+            self._retry.cancel()
+        if self._worker is not None:
+            await asyncio.shield(self._worker)
+        for listener in self._listeners.values():
+            listener.close()
+        self._listeners.clear()
+        if abort_connections:
+            for conn in list(self.connections):
+                conn.transport.abort()
+                up = conn.upstream
+                if up is not None and up.transport is not None:
+                    up.transport.abort()
+
+    async def _drain(self) -> None:
+        while self._pending is not None and not self._closed:
+            routes, self._pending = self._pending, None
+            await self._reconcile(routes)
+
+    async def _reconcile(self, routes: Routes) -> None:
+        changes = diff(self._routes, routes)
+        if changes:
+            log.info("routes changed", extra={"added": sorted(changes.added),
+                                              "removed": sorted(changes.removed),
+                                              "changed": sorted(changes.changed)})
+        for key in changes.removed:
+            self._failed.discard(key)
+            listener = self._listeners.pop(key, None)
+            if listener is not None:
+                listener.close()   # established connections are left alone
+                log.info("listener closed", extra={"protocol": key[0], "port": key[1]})
+        for key, endpoints in routes.items():
+            existing = self._listeners.get(key)
+            if existing is not None:
+                if key in changes.changed:
+                    existing.set_endpoints(endpoints)
+                continue
+            await self._open(key, endpoints)
+        self._routes = routes
+        if self._failed and self._retry is None and not self._closed:
+            self._retry = asyncio.get_running_loop().call_later(
+                self.settings.retry_interval, self._retry_failed)
+
+    async def _open(self, key: RouteKey, endpoints: tuple[Endpoint, ...]) -> None:
+        s = self.settings
+        listener: Listener
+        if key[0] == "TCP":
+            listener = TcpListener(key[1], endpoints, host=s.bind_host, stats=self.stats,
+                                   conns=self.connections, connect_timeout=s.connect_timeout)
+        else:
+            listener = UdpListener(key[1], endpoints, host=s.bind_host, stats=self.stats,
+                                   max_flows=s.udp_max_flows, idle_timeout=s.udp_idle_timeout)
+        try:
+            await listener.open()
+        except OSError as exc:
+            # Logged loudly once per failure streak; the timer keeps retrying quietly.
+            level = logging.DEBUG if key in self._failed else logging.WARNING
+            log.log(level, "cannot listen", extra={"protocol": key[0], "port": key[1],
+                                                   "host": s.bind_host, "error": str(exc)})
+            self._failed.add(key)
+            return
+        self._listeners[key] = listener
+        self._failed.discard(key)
+        log.info("listening", extra={"protocol": key[0], "port": key[1], "host": s.bind_host,
+                                     "endpoints": [str(e) for e in endpoints]})
+
+    def _retry_failed(self) -> None:
+        self._retry = None
+        if self._failed and self._pending is None:
+            self.update(self._routes)

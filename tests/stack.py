@@ -1,0 +1,196 @@
+"""A real riklet under test: supervisord and the four services in private directories.
+
+Each Agent gets its own run dir (short: unix socket paths are limited), state dir and ports,
+so several can run side by side. Teardown deletes every pod through the API, then stops
+supervisord, then kills whatever a broken test left behind (by the pids it recorded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from common import pb
+
+pb.ensure()
+from common.pb import node_pb2 as npb  # noqa: E402
+from common.pb import node_pb2_grpc as npb_grpc  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 15.0, interval: float = 0.05,
+             what: str = "condition") -> T:
+    """Poll until ``predicate`` returns something truthy; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # polled conditions may fail until they hold
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last error: {last_exc!r}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+class Agent:
+    def __init__(self, config_yaml: str = "") -> None:
+        self.base = tempfile.mkdtemp(prefix="rk", dir="/tmp")
+        self.run_dir = os.path.join(self.base, "run")
+        self.state_dir = os.path.join(self.base, "state")
+        self.api = f"127.0.0.1:{free_port()}"
+        self.metrics = f"127.0.0.1:{free_port()}"
+        self.config = os.path.join(self.base, "riklet.yaml")
+        with open(self.config, "w", encoding="utf-8") as fh:
+            fh.write(config_yaml)
+        self.env = {**os.environ, "RIKLET_RUN_DIR": self.run_dir, "RIKLET_STATE_DIR": self.state_dir,
+                    "RIKLET_CONFIG": self.config, "RIKLET_API_ADDRESS": self.api,
+                    "RIKLET_METRICS_ADDRESS": self.metrics, "RIKLET_ENDPOINT": self.api,
+                    "LOG_LEVEL": "DEBUG"}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.channel = grpc.insecure_channel(self.api)
+        self.stub = npb_grpc.NodeStub(self.channel)
+        self.workload_pids: set[int] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> Agent:
+        out = open(os.path.join(self.base, "supervisord.out"), "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen([os.path.join(BIN, "riklet"), "run"], env=self.env,
+                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        wait_for(lambda: self.stub.List(npb.ListRequest(), timeout=1) is not None, timeout,
+                 what=f"the Node API on {self.api}")
+        wait_for(lambda: all(s == "RUNNING" for s in self.statuses().values()), timeout,
+                 what="all four services RUNNING")
+
+    def supervisorctl(self, *args: str) -> str:
+        res = subprocess.run(
+            [os.path.join(BIN, "supervisorctl"), "-c", os.path.join(ROOT, "supervisord.conf"),
+             "-s", f"unix://{self.run_dir}/supervisor.sock", *args],
+            env=self.env, capture_output=True, text=True, timeout=60)
+        return res.stdout
+
+    def statuses(self) -> dict[str, str]:
+        out = {}
+        for line in self.supervisorctl("status").splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0].startswith("riklet:"):
+                out[parts[0].split(":", 1)[1]] = parts[1]
+        if set(out) != {"memory", "manager", "monitor", "proxy"}:
+            return {"missing": "yes"}
+        return out
+
+    def service_pid(self, name: str) -> int:
+        return int(self.supervisorctl("pid", f"riklet:{name}").strip())
+
+    def supervisord_pid(self) -> int:
+        with open(os.path.join(self.run_dir, "supervisord.pid"), encoding="ascii") as fh:
+            return int(fh.read().strip())
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            for pod in self.pods():
+                self.stub.Delete(npb.DeleteRequest(name=pod["name"]), timeout=5)
+            wait_for(lambda: not self.pods(), 30, what="all pods deleted")
+        self.stop()
+        self.kill_leftovers()
+        self.channel.close()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def kill_leftovers(self) -> None:
+        pods = os.path.join(self.state_dir, "pods")
+        for status in _glob_status(pods):
+            for key in ("shim_pid",):
+                pid = status.get(key)
+                if pid and pid_alive(int(pid)):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+            for c in status.get("containers") or []:
+                if c.get("pid") and pid_alive(int(c["pid"])):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(int(c["pid"]), signal.SIGKILL)
+        for pid in self.workload_pids:
+            if pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    # -- driving -----------------------------------------------------------------------------
+
+    def ctl(self, *args: str, check: bool = True, input: str | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run([os.path.join(BIN, "rikletctl"), *args], env=self.env, input=input,
+                             capture_output=True, text=True, timeout=timeout)
+        if check and res.returncode != 0:
+            raise AssertionError(f"rikletctl {' '.join(args)} failed ({res.returncode}): {res.stderr}")
+        return res
+
+    def pods(self) -> list[dict[str, Any]]:
+        return json.loads(self.ctl("get", "pods", "-o", "json").stdout)
+
+    def pod(self, name: str) -> dict[str, Any]:
+        return json.loads(self.ctl("get", "pod", name, "-o", "json").stdout)
+
+    def wait_phase(self, name: str, phase: str, timeout: float = 20.0) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            pod = self.pod(name)
+            if pod["phase"] == phase:
+                for c in pod["containers"]:
+                    if c.get("pid"):
+                        self.workload_pids.add(int(c["pid"]))
+                return pod
+            return None
+        return wait_for(check, timeout, what=f"pod {name} {phase}")
+
+
+def _glob_status(pods_dir: str) -> list[dict[str, Any]]:
+    out = []
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(pods_dir):
+            with contextlib.suppress(OSError, ValueError):
+                with open(os.path.join(pods_dir, name, "status.json"), encoding="utf-8") as fh:
+                    out.append(json.load(fh))
+    return out

@@ -1,0 +1,215 @@
+"""The store on its own: real SQLite in a temporary directory, no sockets."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.errors import Conflict, InvalidArgument, NotFound, RikletError
+from services.memory.store import DB_NAME, MAX_DOC_BYTES, Store
+
+SPEC: dict[str, Any] = {"containers": [{"name": "app", "image": "busybox"}], "ports": [8080]}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store.open(str(tmp_path))
+    yield s
+    s.close()
+
+
+def test_a_new_pod_is_pending_at_version_1_and_emits_applied(store: Store) -> None:
+    change = store.apply("web", SPEC)
+    pod = change.result["pod"]
+    assert change.result["changed"] is True
+    assert pod["version"] == 1 and pod["desired"] == "running"
+    assert pod["status"] == {"phase": "Pending"} and pod["spec"] == SPEC
+    assert len(pod["uid"]) == 32 and pod["created_at"] == pod["updated_at"]
+    [ev] = change.events
+    assert (ev.topic, ev.seq) == ("pod.web.applied", 1)
+    assert ev.data == {"kind": "applied", "pod": pod}
+    assert store.get("web") == pod and store.seq == 1
+
+
+def test_applying_the_same_spec_again_changes_nothing(store: Store) -> None:
+    first = store.apply("web", SPEC).result["pod"]
+    again = store.apply("web", {"ports": [8080], "containers": [{"image": "busybox", "name": "app"}]})
+    assert again.result == {"pod": first, "changed": False}
+    assert again.events == () and store.seq == 1
+
+
+def test_a_new_spec_replaces_the_old_one_and_bumps_the_version(store: Store) -> None:
+    uid = store.apply("web", SPEC).result["pod"]["uid"]
+    change = store.apply("web", {**SPEC, "ports": [9090]})
+    pod = change.result["pod"]
+    assert (pod["version"], pod["uid"], pod["spec"]["ports"]) == (2, uid, [9090])
+    assert [ev.seq for ev in change.events] == [2]
+
+
+def test_apply_wants_a_stopped_pod_running_again(store: Store) -> None:
+    store.apply("web", SPEC)
+    store.set_desired("web", "stopped")
+    pod = store.apply("web", SPEC).result["pod"]
+    assert (pod["desired"], pod["version"]) == ("running", 3)
+
+
+def test_apply_keeps_a_given_uid_and_refuses_another(store: Store) -> None:
+    assert store.apply("web", SPEC, uid="abc").result["pod"]["uid"] == "abc"
+    assert store.apply("web", SPEC, uid="abc").result["changed"] is False
+    with pytest.raises(Conflict) as exc:
+        store.apply("web", {"other": 1}, uid="xyz")
+    assert exc.value.field == "uid"
+    assert store.get("web")["spec"] == SPEC
+
+
+def test_set_status_replaces_the_status_and_bumps_the_version(store: Store) -> None:
+    uid = store.apply("web", SPEC).result["pod"]["uid"]
+    change = store.set_status("web", uid, {"phase": "Running", "pid": 42}, expect_version=1)
+    assert change.result["status"] == {"phase": "Running", "pid": 42}
+    assert change.result["version"] == 2
+    [ev] = change.events
+    assert (ev.topic, ev.seq, ev.data["kind"]) == ("pod.web.status", 2, "status")
+
+
+@pytest.mark.parametrize(("name", "uid", "expect", "error", "field"), [
+    ("web", "wrong", None, Conflict, "uid"),
+    ("web", None, 7, Conflict, "expect_version"),
+    ("nope", None, None, NotFound, "name"),
+])
+def test_set_status_rejections_name_the_field_and_change_nothing(
+        store: Store, name: str, uid: str | None, expect: int | None,
+        error: type[RikletError], field: str) -> None:
+    pod = store.apply("web", SPEC).result["pod"]
+    with pytest.raises(error) as exc:
+        store.set_status(name, uid or pod["uid"], {"phase": "Running"}, expect_version=expect)
+    assert exc.value.field == field
+    assert store.get("web") == pod and store.seq == 1
+
+
+def test_set_desired_bumps_once_and_is_a_no_op_when_unchanged(store: Store) -> None:
+    store.apply("web", SPEC)
+    change = store.set_desired("web", "stopped")
+    assert (change.result["desired"], change.result["version"]) == ("stopped", 2)
+    assert [(ev.topic, ev.data["kind"]) for ev in change.events] == [("pod.web.desired", "desired")]
+    again = store.set_desired("web", "stopped")
+    assert again.events == () and again.result["version"] == 2
+    with pytest.raises(NotFound):
+        store.set_desired("nope", "stopped")
+
+
+def test_remove_deletes_the_record_and_says_so(store: Store) -> None:
+    uid = store.apply("web", SPEC).result["pod"]["uid"]
+    with pytest.raises(Conflict) as exc:
+        store.remove("web", "wrong")
+    assert exc.value.field == "uid"
+    change = store.remove("web", uid)
+    assert change.result is None
+    [ev] = change.events
+    assert (ev.topic, ev.data) == ("pod.web.removed", {"kind": "removed", "name": "web", "uid": uid})
+    with pytest.raises(NotFound) as gone:
+        store.get("web")
+    assert gone.value.field == "name"
+    with pytest.raises(NotFound):
+        store.remove("web", uid)
+
+
+def test_list_and_snapshot_agree_with_the_sequence(store: Store) -> None:
+    for name in ("db", "web", "cache"):
+        store.apply(name, SPEC)
+    snap = store.snapshot()
+    assert [p["name"] for p in snap["pods"]] == ["cache", "db", "web"]
+    assert snap["pods"] == store.list()
+    assert snap["seq"] == 3 and snap["epoch"] == store.epoch
+
+
+@pytest.mark.parametrize("name", ["", "Web", "-web", "web-", "a" * 64, "a.b", "a_b", 5, None])
+def test_bad_names_are_refused(store: Store, name: Any) -> None:
+    with pytest.raises(InvalidArgument) as exc:
+        store.apply(name, SPEC)
+    assert exc.value.field == "args.name"
+
+
+@pytest.mark.parametrize("name", ["a", "0", "a" * 63, "web-1", "1-2-3"])
+def test_good_names_are_accepted(store: Store, name: str) -> None:
+    assert store.apply(name, SPEC).result["pod"]["name"] == name
+
+
+@pytest.mark.parametrize("spec", [[], "x", None, {"n": float("nan")}, {"big": "x" * MAX_DOC_BYTES}])
+def test_bad_specs_are_refused(store: Store, spec: Any) -> None:
+    with pytest.raises(InvalidArgument) as exc:
+        store.apply("web", spec)
+    assert exc.value.field == "args.spec"
+    assert store.list() == [] and store.seq == 0
+
+
+@pytest.mark.parametrize(("call", "field"), [
+    (lambda s, uid: s.set_status("web", uid, ["Running"]), "args.status"),
+    (lambda s, uid: s.set_status("web", 7, {}), "args.uid"),
+    (lambda s, uid: s.set_status("web", uid, {}, expect_version=True), "args.expect_version"),
+    (lambda s, uid: s.set_status("web", uid, {}, expect_version=0), "args.expect_version"),
+    (lambda s, uid: s.set_desired("web", "paused"), "args.desired"),
+    (lambda s, uid: s.remove("web", ""), "args.uid"),
+    (lambda s, uid: s.apply("web", SPEC, uid=3), "args.uid"),
+])
+def test_other_bad_arguments_name_their_field(store: Store, call: Any, field: str) -> None:
+    uid = store.apply("web", SPEC).result["pod"]["uid"]
+    with pytest.raises(InvalidArgument) as exc:
+        call(store, uid)
+    assert exc.value.field == field
+    assert store.seq == 1
+
+
+def test_everything_survives_reopening(tmp_path: Path) -> None:
+    s = Store.open(str(tmp_path))
+    uid = s.apply("web", SPEC).result["pod"]["uid"]
+    s.set_status("web", uid, {"phase": "Running"})
+    before = s.snapshot()
+    s.close()
+    again = Store.open(str(tmp_path))
+    assert again.snapshot() == before
+    assert [ev.seq for ev in again.apply("db", SPEC).events] == [3]
+    again.close()
+
+
+def test_each_database_has_its_own_epoch(tmp_path: Path) -> None:
+    a, b = Store.open(str(tmp_path / "a")), Store.open(str(tmp_path / "b"))
+    assert a.epoch != b.epoch and len(a.epoch) == 32
+    a.close()
+    b.close()
+
+
+def test_the_database_is_private_durable_and_in_wal_mode(store: Store, tmp_path: Path) -> None:
+    store.apply("web", SPEC)
+    path = tmp_path / DB_NAME
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_a_retried_write_gets_the_first_answer_even_after_a_restart(tmp_path: Path) -> None:
+    s = Store.open(str(tmp_path))
+    uid = s.apply("web", SPEC).result["pod"]["uid"]
+    first = s.set_status("web", uid, {"phase": "Running"}, expect_version=1, request_id="r1")
+    s.close()
+    s = Store.open(str(tmp_path))
+    retry = s.set_status("web", uid, {"phase": "Running"}, expect_version=1, request_id="r1")
+    assert retry.result == first.result and retry.events == ()
+    assert s.get("web")["version"] == 2
+    s.remove("web", uid, request_id="r2")
+    assert s.remove("web", uid, request_id="r2").result is None
+    s.close()
+
+
+def test_a_failed_write_is_not_remembered(store: Store) -> None:
+    with pytest.raises(NotFound):
+        store.set_desired("web", "stopped", request_id="r1")
+    store.apply("web", SPEC)
+    assert store.set_desired("web", "stopped", request_id="r1").result["desired"] == "stopped"
