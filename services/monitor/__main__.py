@@ -39,17 +39,19 @@ def serve(cfg: config.Config, stop: threading.Event) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(cfg.monitor_endpoint)
     path = ipc_path(cfg.monitor_endpoint)
-    if path:
-        os.chmod(path, 0o600)
-    http = MetricsServer(cfg.metrics_address, monitor.scrape)
-    http.start()
-    log.info("monitor ready", extra={"endpoint": cfg.monitor_endpoint, "metrics": cfg.metrics_address})
     try:
-        while not stop.is_set():
-            if sock.poll(POLL_MS, zmq.POLLIN):
-                route_one(sock, monitor.handle)
+        if path:
+            os.chmod(path, 0o600)
+        http = MetricsServer(cfg.metrics_address, monitor.scrape)
+        http.start()
+        log.info("monitor ready", extra={"endpoint": cfg.monitor_endpoint, "metrics": cfg.metrics_address})
+        try:
+            while not stop.is_set():
+                if sock.poll(POLL_MS, zmq.POLLIN):
+                    route_one(sock, monitor.handle)
+        finally:
+            http.stop()
     finally:
-        http.stop()
         sock.close(linger=0)
         memory.close()
         if path and os.path.exists(path):
@@ -70,10 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         serve(cfg, stop)
-    except RikletError as exc:  # e.g. another monitor is live on the endpoint
-        log.error("cannot start", extra={"error": str(exc)})
-        return 1
-    except OSError as exc:  # e.g. the metrics port is taken
+    # Another monitor live on the endpoint, the metrics port taken, the run dir unwritable.
+    except (RikletError, OSError, zmq.ZMQError) as exc:
         log.error("cannot start", extra={"error": str(exc)})
         return 1
     return 0
