@@ -77,6 +77,7 @@ def print_table(pods: Sequence[npb.Pod]) -> None:
 def _port_flag(text: str, i: int) -> dict[str, Any]:
     spec, _, proto = text.partition("/")
     host, sep, target = spec.partition(":")
+    entry: dict[str, Any]
     try:
         entry = {"port": int(host), "target_port": int(target)} if sep else {"target_port": int(host)}
     except ValueError as exc:
@@ -185,7 +186,8 @@ class Ctl:
         res, rt = data["resources"], data["realtime"]
         print(f"node {res.get('id')}: {res.get('cpu')} cpus, {res.get('memory', 0) // 2**20} MiB, "
               f"{res.get('distrib')} {res.get('version')} {res.get('arch')}")
-        print(f"cpu {rt.get('cpu', {}).get('currentUsage')}%  memory {rt.get('memory', {}).get('currentUsage')}%")
+        cpu, mem = rt.get("cpu", {}), rt.get("memory", {})
+        print(f"cpu {cpu.get('currentUsage')}%  memory {mem.get('currentUsage')}%")
 
     def watch(self, args: argparse.Namespace) -> None:
         for ev in self.stub.Watch(npb.WatchRequest(name=args.name or "")):

@@ -193,7 +193,8 @@ def load(flags: argparse.Namespace | None = None, environ: Mapping[str, str] | N
 
 
 def parse_args(prog: str, argv: Sequence[str] | None = None,
-               extra: Callable[[argparse.ArgumentParser], None] | None = None) -> tuple[Config, argparse.Namespace]:
+               extra: Callable[[argparse.ArgumentParser], None] | None = None,
+               ) -> tuple[Config, argparse.Namespace]:
     """The command line every service shares; exits with a clear message on a bad setting."""
     parser = argparse.ArgumentParser(prog=prog)
     add_flags(parser)

@@ -16,11 +16,11 @@ broadly.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(StrEnum):
     INVALID_ARGUMENT = "invalid_argument"
     BAD_FRAME = "bad_frame"
     NOT_FOUND = "not_found"

@@ -103,6 +103,8 @@ def decode_request(frames: list[bytes]) -> Request:
 
 def request_id_of(frames: list[bytes]) -> str:
     """Best-effort id of a malformed request, so the error reply can still be matched."""
+    if not frames or len(frames[-1]) > MAX_FRAME_BYTES:
+        return ""
     try:
         body = json.loads(frames[-1])
         rid = body.get("id") if isinstance(body, dict) else None

@@ -180,8 +180,10 @@ class PodMirror:
             snap = rpc.call("snapshot")
             new = {p["name"]: p for p in snap["pods"]}
             seq, epoch = int(snap["seq"]), str(snap["epoch"])
-        except RikletError as exc:  # Timeout while memory restarts, or a reply we cannot use
-            log.debug("snapshot failed", extra={"error": str(exc)})
+        except Timeout:
+            return False  # memory is down or restarting: the caller retries
+        except RikletError as exc:
+            log.warning("snapshot failed", extra={"error": str(exc)})
             return False
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("malformed snapshot", extra={"error": repr(exc)})

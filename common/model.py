@@ -226,16 +226,19 @@ def parse_workload(data: Mapping[str, Any], default_grace: float = 10.0) -> Work
     containers: list[dict[str, Any]] = []
     ports: list[dict[str, Any]] = []
     for i, raw in enumerate(raw_containers):
-        c, p = _container(raw, f"spec.containers[{i}]")
-        if any(prev["name"] == c["name"] for prev in containers):
-            raise InvalidArgument(f"duplicate container name {c['name']!r}", f"spec.containers[{i}].name")
-        containers.append(c)
-        ports.extend(p)
+        container, container_ports = _container(raw, f"spec.containers[{i}]")
+        if any(prev["name"] == container["name"] for prev in containers):
+            raise InvalidArgument(f"duplicate container name {container['name']!r}",
+                                  f"spec.containers[{i}].name")
+        containers.append(container)
+        ports.extend(container_ports)
     seen: set[tuple[str, int]] = set()
-    for i, p in enumerate(ports):
-        if p["port"] and (p["protocol"], p["port"]) in seen:
-            raise InvalidArgument(f"host port {p['port']}/{p['protocol']} given twice", f"ports[{i}].port")
-        seen.add((p["protocol"], p["port"]))
+    for port in ports:
+        key = (port["protocol"], port["port"])
+        if port["port"] and key in seen:
+            raise InvalidArgument(f"host port {port['port']}/{port['protocol']} given twice",
+                                  f"spec.containers.ports[{port['container']}].port")
+        seen.add(key)
     policy = spec.get("restartPolicy", "Always")
     if policy not in RESTART_POLICIES:
         raise InvalidArgument(f"expected one of {', '.join(RESTART_POLICIES)}", "spec.restartPolicy")

@@ -32,22 +32,19 @@ class RotatingWriter:
     def write(self, data: bytes) -> None:
         """Append data, rotating first whenever the file would pass max_size.
 
-        A rotation falls after the last newline that fits, when there is one, so that most lines
-        stay whole within one file.
+        A rotation falls after the last newline that fits, or before a line that does not fit,
+        so lines shorter than max_size stay whole within one file.
         """
         view = memoryview(data)
         start = 0
-        while start < len(data):
-            end = min(len(data), start + self.max_size - self._size)
-            if end < len(data):
-                newline = data.rfind(b"\n", start, end)
-                if newline >= 0:
-                    end = newline + 1
-            if end > start:
-                self._write_all(view[start:end])
-                start = end
-            if start < len(data):
-                self._rotate()
+        while len(data) - start > self.max_size - self._size:
+            end = data.rfind(b"\n", start, start + self.max_size - self._size) + 1
+            if end == 0 and self._size == 0:
+                end = start + self.max_size  # a line longer than a whole file: cut it
+            self._write_all(view[start:end])
+            start = max(start, end)
+            self._rotate()
+        self._write_all(view[start:])
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -114,13 +111,17 @@ def tail(path: str, n: int | None) -> bytes:
 
 
 def follow(path: str, stop: threading.Event, poll: float = 0.2) -> Iterator[bytes]:
-    """Yield data appended to path from now on, until stop is set, surviving rotation.
+    """Yield data appended to path after this call, until stop is set, surviving rotation.
 
-    When a new file appears under the name, the old one is drained first (the writer never
-    touches it again), then the new one is read from its start. Two rotations within one poll
-    interval lose the file in between.
+    The position is taken now, not at the first ``next()``: call follow before :func:`tail` and
+    nothing written in between is lost. When a new file appears under the name, the old one is
+    drained first (the writer never touches it again), then the new one is read from its start.
+    Two rotations within one poll interval lose the file in between.
     """
-    current = _open_at_end(path)
+    return _follow(path, _open_at_end(path), stop, poll)
+
+
+def _follow(path: str, current: BufferedReader | None, stop: threading.Event, poll: float) -> Iterator[bytes]:
     try:
         while not stop.is_set():
             data = current.read(_CHUNK) if current else b""

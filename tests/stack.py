@@ -190,7 +190,7 @@ def _glob_status(pods_dir: str) -> list[dict[str, Any]]:
     out = []
     with contextlib.suppress(FileNotFoundError):
         for name in os.listdir(pods_dir):
-            with contextlib.suppress(OSError, ValueError):
-                with open(os.path.join(pods_dir, name, "status.json"), encoding="utf-8") as fh:
-                    out.append(json.load(fh))
+            with contextlib.suppress(OSError, ValueError), \
+                    open(os.path.join(pods_dir, name, "status.json"), encoding="utf-8") as fh:
+                out.append(json.load(fh))
     return out

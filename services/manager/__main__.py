@@ -12,9 +12,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common import config
+from common import config, pb
 from common import log as logsetup
-from common import pb
 from common.memclient import MemoryClient, PodMirror
 from common.zmqutil import RequestClient, make_run_dir
 

@@ -6,6 +6,7 @@ gRPC status codes with the field at fault in the message (``field: message``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -216,8 +217,7 @@ class NodeService(pb_grpc.NodeServicer):
             kind = "status"
         with self._watch_lock:
             for q in self._watchers:
-                try:
+                # A stuck client loses events rather than the manager its memory.
+                with contextlib.suppress(queue.Full):
                     q.put_nowait((kind, record))
-                except queue.Full:  # a stuck client loses events rather than the manager memory
-                    pass
 

@@ -9,6 +9,7 @@ exiting, a shim dying).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -147,10 +148,8 @@ class Reconciler:
             return
         if desired == "deleted":
             runtime.cleanup(record)
-            try:
+            with contextlib.suppress(NotFound):
                 self.memory.remove(record["name"], record["uid"])
-            except NotFound:
-                pass
             log.info("pod deleted", extra={"pod": record["name"]})
             return
         if obs is not None and not obs.stopped:

@@ -7,13 +7,13 @@ with reason and exit code), Terminating, Terminated.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from services.manager.runtime import Observed
 
 
-class Phase(str, Enum):
+class Phase(StrEnum):
     PENDING = "Pending"
     CREATING = "Creating"
     RUNNING = "Running"

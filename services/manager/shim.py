@@ -1,0 +1,535 @@
+"""riklet-shim: the per-pod process that holds one pod's containers and outlives the manager.
+
+The manager writes ``POD_DIR/spec.json`` and calls :func:`spawn`; the shim reports through
+``POD_DIR/status.json`` (formats in :mod:`services.manager.shimctl`) and stops the pod on
+SIGTERM. Files and signals are the whole protocol, so either side can restart without the other.
+
+The shim is a child subreaper: every process of the pod stays its descendant and is reaped by
+it, which is how it knows when the pod is really gone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import selectors
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from common import log
+from common.cgroups import Cgroup, Layout, detect
+from common.errors import RikletError, Unavailable
+from common.rotlog import RotatingWriter
+from services.manager import shimctl
+from services.manager.shimctl import ContainerSpec, PodSpec, Reason, Termination, pid_alive, read_status, stop
+
+__all__ = ["SPAWN_DEADLINE", "Shim", "main", "pid_alive", "read_status", "spawn", "stop"]
+
+_LOG = logging.getLogger("riklet.shim")
+_PR_SET_CHILD_SUBREAPER = 36
+_READ_CHUNK = 64 * 1024
+_READS_PER_TURN = 16  # bounded so that one chatty container cannot starve the others
+_PIPE_SIZE = 1 << 20  # a burst of output fits in the pipe while the shim is busy elsewhere
+_KILL_SWEEP = 0.5  # once the grace period is over, how often leftovers get SIGKILL again
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SPAWN_DEADLINE = 5.0
+
+
+def spawn(pod_dir: str, python: str = sys.executable) -> int:
+    """Start the shim for POD_DIR, detached (an orphan in its own session); its pid."""
+    shimctl.load_spec(pod_dir)  # a bad spec fails here, in the caller, not in a detached process
+    argv = [python, "-m", "services.manager.shim", pod_dir]
+    null = os.open(os.devnull, os.O_RDWR)
+    err = os.open(os.path.join(pod_dir, shimctl.SHIM_LOG), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    report_r, report_w = os.pipe()
+    try:
+        middle = os.fork()
+        if middle == 0:
+            _detach(argv, null, err, report_w)
+        os.close(report_w)
+        os.waitpid(middle, 0)
+        pid = int(os.read(report_r, 32) or b"0")
+    finally:
+        for fd in (null, err, report_r):
+            os.close(fd)
+    if not pid:
+        raise Unavailable("could not fork the shim", "shim")
+    _await_status(pod_dir, pid)
+    return pid
+
+
+def _detach(argv: list[str], null: int, err: int, report: int) -> NoReturn:
+    """In the forked child: a new session, a grandchild that execs the shim, and exit at once."""
+    try:
+        os.setsid()
+        pid = os.fork()
+        if pid:
+            os.write(report, str(pid).encode())
+            os._exit(0)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.dup2(err, 2)
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # no manager socket may live on in the shim
+        os.execv(argv[0], argv)
+    finally:
+        os._exit(127)
+
+
+def _await_status(pod_dir: str, pid: int) -> None:
+    deadline = time.monotonic() + SPAWN_DEADLINE
+    while time.monotonic() < deadline:
+        status = shimctl.read_status(pod_dir)
+        if status is not None and status["shim_pid"] == pid:
+            return
+        fields = shimctl.proc_stat(pid)
+        if fields is None or fields[0] == "Z":
+            raise Unavailable(f"shim exited at start: {_last_line(pod_dir)}", "shim")
+        time.sleep(0.01)  # a detached process offers nothing to wait on
+    os.kill(pid, signal.SIGTERM)  # a shim the caller believes failed must not hold a pod
+    raise Unavailable(f"shim {pid} wrote no status within {SPAWN_DEADLINE:g} s", "shim")
+
+
+def _last_line(pod_dir: str) -> str:
+    try:
+        with open(os.path.join(pod_dir, shimctl.SHIM_LOG), "rb") as f:
+            lines = f.read()[-4096:].decode(errors="replace").strip().splitlines()
+    except OSError:
+        return "no shim.log"
+    return lines[-1] if lines else "shim.log is empty"
+
+
+@dataclass
+class _Container:
+    """One container's observed state across its runs."""
+
+    spec: ContainerSpec
+    cgroup: Cgroup | None
+    writer: RotatingWriter
+    state: str = "waiting"
+    pid: int | None = None
+    pid_start: int | None = None
+    starts: int = 0
+    started_at: float | None = None
+    started_mono: float = 0.0
+    end: Termination | None = None  # the current termination, or the reason for waiting
+    last: Termination | None = None  # the most recent termination, kept across restarts
+    finished_at: float | None = None
+    delay: float | None = None  # the back-off delay used last
+    restart_due: float | None = None  # monotonic
+    next_restart_at: float | None = None  # wall clock, for the status
+    oom_before: int = 0
+    start_error: Termination | None = None
+    last_started: float | None = None
+    out: int | None = None  # read end of the current run's output pipe
+    log_broken: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        end = self.end
+        return {
+            "name": self.spec.name,
+            "state": self.state,
+            "pid": self.pid,
+            "pid_start": self.pid_start,
+            "restartCount": max(0, self.starts - 1),
+            "exitCode": end.exit_code if end else None,
+            "signal": end.signal if end else None,
+            "reason": end.reason.value if end else None,
+            "message": end.message if end else None,
+            "startedAt": self.started_at,
+            "finishedAt": self.finished_at if self.state == "terminated" else None,
+            "nextRestartAt": self.next_restart_at,
+            "cgroup": self.cgroup.relpath if self.cgroup else None,
+            "lastTermination": self._last_json(),
+        }
+
+    def _last_json(self) -> dict[str, Any] | None:
+        if self.last is None:
+            return None
+        return {**self.last.to_json(self.finished_at or 0.0), "startedAt": self.last_started}
+
+
+class Shim:
+    def __init__(self, pod_dir: str, spec: PodSpec, layout: Layout) -> None:
+        self.pod_dir = pod_dir
+        self.spec = spec
+        self.layout = layout
+        self.state = "running"
+        self.start_time = shimctl.proc_start_time(os.getpid())
+        os.makedirs(spec.log.dir, exist_ok=True)
+        self.containers = [self._container(c) for c in spec.containers]
+        self.by_pid: dict[int, _Container] = {}
+        self.sel = selectors.DefaultSelector()
+        self.signals: set[int] = set()
+        self.kill_at: float | None = None
+        self.children = False  # whether a child may still be left to reap
+
+    def run(self) -> int:
+        self._install_signals()
+        self._write_status()
+        for c in self.containers:
+            self._start(c)
+        while self.state == "running" or self.children:
+            self._turn()
+        self._finish()
+        return 0
+
+    def _container(self, spec: ContainerSpec) -> _Container:
+        path = os.path.join(self.spec.log.dir, f"{spec.name}.log")
+        writer = RotatingWriter(path, self.spec.log.max_size, self.spec.log.max_files)
+        relpath = f"{self.spec.cgroup_parent}/{spec.name}"
+        return _Container(spec, Cgroup(relpath, self.layout) if self.layout.available else None, writer)
+
+    def _install_signals(self) -> None:
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        self.sel.register(wake_r, selectors.EVENT_READ, None)
+        watched = (*_STOP_SIGNALS, signal.SIGCHLD)
+        for sig in watched:
+            signal.signal(sig, lambda signum, _frame: self.signals.add(signum))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)  # the spawner may have blocked them
+
+    def _turn(self) -> None:
+        for key, _events in self.sel.select(self._timeout()):
+            if key.data is None:
+                _drain_nonblocking(key.fd)
+            else:
+                self._pump(key.fd, key.data)
+        if self.state == "running" and self.signals & set(_STOP_SIGNALS):
+            self._begin_stop()
+        self.signals.clear()
+        self._reap()
+        now = time.monotonic()
+        for c in self.containers:
+            if c.restart_due is not None and c.restart_due <= now:
+                self._start(c)
+        if self.kill_at is not None and self.kill_at <= now:
+            self.kill_at = now + _KILL_SWEEP
+            self._kill_everything()
+
+    def _timeout(self) -> float | None:
+        dues = [c.restart_due for c in self.containers if c.restart_due is not None]
+        if self.kill_at is not None:
+            dues.append(self.kill_at)
+        return max(0.0, min(dues) - time.monotonic()) if dues else None
+
+    def _start(self, c: _Container) -> None:
+        c.restart_due = c.next_restart_at = None
+        try:
+            self._prepare_cgroup(c)
+        except RikletError as exc:
+            self._ended(c, Termination(None, None, Reason.CGROUPS_UNAVAILABLE, str(exc)))
+            return
+        self.children = True
+        c.starts += 1
+        c.started_mono, c.started_at = time.monotonic(), None
+        try:
+            pid, out, c.start_error = _launch(c.spec, c.cgroup)
+        except (OSError, RikletError) as exc:
+            self._ended(c, Termination(128, None, Reason.START_ERROR, str(exc)))
+            return
+        self.sel.register(out, selectors.EVENT_READ, c)
+        self.by_pid[pid] = c
+        c.pid, c.pid_start, c.out = pid, shimctl.proc_start_time(pid), out
+        if c.start_error is None:
+            c.state, c.end, c.started_at = "running", None, time.time()
+            self._write_status()
+
+    def _prepare_cgroup(self, c: _Container) -> None:
+        if c.cgroup is None:
+            if c.spec.cpu_millis is not None or c.spec.memory_bytes is not None:
+                raise Unavailable("no writable cgroup hierarchy for the limits asked", "cgroup")
+            return
+        c.cgroup.create()
+        c.cgroup.set_limits(c.spec.cpu_millis, c.spec.memory_bytes)
+        c.oom_before = c.cgroup.usage().oom_kills
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children = False
+                return
+            if pid == 0:
+                return
+            c = self.by_pid.pop(pid, None)
+            if c is not None:
+                self._exited(c, pid, status)
+
+    def _exited(self, c: _Container, pid: int, status: int) -> None:
+        oom = False
+        if c.cgroup is not None:
+            with _logged("reading oom_kill"):
+                oom = c.cgroup.usage().oom_kills > c.oom_before
+        end = c.start_error or shimctl.classify(status, oom)
+        if c.out is not None and c.out in self.sel.get_map():
+            # what the process wrote before it died is in the pipe (at most _PIPE_SIZE, one
+            # pump's worth): log it before reporting the exit
+            self._pump(c.out, c)
+        # the container is over with its main process, as in a pid namespace: no leftovers
+        _kill_group(pid, signal.SIGKILL)
+        if c.cgroup is not None:
+            with _logged("killing leftovers"):
+                c.cgroup.kill_all(signal.SIGKILL)
+        self._ended(c, end)
+
+    def _ended(self, c: _Container, end: Termination) -> None:
+        c.state, c.end, c.last, c.pid, c.pid_start = "terminated", end, end, None, None
+        c.last_started = c.started_at
+        c.finished_at = time.time()
+        if self.state == "running" and shimctl.should_restart(c.spec.restart_policy, end):
+            ran_for = time.monotonic() - c.started_mono
+            c.delay = shimctl.next_delay(c.delay, ran_for, self.spec.backoff)
+            c.restart_due = time.monotonic() + c.delay
+            c.next_restart_at = c.finished_at + c.delay
+            c.state = "waiting"
+            c.end = Termination(None, None, Reason.BACK_OFF, f"restarting in {c.delay:g}s")
+        self._write_status()
+
+    def _begin_stop(self) -> None:
+        _LOG.info("stopping pod", extra={"pod": self.spec.pod, "grace": self.spec.grace_period})
+        self.state = "stopping"
+        for c in self.containers:
+            c.restart_due = c.next_restart_at = None
+            if c.pid is not None:
+                _kill_group(c.pid, signal.SIGTERM)
+            elif c.state == "waiting":
+                c.state, c.end = "terminated", c.last
+        self.kill_at = time.monotonic() + self.spec.grace_period
+        self._write_status()
+
+    def _kill_everything(self) -> None:
+        for c in self.containers:
+            if c.pid is not None:
+                _kill_group(c.pid, signal.SIGKILL)
+            if c.cgroup is not None:
+                with _logged("killing the cgroup"):
+                    c.cgroup.kill_all(signal.SIGKILL)
+        # without cgroups, a process that left its group is still the shim's descendant
+        for pid in _descendants(os.getpid()):
+            _kill_pid(pid)
+
+    def _pump(self, fd: int, c: _Container) -> bool:
+        """Copy output to the log; False once the pipe is at EOF (and closed) or empty for now."""
+        for _ in range(_READS_PER_TURN):
+            try:
+                data = os.read(fd, _READ_CHUNK)
+            except BlockingIOError:
+                return False
+            if not data:
+                self.sel.unregister(fd)
+                os.close(fd)
+                return False
+            try:
+                c.writer.write(data)
+            except Unavailable as exc:
+                if not c.log_broken:  # once: a full disk would otherwise flood shim.log
+                    _LOG.error("container log lost", extra={"container": c.spec.name, "error": str(exc)})
+                c.log_broken = True
+        return True
+
+    def _drain_log(self, fd: int, c: _Container) -> None:
+        while self._pump(fd, c):
+            pass
+        if fd in self.sel.get_map():  # a writer outside the pod still holds the pipe: give up on it
+            self.sel.unregister(fd)
+            os.close(fd)
+
+    def _finish(self) -> None:
+        for key in list(self.sel.get_map().values()):
+            if key.data is not None:
+                self._drain_log(key.fd, key.data)
+        for c in self.containers:
+            c.writer.close()
+        self._remove_cgroups()
+        self.state = "exited"
+        self._write_status()
+        _LOG.info("pod stopped", extra={"pod": self.spec.pod})
+
+    def _remove_cgroups(self) -> None:
+        if not self.layout.available:
+            return
+        with _logged("removing cgroups"):
+            for c in self.containers:
+                if c.cgroup is not None:
+                    c.cgroup.remove()
+            Cgroup(self.spec.cgroup_parent, self.layout).remove()
+
+    def _write_status(self) -> None:
+        status = {
+            "shim_pid": os.getpid(),
+            "shim_start": self.start_time,
+            "pod": self.spec.pod,
+            "uid": self.spec.uid,
+            "state": self.state,
+            "updated_at": time.time(),
+            "containers": [c.to_json() for c in self.containers],
+        }
+        try:
+            shimctl.write_json(os.path.join(self.pod_dir, shimctl.STATUS_FILE), status)
+        except OSError as exc:
+            _LOG.error("cannot write status", extra={"error": str(exc)})
+
+
+def _launch(spec: ContainerSpec, cgroup: Cgroup | None) -> tuple[int, int, Termination | None]:
+    """Fork the workload into its own process group and cgroup, then exec it.
+
+    The child waits on a pipe until the parent has placed it in the cgroup, so none of the
+    workload runs outside its limits. Returns the pid, the read end of its output pipe, and the
+    reason exec did not happen, if it did not.
+    """
+    env = dict(spec.env)
+    env.setdefault("PATH", os.environ.get("PATH", os.defpath))
+    out_r, out_w = os.pipe()
+    go_r, go_w = os.pipe()
+    err_r, err_w = os.pipe()
+    with suppress(OSError):  # a bigger pipe only absorbs bursts; the default still works
+        fcntl.fcntl(out_w, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _exec_child(spec, env, out_w, go_r, err_w)
+    except OSError:
+        for fd in (out_r, go_w, err_r):
+            os.close(fd)
+        raise
+    finally:
+        for fd in (out_w, go_r, err_w):
+            os.close(fd)
+    try:
+        try:
+            os.setpgid(pid, pid)  # the child does it too; whoever runs first, the group exists now
+            if cgroup is not None:
+                cgroup.add(pid)
+            os.write(go_w, b"g")
+        finally:
+            os.close(go_w)  # without the go byte, the child exits at once
+        report = _read_all(err_r)  # EOF without a word: exec closed the pipe
+    except BaseException:
+        os.close(out_r)
+        raise
+    finally:
+        os.close(err_r)
+    os.set_blocking(out_r, False)
+    if not report:
+        return pid, out_r, None
+    code, _, message = report.decode(errors="replace").partition(" ")
+    return pid, out_r, Termination(int(code), None, Reason.START_ERROR, message)
+
+
+def _exec_child(spec: ContainerSpec, env: dict[str, str], out: int, go: int, err: int) -> NoReturn:
+    stage = spec.command[0]
+    try:
+        if os.read(go, 1) != b"g":
+            os._exit(1)  # the parent gave up on this start
+        os.setpgid(0, 0)
+        signal.set_wakeup_fd(-1)
+        for sig in (*_STOP_SIGNALS, signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)  # ignored signals would stay ignored across exec
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        if spec.working_dir:
+            stage = f"working_dir {spec.working_dir}"
+            os.chdir(spec.working_dir)
+            stage = spec.command[0]
+        os.execvpe(spec.command[0], list(spec.command), env)
+    except OSError as exc:
+        code = 127 if exc.errno == errno.ENOENT else 126
+        os.write(err, f"{code} {stage}: {exc.strerror}".encode())
+        os._exit(code)
+    finally:
+        os._exit(1)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 4096):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _drain_nonblocking(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        return
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return  # the group is already empty
+
+
+def _kill_pid(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        fields = shimctl.proc_stat(int(name)) if name.isdigit() else None
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@contextmanager
+def _logged(what: str) -> Iterator[None]:
+    """Log and swallow a riklet error in a best-effort step: the shim must go on."""
+    try:
+        yield
+    except RikletError as exc:
+        _LOG.warning(what + " failed", extra={"error": str(exc)})
+
+
+def _become_subreaper() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise Unavailable(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}", "shim")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: riklet-shim POD_DIR", file=sys.stderr)
+        return 2
+    pod_dir = os.path.abspath(args[0])
+    log.setup("riklet-shim")
+    try:
+        spec = shimctl.load_spec(pod_dir)
+    except RikletError as exc:
+        print(f"riklet-shim: bad spec in {pod_dir}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        _become_subreaper()
+        return Shim(pod_dir, spec, detect()).run()
+    except RikletError as exc:
+        _LOG.error("shim failed", extra={"error": str(exc)})
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

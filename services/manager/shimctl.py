@@ -1,0 +1,334 @@
+"""The manager's side of the shim protocol: the spec it writes, the status it reads, stopping.
+
+``POD_DIR/spec.json`` is defined here (:class:`PodSpec`, :func:`parse_spec`); the shim rewrites
+``POD_DIR/status.json`` atomically on every change, and :func:`read_status` reads it. A pid alone
+names nothing once the process is gone, so liveness always pairs it with its start time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import selectors
+import signal
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from common.errors import InvalidArgument, NotFound
+
+SPEC_FILE = "spec.json"
+STATUS_FILE = "status.json"
+SHIM_LOG = "shim.log"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_MISSING = object()
+
+
+class RestartPolicy(StrEnum):
+    ALWAYS = "Always"
+    ON_FAILURE = "OnFailure"
+    NEVER = "Never"
+
+
+@dataclass(frozen=True)
+class LogSpec:
+    dir: str
+    max_size: int = 10 * 1024 * 1024
+    max_files: int = 3
+
+
+@dataclass(frozen=True)
+class BackoffSpec:
+    initial: float = 1.0
+    max: float = 300.0
+    reset: float = 600.0  # a run longer than this puts the delay back to initial
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    name: str
+    command: tuple[str, ...]
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    working_dir: str | None = None
+    cpu_millis: int | None = None
+    memory_bytes: int | None = None
+    restart_policy: RestartPolicy = RestartPolicy.ALWAYS
+
+
+@dataclass(frozen=True)
+class PodSpec:
+    pod: str
+    uid: str
+    cgroup_parent: str
+    log: LogSpec
+    containers: tuple[ContainerSpec, ...]
+    grace_period: float = 30.0
+    backoff: BackoffSpec = BackoffSpec()
+
+
+class Reason(StrEnum):
+    """Why a container is terminated or waiting, as status.json reports it."""
+
+    COMPLETED = "Completed"
+    ERROR = "Error"
+    SIGNALED = "Signaled"
+    OOM_KILLED = "OOMKilled"
+    START_ERROR = "StartError"
+    CGROUPS_UNAVAILABLE = "CgroupsUnavailable"
+    BACK_OFF = "CrashLoopBackOff"
+
+
+@dataclass(frozen=True)
+class Termination:
+    exit_code: int | None
+    signal: str | None
+    reason: Reason
+    message: str | None
+
+    def to_json(self, finished_at: float) -> dict[str, Any]:
+        return {
+            "exitCode": self.exit_code,
+            "signal": self.signal,
+            "reason": self.reason.value,
+            "message": self.message,
+            "finishedAt": finished_at,
+        }
+
+
+def classify(wait_status: int, oom_killed: bool) -> Termination:
+    """How a container ended, from its waitpid status and whether its cgroup saw an OOM kill."""
+    if not os.WIFSIGNALED(wait_status):
+        code = os.waitstatus_to_exitcode(wait_status)
+        return Termination(code, None, Reason.COMPLETED if code == 0 else Reason.ERROR, None)
+    number = os.WTERMSIG(wait_status)
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = f"SIG{number}"
+    if number == signal.SIGKILL and oom_killed:
+        return Termination(128 + number, name, Reason.OOM_KILLED, "killed for exceeding its memory limit")
+    return Termination(128 + number, name, Reason.SIGNALED, f"killed by {name}")
+
+
+def should_restart(policy: RestartPolicy, end: Termination) -> bool:
+    if end.reason == Reason.CGROUPS_UNAVAILABLE:
+        return False  # a retry would meet the same machine
+    if policy == RestartPolicy.ON_FAILURE:
+        return end.exit_code != 0
+    return policy == RestartPolicy.ALWAYS
+
+
+def next_delay(previous: float | None, ran_for: float, backoff: BackoffSpec) -> float:
+    """Back-off before the next restart: doubling per consecutive restart, reset by a long run."""
+    if previous is None or ran_for >= backoff.reset:
+        return backoff.initial
+    return min(previous * 2, backoff.max)
+
+
+def parse_spec(data: object) -> PodSpec:
+    """A validated PodSpec from decoded JSON; InvalidArgument names the field at fault."""
+    obj = _object(data, "", PodSpec)
+    containers = _get(obj, "containers", "", list)
+    if not containers:
+        raise InvalidArgument("at least one container is required", "containers")
+    parsed = tuple(_container(c, f"containers[{i}]") for i, c in enumerate(containers))
+    names = [c.name for c in parsed]
+    if len(set(names)) != len(names):
+        raise InvalidArgument("container names must be unique", "containers")
+    parent = _get(obj, "cgroup_parent", "", str)
+    if not all(_NAME.fullmatch(part) for part in parent.split("/")):
+        raise InvalidArgument(f"not a relative cgroup path: {parent!r}", "cgroup_parent")
+    return PodSpec(
+        pod=_name(obj, "pod", ""),
+        uid=_get(obj, "uid", "", str),
+        cgroup_parent=parent,
+        log=_log(_get(obj, "log", "", dict)),
+        containers=parsed,
+        grace_period=_number(obj, "grace_period", "", 30.0),
+        backoff=_backoff(_get(obj, "backoff", "", dict, {})),
+    )
+
+
+def spec_to_json(spec: PodSpec) -> dict[str, Any]:
+    return dataclasses.asdict(spec)
+
+
+def load_spec(pod_dir: str) -> PodSpec:
+    path = os.path.join(pod_dir, SPEC_FILE)
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except FileNotFoundError as exc:
+        raise NotFound(f"{path} does not exist", "spec") from exc
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"{path}: {exc}", "spec") from exc
+    return parse_spec(data)
+
+
+def write_spec(pod_dir: str, spec: PodSpec) -> None:
+    write_json(os.path.join(pod_dir, SPEC_FILE), spec_to_json(spec))
+
+
+def write_json(path: str, data: object) -> None:
+    """Replace path atomically: readers see the old or the new file, never a partial one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, separators=(",", ":"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_status(pod_dir: str) -> dict[str, Any] | None:
+    """The shim's last status, or None when it is missing or unreadable."""
+    try:
+        with open(os.path.join(pod_dir, STATUS_FILE), "rb") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("shim_pid"), int):
+        return None
+    return data
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """Fields 3.. of /proc/PID/stat (state first), or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # the command name may hold spaces and parentheses; it ends at the last ')'
+    return raw[raw.rfind(b")") + 2 :].decode().split()
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat: start time in clock ticks since boot."""
+    fields = proc_stat(pid)
+    return int(fields[19]) if fields else None
+
+
+def pid_alive(pid: int, start: int) -> bool:
+    """Whether pid still names the process that started at start; zombies count as dead."""
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X", "x") and int(fields[19]) == start
+
+
+def stop(pod_dir: str, wait: float) -> bool:
+    """SIGTERM the pod's shim and wait up to `wait` seconds; whether it has exited."""
+    status = read_status(pod_dir)
+    if status is None:
+        return True
+    pid, start = status["shim_pid"], status.get("shim_start")
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        # checked after pidfd_open, so the pidfd is known to refer to the shim, not to a reuse
+        if not isinstance(start, int) or not pid_alive(pid, start):
+            return True
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        with selectors.DefaultSelector() as sel:
+            sel.register(pidfd, selectors.EVENT_READ)
+            return bool(sel.select(wait)) or not pid_alive(pid, start)
+    finally:
+        os.close(pidfd)
+
+
+def _container(data: object, where: str) -> ContainerSpec:
+    obj = _object(data, where, ContainerSpec)
+    command = _get(obj, "command", where, list)
+    if not command or not all(isinstance(a, str) for a in command) or not command[0]:
+        raise InvalidArgument("expected a non-empty list of strings", f"{where}.command")
+    env = _get(obj, "env", where, dict, {})
+    if not all(isinstance(k, str) and k and "=" not in k and isinstance(v, str) for k, v in env.items()):
+        raise InvalidArgument("expected an object of strings, names without '='", f"{where}.env")
+    policy = _get(obj, "restart_policy", where, str, RestartPolicy.ALWAYS.value)
+    if policy not in {p.value for p in RestartPolicy}:
+        choices = ", ".join(p.value for p in RestartPolicy)
+        raise InvalidArgument(f"unknown policy {policy!r} ({choices})", f"{where}.restart_policy")
+    return ContainerSpec(
+        name=_name(obj, "name", where),
+        command=tuple(command),
+        env=dict(env),
+        working_dir=_get(obj, "working_dir", where, (str, type(None)), None),
+        cpu_millis=_positive_int(obj, "cpu_millis", where, None),
+        memory_bytes=_positive_int(obj, "memory_bytes", where, None),
+        restart_policy=RestartPolicy(policy),
+    )
+
+
+def _log(obj: dict[str, Any]) -> LogSpec:
+    _object(obj, "log", LogSpec)
+    directory = _get(obj, "dir", "log", str)
+    if not os.path.isabs(directory):
+        raise InvalidArgument("must be an absolute path", "log.dir")
+    defaults = LogSpec(directory)
+    max_size = _positive_int(obj, "max_size", "log", None) or defaults.max_size
+    max_files = _positive_int(obj, "max_files", "log", None) or defaults.max_files
+    return LogSpec(directory, max_size, max_files)
+
+
+def _backoff(obj: dict[str, Any]) -> BackoffSpec:
+    _object(obj, "backoff", BackoffSpec)
+    defaults = BackoffSpec()
+    spec = BackoffSpec(
+        _number(obj, "initial", "backoff", defaults.initial),
+        _number(obj, "max", "backoff", defaults.max),
+        _number(obj, "reset", "backoff", defaults.reset),
+    )
+    if spec.initial <= 0 or spec.max < spec.initial:
+        raise InvalidArgument("need 0 < initial <= max", "backoff")
+    return spec
+
+
+def _object(data: object, where: str, cls: type) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise InvalidArgument("expected an object", where or "spec")
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise InvalidArgument(f"unknown key {unknown[0]!r}", where or "spec")
+    return data
+
+
+def _field(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _get(
+    obj: dict[str, Any], key: str, where: str, kind: type | tuple[type, ...], default: Any = _MISSING
+) -> Any:
+    field = _field(where, key)
+    if key not in obj:
+        if default is _MISSING:
+            raise InvalidArgument("is required", field)
+        return default
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise InvalidArgument(f"wrong type {type(value).__name__}", field)
+    return value
+
+
+def _name(obj: dict[str, Any], key: str, where: str) -> str:
+    value: str = _get(obj, key, where, str)
+    if not _NAME.fullmatch(value):
+        raise InvalidArgument(f"{value!r} is not a name (letters, digits, '-', '_', '.')", _field(where, key))
+    return value
+
+
+def _number(obj: dict[str, Any], key: str, where: str, default: float) -> float:
+    value = float(_get(obj, key, where, (int, float), default))
+    if not 0 <= value < math.inf:
+        raise InvalidArgument("must be a finite number, not negative", _field(where, key))
+    return value
+
+
+def _positive_int(obj: dict[str, Any], key: str, where: str, default: int | None) -> int | None:
+    value: int | None = _get(obj, key, where, (int, type(None)), default)
+    if value is not None and value <= 0:
+        raise InvalidArgument("must be positive", _field(where, key))
+    return value
