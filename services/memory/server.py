@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import logging
 import os
 import socket
@@ -79,6 +81,13 @@ def check_args(op: str, args: dict[str, Any]) -> Op:
     return spec
 
 
+def request_key(req: ipc.Request) -> str:
+    """What makes a write a retry of an earlier one: the same id with the same op and args.
+    The digest keeps a client that reuses ids for different writes from being "deduplicated"."""
+    body = json.dumps([req.op, req.args], sort_keys=True, separators=(",", ":"), default=str)
+    return f"{req.id}/{hashlib.sha256(body.encode()).hexdigest()[:32]}"
+
+
 def _lock(path: str) -> int:
     """Hold an exclusive lock on ``path`` for the life of the process: a live twin is refused
     even when its socket is too busy to answer prepare_ipc_bind's probe in time."""
@@ -130,7 +139,7 @@ class MemoryServer:
 
     def handle(self, req: ipc.Request) -> Any:
         op = check_args(req.op, req.args)
-        out = op.run(self.store, req.args, req.id)
+        out = op.run(self.store, req.args, request_key(req))
         if not isinstance(out, Change):
             return out
         for ev in out.events:  # the transaction has committed: now the world may know

@@ -5,9 +5,10 @@ event sequence number (``meta.seq``), so the events a write returns carry exactl
 that a later snapshot reports. ``synchronous=FULL`` with WAL: once a write has returned, a
 ``kill -9`` (or a power cut) loses nothing.
 
-Writes may carry the IPC request id. It is remembered, in the same transaction, together with
-the result, so that a client retrying after a lost reply (memory restarted between commit and
-reply) gets the original answer instead of a spurious Conflict or NotFound.
+Writes may carry a request key (the server derives it from the IPC request id, op and args).
+It is remembered, in the same transaction, together with the result, so that a client retrying
+after a lost reply (memory restarted between commit and reply) gets the original answer instead
+of a spurious Conflict or NotFound.
 """
 
 from __future__ import annotations
