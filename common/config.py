@@ -189,6 +189,11 @@ def load(flags: argparse.Namespace | None = None, environ: Mapping[str, str] | N
         if s.key not in values:
             values[s.key] = s.parse(s.default(), s.key)
             sources[s.key] = "default"
+    # Unix socket paths are limited to 107 bytes; the longest one riklet makes is this one.
+    longest = os.path.join(values["paths.run_dir"], "memory-events.sock")
+    if len(longest.encode()) > 107:
+        raise InvalidArgument(f"too long for unix sockets ({len(longest)} > 107 bytes with "
+                              "'/memory-events.sock'): pick a shorter directory", "paths.run_dir")
     return Config(**{_BY_KEY[k].attr: v for k, v in values.items()}, sources=sources)
 
 

@@ -61,13 +61,15 @@ def _dumps(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), default=str).encode()
 
 
-def _loads(frame: bytes, name: str) -> dict[str, Any]:
-    if len(frame) > MAX_FRAME_BYTES:
-        raise BadFrame(f"frame larger than {MAX_FRAME_BYTES} bytes", name)
+def _loads(frame: bytes, name: str, limit: int | None = MAX_FRAME_BYTES) -> dict[str, Any]:
+    if limit is not None and len(frame) > limit:
+        raise BadFrame(f"frame larger than {limit} bytes", name)
     try:
         body = json.loads(frame)
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadFrame(f"not JSON: {exc}", name) from exc
+    except RecursionError as exc:
+        raise BadFrame("nested too deeply", name) from exc
     if not isinstance(body, dict):
         raise BadFrame("expected a JSON object", name)
     version = body.get("v")
@@ -109,7 +111,7 @@ def request_id_of(frames: list[bytes]) -> str:
         body = json.loads(frames[-1])
         rid = body.get("id") if isinstance(body, dict) else None
         return rid if isinstance(rid, str) and len(rid) <= 128 else ""
-    except (ValueError, UnicodeDecodeError, IndexError):
+    except (ValueError, UnicodeDecodeError, IndexError, RecursionError):
         return ""
 
 
@@ -123,8 +125,9 @@ def encode_reply(rep: Reply) -> list[bytes]:
 
 
 def decode_reply(frames: list[bytes]) -> Reply:
+    # Replies come from our own servers and may be large (a snapshot): no size cap.
     _check_magic(frames)
-    body = _loads(frames[1], "body")
+    body = _loads(frames[1], "body", limit=None)
     rid, is_ok = body.get("id"), body.get("ok")
     if not isinstance(rid, str):
         raise BadFrame("must be a string", "body.id")
@@ -147,7 +150,7 @@ def decode_event(frames: list[bytes]) -> Event:
         topic = frames[0].decode()
     except UnicodeDecodeError as exc:
         raise BadFrame("topic is not UTF-8", "frames[0]") from exc
-    body = _loads(frames[1], "body")
+    body = _loads(frames[1], "body", limit=None)
     seq, data = body.get("seq"), body.get("data")
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
         raise BadFrame("must be a non-negative integer", "body.seq")

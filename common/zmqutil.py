@@ -68,7 +68,11 @@ class RequestClient:
                 while (left := deadline - time.monotonic()) > 0:
                     if not sock.poll(int(left * 1000) + 1, zmq.POLLIN):
                         break
-                    rep = ipc.decode_reply(sock.recv_multipart())
+                    try:
+                        rep = ipc.decode_reply(sock.recv_multipart())
+                    except BadFrame:
+                        log.warning("undecodable reply ignored", extra={"endpoint": self.endpoint})
+                        continue
                     if rep.id == req.id:
                         return rep.raise_for_error()
                 self._reset()
