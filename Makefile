@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-riklet
 
-.PHONY: run test install proto lint unit clean
+.PHONY: run test install proto lint clean
 
 run: install
 	$(BIN)/riklet run
@@ -35,3 +35,7 @@ lint: install
 
 clean:
 	rm -rf $(VENV) common/pb/*_pb2*.py* .mypy_cache .ruff_cache .pytest_cache
+
+.PHONY: bench-spine
+bench-spine: install
+	$(BIN)/python -m bench.spine --pods 100

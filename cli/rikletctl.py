@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--grace", type=float, help="seconds between SIGTERM and SIGKILL on stop")
     sp.add_argument("--workdir", help="working directory (absolute)")
     sp.add_argument("--container", help="container name (default: NAME)")
-    sp.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    sp.set_defaults(command=[])  # what follows "--" (split off before parsing)
     sp = add("get", Ctl.get, "show pods", output=True)
     sp.add_argument("what", choices=["pods", "pod", "po"])
     sp.add_argument("name", nargs="?")
@@ -244,13 +244,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if "--" in argv:  # everything after "--" is the workload's argv, flags included
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    if args.cmd == "run":
+        args.command = command
+    elif command:
+        parser.error("'--' only goes with run")
     if args.cmd in ("delete", "rm") and args.names and args.names[0] in ("pod", "pods", "po"):
         args.names = args.names[1:]
         if not args.names:
             parser.error("delete: give a pod name")
-    if getattr(args, "command", None) and args.command[:1] == ["--"]:
-        args.command = args.command[1:]
     if args.cmd == "get" and args.what == "pod" and not args.name:
         parser.error("get pod: give a pod name")
     ctl = Ctl(args.endpoint, getattr(args, "output", "table") == "json")

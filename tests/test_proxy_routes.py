@@ -45,7 +45,8 @@ def test_only_pods_running_and_desired_running_contribute(phase: str, desired: s
 def test_sctp_is_skipped_and_logged_once(caplog: pytest.LogCaptureFixture,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(routes_mod, "_sctp_warned", False)
-    pods = [pod("a", ep(9000, 9000, protocol="SCTP"), ep(8080, 80)), pod("b", ep(9001, 9001, protocol="sctp"))]
+    pods = [pod("a", ep(9000, 9000, protocol="SCTP"), ep(8080, 80)),
+            pod("b", ep(9001, 9001, protocol="sctp"))]
     with caplog.at_level(logging.WARNING):
         table = routes_from_pods(pods)
         routes_from_pods(pods)

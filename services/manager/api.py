@@ -157,14 +157,14 @@ class NodeService(pb_grpc.NodeServicer):
 
     def Logs(self, request: pb.LogsRequest, context: grpc.ServicerContext) -> Iterator[pb.LogChunk]:
         path = self._call(context, lambda: self._log_file(request.name, request.container))
+        stop = threading.Event()
+        context.add_callback(stop.set)
+        # follow() takes its position when called: before tail(), so nothing falls between.
+        new = rotlog.follow(path, stop) if request.follow else iter(())
         data = rotlog.tail(path, request.tail if request.tail > 0 else None)
         for i in range(0, len(data), 64 * 1024):
             yield pb.LogChunk(data=data[i:i + 64 * 1024])
-        if not request.follow:
-            return
-        stop = threading.Event()
-        context.add_callback(stop.set)
-        for chunk in rotlog.follow(path, stop):
+        for chunk in new:
             yield pb.LogChunk(data=chunk)
 
     def _log_file(self, name: str, container: str) -> str:

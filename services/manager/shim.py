@@ -119,7 +119,7 @@ class _Container:
     starts: int = 0
     started_at: float | None = None
     started_mono: float = 0.0
-    end: Termination | None = None  # the current termination, or the reason for waiting
+    end: Termination | None = None  # how the last run ended, until the next one starts
     last: Termination | None = None  # the most recent termination, kept across restarts
     finished_at: float | None = None
     delay: float | None = None  # the back-off delay used last
@@ -144,7 +144,7 @@ class _Container:
             "reason": end.reason.value if end else None,
             "message": end.message if end else None,
             "startedAt": self.started_at,
-            "finishedAt": self.finished_at if self.state == "terminated" else None,
+            "finishedAt": self.finished_at if end else None,
             "nextRestartAt": self.next_restart_at,
             "cgroup": self.cgroup.relpath if self.cgroup else None,
             "lastTermination": self._last_json(),
@@ -292,8 +292,7 @@ class Shim:
             c.delay = shimctl.next_delay(c.delay, ran_for, self.spec.backoff)
             c.restart_due = time.monotonic() + c.delay
             c.next_restart_at = c.finished_at + c.delay
-            c.state = "waiting"
-            c.end = Termination(None, None, Reason.BACK_OFF, f"restarting in {c.delay:g}s")
+            c.state = "waiting"  # end stays: a back-off shows why it is waiting
         self._write_status()
 
     def _begin_stop(self) -> None:
@@ -303,8 +302,8 @@ class Shim:
             c.restart_due = c.next_restart_at = None
             if c.pid is not None:
                 _kill_group(c.pid, signal.SIGTERM)
-            elif c.state == "waiting":
-                c.state, c.end = "terminated", c.last
+            elif c.state == "waiting" and c.end is not None:
+                c.state = "terminated"
         self.kill_at = time.monotonic() + self.spec.grace_period
         self._write_status()
 
@@ -329,6 +328,8 @@ class Shim:
             if not data:
                 self.sel.unregister(fd)
                 os.close(fd)
+                if c.out == fd:
+                    c.out = None  # the number may soon name another pipe
                 return False
             try:
                 c.writer.write(data)
@@ -344,6 +345,7 @@ class Shim:
         if fd in self.sel.get_map():  # a writer outside the pod still holds the pipe: give up on it
             self.sel.unregister(fd)
             os.close(fd)
+            c.out = None if c.out == fd else c.out
 
     def _finish(self) -> None:
         for key in list(self.sel.get_map().values()):

@@ -70,7 +70,7 @@ class PodSpec:
 
 
 class Reason(StrEnum):
-    """Why a container is terminated or waiting, as status.json reports it."""
+    """Why a container's run ended, as status.json reports it."""
 
     COMPLETED = "Completed"
     ERROR = "Error"
@@ -78,7 +78,6 @@ class Reason(StrEnum):
     OOM_KILLED = "OOMKilled"
     START_ERROR = "StartError"
     CGROUPS_UNAVAILABLE = "CgroupsUnavailable"
-    BACK_OFF = "CrashLoopBackOff"
 
 
 @dataclass(frozen=True)
@@ -153,7 +152,9 @@ def parse_spec(data: object) -> PodSpec:
 
 
 def spec_to_json(spec: PodSpec) -> dict[str, Any]:
-    return dataclasses.asdict(spec)
+    """The spec as plain JSON types (lists, strings), as spec.json holds it."""
+    data: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(spec)))
+    return data
 
 
 def load_spec(pod_dir: str) -> PodSpec:

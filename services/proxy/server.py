@@ -54,6 +54,9 @@ class ProxyServer:
     def listening(self) -> set[RouteKey]:
         return set(self._listeners)
 
+    def listener(self, key: RouteKey) -> Listener | None:
+        return self._listeners.get(key)
+
     def failed(self) -> set[RouteKey]:
         return set(self._failed)
 

@@ -36,8 +36,8 @@ class _Upstream(asyncio.Protocol):
         self.client = client
         self.transport: asyncio.Transport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+    # Narrowed by annotation only: uvloop's transports do not subclass asyncio.Transport.
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         transport.set_write_buffer_limits(HIGH_WATER)
         self.transport = transport
         # Attach here rather than when create_connection returns: the upstream may already
@@ -83,8 +83,7 @@ class ClientConnection(asyncio.Protocol):
 
     # --- client side -----------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
         transport.set_write_buffer_limits(HIGH_WATER)
         transport.pause_reading()
