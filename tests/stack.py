@@ -141,6 +141,14 @@ class Agent:
         self.channel.close()
         shutil.rmtree(self.base, ignore_errors=True)
 
+    def dump_logs(self, lines: int = 60) -> None:
+        """Print the tail of every service log (on failure, for the test report)."""
+        logdir = os.path.join(self.state_dir, "log")
+        for name in sorted(os.listdir(logdir)) if os.path.isdir(logdir) else []:
+            with open(os.path.join(logdir, name), encoding="utf-8", errors="replace") as fh:
+                tail = fh.readlines()[-lines:]
+            print(f"----- {name} -----\n{''.join(tail)}")
+
     def kill_leftovers(self) -> None:
         pods = os.path.join(self.state_dir, "pods")
         for status in _glob_status(pods):

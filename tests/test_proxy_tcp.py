@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import socket
 import threading
@@ -371,14 +372,16 @@ def test_removing_a_route_closes_the_listener_but_not_open_connections(proxy: Pr
 
 
 def test_a_port_in_use_is_reported_and_retried_without_harming_other_routes(
-        proxy: Proxy, backends: Any) -> None:
+        proxy: Proxy, backends: Any, caplog: pytest.LogCaptureFixture) -> None:
     a = backends(named(b"a"))
     squatter = socket.create_server(("127.0.0.1", 0))
     taken, other = squatter.getsockname()[1], free_port()
     routes: Routes = {("TCP", taken): (Endpoint("127.0.0.1", a.port),),
                       ("TCP", other): (Endpoint("127.0.0.1", a.port),)}
-    proxy.apply(routes)
+    with caplog.at_level(logging.WARNING, logger="services.proxy"):
+        proxy.apply(routes)
     assert proxy.server.failed() == {("TCP", taken)}
+    assert [r.__dict__.get("port") for r in caplog.records if r.getMessage() == "cannot listen"] == [taken]
     assert first_bytes(other) == b"a"
     squatter.close()
     wait_for(lambda: ("TCP", taken) in proxy.lt.call(proxy.server.listening), what="retry to bind")

@@ -198,9 +198,11 @@ def test_the_flow_table_of_a_listener_stays_within_its_bound() -> None:
     try:
         port = free_udp_port()
         proxy.route(port, up.port)
-        for i in range(300):
-            with client(port) as sock:
-                assert ask(sock, b"%d" % i) == b"%d" % i
+        socks = [client(port) for _ in range(300)]   # all open at once: 300 distinct sources
+        for i, sock in enumerate(socks):
+            assert ask(sock, b"%d" % i) == b"%d" % i
+        for sock in socks:
+            sock.close()
         assert proxy.flows(port) == 64
         stats = proxy.server.stats
         assert (stats.udp_flows_total, stats.udp_flows_evicted, stats.udp_flows_active) == (300, 236, 64)

@@ -17,6 +17,7 @@ import logging
 import os
 import selectors
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -44,43 +45,41 @@ SPAWN_DEADLINE = 5.0
 
 
 def spawn(pod_dir: str, python: str = sys.executable) -> int:
-    """Start the shim for POD_DIR, detached (an orphan in its own session); its pid."""
+    """Start the shim for POD_DIR, detached (an orphan in its own session); its pid.
+
+    The caller may be a threaded gRPC server, where forking and then running Python is unsafe:
+    subprocess forks and execs at once, and the fresh interpreter does the detaching fork itself
+    (``--detach``), reporting the shim's pid on stdout before its parent exits.
+    """
     shimctl.load_spec(pod_dir)  # a bad spec fails here, in the caller, not in a detached process
-    argv = [python, "-m", "services.manager.shim", pod_dir]
-    null = os.open(os.devnull, os.O_RDWR)
-    err = os.open(os.path.join(pod_dir, shimctl.SHIM_LOG), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-    report_r, report_w = os.pipe()
+    with open(os.path.join(pod_dir, shimctl.SHIM_LOG), "ab") as err:
+        middle = subprocess.Popen(
+            [python, "-m", "services.manager.shim", "--detach", pod_dir], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=err, start_new_session=True, close_fds=True)
     try:
-        middle = os.fork()
-        if middle == 0:
-            _detach(argv, null, err, report_w)
-        os.close(report_w)
-        os.waitpid(middle, 0)
-        pid = int(os.read(report_r, 32) or b"0")
-    finally:
-        for fd in (null, err, report_r):
-            os.close(fd)
+        out, _ = middle.communicate(timeout=SPAWN_DEADLINE)
+    except subprocess.TimeoutExpired:
+        middle.kill()
+        middle.wait()
+        raise Unavailable(f"the shim launcher hung: {_last_line(pod_dir)}", "shim") from None
+    pid = int(out.strip() or b"0") if out.strip().isdigit() else 0
     if not pid:
-        raise Unavailable("could not fork the shim", "shim")
+        raise Unavailable(f"could not start the shim: {_last_line(pod_dir)}", "shim")
     _await_status(pod_dir, pid)
     return pid
 
 
-def _detach(argv: list[str], null: int, err: int, report: int) -> NoReturn:
-    """In the forked child: a new session, a grandchild that execs the shim, and exit at once."""
-    try:
-        os.setsid()
-        pid = os.fork()
-        if pid:
-            os.write(report, str(pid).encode())
-            os._exit(0)
-        os.dup2(null, 0)
-        os.dup2(null, 1)
-        os.dup2(err, 2)
-        os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # no manager socket may live on in the shim
-        os.execv(argv[0], argv)
-    finally:
-        os._exit(127)
+def _detach() -> None:
+    """In the launcher: fork; the parent reports the child's pid and exits, the child goes on as
+    the shim, an orphan from the start (re-parented to the nearest subreaper)."""
+    pid = os.fork()
+    if pid:
+        os.write(1, f"{pid}\n".encode())
+        os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.close(null)
 
 
 def _await_status(pod_dir: str, pid: int) -> None:
@@ -515,8 +514,10 @@ def _become_subreaper() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    detach = args[:1] == ["--detach"]
+    args = args[1:] if detach else args
     if len(args) != 1:
-        print("usage: riklet-shim POD_DIR", file=sys.stderr)
+        print("usage: riklet-shim [--detach] POD_DIR", file=sys.stderr)
         return 2
     pod_dir = os.path.abspath(args[0])
     log.setup("riklet-shim")
@@ -525,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     except RikletError as exc:
         print(f"riklet-shim: bad spec in {pod_dir}: {exc}", file=sys.stderr)
         return 2
+    if detach:
+        _detach()
     try:
         _become_subreaper()
         return Shim(pod_dir, spec, detect()).run()

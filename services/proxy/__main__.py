@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -37,8 +38,17 @@ def _positive(kind: type[int] | type[float]) -> Any:
     return parse
 
 
+def _ip(text: str) -> str:
+    # An IP literal only: listeners are opened on the data path's loop, which must not resolve.
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an IP address, got {text!r}") from exc
+
+
 def _flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bind-address", default=os.environ.get("RIKLET_PROXY_BIND_ADDRESS", "0.0.0.0"),
+    parser.add_argument("--bind-address", type=_ip,
+                        default=os.environ.get("RIKLET_PROXY_BIND_ADDRESS", "0.0.0.0"),
                         help="address the host ports listen on (env RIKLET_PROXY_BIND_ADDRESS)")
     parser.add_argument("--connect-timeout", type=_positive(float), default=CONNECT_TIMEOUT,
                         help="seconds to wait for an endpoint before trying the next one")
