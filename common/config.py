@@ -8,6 +8,7 @@ file (or variable, or flag) and the key.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -49,9 +50,26 @@ def _runtime(value: object, field: str) -> str:
 
 
 def _count(value: object, field: str) -> int:
+    if isinstance(value, str) and value.isdigit():  # from a flag or the environment
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidArgument("expected a positive integer", field)
     return value
+
+
+def _ip(value: object, field: str) -> str:
+    # An IP literal only: the proxy opens listeners on its data path, which must never resolve.
+    try:
+        return str(ipaddress.ip_address(_str(value, field)))
+    except ValueError as exc:
+        raise InvalidArgument(f"expected an IP address, got {value!r}", field) from exc
+
+
+def _positive(value: object, field: str) -> float:
+    secs = parse_duration(value, field)
+    if secs <= 0:
+        raise InvalidArgument("must be more than zero", field)
+    return secs
 
 
 def _path(value: object, field: str) -> str:
@@ -96,6 +114,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("logs.max_size", parse_memory, lambda: 10 * 1024 * 1024, None, None,
             "rotate a container log at this size"),
     Setting("logs.max_files", _count, lambda: 3, None, None, "rotated files kept per container"),
+    Setting("proxy.bind_address", _ip, lambda: "0.0.0.0", "RIKLET_PROXY_BIND_ADDRESS",
+            "--bind-address", "address the host ports listen on"),
+    Setting("proxy.connect_timeout", _positive, lambda: 3.0, None, "--connect-timeout",
+            "wait for an endpoint this long before trying the next one"),
+    Setting("proxy.udp_max_flows", _count, lambda: 4096, None, "--udp-max-flows",
+            "UDP flows kept per route; the least recently used is evicted"),
+    Setting("proxy.udp_idle_timeout", _positive, lambda: 60.0, None, "--udp-idle-timeout",
+            "an idle UDP flow is closed after this long"),
 )
 
 _BY_KEY = {s.key: s for s in SETTINGS}
@@ -116,6 +142,10 @@ class Config:
     restart_backoff_reset: float
     logs_max_size: int
     logs_max_files: int
+    proxy_bind_address: str
+    proxy_connect_timeout: float
+    proxy_udp_max_flows: int
+    proxy_udp_idle_timeout: float
     sources: Mapping[str, str]     # key -> where its value came from
 
     # IPC endpoints, all in the run directory.

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import time
 from typing import Any
 
 from common import cgroups
@@ -24,6 +25,8 @@ from services.manager import shim
 from services.manager.runtime import Observed, PodRecord, spec_hash
 
 log = logging.getLogger(__name__)
+
+START_SETTLE = 2.0  # seconds start() waits for the containers' first state
 
 
 def _write_json(path: str, data: Any) -> None:
@@ -108,10 +111,17 @@ class ProcessRuntime:
             os.unlink(os.path.join(pdir, "status.json"))
         _write_json(os.path.join(pdir, "spec.json"), self._shim_spec(pod, env_ports))
         shim.spawn(pdir)
-        obs = self.observe(pod)
-        if obs is None:
-            raise Unavailable(f"the shim of pod {name} did not report", "pod")
-        return obs
+        # The shim reports before its containers run: wait briefly for their first state, so
+        # that the first status published is Running rather than one tick later.
+        deadline = time.monotonic() + START_SETTLE
+        while True:
+            obs = self.observe(pod)
+            if obs is None:
+                raise Unavailable(f"the shim of pod {name} did not report", "pod")
+            settled = all(c.get("state") != "waiting" or c.get("finishedAt") for c in obs.containers)
+            if (obs.containers and settled) or not obs.alive or time.monotonic() > deadline:
+                return obs
+            time.sleep(0.005)
 
     def stop(self, pod: PodRecord) -> None:
         pdir = self.pod_dir(pod["name"])

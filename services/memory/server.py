@@ -107,8 +107,9 @@ class MemoryServer:
         self._ctx = context or zmq.Context.instance()
         make_run_dir(cfg.paths_run_dir)
         make_run_dir(cfg.paths_state_dir)  # same rule: private to the agent's user
-        self._locks = [_lock(os.path.join(cfg.paths_run_dir, "memory.lock")),
-                       _lock(os.path.join(cfg.paths_state_dir, "memory.lock"))]
+        # One lock per distinct directory: the same file locked twice would refuse ourselves.
+        lock_dirs = dict.fromkeys(os.path.realpath(d) for d in (cfg.paths_run_dir, cfg.paths_state_dir))
+        self._locks = [_lock(os.path.join(d, "memory.lock")) for d in lock_dirs]
         try:
             prepare_ipc_bind(cfg.memory_endpoint, self._ctx)
             prepare_ipc_bind(cfg.memory_events_endpoint, self._ctx)

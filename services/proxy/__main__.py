@@ -7,9 +7,7 @@ one waiting is applied.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import ipaddress
 import logging
 import os
 import signal
@@ -23,44 +21,14 @@ from common import log as common_log
 from services.proxy.feed import SNAPSHOT_TIMEOUT, watch_pods
 from services.proxy.routes import routes_from_pods
 from services.proxy.server import ProxyServer, ProxySettings
-from services.proxy.tcp import CONNECT_TIMEOUT
-from services.proxy.udp import IDLE_TIMEOUT, MAX_FLOWS
 
 log = logging.getLogger("services.proxy")
 
 
-def _positive(kind: type[int] | type[float]) -> Any:
-    def parse(text: str) -> int | float:
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-        return value
-    return parse
-
-
-def _ip(text: str) -> str:
-    # An IP literal only: listeners are opened on the data path's loop, which must not resolve.
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected an IP address, got {text!r}") from exc
-
-
-def _flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bind-address", type=_ip,
-                        default=os.environ.get("RIKLET_PROXY_BIND_ADDRESS", "0.0.0.0"),
-                        help="address the host ports listen on (env RIKLET_PROXY_BIND_ADDRESS)")
-    parser.add_argument("--connect-timeout", type=_positive(float), default=CONNECT_TIMEOUT,
-                        help="seconds to wait for an endpoint before trying the next one")
-    parser.add_argument("--udp-max-flows", type=_positive(int), default=MAX_FLOWS,
-                        help="UDP flows kept per route; the least recently used is evicted")
-    parser.add_argument("--udp-idle-timeout", type=_positive(float), default=IDLE_TIMEOUT,
-                        help="seconds after which an idle UDP flow is closed")
-
-
-def settings_from(ns: argparse.Namespace) -> ProxySettings:
-    return ProxySettings(bind_host=ns.bind_address, connect_timeout=ns.connect_timeout,
-                         udp_max_flows=ns.udp_max_flows, udp_idle_timeout=ns.udp_idle_timeout)
+def settings_from(cfg: config.Config) -> ProxySettings:
+    return ProxySettings(bind_host=cfg.proxy_bind_address, connect_timeout=cfg.proxy_connect_timeout,
+                         udp_max_flows=cfg.proxy_udp_max_flows,
+                         udp_idle_timeout=cfg.proxy_udp_idle_timeout)
 
 
 async def serve(cfg: config.Config, settings: ProxySettings) -> int:
@@ -99,9 +67,9 @@ async def serve(cfg: config.Config, settings: ProxySettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, ns = config.parse_args("riklet-proxy", argv, extra=_flags)
+    cfg, _ = config.parse_args("riklet-proxy", argv)
     common_log.setup("proxy", cfg.logging_level)
-    return uvloop.run(serve(cfg, settings_from(ns)))
+    return uvloop.run(serve(cfg, settings_from(cfg)))
 
 
 if __name__ == "__main__":
