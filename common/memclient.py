@@ -128,6 +128,16 @@ class PodMirror:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def get(self, name: str) -> dict[str, Any] | None:
+        """A copy of one pod's record, or None."""
+        with self._lock:
+            record = self._pods.get(name)
+            return copy.deepcopy(record) if record is not None else None
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._pods)
+
     def pods(self) -> dict[str, dict[str, Any]]:
         with self._lock:
             return copy.deepcopy(self._pods)

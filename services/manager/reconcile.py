@@ -10,11 +10,12 @@ exiting, a shim dying).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import queue
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from common.errors import NotFound, RikletError
@@ -25,59 +26,74 @@ from services.manager.status import Phase, derive, same
 log = logging.getLogger(__name__)
 
 
+URGENT, ROUTINE = 0, 1
+
+
 class Reconciler:
+    """Syncs pods on worker threads fed by a priority queue: a pod somebody just changed goes
+    before the periodic pass over every pod, so a new pod never waits behind a hundred checks."""
+
     def __init__(self, memory: MemoryClient, runtimes: Mapping[str, Runtime],
                  pods: Any, interval: float = 0.5, workers: int = 8) -> None:
         self.memory = memory
         self.runtimes = runtimes
-        self.pods = pods              # a PodMirror: .pods() -> {name: record}
+        self.pods = pods              # a PodMirror: .get(name), .names()
         self.interval = interval
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sync")
+        self._queue: queue.PriorityQueue[tuple[int, int, str]] = queue.PriorityQueue()
+        self._order = itertools.count()
         self._lock = threading.Lock()
+        self._queued: dict[str, int] = {}     # name -> best priority waiting in the queue
         self._running: set[str] = set()
         self._again: set[str] = set()
         self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="reconciler", daemon=True)
+        self._threads = [threading.Thread(target=self._tick, name="reconciler", daemon=True)]
+        self._threads += [threading.Thread(target=self._work, name=f"sync-{i}", daemon=True)
+                          for i in range(workers)]
 
     def start(self) -> None:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=5)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        for _ in self._threads:
+            self._queue.put((-1, 0, ""))
+        for t in self._threads:
+            t.join(timeout=5)
 
     def poke(self, name: str | None = None) -> None:
-        """Something changed: sync ``name`` now (or everything on the next pass)."""
-        if name is not None:
-            self._submit(name)
-        else:
-            self._wake.set()
+        """Something changed: sync ``name`` (or every pod) before the routine checks."""
+        for n in ([name] if name is not None else self.pods.names()):
+            self._submit(n, URGENT)
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            for name in list(self.pods.pods()):
-                self._submit(name)
-            self._wake.wait(self.interval)
-            self._wake.clear()
+    def _tick(self) -> None:
+        while not self._stop.wait(self.interval):
+            for name in self.pods.names():
+                self._submit(name, ROUTINE)
 
-    def _submit(self, name: str) -> None:
+    def _submit(self, name: str, priority: int) -> None:
         with self._lock:
             if name in self._running:
                 self._again.add(name)
                 return
-            self._running.add(name)
-        try:
-            self._pool.submit(self._run, name)
-        except RuntimeError:  # shutting down
+            if self._queued.get(name, ROUTINE + 1) <= priority:
+                return
+            self._queued[name] = priority
+        self._queue.put((priority, next(self._order), name))
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            priority, _, name = self._queue.get()
             with self._lock:
-                self._running.discard(name)
+                if self._queued.get(name) != priority or name in self._running:
+                    continue  # a stale entry: the pod was queued again with a better priority
+                del self._queued[name]
+                self._running.add(name)
+            self._run(name)
 
     def _run(self, name: str) -> None:
         while True:
-            record = self.pods.pods().get(name)
+            record = self.pods.get(name)
             if record is not None:
                 try:
                     self.sync(record)
