@@ -241,3 +241,42 @@ def test_rikletctl_unreachable_agent_is_a_clear_error() -> None:
                           f"127.0.0.1:{free_port()}", "get", "pods"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 3 and "unavailable" in res.stderr
+
+
+def test_health_reflection_and_watch(agent: Agent) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(agent.channel)
+    for service in ("", "riklet.v1.Node"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(agent.channel)
+    [answer] = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+        list_services="")]), timeout=5))
+    names = {s.name for s in answer.list_services_response.service}
+    assert {"riklet.v1.Node", "grpc.health.v1.Health"} <= names
+
+    stream = agent.stub.Watch(npb.WatchRequest(name="watched"), timeout=30)
+    agent.ctl("run", "watched", "--", "sleep", "300")
+    phases = []
+    for ev in stream:
+        phases.append(ev.pod.phase)
+        if ev.pod.phase == "Running":
+            break
+    stream.cancel()
+    assert phases[0] == "Pending" and "Running" in phases
+
+
+def test_ctrl_c_stops_the_agent_but_not_the_workloads(agent: Agent) -> None:
+    agent.ctl("run", "survivor", "--", "sleep", "600")
+    pid = agent.wait_phase("survivor", "Running")["containers"][0]["pid"]
+    services = [agent.supervisord_pid(), *(agent.service_pid(s) for s in
+                                           ("memory", "manager", "monitor", "proxy"))]
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGINT)
+    agent.proc.wait(timeout=30)
+    wait_for(lambda: not any(pid_alive(p) for p in services), what="every agent process gone")
+    assert pid_alive(pid)
+    agent.start()
+    assert agent.wait_phase("survivor", "Running")["containers"][0]["pid"] == pid
