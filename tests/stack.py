@@ -12,17 +12,15 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
 from common import pb
+from tests.support import free_port, wait_for
 
 pb.ensure()
 from common.pb import node_pb2 as npb  # noqa: E402
@@ -30,29 +28,6 @@ from common.pb import node_pb2_grpc as npb_grpc  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], T], timeout: float = 15.0, interval: float = 0.05,
-             what: str = "condition") -> T:
-    """Poll until ``predicate`` returns something truthy; fail with ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    last_exc: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:  # polled conditions may fail until they hold
-            last_exc = exc
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last error: {last_exc!r}")
 
 
 def pid_alive(pid: int) -> bool:

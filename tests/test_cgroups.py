@@ -6,34 +6,22 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from common.cgroups import Cgroup, Layout, detect
-from common.errors import InvalidArgument, NotFound, RikletError, Unavailable
+from common.errors import InvalidArgument, NotFound, Unavailable
+from tests.support import cgroup_layout, wait_for
 
 TEST_ROOT = "riklet-test"
 
 
 def usable_layout() -> Layout:
     """The machine's cgroups, or a skip (a failure under CI=true) when they cannot be written."""
-    layout = detect()
-    reason = None if layout.available else "no writable cgroup hierarchy (needs root)"
-    if reason is None:
-        probe = Cgroup(f"{TEST_ROOT}/probe-{uuid.uuid4().hex[:8]}", layout)
-        try:
-            probe.create()
-            probe.remove()
-        except RikletError as exc:
-            reason = f"cannot create a cgroup: {exc}"
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true requires writable cgroups: {reason}")
-        pytest.skip(reason)
+    layout: Layout = cgroup_layout(TEST_ROOT)
     return layout
 
 
@@ -46,12 +34,7 @@ def remove_test_root(layout: Layout) -> None:
             continue
 
 
-def wait_for(check: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+
 
 
 @pytest.fixture(scope="module")

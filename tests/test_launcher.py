@@ -17,5 +17,6 @@ def test_defaults_live_in_the_checkout() -> None:
 
 
 def test_environment_wins_over_defaults() -> None:
-    env = defaults({"RIKLET_RUN_DIR": "/tmp/x", "RIKLET_STATE_DIR": "/tmp/y", "RIKLET_CONFIG": "/c.yaml"})
-    assert (env["RIKLET_RUN_DIR"], env["RIKLET_STATE_DIR"], env["RIKLET_CONFIG"]) == ("/tmp/x", "/tmp/y", "/c.yaml")
+    given = {"RIKLET_RUN_DIR": "/tmp/x", "RIKLET_STATE_DIR": "/tmp/y", "RIKLET_CONFIG": "/c.yaml"}
+    env = defaults(given)
+    assert {k: env[k] for k in given} == given

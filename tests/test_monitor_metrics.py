@@ -21,6 +21,7 @@ import pytest
 from services.monitor import metrics
 from services.monitor.pods import CgroupLike
 from services.monitor.sampler import CpuSampler
+from tests.support import need, wait_for
 
 MiB = 1024 * 1024
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -48,22 +49,12 @@ REALTIME_POD_KEYS = {"appId", "state", "createdAt", "restartCount", "internalIp"
                      "deployment", "cpu", "memory"}
 
 
-def wait_for(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
 
 
 def unavailable(reason: str) -> None:
     """Skip when the machine cannot run the test, except in CI where that is a failure."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI needs this: {reason}")
-    pytest.skip(reason)
+    need(False, reason)
 
 
 def record(name: str = "web", *, cgroup: str | None = None, pids: list[int] | None = None,

@@ -21,6 +21,7 @@ import uvloop
 from services.proxy.routes import Endpoint, Routes
 from services.proxy.server import ProxyServer, ProxySettings
 from services.proxy.tcp import HIGH_WATER
+from tests.support import free_port, wait_for
 
 T = TypeVar("T")
 MiB = 1024 * 1024
@@ -128,10 +129,7 @@ def named(name: bytes) -> Callable[[socket.socket], None]:
     return handler
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+
 
 
 def refusing_port() -> int:
@@ -174,12 +172,7 @@ def echo_through(port: int, payload: bytes) -> tuple[int, str]:
     return result
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+
 
 
 # --- bytes in == bytes out -----------------------------------------------------------------

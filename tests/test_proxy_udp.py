@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import socket
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
@@ -17,6 +16,7 @@ import uvloop
 from services.proxy.routes import Endpoint, Routes
 from services.proxy.server import ProxyServer, ProxySettings
 from services.proxy.udp import FlowTable, UdpListener
+from tests.support import wait_for
 
 T = TypeVar("T")
 
@@ -132,12 +132,7 @@ def ask(sock: socket.socket, data: bytes, attempts: int = 5) -> bytes:
     raise AssertionError(f"no reply to {data!r}")
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+
 
 
 def test_two_clients_each_get_their_own_replies(proxy: Proxy, echoes: Any) -> None:

@@ -16,41 +16,23 @@ from typing import Any
 
 import pytest
 
-from common.cgroups import Cgroup, Layout, detect
-from common.errors import InvalidArgument, RikletError
+from common.cgroups import Cgroup, Layout
+from common.errors import InvalidArgument
 from common.rotlog import rotated_files, tail
 from services.manager import shim, shimctl
 from services.manager.shimctl import BackoffSpec, Reason
+from tests.support import cgroup_layout, wait_for
 
 TEST_ROOT = "riklet-test"
 
 
-def wait_for(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll check until it returns something true; that value."""
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
-    return value
+
 
 
 @pytest.fixture(scope="module")
 def layout() -> Layout:
-    layout = detect()
-    reason = None if layout.available else "no writable cgroup hierarchy (needs root)"
-    if reason is None:
-        try:
-            probe = Cgroup(f"{TEST_ROOT}/probe-{uuid.uuid4().hex[:8]}", layout)
-            probe.create()
-            probe.remove()
-        except RikletError as exc:
-            reason = f"cannot create a cgroup: {exc}"
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true requires writable cgroups: {reason}")
-        pytest.skip(reason)
-    return layout
+    found: Layout = cgroup_layout(TEST_ROOT)
+    return found
 
 
 @dataclass

@@ -58,7 +58,8 @@ def test_logs_follow_streams_new_output(agent: Agent) -> None:
 
 def test_yaml_replicas_balance_and_scale_down(agent: Agent, tmp_path) -> None:  # type: ignore[no-untyped-def]
     host = free_port()
-    responder = ("import os, socket\ns = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    responder = ("import os, socket\ns = socket.socket()\n"
+                 "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
                  "s.bind(('127.0.0.1', int(os.environ['PORT']))); s.listen()\n"
                  "while True:\n    c, _ = s.accept(); c.sendall(os.environ['REPLICA'].encode()); c.close()\n")
     doc = {"apiVersion": "v1", "kind": "Pod", "name": "echo", "replicas": 3,
