@@ -8,12 +8,13 @@ manager restart are reaped by supervisord rather than left as zombies, and execs
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import sys
 
+from common.errors import Unavailable
+from services.manager.procs import become_subreaper
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PR_SET_CHILD_SUBREAPER = 36
 
 
 def defaults(environ: dict[str, str], root: str = ROOT) -> dict[str, str]:
@@ -41,10 +42,10 @@ def main(argv: list[str] | None = None) -> None:
         env[key] = os.path.abspath(env[key])
         os.makedirs(env[key], mode=0o700, exist_ok=True)
     os.makedirs(os.path.join(env["RIKLET_STATE_DIR"], "log"), mode=0o700, exist_ok=True)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        print("riklet: cannot become a child subreaper; orphaned shims may linger as zombies",
-              file=sys.stderr)
+    try:
+        become_subreaper()
+    except Unavailable as exc:
+        print(f"riklet: {exc}; orphaned shims may linger as zombies", file=sys.stderr)
     supervisord = os.path.join(os.path.dirname(sys.executable), "supervisord")
     os.execve(supervisord, [supervisord, "-n", "-c", args.supervisord_conf], env)
 

@@ -21,8 +21,8 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 15.0, interval: float = 0.05,
-             what: str = "condition") -> T:
+def wait_for(predicate: Callable[[], T], timeout: float = 15.0, what: str = "condition", *,
+             interval: float = 0.02) -> T:
     """Poll until ``predicate`` returns something truthy; fail with ``what`` at the deadline."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None

@@ -10,9 +10,6 @@ it, which is how it knows when the pod is really gone.
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import fcntl
 import logging
 import os
 import selectors
@@ -21,26 +18,23 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 from common import log
 from common.cgroups import Cgroup, Layout, detect
 from common.errors import RikletError, Unavailable
 from common.rotlog import RotatingWriter
-from services.manager import shimctl
+from services.manager import procs, shimctl
 from services.manager.shimctl import ContainerSpec, PodSpec, Reason, Termination, pid_alive, read_status, stop
 
 __all__ = ["SPAWN_DEADLINE", "Shim", "main", "pid_alive", "read_status", "spawn", "stop"]
 
 _LOG = logging.getLogger("riklet.shim")
-_PR_SET_CHILD_SUBREAPER = 36
 _READ_CHUNK = 64 * 1024
 _READS_PER_TURN = 16  # bounded so that one chatty container cannot starve the others
-_PIPE_SIZE = 1 << 20  # a burst of output fits in the pipe while the shim is busy elsewhere
 _KILL_SWEEP = 0.5  # once the grace period is over, how often leftovers get SIGKILL again
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 SPAWN_DEADLINE = 5.0
 
 
@@ -192,7 +186,7 @@ class Shim:
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         self.sel.register(wake_r, selectors.EVENT_READ, None)
-        watched = (*_STOP_SIGNALS, signal.SIGCHLD)
+        watched = (*procs.STOP_SIGNALS, signal.SIGCHLD)
         for sig in watched:
             signal.signal(sig, lambda signum, _frame: self.signals.add(signum))
         signal.pthread_sigmask(signal.SIG_UNBLOCK, watched)  # the spawner may have blocked them
@@ -200,10 +194,10 @@ class Shim:
     def _turn(self) -> None:
         for key, _events in self.sel.select(self._timeout()):
             if key.data is None:
-                _drain_nonblocking(key.fd)
+                procs.drain_nonblocking(key.fd)
             else:
                 self._pump(key.fd, key.data)
-        if self.state == "running" and self.signals & set(_STOP_SIGNALS):
+        if self.state == "running" and self.signals & set(procs.STOP_SIGNALS):
             self._begin_stop()
         self.signals.clear()
         self._reap()
@@ -232,7 +226,7 @@ class Shim:
         c.starts += 1
         c.started_mono, c.started_at = time.monotonic(), None
         try:
-            pid, out, c.start_error = _launch(c.spec, c.cgroup)
+            pid, out, c.start_error = procs.launch(c.spec, c.cgroup)
         except (OSError, RikletError) as exc:
             self._ended(c, Termination(128, None, Reason.START_ERROR, str(exc)))
             return
@@ -276,7 +270,7 @@ class Shim:
             # pump's worth): log it before reporting the exit
             self._pump(c.out, c)
         # the container is over with its main process, as in a pid namespace: no leftovers
-        _kill_group(pid, signal.SIGKILL)
+        procs.kill_group(pid, signal.SIGKILL)
         if c.cgroup is not None:
             with _logged("killing leftovers"):
                 c.cgroup.kill_all(signal.SIGKILL)
@@ -300,7 +294,7 @@ class Shim:
         for c in self.containers:
             c.restart_due = c.next_restart_at = None
             if c.pid is not None:
-                _kill_group(c.pid, signal.SIGTERM)
+                procs.kill_group(c.pid, signal.SIGTERM)
             elif c.state == "waiting" and c.end is not None:
                 c.state = "terminated"
         self.kill_at = time.monotonic() + self.spec.grace_period
@@ -309,13 +303,13 @@ class Shim:
     def _kill_everything(self) -> None:
         for c in self.containers:
             if c.pid is not None:
-                _kill_group(c.pid, signal.SIGKILL)
+                procs.kill_group(c.pid, signal.SIGKILL)
             if c.cgroup is not None:
                 with _logged("killing the cgroup"):
                     c.cgroup.kill_all(signal.SIGKILL)
         # without cgroups, a process that left its group is still the shim's descendant
-        for pid in _descendants(os.getpid()):
-            _kill_pid(pid)
+        for pid in procs.descendants(os.getpid()):
+            procs.kill_pid(pid)
 
     def _pump(self, fd: int, c: _Container) -> bool:
         """Copy output to the log; False once the pipe is at EOF (and closed) or empty for now."""
@@ -382,121 +376,6 @@ class Shim:
             _LOG.error("cannot write status", extra={"error": str(exc)})
 
 
-def _launch(spec: ContainerSpec, cgroup: Cgroup | None) -> tuple[int, int, Termination | None]:
-    """Fork the workload into its own process group and cgroup, then exec it.
-
-    The child waits on a pipe until the parent has placed it in the cgroup, so none of the
-    workload runs outside its limits. Returns the pid, the read end of its output pipe, and the
-    reason exec did not happen, if it did not.
-    """
-    env = dict(spec.env)
-    env.setdefault("PATH", os.environ.get("PATH", os.defpath))
-    out_r, out_w = os.pipe()
-    go_r, go_w = os.pipe()
-    err_r, err_w = os.pipe()
-    with suppress(OSError):  # a bigger pipe only absorbs bursts; the default still works
-        fcntl.fcntl(out_w, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
-    try:
-        pid = os.fork()
-        if pid == 0:
-            _exec_child(spec, env, out_w, go_r, err_w)
-    except OSError:
-        for fd in (out_r, go_w, err_r):
-            os.close(fd)
-        raise
-    finally:
-        for fd in (out_w, go_r, err_w):
-            os.close(fd)
-    try:
-        try:
-            os.setpgid(pid, pid)  # the child does it too; whoever runs first, the group exists now
-            if cgroup is not None:
-                cgroup.add(pid)
-            os.write(go_w, b"g")
-        finally:
-            os.close(go_w)  # without the go byte, the child exits at once
-        report = _read_all(err_r)  # EOF without a word: exec closed the pipe
-    except BaseException:
-        os.close(out_r)
-        raise
-    finally:
-        os.close(err_r)
-    os.set_blocking(out_r, False)
-    if not report:
-        return pid, out_r, None
-    code, _, message = report.decode(errors="replace").partition(" ")
-    return pid, out_r, Termination(int(code), None, Reason.START_ERROR, message)
-
-
-def _exec_child(spec: ContainerSpec, env: dict[str, str], out: int, go: int, err: int) -> NoReturn:
-    stage = spec.command[0]
-    try:
-        if os.read(go, 1) != b"g":
-            os._exit(1)  # the parent gave up on this start
-        os.setpgid(0, 0)
-        signal.set_wakeup_fd(-1)
-        for sig in (*_STOP_SIGNALS, signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL)  # ignored signals would stay ignored across exec
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        os.dup2(out, 1)
-        os.dup2(out, 2)
-        if spec.working_dir:
-            stage = f"working_dir {spec.working_dir}"
-            os.chdir(spec.working_dir)
-            stage = spec.command[0]
-        os.execvpe(spec.command[0], list(spec.command), env)
-    except OSError as exc:
-        code = 127 if exc.errno == errno.ENOENT else 126
-        os.write(err, f"{code} {stage}: {exc.strerror}".encode())
-        os._exit(code)
-    finally:
-        os._exit(1)
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 4096):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _drain_nonblocking(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        return
-
-
-def _kill_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        return  # the group is already empty
-
-
-def _kill_pid(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        fields = shimctl.proc_stat(int(name)) if name.isdigit() else None
-        if fields is not None:
-            children.setdefault(int(fields[1]), []).append(int(name))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 @contextmanager
 def _logged(what: str) -> Iterator[None]:
     """Log and swallow a riklet error in a best-effort step: the shim must go on."""
@@ -504,12 +383,6 @@ def _logged(what: str) -> Iterator[None]:
         yield
     except RikletError as exc:
         _LOG.warning(what + " failed", extra={"error": str(exc)})
-
-
-def _become_subreaper() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise Unavailable(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}", "shim")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -529,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     if detach:
         _detach()
     try:
-        _become_subreaper()
+        procs.become_subreaper()
         return Shim(pod_dir, spec, detect()).run()
     except RikletError as exc:
         _LOG.error("shim failed", extra={"error": str(exc)})
