@@ -42,9 +42,18 @@ def test_run_get_logs_delete(agent: Agent) -> None:
     wait_for(lambda: not pid_alive(c["pid"]), what="workload process gone")
 
 
+def fetch(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        return data
+
+
 def test_restarts_keep_workloads_and_records(agent: Agent) -> None:
-    port = free_port()
-    agent.ctl("run", "web", "--port", f"{free_port()}:{port}", *serve_cmd(port))
+    port, host = free_port(), free_port()
+    agent.ctl("run", "web", "--port", f"{host}:{port}", *serve_cmd(port))
     agent.ctl("run", "crashy", "--restart", "Always", "--", "sh", "-c", "sleep 0.2; exit 3")
     web = agent.wait_phase("web", "Running")
     wait_for(lambda: agent.pod("crashy")["restartCount"] >= 2, what="crashy restarting")
@@ -61,6 +70,8 @@ def test_restarts_keep_workloads_and_records(agent: Agent) -> None:
         assert agent.service_pid(service) != old
         agent.wait_ready()
         assert snapshot() == before, f"after restarting {service}"
+        assert wait_for(lambda: fetch(host).startswith(b"HTTP/1.0 200"), 5,
+                        what=f"traffic through the proxy after restarting {service}")
     for service in ("manager", "memory", "monitor", "proxy"):
         old = agent.service_pid(service)
         os.kill(old, signal.SIGKILL)
@@ -132,14 +143,7 @@ def test_proxy_forwards_host_port_to_workload(agent: Agent) -> None:
     assert pod["endpoints"] == [{"host_port": host, "protocol": "TCP", "address": "127.0.0.1",
                                  "port": target}]
 
-    def fetch() -> bytes:
-        with socket.create_connection(("127.0.0.1", host), timeout=2) as s:
-            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-            return data
-    assert wait_for(lambda: fetch().startswith(b"HTTP/1.0 200"), what="a reply through the proxy")
+    assert wait_for(lambda: fetch(host).startswith(b"HTTP/1.0 200"), what="a reply through the proxy")
     agent.ctl("delete", "site")
     wait_for(lambda: not agent.pods(), what="pod gone")
 
