@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Generated from the .proto at install time; never committed.
-common/pb/node_pb2.py: common/pb/node.proto $(STAMP)
+common/pb/node_pb2.py: common/pb/node.proto common/pb/rik_common.proto common/pb/rik_worker.proto $(STAMP)
 	$(BIN)/python -c 'import common.pb as p; p.generate()'
 
 proto: $(STAMP)

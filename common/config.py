@@ -72,6 +72,17 @@ def _positive(value: object, field: str) -> float:
     return secs
 
 
+def _optional_address(value: object, field: str) -> str | None:
+    return None if value in (None, "") else _address(value, field)
+
+
+def _resolution(value: object, field: str) -> float:
+    secs = parse_duration(value, field)
+    if not 0.05 <= secs <= 3600:
+        raise InvalidArgument("expected between 50ms and 1h", field)
+    return secs
+
+
 def _path(value: object, field: str) -> str:
     return os.path.abspath(_str(value, field))
 
@@ -114,6 +125,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("logs.max_size", parse_memory, lambda: 10 * 1024 * 1024, None, None,
             "rotate a container log at this size"),
     Setting("logs.max_files", _count, lambda: 3, None, None, "rotated files kept per container"),
+    Setting("scheduler.address", _optional_address, lambda: None, "RIKLET_SCHEDULER", "--scheduler",
+            "a RIK scheduler's HOST:PORT; unset, the agent runs stand-alone"),
+    Setting("monitoring.metric_resolution", _resolution, lambda: 5.0, "RIKLET_METRIC_RESOLUTION",
+            "--metric-resolution", "how often metrics are pushed to the scheduler (5s, 500ms, 1m)"),
     Setting("proxy.bind_address", _ip, lambda: "0.0.0.0", "RIKLET_PROXY_BIND_ADDRESS",
             "--bind-address", "address the host ports listen on"),
     Setting("proxy.connect_timeout", _positive, lambda: 3.0, None, "--connect-timeout",
@@ -142,6 +157,8 @@ class Config:
     restart_backoff_reset: float
     logs_max_size: int
     logs_max_files: int
+    scheduler_address: str | None
+    monitoring_metric_resolution: float
     proxy_bind_address: str
     proxy_connect_timeout: float
     proxy_udp_max_flows: int

@@ -20,8 +20,10 @@ import zmq
 from common import config
 from common import log as rlog
 from common.errors import RikletError
+from common.rik import StatusSender
 from common.zmqutil import RequestClient, ipc_path, make_run_dir, prepare_ipc_bind, route_one
 from services.monitor.prom import MetricsServer
+from services.monitor.push import MetricPusher
 from services.monitor.service import Monitor, memory_pod_lister
 
 log = logging.getLogger("riklet.monitor")
@@ -44,12 +46,16 @@ def serve(cfg: config.Config, stop: threading.Event) -> None:
             os.chmod(path, 0o600)
         http = MetricsServer(cfg.metrics_address, monitor.scrape)
         http.start()
-        log.info("monitor ready", extra={"endpoint": cfg.monitor_endpoint, "metrics": cfg.metrics_address})
+        pusher = start_pusher(cfg, ctx)
+        log.info("monitor ready", extra={"endpoint": cfg.monitor_endpoint, "metrics": cfg.metrics_address,
+                                         "scheduler": cfg.scheduler_address})
         try:
             while not stop.is_set():
                 if sock.poll(POLL_MS, zmq.POLLIN):
                     route_one(sock, monitor.handle)
         finally:
+            if pusher is not None:
+                pusher.stop()
             http.stop()
     finally:
         sock.close(linger=0)
@@ -57,6 +63,20 @@ def serve(cfg: config.Config, stop: threading.Event) -> None:
         if path and os.path.exists(path):
             os.unlink(path)
         log.info("monitor stopped")
+
+
+def start_pusher(cfg: config.Config, ctx: zmq.Context[Any]) -> MetricPusher | None:
+    """In RIK mode, push metrics to the scheduler; its own Monitor (and CPU sampler, and memory
+    client) so the push never shares state with the IPC loop's thread."""
+    if not cfg.scheduler_address:
+        return None
+    memory = RequestClient(cfg.memory_endpoint, timeout=1.0, retries=1, context=ctx)
+    lister = memory_pod_lister(memory)
+    monitor = Monitor(cfg.node_id, cfg.paths_state_dir, lister)
+    sender = StatusSender(cfg.scheduler_address, cfg.node_id)
+    pusher = MetricPusher(monitor, sender, cfg.monitoring_metric_resolution, lister)
+    pusher.start()
+    return pusher
 
 
 def main(argv: Sequence[str] | None = None) -> int:
