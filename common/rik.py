@@ -35,7 +35,11 @@ _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
 def status_of(record: Mapping[str, Any]) -> int:
-    """The ResourceStatus a pod record reports."""
+    """The ResourceStatus a pod record reports. A pod whose deletion is asked for is DESTROYING
+    at once, not only when the reconciler next writes a phase: the scheduler hears about its
+    DESTROY right away, and every reporter (manager, monitor) says the same thing."""
+    if record.get("desired") == "deleted":
+        return int(cpb.DESTROYING)
     phase = (record.get("status") or {}).get("phase", "Pending")
     return int(PHASE_STATUS.get(phase, cpb.UNKNOWN))
 
@@ -73,86 +77,3 @@ class Backoff:
         self.attempt = 0
 
 
-class StatusSender:
-    """A client stream of WorkerStatus to the scheduler that survives scheduler restarts.
-
-    ``send`` never blocks on the network: messages queue (bounded; the oldest are dropped when
-    the scheduler is away, since ``on_connect`` re-sends the current state anyway).
-    """
-
-    def __init__(self, address: str, identifier: str, on_connect: Callable[[], None] | None = None,
-                 maxsize: int = 10000) -> None:
-        self.address = address
-        self.identifier = identifier
-        self.on_connect = on_connect
-        self._queue: queue.Queue[cpb.WorkerStatus | None] = queue.Queue(maxsize=maxsize)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rik-status", daemon=True)
-        self.connected = threading.Event()
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._put(None)
-        self._thread.join(timeout=5)
-
-    def send_instance(self, instance_id: str, status: int, metrics: str = "{}") -> None:
-        self._put(cpb.WorkerStatus(identifier=self.identifier, instance=cpb.InstanceMetric(
-            status=cpb.ResourceStatus.Name(status), metrics=metrics, instance_id=instance_id)))
-
-    def send_worker(self, status: int, metrics: str) -> None:
-        self._put(cpb.WorkerStatus(identifier=self.identifier,
-                                   worker=cpb.WorkerMetric(status=cpb.ResourceStatus.Name(status),
-                                                           metrics=metrics)))
-
-    def _put(self, item: cpb.WorkerStatus | None) -> None:
-        while True:
-            try:
-                self._queue.put_nowait(item)
-                return
-            except queue.Full:
-                try:
-                    self._queue.get_nowait()  # drop the oldest: current state is re-sent on connect
-                except queue.Empty:
-                    pass
-
-    def _messages(self, broken: threading.Event) -> Iterator[cpb.WorkerStatus]:
-        while not self._stop.is_set() and not broken.is_set():
-            try:
-                item = self._queue.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if item is None:
-                return
-            yield item
-
-    def _run(self) -> None:
-        backoff = Backoff()
-        down_logged = False
-        while not self._stop.is_set():
-            channel = grpc.insecure_channel(self.address)
-            broken = threading.Event()
-            try:
-                grpc.channel_ready_future(channel).result(timeout=5)
-                stub = wpb_grpc.WorkerStub(channel)
-                call = stub.SendStatusUpdates.future(self._messages(broken))
-                self.connected.set()
-                if down_logged:
-                    log.info("status stream to the scheduler is back", extra={"scheduler": self.address})
-                down_logged = False
-                backoff.reset()
-                if self.on_connect is not None:
-                    self.on_connect()
-                call.result()  # returns when the scheduler ends the stream or it breaks
-            except (grpc.RpcError, grpc.FutureTimeoutError) as exc:
-                if not down_logged:
-                    log.warning("scheduler unreachable for status updates; retrying",
-                                extra={"scheduler": self.address, "error": str(exc)[:200]})
-                    down_logged = True
-            finally:
-                broken.set()
-                self.connected.clear()
-                channel.close()
-            self._stop.wait(backoff.next())
