@@ -39,3 +39,7 @@ clean:
 .PHONY: bench-spine
 bench-spine: install
 	$(BIN)/python -m bench.spine --pods 100
+
+.PHONY: bench-rik
+bench-rik: install
+	$(BIN)/python -m bench.rik --metric-seconds 120 --resolution 0.5 --instances 100
