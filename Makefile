@@ -43,3 +43,7 @@ bench-spine: install
 .PHONY: bench-rik
 bench-rik: install
 	$(BIN)/python -m bench.rik --metric-seconds 120 --resolution 0.5 --instances 100
+
+.PHONY: bench-proxy
+bench-proxy: install
+	$(BIN)/python -m bench.proxy

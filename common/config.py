@@ -57,6 +57,17 @@ def _count(value: object, field: str) -> int:
     return value
 
 
+def _count_or_zero(value: object, field: str) -> int:
+    return 0 if value in (0, "0") else _count(value, field)
+
+
+def _duration_or_zero(value: object, field: str) -> float:
+    secs = parse_duration(value, field)
+    if secs < 0:
+        raise InvalidArgument("must not be negative", field)
+    return secs
+
+
 def _ip(value: object, field: str) -> str:
     # An IP literal only: the proxy opens listeners on its data path, which must never resolve.
     try:
@@ -137,6 +148,10 @@ SETTINGS: tuple[Setting, ...] = (
             "UDP flows kept per route; the least recently used is evicted"),
     Setting("proxy.udp_idle_timeout", _positive, lambda: 60.0, None, "--udp-idle-timeout",
             "an idle UDP flow is closed after this long"),
+    Setting("proxy.max_connections", _count_or_zero, lambda: 4096, None, "--max-connections",
+            "TCP clients per host port; more are reset at once (0: no limit)"),
+    Setting("proxy.idle_timeout", _duration_or_zero, lambda: 3600.0, None, "--idle-timeout",
+            "a TCP connection with no byte either way for this long is closed (0: never)"),
 )
 
 _BY_KEY = {s.key: s for s in SETTINGS}
@@ -163,6 +178,8 @@ class Config:
     proxy_connect_timeout: float
     proxy_udp_max_flows: int
     proxy_udp_idle_timeout: float
+    proxy_max_connections: int
+    proxy_idle_timeout: float
     sources: Mapping[str, str]     # key -> where its value came from
 
     # IPC endpoints, all in the run directory.

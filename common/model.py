@@ -40,7 +40,8 @@ _TOP_KEYS = {"apiVersion", "kind", "name", "replicas", "spec", "metadata"}
 _SPEC_KEYS = {"containers", "restartPolicy", "terminationGracePeriodSeconds", "hostNetwork"}
 _CONTAINER_KEYS = {"name", "image", "env", "ports", "command", "args", "workingDir", "resources",
                    "runtime"}
-_PORT_KEYS = {"port", "target_port", "targetPort", "protocol", "type", "name"}
+_PORT_KEYS = {"port", "target_port", "targetPort", "protocol", "type", "name", "balance"}
+BALANCES = ("round_robin", "least_connections")
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,15 @@ def _ports(value: object, field: str, container: str) -> list[dict[str, Any]]:
         proto = entry.get("protocol", "TCP")
         if not isinstance(proto, str) or proto.upper() not in PROTOCOLS:
             raise InvalidArgument(f"expected one of {', '.join(PROTOCOLS)}", f"{where}.protocol")
-        out.append({"port": host_v, "target_port": target_v, "protocol": proto.upper(),
-                    "container": container})
+        port_v: dict[str, Any] = {"port": host_v, "target_port": target_v, "protocol": proto.upper(),
+                                  "container": container}
+        balance = entry.get("balance")
+        if balance is not None:
+            # Kept only when given: specs stored before the field existed stay equal.
+            if balance not in BALANCES:
+                raise InvalidArgument(f"expected one of {', '.join(BALANCES)}", f"{where}.balance")
+            port_v["balance"] = balance
+        out.append(port_v)
     return out
 
 

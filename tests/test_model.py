@@ -57,6 +57,14 @@ def test_process_extensions_are_normalized() -> None:
     assert spec["ports"][0]["protocol"] == "UDP"
 
 
+def test_a_port_may_ask_for_least_connections_and_round_robin_is_left_implicit() -> None:
+    w = parse_workload(process_pod(ports=[{"port": 9000, "target_port": 1, "balance": "least_connections"},
+                                          {"port": 9001, "target_port": 2}]))
+    ports = w.pods[0][1]["ports"]
+    assert ports[0]["balance"] == "least_connections"
+    assert "balance" not in ports[1]   # specs stored before the field existed stay equal
+
+
 @pytest.mark.parametrize(("mutate", "field"), [
     (lambda d: d.update(name="Bad_Name"), "name"),
     (lambda d: d.update(name="x" * 64), "name"),
@@ -72,6 +80,8 @@ def test_process_extensions_are_normalized() -> None:
      "spec.containers[0].ports.port"),
     (lambda d: d["spec"]["containers"][0].update(ports=[{"port": 80, "protocol": "ICMP"}]),
      "spec.containers[0].ports[0].protocol"),
+    (lambda d: d["spec"]["containers"][0].update(ports=[{"port": 80, "balance": "random"}]),
+     "spec.containers[0].ports[0].balance"),
     (lambda d: d["spec"]["containers"][0].update(resources={"cpu": "lots"}),
      "spec.containers[0].resources.cpu"),
     (lambda d: d["spec"]["containers"][0].update(resources={"memory": "12 parsecs"}),

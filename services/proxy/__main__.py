@@ -18,8 +18,9 @@ import uvloop
 
 from common import config
 from common import log as common_log
+from services.proxy.balance import balances
 from services.proxy.feed import SNAPSHOT_TIMEOUT, watch_pods
-from services.proxy.routes import routes_from_pods
+from services.proxy.routes import balance_from_pods, routes_from_pods
 from services.proxy.server import ProxyServer, ProxySettings
 
 log = logging.getLogger("services.proxy")
@@ -28,7 +29,9 @@ log = logging.getLogger("services.proxy")
 def settings_from(cfg: config.Config) -> ProxySettings:
     return ProxySettings(bind_host=cfg.proxy_bind_address, connect_timeout=cfg.proxy_connect_timeout,
                          udp_max_flows=cfg.proxy_udp_max_flows,
-                         udp_idle_timeout=cfg.proxy_udp_idle_timeout)
+                         udp_idle_timeout=cfg.proxy_udp_idle_timeout,
+                         max_connections=cfg.proxy_max_connections,
+                         idle_timeout=cfg.proxy_idle_timeout)
 
 
 async def serve(cfg: config.Config, settings: ProxySettings) -> int:
@@ -41,7 +44,8 @@ async def serve(cfg: config.Config, settings: ProxySettings) -> int:
 
     def on_pods(pods: list[dict[str, Any]]) -> None:
         # Routes are computed here, on the feed thread, to keep the data path's loop free.
-        loop.call_soon_threadsafe(server.update, routes_from_pods(pods))
+        loop.call_soon_threadsafe(server.update, routes_from_pods(pods),
+                                  balances(balance_from_pods(pods)))
 
     def run_feed() -> None:
         nonlocal failed

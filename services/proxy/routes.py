@@ -102,6 +102,19 @@ def routes_from_pods(pods: Iterable[Mapping[str, Any]]) -> Routes:
     return {key: tuple(sorted(eps)) for key, eps in sorted(table.items())}
 
 
+def balance_from_pods(pods: Iterable[Mapping[str, Any]]) -> dict[RouteKey, str]:
+    """The balancing each host port asks for in its pods' specs (``spec.ports[].balance``);
+    ports that do not ask are left out (round robin). Replicas share one spec, so they agree."""
+    found: dict[RouteKey, str] = {}
+    for pod in pods:
+        spec = pod.get("spec")
+        ports = spec.get("ports") if isinstance(spec, Mapping) else None
+        for p in ports if isinstance(ports, list) else []:
+            if isinstance(p, Mapping) and isinstance(p.get("balance"), str) and _port(p.get("port")):
+                found[(str(p.get("protocol", "TCP")).upper(), p["port"])] = p["balance"]
+    return found
+
+
 def diff(old: Mapping[RouteKey, tuple[Endpoint, ...]],
          new: Mapping[RouteKey, tuple[Endpoint, ...]]) -> RouteChanges:
     return RouteChanges(

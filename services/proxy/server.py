@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from services.proxy.balance import Balance
 from services.proxy.routes import Endpoint, RouteKey, Routes, diff
 from services.proxy.stats import Stats
-from services.proxy.tcp import CONNECT_TIMEOUT, ClientConnection, TcpListener
+from services.proxy.tcp import CONNECT_TIMEOUT, ClientConnection
+from services.proxy.tcp_listener import TcpListener
 from services.proxy.udp import IDLE_TIMEOUT, MAX_FLOWS, UdpListener
 
 log = logging.getLogger(__name__)
@@ -28,6 +31,8 @@ class ProxySettings:
     connect_timeout: float = CONNECT_TIMEOUT
     udp_max_flows: int = MAX_FLOWS
     udp_idle_timeout: float = IDLE_TIMEOUT
+    max_connections: int = 0      # per TCP port; 0: no limit
+    idle_timeout: float = 0.0     # TCP pairs with no byte either way for this long close; 0: never
     retry_interval: float = 5.0   # re-try ports that could not be bound
 
 
@@ -42,6 +47,8 @@ class ProxyServer:
         self._listeners: dict[RouteKey, Listener] = {}
         self._routes: Routes = {}          # the table last reconciled against
         self._pending: Routes | None = None
+        self._balance: dict[RouteKey, Balance] = {}     # newest; absent means round robin
+        self._applied_balance: dict[RouteKey, Balance] = {}
         self._failed: set[RouteKey] = set()
         self._worker: asyncio.Task[None] | None = None
         self._retry: asyncio.TimerHandle | None = None
@@ -64,17 +71,19 @@ class ProxyServer:
         """User-space bytes held by all TCP connections: what back-pressure keeps bounded."""
         return sum(conn.buffered() for conn in self.connections)
 
-    def update(self, routes: Routes) -> None:
-        """Ask for ``routes`` to be applied; a table still waiting is replaced, not queued."""
+    def update(self, routes: Routes, balance: Mapping[RouteKey, Balance] | None = None) -> None:
+        """Ask for ``routes`` (and each TCP route's balancing) to be applied; a table still
+        waiting is replaced, not queued."""
         if self._closed:
             return
         self._pending = routes
+        self._balance = dict(balance or {})
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._drain())
 
-    async def apply(self, routes: Routes) -> None:
+    async def apply(self, routes: Routes, balance: Mapping[RouteKey, Balance] | None = None) -> None:
         """Apply ``routes`` and return once the listeners match it (or failed to bind)."""
-        self.update(routes)
+        self.update(routes, balance)
         while self._worker is not None and not self._worker.done():
             await asyncio.shield(self._worker)
 
@@ -112,24 +121,30 @@ class ProxyServer:
             if listener is not None:
                 listener.close()   # established connections are left alone
                 log.info("listener closed", extra={"protocol": key[0], "port": key[1]})
+        balance, old_balance = self._balance, self._applied_balance
         for key, endpoints in routes.items():
             existing = self._listeners.get(key)
+            policy = balance.get(key, Balance.ROUND_ROBIN)
             if existing is not None:
-                if key in changes.changed:
+                if isinstance(existing, TcpListener) and policy != old_balance.get(key, Balance.ROUND_ROBIN):
+                    existing.set_endpoints(endpoints, policy)
+                elif key in changes.changed:
                     existing.set_endpoints(endpoints)
                 continue
-            await self._open(key, endpoints)
-        self._routes = routes
+            await self._open(key, endpoints, policy)
+        self._routes, self._applied_balance = routes, balance
         if self._failed and self._retry is None and not self._closed:
             self._retry = asyncio.get_running_loop().call_later(
                 self.settings.retry_interval, self._retry_failed)
 
-    async def _open(self, key: RouteKey, endpoints: tuple[Endpoint, ...]) -> None:
+    async def _open(self, key: RouteKey, endpoints: tuple[Endpoint, ...], policy: Balance) -> None:
         s = self.settings
         listener: Listener
         if key[0] == "TCP":
             listener = TcpListener(key[1], endpoints, host=s.bind_host, stats=self.stats,
-                                   conns=self.connections, connect_timeout=s.connect_timeout)
+                                   conns=self.connections, connect_timeout=s.connect_timeout,
+                                   balance=policy, max_connections=s.max_connections,
+                                   idle_timeout=s.idle_timeout)
         else:
             listener = UdpListener(key[1], endpoints, host=s.bind_host, stats=self.stats,
                                    max_flows=s.udp_max_flows, idle_timeout=s.udp_idle_timeout)

@@ -17,6 +17,9 @@ class Stats:
     bytes_out: int = 0              # upstream -> client
     connect_errors: int = 0         # upstream connects that failed or timed out
     connections_refused: int = 0    # clients reset because no endpoint answered
+    connections_over_limit: int = 0  # clients reset because the port had max_connections
+    idle_closed: int = 0            # pairs closed after idle_timeout without a byte
+    ejections: int = 0              # endpoints ejected after a failed connect (passive health)
     udp_flows_total: int = 0
     udp_flows_active: int = 0
     udp_flows_evicted: int = 0      # closed early because the flow table was full
