@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     from services.manager.api import NodeService
     from services.manager.process import ProcessRuntime
     from services.manager.reconcile import Reconciler
+    from services.manager.rik import SchedulerLink
 
     make_run_dir(cfg.paths_run_dir)
     memory = MemoryClient(cfg)
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     previous: dict[str, dict[str, Any]] = {}
     service: NodeService | None = None
     reconciler: Reconciler | None = None
+    link: SchedulerLink | None = None
 
     def on_change(name: str, record: dict[str, Any] | None) -> None:
         before = previous.pop(name, None)
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
             service.on_change(name, record, before)
         if reconciler is not None and record is not None:
             reconciler.poke(name)
+        if link is not None:
+            link.on_change(name, record, before)
 
     mirror = PodMirror(cfg, on_change=on_change)
     mirror.start()
@@ -70,6 +74,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"riklet-manager: cannot listen on {cfg.api_address}")
     server.start()
     reconciler.start()
+    if cfg.scheduler_address:
+        link = SchedulerLink(cfg.scheduler_address, cfg.node_id, memory, mirror, reconciler.poke,
+                             service.apply_lock, cfg.runtime_stop_grace_period)
+        link.start()
+        log.info("RIK mode", extra={"scheduler": cfg.scheduler_address, "node": cfg.node_id})
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("manager serving", extra={"address": cfg.api_address})
@@ -80,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     done.wait()
     log.info("manager stopping")
     health_servicer.enter_graceful_shutdown()
+    if link is not None:
+        link.stop()
     server.stop(grace=2).wait()
     reconciler.stop()
     mirror.stop()

@@ -23,6 +23,7 @@ from common.memclient import MemoryClient
 from common.model import dns_label, load_manifest, parse_workload
 from common.pb import node_pb2 as pb
 from common.pb import node_pb2_grpc as pb_grpc
+from common.rik import instance_id_of
 from common.zmqutil import RequestClient
 from services.manager.ports import check_ports
 
@@ -75,7 +76,8 @@ class NodeService(pb_grpc.NodeServicer):
         self.log_path = log_path
         self.grace_default = grace_default
         self.poke = poke
-        self._apply_lock = threading.Lock()   # port checks and writes must not interleave
+        # Port checks and writes must not interleave (shared with the RIK scheduler link).
+        self.apply_lock = threading.Lock()
         self._watchers: list[queue.Queue[tuple[str, dict[str, Any]] | None]] = []
         self._watch_lock = threading.Lock()
 
@@ -101,12 +103,15 @@ class NodeService(pb_grpc.NodeServicer):
 
     def _apply(self, manifest: str, fmt: str) -> pb.ApplyResponse:
         workload = parse_workload(load_manifest(manifest, fmt), self.grace_default)
-        with self._apply_lock:
+        with self.apply_lock:
             current = self.memory.list()
             check_ports(workload, current)
             records, changed = [], []
             for name, spec in workload.pods:
                 existing = next((p for p in current if p["name"] == name), None)
+                if existing is not None and instance_id_of(existing):
+                    raise Conflict(f"pod {name} is instance {instance_id_of(existing)} of the RIK "
+                                   "scheduler", "name")
                 if existing is not None and existing["spec"].get("workload") != workload.name:
                     raise Conflict(f"pod {name} belongs to workload "
                                    f"{existing['spec'].get('workload')}", "name")
@@ -115,7 +120,9 @@ class NodeService(pb_grpc.NodeServicer):
                 changed.append(bool(result.get("changed", True)))
             wanted = {n for n, _ in workload.pods}
             for old in current:  # fewer replicas than before: the extra pods go
-                if old["spec"].get("workload") == workload.name and old["name"] not in wanted:
+                # (not the scheduler's instances of a workload of the same name: those are its own)
+                if old["spec"].get("workload") == workload.name and old["name"] not in wanted \
+                        and not instance_id_of(old):
                     self.memory.set_desired(old["name"], "deleted")
         for r in records:
             self.poke(r["name"])

@@ -71,7 +71,9 @@ class MetricPusher:
         node = self.monitor.node_realtime()
         self.sender.send_worker(cpb.RUNNING, json.dumps(worker_metrics(node)))
         try:
-            pods = [p for p in self.list_pods() if instance_id_of(p)]
+            # Pods being deleted are the manager's to report: a metric sampled before the delete
+            # could otherwise land after its TERMINATED and leave the scheduler on DESTROYING.
+            pods = [p for p in self.list_pods() if instance_id_of(p) and p.get("desired") != "deleted"]
         except RikletError as exc:  # memory away: the node's figures still go out
             log.debug("no pod metrics this tick", extra={"error": str(exc)})
             return
