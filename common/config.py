@@ -195,6 +195,10 @@ class Config:
     def monitor_endpoint(self) -> str:
         return f"ipc://{self.paths_run_dir}/monitor.sock"
 
+    @property
+    def proxy_endpoint(self) -> str:
+        return f"ipc://{self.paths_run_dir}/proxy.sock"
+
 
 def _flatten(data: Mapping[str, Any], prefix: str, source: str) -> dict[str, Any]:
     out: dict[str, Any] = {}

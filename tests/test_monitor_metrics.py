@@ -353,8 +353,8 @@ def test_pod_figures_are_its_cgroups_not_the_hosts(pod_cgroup: str) -> None:
 
 def test_an_idle_cgroup_shows_no_cpu_while_the_host_is_busy(pod_cgroup: str) -> None:
     busy = start([sys.executable, "-c", BUSY])
-    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                            preexec_fn=_join(pod_cgroup))
+    # `sleep`, not a Python interpreter: an interpreter's start-up CPU would be sampled too.
+    idle = subprocess.Popen(["sleep", "60"], preexec_fn=_join(pod_cgroup))
     try:
         rec = record(cgroup=pod_cgroup, cpu_millis=None, memory_bytes=None)
         sampler = CpuSampler(first_interval=0.5)  # one call measures over half a second

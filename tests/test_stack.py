@@ -284,3 +284,41 @@ def test_ctrl_c_stops_the_agent_but_not_the_workloads(agent: Agent) -> None:
     assert pid_alive(pid)
     agent.start()
     assert agent.wait_phase("survivor", "Running")["containers"][0]["pid"] == pid
+
+
+def scrape(agent: Agent) -> dict[str, float]:
+    """Unlabelled samples and histogram buckets of the agent's /metrics, by full sample text."""
+    import urllib.request
+    with urllib.request.urlopen(f"http://{agent.metrics}/metrics", timeout=5) as resp:
+        body = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def test_proxy_counters_reach_the_metrics_endpoint(agent: Agent) -> None:
+    target, host = free_port(), free_port()
+    agent.ctl("run", "web", "--port", f"{host}:{target}", *serve_cmd(target))
+    agent.wait_phase("web", "Running")
+    assert wait_for(lambda: fetch(host).startswith(b"HTTP/1.0 200"), what="a reply through the proxy")
+    before = wait_for(lambda: (m := scrape(agent)).get("riklet_proxy_up") == 1 and m,
+                      what="the proxy's series on /metrics")
+    requests = 5
+    for _ in range(requests):
+        assert fetch(host).startswith(b"HTTP/1.0 200")
+
+    def moved() -> dict[str, float] | None:
+        m = scrape(agent)
+        done = (m["riklet_proxy_connections_total"] >= before["riklet_proxy_connections_total"] + requests
+                and m["riklet_proxy_connect_duration_seconds_count"]
+                >= before["riklet_proxy_connect_duration_seconds_count"] + requests)
+        return m if done else None
+    after = wait_for(moved, what="the proxy's counters moving")
+    assert after["riklet_proxy_connections_total"] >= requests + 1
+    assert after['riklet_proxy_connect_duration_seconds_bucket{le="+Inf"}'] \
+        == after["riklet_proxy_connect_duration_seconds_count"]
+    assert after["riklet_proxy_connect_duration_seconds_sum"] > 0
+    assert after["riklet_proxy_bytes_out_total"] > before["riklet_proxy_bytes_out_total"]

@@ -24,7 +24,7 @@ from common.rik import StatusSender
 from common.zmqutil import RequestClient, ipc_path, make_run_dir, prepare_ipc_bind, route_one
 from services.monitor.prom import MetricsServer
 from services.monitor.push import MetricPusher
-from services.monitor.service import Monitor, memory_pod_lister
+from services.monitor.service import Monitor, memory_pod_lister, proxy_stats_reader
 
 log = logging.getLogger("riklet.monitor")
 
@@ -36,7 +36,9 @@ def serve(cfg: config.Config, stop: threading.Event) -> None:
     make_run_dir(cfg.paths_run_dir)
     prepare_ipc_bind(cfg.monitor_endpoint, ctx)
     memory = RequestClient(cfg.memory_endpoint, timeout=1.0, retries=1, context=ctx)
-    monitor = Monitor(cfg.node_id, cfg.paths_state_dir, memory_pod_lister(memory))
+    proxy = RequestClient(cfg.proxy_endpoint, timeout=0.3, retries=0, context=ctx)
+    monitor = Monitor(cfg.node_id, cfg.paths_state_dir, memory_pod_lister(memory),
+                      proxy_stats=proxy_stats_reader(proxy))
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(cfg.monitor_endpoint)
@@ -60,6 +62,7 @@ def serve(cfg: config.Config, stop: threading.Event) -> None:
     finally:
         sock.close(linger=0)
         memory.close()
+        proxy.close()
         if path and os.path.exists(path):
             os.unlink(path)
         log.info("monitor stopped")

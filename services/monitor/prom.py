@@ -11,9 +11,10 @@ import logging
 import math
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import urlsplit
 
 from services.monitor.metrics import RealtimeNode, RealtimePod
@@ -30,12 +31,16 @@ Labels = tuple[tuple[str, str], ...]
 @dataclass
 class Family:
     name: str
-    kind: str            # gauge | counter
+    kind: str            # gauge | counter | histogram
     help: str
-    samples: list[tuple[Labels, float]] = field(default_factory=list)
+    # (suffix, labels, value): the suffix is "" but for a histogram's _bucket, _sum and _count.
+    samples: list[tuple[str, Labels, float]] = field(default_factory=list)
 
     def add(self, value: float, **labels: str) -> None:
-        self.samples.append((tuple(labels.items()), value))
+        self.samples.append(("", tuple(labels.items()), value))
+
+    def add_suffixed(self, suffix: str, value: float, **labels: str) -> None:
+        self.samples.append((suffix, tuple(labels.items()), value))
 
 
 def escape_label(value: str) -> str:
@@ -61,10 +66,11 @@ def exposition(families: Sequence[Family]) -> str:
     for fam in families:
         lines.append(f"# HELP {fam.name} {escape_help(fam.help)}")
         lines.append(f"# TYPE {fam.name} {fam.kind}")
-        for labels, value in fam.samples:
+        for suffix, labels, value in fam.samples:
             text = ",".join(f'{k}="{escape_label(v)}"' for k, v in labels)
-            lines.append(f"{fam.name}{{{text}}} {format_value(value)}" if text
-                         else f"{fam.name} {format_value(value)}")
+            name = fam.name + suffix
+            lines.append(f"{name}{{{text}}} {format_value(value)}" if text
+                         else f"{name} {format_value(value)}")
     return "\n".join(lines) + "\n"
 
 
@@ -102,8 +108,74 @@ def families(node: RealtimeNode, pods: Sequence[RealtimePod], scrape_errors: int
     return [node_cpu, node_mem, disk, pod_cpu, pod_mem, restarts, phases, errors]
 
 
-def render(node: RealtimeNode, pods: Sequence[RealtimePod], scrape_errors: int) -> str:
-    return exposition(families(node, pods, scrape_errors))
+# The proxy's ``stats`` answer: key -> (family name, kind, help).
+PROXY_SERIES: tuple[tuple[str, str, str, str], ...] = (
+    ("connections_total", "riklet_proxy_connections_total", "counter", "TCP clients accepted by the proxy."),
+    ("connections_active", "riklet_proxy_connections_active", "gauge", "TCP clients connected now."),
+    ("bytes_in", "riklet_proxy_bytes_in_total", "counter", "Bytes from clients to pods (TCP and UDP)."),
+    ("bytes_out", "riklet_proxy_bytes_out_total", "counter", "Bytes from pods to clients (TCP and UDP)."),
+    ("connect_errors", "riklet_proxy_connect_errors_total", "counter",
+     "Upstream connects that failed or timed out."),
+    ("connections_refused", "riklet_proxy_connections_refused_total", "counter",
+     "Clients reset because no endpoint answered."),
+    ("connections_over_limit", "riklet_proxy_connections_over_limit_total", "counter",
+     "Clients reset because their port was at max_connections."),
+    ("idle_closed", "riklet_proxy_idle_closed_total", "counter", "Connections closed when idle too long."),
+    ("ejections", "riklet_proxy_ejections_total", "counter", "Endpoints ejected after a failed connect."),
+    ("udp_flows_total", "riklet_proxy_udp_flows_total", "counter", "UDP flows opened."),
+    ("udp_flows_active", "riklet_proxy_udp_flows_active", "gauge", "UDP flows open now."),
+    ("udp_flows_evicted", "riklet_proxy_udp_flows_evicted_total", "counter",
+     "UDP flows closed early because the flow table was full."),
+    ("datagrams_in", "riklet_proxy_datagrams_in_total", "counter", "UDP datagrams from clients."),
+    ("datagrams_out", "riklet_proxy_datagrams_out_total", "counter", "UDP datagrams to clients."),
+    ("datagrams_dropped", "riklet_proxy_datagrams_dropped_total", "counter",
+     "UDP datagrams dropped (buffer full or upstream refused)."),
+)
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def proxy_families(stats: Mapping[str, Any] | None) -> list[Family]:
+    """``riklet_proxy_up`` always; the proxy's series only when it answered (``stats``).
+    Keys the proxy does not send (an older proxy) or sends malformed are left out."""
+    up = Family("riklet_proxy_up", "gauge", "1 if the proxy answered this scrape's stats request.")
+    up.add(0 if stats is None else 1)
+    out = [up]
+    if stats is None:
+        return out
+    for key, name, kind, help_text in PROXY_SERIES:
+        value = _number(stats.get(key))
+        if value is not None:
+            fam = Family(name, kind, help_text)
+            fam.add(value)
+            out.append(fam)
+    hist = stats.get("connect_latency")
+    if isinstance(hist, Mapping) and isinstance(hist.get("buckets"), list):
+        total, count = _number(hist.get("sum")), _number(hist.get("count"))
+        buckets = [(_number(b[0]), _number(b[1])) for b in hist["buckets"]
+                   if isinstance(b, list) and len(b) == 2]
+        if total is not None and count is not None and all(le is not None and n is not None
+                                                           for le, n in buckets):
+            fam = Family("riklet_proxy_connect_duration_seconds", "histogram",
+                         "Time to connect to the upstream endpoint (successful connects).")
+            for le, n in buckets:
+                fam.add_suffixed("_bucket", n or 0, le=format_value(le or 0.0))
+            fam.add_suffixed("_bucket", count, le="+Inf")
+            fam.add_suffixed("_sum", total)
+            fam.add_suffixed("_count", count)
+            out.append(fam)
+    return out
+
+
+def render(node: RealtimeNode, pods: Sequence[RealtimePod], scrape_errors: int,
+           proxy: Mapping[str, Any] | None = None, with_proxy: bool = False) -> str:
+    """With ``with_proxy``, add the proxy's families (``proxy`` None: it did not answer)."""
+    fams = families(node, pods, scrape_errors)
+    if with_proxy:
+        fams += proxy_families(proxy)
+    return exposition(fams)
 
 
 class _Server(ThreadingHTTPServer):

@@ -14,13 +14,14 @@ Pod ops answer ``Unavailable`` when memory cannot be reached; node ops never ask
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from common import ipc
 from common.errors import InvalidArgument, NotFound, RikletError, Unavailable
-from common.zmqutil import RequestClient
+from common.zmqutil import RequestClient, ipc_path
 from services.monitor import metrics, prom
 from services.monitor.pods import CgroupOpener, open_cgroup_default
 from services.monitor.sampler import CpuSampler
@@ -53,6 +54,27 @@ def memory_pod_lister(client: RequestClient) -> PodLister:
     return list_pods
 
 
+ProxyStats = Callable[[], Mapping[str, Any] | None]
+
+
+def proxy_stats_reader(client: RequestClient) -> ProxyStats:
+    """Ask the proxy for its counters. None when its socket file is absent (no proxy running:
+    nothing to report, not an error); Unavailable when the file is there but nobody answers."""
+    path = ipc_path(client.endpoint)
+
+    def read() -> Mapping[str, Any] | None:
+        if path is not None and not os.path.exists(path):
+            return None
+        try:
+            result = client.call("stats")
+        except RikletError as exc:
+            raise Unavailable(f"proxy at {client.endpoint} did not answer: {exc}", "proxy") from exc
+        if not isinstance(result, Mapping):
+            raise Unavailable(f"proxy answered stats with {type(result).__name__}", "proxy")
+        return result
+    return read
+
+
 def _pod_name(args: Mapping[str, Any]) -> str:
     name = args.get("name")
     if not isinstance(name, str) or not name or len(name) > MAX_NAME:
@@ -63,13 +85,14 @@ def _pod_name(args: Mapping[str, Any]) -> str:
 class Monitor:
     def __init__(self, node_id: str, state_dir: str, list_pods: PodLister,
                  sampler: CpuSampler | None = None, open_cgroup: CgroupOpener = open_cgroup_default,
-                 external_ip: str | None = None) -> None:
+                 external_ip: str | None = None, proxy_stats: ProxyStats | None = None) -> None:
         self.node_id = node_id
         self.state_dir = state_dir
         self.external_ip = external_ip
         self.sampler = sampler or CpuSampler()
         self._list_pods = list_pods
         self._open_cgroup = open_cgroup
+        self._proxy_stats = proxy_stats
         self._scrape_errors = 0
         self._errors_lock = threading.Lock()
         self._ops: dict[str, tuple[frozenset[str], Callable[[Mapping[str, Any]], Any]]] = {
@@ -109,14 +132,25 @@ class Monitor:
     def scrape_errors(self) -> int:
         return self._scrape_errors
 
+    def _scrape_error(self) -> None:
+        with self._errors_lock:
+            self._scrape_errors += 1
+
     def scrape(self) -> str:
-        """The ``/metrics`` body. Memory being down costs the pod series, not the node's."""
+        """The ``/metrics`` body. Memory (or the proxy) being down costs the pod (or proxy)
+        series, not the node's."""
         node = self.node_realtime()
         try:
             pods = self.pods_realtime()
         except Unavailable as exc:
             log.warning("scrape without pods", extra={"error": str(exc)})
-            with self._errors_lock:
-                self._scrape_errors += 1
+            self._scrape_error()
             pods = []
-        return prom.render(node, pods, self._scrape_errors)
+        proxy: Mapping[str, Any] | None = None
+        if self._proxy_stats is not None:
+            try:
+                proxy = self._proxy_stats()
+            except Unavailable as exc:
+                log.warning("scrape without proxy stats", extra={"error": str(exc)})
+                self._scrape_error()
+        return prom.render(node, pods, self._scrape_errors, proxy, with_proxy=self._proxy_stats is not None)

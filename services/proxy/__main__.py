@@ -15,13 +15,16 @@ import threading
 from typing import Any
 
 import uvloop
+import zmq
 
 from common import config
 from common import log as common_log
+from common.errors import RikletError
 from services.proxy.balance import balances
 from services.proxy.feed import SNAPSHOT_TIMEOUT, watch_pods
 from services.proxy.routes import balance_from_pods, routes_from_pods
 from services.proxy.server import ProxyServer, ProxySettings
+from services.proxy.stats_server import StatsServer
 
 log = logging.getLogger("services.proxy")
 
@@ -58,6 +61,7 @@ async def serve(cfg: config.Config, settings: ProxySettings) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)
+    stats = start_stats(cfg, server)
     feed = threading.Thread(target=run_feed, name="pod-feed", daemon=True)
     feed.start()
     log.info("proxy started", extra={"pid": os.getpid(), "bind": settings.bind_host})
@@ -66,8 +70,22 @@ async def serve(cfg: config.Config, settings: ProxySettings) -> int:
     # Join before closing the loop: the feed may still call on_pods until it sees ``stop``.
     await loop.run_in_executor(None, feed.join, SNAPSHOT_TIMEOUT + 1.0)
     await server.close()
+    if stats is not None:
+        stats.stop()
     log.info("proxy stopped")
     return 1 if failed else 0
+
+
+def start_stats(cfg: config.Config, server: ProxyServer) -> StatsServer | None:
+    """The ``stats`` endpoint for the monitor. Forwarding matters more than being measured:
+    if it cannot bind (a live twin, an unwritable run dir), log and forward without it."""
+    stats = StatsServer(cfg.proxy_endpoint, server.stats.as_dict)
+    try:
+        stats.start()
+    except (RikletError, OSError, zmq.ZMQError) as exc:
+        log.error("no stats endpoint", extra={"endpoint": cfg.proxy_endpoint, "error": str(exc)})
+        return None
+    return stats
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -206,6 +206,7 @@ class ClientConnection(asyncio.Protocol):
 
     async def _try(self, ep: Endpoint) -> bool:
         loop = asyncio.get_running_loop()
+        started = loop.time()
         self._timer = loop.call_later(self.connect_timeout, self._expire)
         try:
             await loop.create_connection(lambda: _Upstream(self), ep.address, ep.port)
@@ -221,6 +222,7 @@ class ClientConnection(asyncio.Protocol):
             return self._failed(ep, repr(exc))
         finally:
             self._stop_timer()
+        self.stats.observe_connect(loop.time() - started)
         self.endpoint = ep
         self.picker.connected(ep)
         return True

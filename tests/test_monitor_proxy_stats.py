@@ -1,0 +1,163 @@
+"""The proxy's counters on their way to /metrics: the histogram in Stats, the proxy's ``stats``
+endpoint (a real ROUTER socket), and their Prometheus rendering in the monitor."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import zmq
+
+from common import ipc
+from common.errors import RikletError, Unavailable
+from common.zmqutil import RequestClient
+from services.monitor import prom
+from services.monitor.service import proxy_stats_reader
+from services.proxy.stats import CONNECT_BUCKETS, Stats
+from services.proxy.stats_server import StatsServer
+
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? '
+                    r'(-?[0-9.eE+-]+|NaN|[+-]Inf)$')
+HIST_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+def parse(text: str) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+    """Text format 0.0.4 into ({family: type}, {sample name: {labels: value}}); strict."""
+    types: dict[str, str] = {}
+    samples: dict[str, dict[str, float]] = {}
+    assert text.endswith("\n")
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in {"gauge", "counter", "histogram"} and name not in types
+            types[name] = kind
+            continue
+        m = SAMPLE.match(line)
+        assert m, f"not a sample line: {line!r}"
+        name = m.group(1)
+        family = name
+        for suffix in HIST_SUFFIXES:
+            if name.endswith(suffix) and types.get(name[: -len(suffix)]) == "histogram":
+                family = name[: -len(suffix)]
+        assert family in types, f"{name} has no TYPE line"
+        samples.setdefault(name, {})[m.group(2) or ""] = float(m.group(3))
+    return types, samples
+
+
+def observed() -> Stats:
+    s = Stats(connections_total=7, connections_active=2, bytes_in=100, bytes_out=2000)
+    for seconds in (0.0001, 0.0004, 0.002, 0.04, 2.0, 10.0):
+        s.observe_connect(seconds)
+    return s
+
+
+def test_histogram_buckets_are_cumulative_and_count_includes_overflow() -> None:
+    hist = observed().as_dict()["connect_latency"]
+    assert [le for le, _ in hist["buckets"]] == list(CONNECT_BUCKETS)
+    counts = [n for _, n in hist["buckets"]]
+    assert counts == sorted(counts) and counts[0] == 2 and counts[-1] == 5
+    assert hist["count"] == 6 and hist["sum"] == pytest.approx(12.0425)
+    boundary = Stats()
+    boundary.observe_connect(0.001)  # le is inclusive
+    assert dict((le, n) for le, n in boundary.as_dict()["connect_latency"]["buckets"])[0.001] == 1
+
+
+def test_render_exports_proxy_families_in_text_format() -> None:
+    node: Any = {"cpu": {"currentUsage": 1.5}, "memory": {"totalMemory": 10, "freeMemory": 4}, "disks": []}
+    types, samples = parse(prom.render(node, [], 0, observed().as_dict(), with_proxy=True))
+    assert samples["riklet_proxy_up"] == {"": 1}
+    assert types["riklet_proxy_connections_total"] == "counter"
+    assert samples["riklet_proxy_connections_total"] == {"": 7}
+    assert types["riklet_proxy_connections_active"] == "gauge"
+    assert samples["riklet_proxy_bytes_out_total"] == {"": 2000}
+    assert all(types[n] == "counter" for n in types if n.startswith("riklet_proxy") and n.endswith("_total"))
+    name = "riklet_proxy_connect_duration_seconds"
+    assert types[name] == "histogram"
+    buckets = samples[f"{name}_bucket"]
+    assert buckets['{le="0.0005"}'] == 2 and buckets['{le="3"}'] == 5 and buckets['{le="+Inf"}'] == 6
+    assert len(buckets) == len(CONNECT_BUCKETS) + 1
+    assert samples[f"{name}_count"] == {"": 6} and samples[f"{name}_sum"][""] == pytest.approx(12.0425)
+
+
+def test_render_without_an_answering_proxy_keeps_only_up() -> None:
+    node: Any = {"cpu": {"currentUsage": 0}, "memory": {"totalMemory": 1, "freeMemory": 1}, "disks": []}
+    _, samples = parse(prom.render(node, [], 3, None, with_proxy=True))
+    assert samples["riklet_proxy_up"] == {"": 0}
+    assert not [n for n in samples if n.startswith("riklet_proxy_") and n != "riklet_proxy_up"]
+    _, samples = parse(prom.render(node, [], 0, {"connections_total": "x", "connect_latency": {}},
+                                   with_proxy=True))
+    assert "riklet_proxy_connections_total" not in samples, "malformed values are left out"
+
+
+@pytest.fixture
+def stats_server() -> Iterator[tuple[StatsServer, Stats]]:
+    run_dir = tempfile.mkdtemp(prefix="rkp", dir="/tmp")
+    stats = observed()
+    server = StatsServer(f"ipc://{run_dir}/proxy.sock", stats.as_dict)
+    server.start()
+    try:
+        yield server, stats
+    finally:
+        server.stop()
+        os.rmdir(run_dir)
+
+
+def test_stats_endpoint_answers_and_the_reader_reads_it(stats_server: tuple[StatsServer, Stats]) -> None:
+    server, stats = stats_server
+    path = server.endpoint[len("ipc://"):]
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    client = RequestClient(server.endpoint, timeout=5.0, retries=0)
+    try:
+        assert client.call("stats")["connections_total"] == 7
+        stats.connections_total += 1
+        assert proxy_stats_reader(client)()["connections_total"] == 8  # type: ignore[index]
+        with pytest.raises(RikletError) as err:
+            client.call("nope")
+        assert "unknown op" in str(err.value)
+    finally:
+        client.close()
+
+
+def test_stats_endpoint_answers_garbage_with_errors(stats_server: tuple[StatsServer, Stats]) -> None:
+    server, _ = stats_server
+    sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.endpoint)
+    try:
+        for frames in ([b"\xff\xfe"], [b"not-magic", b"{}"], [ipc.MAGIC, b"\xff{not json"]):
+            sock.send_multipart(frames)
+            assert sock.poll(5000), f"no reply to {frames!r}"
+            reply = ipc.decode_reply(sock.recv_multipart())
+            assert not reply.ok
+    finally:
+        sock.close()
+    client = RequestClient(server.endpoint, timeout=5.0, retries=0)
+    try:
+        assert client.call("stats")["connections_total"] == 7, "the endpoint survives garbage"
+    finally:
+        client.close()
+
+
+def test_stats_endpoint_unlinks_its_socket_and_the_reader_tells_absent_from_silent() -> None:
+    run_dir = tempfile.mkdtemp(prefix="rkp", dir="/tmp")
+    endpoint = f"ipc://{run_dir}/proxy.sock"
+    server = StatsServer(endpoint, Stats().as_dict)
+    server.start()
+    server.stop()
+    assert not os.path.exists(f"{run_dir}/proxy.sock")
+    client = RequestClient(endpoint, timeout=0.3, retries=0)
+    try:
+        assert proxy_stats_reader(client)() is None, "no socket file: no proxy, no error"
+        open(f"{run_dir}/proxy.sock", "w").close()  # a stale file, nobody behind it
+        with pytest.raises(Unavailable):
+            proxy_stats_reader(client)()
+    finally:
+        client.close()
+        os.unlink(f"{run_dir}/proxy.sock")
+        os.rmdir(run_dir)
