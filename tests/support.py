@@ -4,6 +4,7 @@ a missing system dependency skips locally but fails under CI=true."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 import uuid
@@ -62,3 +63,33 @@ def cgroup_layout(test_root: str = "riklet-test"):  # type: ignore[no-untyped-de
             reason = f"cannot create a cgroup: {exc}"
     need(reason is None, reason or "")
     return layout
+
+
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? '
+                    r'(-?[0-9.eE+-]+|NaN|[+-]Inf)$')
+HIST_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+def parse_prometheus(text: str) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+    """Text format 0.0.4 into ({family: type}, {sample name: {labels: value}}); strict."""
+    types: dict[str, str] = {}
+    samples: dict[str, dict[str, float]] = {}
+    assert text.endswith("\n")
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in {"gauge", "counter", "histogram"} and name not in types
+            types[name] = kind
+            continue
+        m = SAMPLE.match(line)
+        assert m, f"not a sample line: {line!r}"
+        name = m.group(1)
+        family = name
+        for suffix in HIST_SUFFIXES:
+            if name.endswith(suffix) and types.get(name[: -len(suffix)]) == "histogram":
+                family = name[: -len(suffix)]
+        assert family in types, f"{name} has no TYPE line"
+        samples.setdefault(name, {})[m.group(2) or ""] = float(m.group(3))
+    return types, samples

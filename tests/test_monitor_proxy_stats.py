@@ -4,7 +4,6 @@ endpoint (a real ROUTER socket), and their Prometheus rendering in the monitor."
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -19,35 +18,7 @@ from services.monitor import prom
 from services.monitor.service import proxy_stats_reader
 from services.proxy.stats import CONNECT_BUCKETS, Stats
 from services.proxy.stats_server import StatsServer
-
-SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? '
-                    r'(-?[0-9.eE+-]+|NaN|[+-]Inf)$')
-HIST_SUFFIXES = ("_bucket", "_sum", "_count")
-
-
-def parse(text: str) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
-    """Text format 0.0.4 into ({family: type}, {sample name: {labels: value}}); strict."""
-    types: dict[str, str] = {}
-    samples: dict[str, dict[str, float]] = {}
-    assert text.endswith("\n")
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            continue
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ")
-            assert kind in {"gauge", "counter", "histogram"} and name not in types
-            types[name] = kind
-            continue
-        m = SAMPLE.match(line)
-        assert m, f"not a sample line: {line!r}"
-        name = m.group(1)
-        family = name
-        for suffix in HIST_SUFFIXES:
-            if name.endswith(suffix) and types.get(name[: -len(suffix)]) == "histogram":
-                family = name[: -len(suffix)]
-        assert family in types, f"{name} has no TYPE line"
-        samples.setdefault(name, {})[m.group(2) or ""] = float(m.group(3))
-    return types, samples
+from tests.support import parse_prometheus
 
 
 def observed() -> Stats:
@@ -70,7 +41,7 @@ def test_histogram_buckets_are_cumulative_and_count_includes_overflow() -> None:
 
 def test_render_exports_proxy_families_in_text_format() -> None:
     node: Any = {"cpu": {"currentUsage": 1.5}, "memory": {"totalMemory": 10, "freeMemory": 4}, "disks": []}
-    types, samples = parse(prom.render(node, [], 0, observed().as_dict(), with_proxy=True))
+    types, samples = parse_prometheus(prom.render(node, [], 0, observed().as_dict(), with_proxy=True))
     assert samples["riklet_proxy_up"] == {"": 1}
     assert types["riklet_proxy_connections_total"] == "counter"
     assert samples["riklet_proxy_connections_total"] == {"": 7}
@@ -87,10 +58,10 @@ def test_render_exports_proxy_families_in_text_format() -> None:
 
 def test_render_without_an_answering_proxy_keeps_only_up() -> None:
     node: Any = {"cpu": {"currentUsage": 0}, "memory": {"totalMemory": 1, "freeMemory": 1}, "disks": []}
-    _, samples = parse(prom.render(node, [], 3, None, with_proxy=True))
+    _, samples = parse_prometheus(prom.render(node, [], 3, None, with_proxy=True))
     assert samples["riklet_proxy_up"] == {"": 0}
     assert not [n for n in samples if n.startswith("riklet_proxy_") and n != "riklet_proxy_up"]
-    _, samples = parse(prom.render(node, [], 0, {"connections_total": "x", "connect_latency": {}},
+    _, samples = parse_prometheus(prom.render(node, [], 0, {"connections_total": "x", "connect_latency": {}},
                                    with_proxy=True))
     assert "riklet_proxy_connections_total" not in samples, "malformed values are left out"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -27,11 +26,10 @@ import zmq
 from common import ipc
 from common.errors import InvalidArgument, RikletError
 from common.zmqutil import RequestClient, route_one
-from tests.support import free_port, wait_for
+from tests.support import free_port, parse_prometheus, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_ID = "node-639d7"
-SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_]\w*="(?:[^"\\]|\\.)*",?)*\})? (\S+)$')
 
 
 
@@ -239,23 +237,7 @@ def test_garbage_frames_get_error_replies(monitor: Monitor) -> None:
 
 def parse_exposition(text: str) -> dict[str, dict[str, float]]:
     """Prometheus text format 0.0.4 into {name: {labels: value}}; fails on any malformed line."""
-    types: dict[str, str] = {}
-    samples: dict[str, dict[str, float]] = {}
-    assert text.endswith("\n")
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            continue
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ")
-            assert kind in {"gauge", "counter"} and name not in types
-            types[name] = kind
-            continue
-        m = SAMPLE.match(line)
-        assert m, f"not a sample line: {line!r}"
-        name, labels, value = m.group(1), m.group(2) or "", m.group(3)
-        assert name in types, f"{name} has no TYPE line"
-        samples.setdefault(name, {})[labels] = float(value)
-    return samples
+    return parse_prometheus(text)[1]
 
 
 def test_metrics_endpoint_serves_prometheus_text(monitor: Monitor, memory: FakeMemory) -> None:
