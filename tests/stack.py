@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 
 from common import pb
-from tests.support import free_port, wait_for
+from tests.support import free_ports, wait_for
 
 pb.ensure()
 from common.pb import node_pb2 as npb  # noqa: E402
@@ -44,8 +44,9 @@ class Agent:
         self.base = tempfile.mkdtemp(prefix="rk", dir="/tmp")
         self.run_dir = os.path.join(self.base, "run")
         self.state_dir = os.path.join(self.base, "state")
-        self.api = f"127.0.0.1:{free_port()}"
-        self.metrics = f"127.0.0.1:{free_port()}"
+        api_port, metrics_port = free_ports(2)
+        self.api = f"127.0.0.1:{api_port}"
+        self.metrics = f"127.0.0.1:{metrics_port}"
         self.config = os.path.join(self.base, "riklet.yaml")
         with open(self.config, "w", encoding="utf-8") as fh:
             fh.write(config_yaml)
@@ -64,7 +65,14 @@ class Agent:
         out = open(os.path.join(self.base, "supervisord.out"), "ab")  # noqa: SIM115
         self.proc = subprocess.Popen([os.path.join(BIN, "riklet"), "run"], env=self.env,
                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            # A half-started agent must not outlive the test that could not use it.
+            self.dump_logs()
+            self.stop()
+            self.kill_leftovers()
+            raise
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> None:

@@ -12,7 +12,7 @@ import pytest
 from services.proxy.balance import Balance
 from services.proxy.routes import Endpoint
 from services.proxy.server import ProxySettings
-from tests.support import free_port, wait_for
+from tests.support import free_port, free_ports, wait_for
 from tests.test_proxy_tcp import Backend, Proxy, backends, connect, echo, first_bytes, named, recv_exact
 
 __all__ = ["backends"]   # the fixture, used by name
@@ -103,7 +103,7 @@ def test_an_ejected_endpoint_gets_traffic_again_once_it_answers(backends: Any) -
     proxy = make()
     try:
         a = backends(named(b"a"))
-        port, late_port = free_port(), free_port()
+        port, late_port = free_ports(2)
         proxy.route(port, a.port, late_port)
         assert {first_bytes(port) for _ in range(4)} == {b"a"}   # late_port refuses: ejected
         assert proxy.server.stats.ejections == 1

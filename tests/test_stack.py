@@ -13,7 +13,8 @@ import time
 import grpc
 import pytest
 
-from tests.stack import Agent, free_port, npb, pid_alive, wait_for
+from tests.stack import Agent, npb, pid_alive
+from tests.support import free_port, free_ports, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +53,7 @@ def fetch(port: int) -> bytes:
 
 
 def test_restarts_keep_workloads_and_records(agent: Agent) -> None:
-    port, host = free_port(), free_port()
+    port, host = free_ports(2)
     agent.ctl("run", "web", "--port", f"{host}:{port}", *serve_cmd(port))
     agent.ctl("run", "crashy", "--restart", "Always", "--", "sh", "-c", "sleep 0.2; exit 3")
     web = agent.wait_phase("web", "Running")
@@ -137,7 +138,7 @@ def test_restart_policy_on_failure_counts_restarts(agent: Agent) -> None:
 
 
 def test_proxy_forwards_host_port_to_workload(agent: Agent) -> None:
-    target, host = free_port(), free_port()
+    target, host = free_ports(2)
     agent.ctl("run", "site", "--port", f"{host}:{target}", *serve_cmd(target))
     pod = agent.wait_phase("site", "Running")
     assert pod["endpoints"] == [{"host_port": host, "protocol": "TCP", "address": "127.0.0.1",
@@ -300,7 +301,7 @@ def scrape(agent: Agent) -> dict[str, float]:
 
 
 def test_proxy_counters_reach_the_metrics_endpoint(agent: Agent) -> None:
-    target, host = free_port(), free_port()
+    target, host = free_ports(2)
     agent.ctl("run", "web", "--port", f"{host}:{target}", *serve_cmd(target))
     agent.wait_phase("web", "Running")
     assert wait_for(lambda: fetch(host).startswith(b"HTTP/1.0 200"), what="a reply through the proxy")

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 import pytest
 import yaml
 
-from tests.stack import Agent, free_port, wait_for
+from tests.stack import Agent
+from tests.support import free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
