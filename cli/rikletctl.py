@@ -89,9 +89,14 @@ def _port_flag(text: str, i: int) -> dict[str, Any]:
 
 def run_manifest(args: argparse.Namespace) -> dict[str, Any]:
     dns_label(args.name, "NAME")
-    if not args.command:
-        raise InvalidArgument("give the command after --, e.g. -- python3 -m http.server", "CMD")
-    container: dict[str, Any] = {"name": args.container or args.name, "command": args.command}
+    if not args.command and not args.image:
+        raise InvalidArgument("give the command after --, e.g. -- python3 -m http.server, or an --image",
+                              "CMD")
+    container: dict[str, Any] = {"name": args.container or args.name}
+    if args.command:
+        container["command"] = args.command  # with an image: replaces its entrypoint and cmd
+    if args.image:
+        container["image"] = args.image
     env: dict[str, str] = {}
     for i, item in enumerate(args.env):
         key, sep, value = item.partition("=")
@@ -114,6 +119,8 @@ def run_manifest(args: argparse.Namespace) -> dict[str, Any]:
     if args.workdir:
         container["workingDir"] = args.workdir
     spec: dict[str, Any] = {"containers": [container], "restartPolicy": args.restart}
+    if args.host_network:
+        spec["hostNetwork"] = True
     if args.grace is not None:
         spec["terminationGracePeriodSeconds"] = args.grace
     return {"apiVersion": "v1", "kind": "Pod", "name": args.name, "spec": spec}
@@ -189,6 +196,44 @@ class Ctl:
         cpu, mem = rt.get("cpu", {}), rt.get("memory", {})
         print(f"cpu {cpu.get('currentUsage')}%  memory {mem.get('currentUsage')}%")
 
+    def image(self, args: argparse.Namespace) -> None:
+        {"ls": self._image_ls, "list": self._image_ls, "pull": self._image_pull,
+         "import": self._image_import, "rm": self._image_rm}[args.action](args)
+
+    def _image_ls(self, args: argparse.Namespace) -> None:
+        images = self.stub.ListImages(npb.ListImagesRequest(), timeout=30).images
+        if self.json:
+            print(json.dumps([{"name": i.name, "digest": i.digest, "size": i.size,
+                               "createdAt": i.created_at} for i in images], indent=2))
+            return
+        rows = [("NAME", "DIGEST", "AGE")]
+        rows += [(i.name, i.digest[:19], _age(i.created_at)) for i in images]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        for r in rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+
+    def _image_pull(self, args: argparse.Namespace) -> None:
+        for ref in args.refs:
+            for msg in self.stub.PullImage(npb.PullImageRequest(image=ref)):
+                if msg.done:
+                    print(msg.image)
+                else:
+                    print(msg.message, file=sys.stderr, flush=True)
+
+    def _image_import(self, args: argparse.Namespace) -> None:
+        def chunks() -> Any:
+            with open(args.refs[0], "rb") if args.refs[0] != "-" else sys.stdin.buffer as fh:
+                while data := fh.read(1 << 20):
+                    yield npb.ImageChunk(data=data)
+        if len(args.refs) != 1:
+            raise InvalidArgument("give one archive file (or - for standard input)", "FILE")
+        for name in self.stub.ImportImage(chunks(), timeout=600).images:
+            print(name)
+
+    def _image_rm(self, args: argparse.Namespace) -> None:
+        for ref in args.refs:
+            print(f"deleted {self.stub.RemoveImage(npb.RemoveImageRequest(image=ref), timeout=30).image}")
+
     def watch(self, args: argparse.Namespace) -> None:
         for ev in self.stub.Watch(npb.WatchRequest(name=args.name or "")):
             if self.json:
@@ -213,8 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("apply", Ctl.apply, "create or update a workload from a JSON or YAML file", output=True)
     sp.add_argument("-f", "--filename", required=True, help="file, or - for standard input")
-    sp = add("run", Ctl.run, "run a one-container process workload", output=True)
+    sp = add("run", Ctl.run, "run a one-container workload: a process, or an --image", output=True)
     sp.add_argument("name")
+    sp.add_argument("--image", help="container image (containerd runtime); CMD replaces its command")
+    sp.add_argument("--host-network", action="store_true", help="share the node's network (images)")
     sp.add_argument("--port", action="append", default=[], help="HOST:TARGET[/tcp|/udp]")
     sp.add_argument("--env", "-e", action="append", default=[], help="K=V")
     sp.add_argument("--cpu", help="cores, e.g. 0.5")
@@ -237,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-f", "--follow", action="store_true")
     sp.add_argument("--tail", type=int)
     add("node", Ctl.node, "node resources and usage", output=True)
+    sp = add("image", Ctl.image, "containerd images: ls, pull REF, import FILE, rm REF", aliases=["images"],
+             output=True)
+    sp.add_argument("action", choices=["ls", "list", "pull", "import", "rm"])
+    sp.add_argument("refs", nargs="*", metavar="REF|FILE")
     sp = add("watch", Ctl.watch, "stream pod changes", output=True)
     sp.add_argument("name", nargs="?")
     return p
@@ -258,6 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.names = args.names[1:]
         if not args.names:
             parser.error("delete: give a pod name")
+    if args.cmd in ("image", "images") and args.action in ("pull", "import", "rm") and not args.refs:
+        parser.error(f"image {args.action}: give {'a file' if args.action == 'import' else 'an image'}")
     if args.cmd == "get" and args.what == "pod" and not args.name:
         parser.error("get pod: give a pod name")
     ctl = Ctl(args.endpoint, getattr(args, "output", "table") == "json")

@@ -49,6 +49,43 @@ def _runtime(value: object, field: str) -> str:
     return text
 
 
+def _socket_path(value: object, field: str) -> str:
+    text = _str(value, field)
+    if text.startswith("unix://"):
+        text = text[len("unix://"):]
+    if not text.startswith("/"):
+        raise InvalidArgument(f"expected an absolute unix socket path, got {text!r}", field)
+    return text
+
+
+def _subnet(value: object, field: str) -> str:
+    try:
+        net = ipaddress.ip_network(_str(value, field), strict=True)
+    except ValueError as exc:
+        raise InvalidArgument(f"expected an IPv4 subnet like 10.88.0.0/16: {exc}", field) from exc
+    if net.version != 4 or net.prefixlen > 28:
+        raise InvalidArgument("expected an IPv4 subnet of at least 16 addresses", field)
+    return str(net)
+
+
+def _name(value: object, field: str) -> str:
+    text = _str(value, field)
+    if not all(ch.isalnum() or ch in "._-" for ch in text) or len(text) > 15:
+        raise InvalidArgument("expected at most 15 letters, digits, '.', '_' or '-'", field)
+    return text
+
+
+def _hosts(value: object, field: str) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+        raise InvalidArgument("expected a list of registry hosts (HOST or HOST:PORT)", field)
+    hosts = tuple(i.strip() for i in items if i.strip())
+    for h in hosts:
+        if "/" in h or " " in h:
+            raise InvalidArgument(f"expected HOST or HOST:PORT, got {h!r}", field)
+    return hosts
+
+
 def _count(value: object, field: str) -> int:
     if isinstance(value, str) and value.isdigit():  # from a flag or the environment
         value = int(value)
@@ -127,6 +164,20 @@ SETTINGS: tuple[Setting, ...] = (
             "runtime for containers that do not say"),
     Setting("runtime.stop_grace_period", parse_duration, lambda: 10.0, None, None,
             "SIGTERM to SIGKILL delay when a pod does not set one"),
+    Setting("containerd.address", _socket_path, lambda: "/run/containerd/containerd.sock",
+            "CONTAINERD_SOCKET", "--containerd-socket", "containerd's gRPC socket"),
+    Setting("containerd.namespace", _name, lambda: "riklet", "RIKLET_CONTAINERD_NAMESPACE", None,
+            "containerd namespace the agent's containers and images live in"),
+    Setting("containerd.snapshotter", _name, lambda: "overlayfs", "RIKLET_SNAPSHOTTER", None,
+            "containerd snapshotter for container filesystems"),
+    Setting("containerd.insecure_registries", _hosts, lambda: (), "RIKLET_INSECURE_REGISTRIES", None,
+            "registries pulled from over plain HTTP (comma-separated HOST:PORT)"),
+    Setting("network.bridge", _name, lambda: "riklet0", "RIKLET_BRIDGE", None,
+            "bridge the pods' interfaces are attached to"),
+    Setting("network.subnet", _subnet, lambda: "10.88.0.0/16", "RIKLET_POD_SUBNET", "--pod-subnet",
+            "pod IP addresses are taken from this subnet"),
+    Setting("network.cni_path", _path, lambda: "/usr/lib/cni", "CNI_PATH", None,
+            "directory of the CNI plugins (bridge, host-local, loopback)"),
     Setting("restart.backoff_initial", parse_duration, lambda: 1.0, None, None,
             "first restart delay of a crashing container"),
     Setting("restart.backoff_max", parse_duration, lambda: 300.0, None, None,
@@ -167,6 +218,13 @@ class Config:
     logging_level: str
     runtime_default: str
     runtime_stop_grace_period: float
+    containerd_address: str
+    containerd_namespace: str
+    containerd_snapshotter: str
+    containerd_insecure_registries: tuple[str, ...]
+    network_bridge: str
+    network_subnet: str
+    network_cni_path: str
     restart_backoff_initial: float
     restart_backoff_max: float
     restart_backoff_reset: float

@@ -240,6 +240,9 @@ def parse_workload(data: Mapping[str, Any], default_grace: float = 10.0) -> Work
                                   f"spec.containers[{i}].name")
         containers.append(container)
         ports.extend(container_ports)
+    if len({c["runtime"] for c in containers}) > 1:
+        raise InvalidArgument("all containers of a pod run on one runtime: give every container an image, "
+                              "or none", "spec.containers")
     seen: set[tuple[str, int]] = set()
     for port in ports:
         key = (port["protocol"], port["port"])

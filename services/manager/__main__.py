@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     pb.ensure()
     from common.pb import node_pb2, node_pb2_grpc  # generated: import after ensure()
     from services.manager.api import NodeService
+    from services.manager.cni import PodNetworks
+    from services.manager.containerd import ContainerdRuntime
+    from services.manager.ctrd import Containerd
     from services.manager.process import ProcessRuntime
     from services.manager.reconcile import Reconciler
     from services.manager.rik import SchedulerLink
@@ -38,6 +41,18 @@ def main(argv: list[str] | None = None) -> None:
         cfg.paths_state_dir, cfg.runtime_stop_grace_period, cfg.logs_max_size, cfg.logs_max_files,
         {"initial": cfg.restart_backoff_initial, "max": cfg.restart_backoff_max,
          "reset": cfg.restart_backoff_reset})
+    # The containerd runtime is always there: without containerd, its pods fail with the reason
+    # while process pods run on.
+    backoff = {"initial": cfg.restart_backoff_initial, "max": cfg.restart_backoff_max,
+               "reset": cfg.restart_backoff_reset}
+    containers = ContainerdRuntime(
+        cfg.paths_state_dir,
+        Containerd(cfg.containerd_address, cfg.containerd_namespace, cfg.containerd_snapshotter),
+        PodNetworks(cfg.paths_state_dir, runtime.agent_id, bridge=cfg.network_bridge,
+                    subnet=cfg.network_subnet, cni_path=cfg.network_cni_path),
+        grace_default=cfg.runtime_stop_grace_period, log_max_size=cfg.logs_max_size,
+        log_max_files=cfg.logs_max_files, backoff=backoff,
+        insecure_registries=cfg.containerd_insecure_registries)
     previous: dict[str, dict[str, Any]] = {}
     service: NodeService | None = None
     reconciler: Reconciler | None = None
@@ -58,9 +73,11 @@ def main(argv: list[str] | None = None) -> None:
     mirror.start()
     if not mirror.wait_synced(30):
         log.warning("memory not reachable yet; serving and retrying")
-    reconciler = Reconciler(memory, {"process": runtime}, mirror)
+    reconciler = Reconciler(memory, {"process": runtime, "containerd": containers}, mirror)
+    containers.on_progress = reconciler.progress
     service = NodeService(memory, mirror, RequestClient(cfg.monitor_endpoint, timeout=2.0, retries=1),
-                          runtime.log_path, cfg.runtime_stop_grace_period, reconciler.poke)
+                          runtime.log_path, cfg.runtime_stop_grace_period, reconciler.poke,
+                          images=containers)
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="grpc"),
                          options=[("grpc.max_receive_message_length", 1024 * 1024)])
@@ -74,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"riklet-manager: cannot listen on {cfg.api_address}")
     server.start()
     reconciler.start()
+    threading.Thread(target=report_orphans, args=(containers, mirror), name="orphans", daemon=True).start()
     if cfg.scheduler_address:
         link = SchedulerLink(cfg.scheduler_address, cfg.node_id, memory, mirror, reconciler.poke,
                              service.apply_lock, cfg.runtime_stop_grace_period)
@@ -95,6 +113,21 @@ def main(argv: list[str] | None = None) -> None:
     reconciler.stop()
     mirror.stop()
     # Workloads are left running on purpose: their shims do not depend on this process.
+
+
+def report_orphans(containers: Any, mirror: Any) -> None:
+    """Containers of this agent that no pod in memory owns are logged, never killed: they may be
+    an operator's to inspect (the policy for what memory does not know)."""
+    from common.errors import RikletError
+    if not mirror.wait_synced(60):
+        return
+    try:
+        orphans = containers.orphans(set(mirror.names()))
+    except RikletError as exc:
+        log.info("containerd not checked for orphan containers", extra={"error": exc.message})
+        return
+    for o in orphans:
+        log.warning("container of no known pod left running (remove it with ctr if unwanted)", extra=o)
 
 
 if __name__ == "__main__":

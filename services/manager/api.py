@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import queue
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 import grpc
 
 from common import rotlog
-from common.errors import Conflict, ErrorCode, InvalidArgument, NotFound, RikletError
+from common.errors import Conflict, ErrorCode, InvalidArgument, NotFound, RikletError, Unavailable
 from common.memclient import MemoryClient
 from common.model import dns_label, load_manifest, parse_workload
 from common.pb import node_pb2 as pb
@@ -66,11 +67,22 @@ def pod_message(record: Mapping[str, Any]) -> pb.Pod:
         endpoints=endpoints, spec_json=json.dumps(spec), status_json=json.dumps(status))
 
 
+MAX_IMPORT = 16 << 30
+
+
+def _image_ref(value: str) -> str:
+    text = value.strip()
+    if not text or len(text) > 512 or any(ch.isspace() or ord(ch) < 32 for ch in text):
+        raise InvalidArgument("expected an image reference like registry:5000/name:tag", "image")
+    return text
+
+
 class NodeService(pb_grpc.NodeServicer):
     def __init__(self, memory: MemoryClient, mirror: Any, monitor: RequestClient,
                  log_path: Callable[[str, str], str], grace_default: float,
-                 poke: Callable[[str | None], None]) -> None:
+                 poke: Callable[[str | None], None], images: Any = None) -> None:
         self.memory = memory
+        self.images = images          # the containerd runtime: list, pull, import, remove
         self.mirror = mirror
         self.monitor = monitor
         self.log_path = log_path
@@ -159,6 +171,72 @@ class NodeService(pb_grpc.NodeServicer):
             return pb.NodeInfoResponse(resources_json=json.dumps(resources),
                                        realtime_json=json.dumps(realtime))
         return self._call(context, run)
+
+    # -- images ------------------------------------------------------------------------------
+
+    def _image_runtime(self) -> Any:
+        if self.images is None:
+            raise Unavailable("no containerd runtime is configured on this node", "image")
+        return self.images
+
+    def ListImages(self, request: pb.ListImagesRequest, context: grpc.ServicerContext
+                   ) -> pb.ListImagesResponse:
+        def run() -> pb.ListImagesResponse:
+            return pb.ListImagesResponse(images=[
+                pb.Image(name=i.name, digest=i.digest, size=i.size, created_at=i.created_at)
+                for i in self._image_runtime().images()])
+        return self._call(context, run)
+
+    def RemoveImage(self, request: pb.RemoveImageRequest, context: grpc.ServicerContext
+                    ) -> pb.RemoveImageResponse:
+        def run() -> pb.RemoveImageResponse:
+            ref = _image_ref(request.image)
+            return pb.RemoveImageResponse(image=self._image_runtime().remove_image(ref))
+        return self._call(context, run)
+
+    def PullImage(self, request: pb.PullImageRequest, context: grpc.ServicerContext
+                  ) -> Iterator[pb.PullProgress]:
+        ref = self._call(context, lambda: _image_ref(request.image))
+        runtime = self._call(context, self._image_runtime)
+        messages: queue.Queue[str | None] = queue.Queue()
+        result: list[Any] = []
+
+        def pull() -> None:
+            try:
+                result.append(runtime.pull(ref, messages.put))
+            except RikletError as exc:
+                result.append(exc)
+            finally:
+                messages.put(None)
+
+        threading.Thread(target=pull, name="pull", daemon=True).start()
+        while (msg := messages.get()) is not None:
+            yield pb.PullProgress(message=msg)
+        outcome = result[0] if result else Unavailable("the pull ended without a result", "image")
+        if isinstance(outcome, RikletError):
+            context.abort(_GRPC_CODES[outcome.code], str(outcome))
+        yield pb.PullProgress(message=f"pulled {outcome}", done=True, image=str(outcome))
+
+    def ImportImage(self, request_iterator: Iterator[pb.ImageChunk], context: grpc.ServicerContext
+                    ) -> pb.ImportImageResponse:
+        runtime = self._call(context, self._image_runtime)
+        fd, path = tempfile.mkstemp(prefix="riklet-import-", suffix=".tar")
+        try:
+            size = 0
+            with os.fdopen(fd, "wb") as fh:
+                for chunk in request_iterator:
+                    size += len(chunk.data)
+                    if size > MAX_IMPORT:
+                        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                      f"data: archive larger than {MAX_IMPORT >> 30} GiB")
+                    fh.write(chunk.data)
+            if size == 0:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "data: the archive is empty")
+            names = self._call(context, lambda: runtime.import_archive(path))
+            return pb.ImportImageResponse(images=names)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     # -- streams -----------------------------------------------------------------------------
 

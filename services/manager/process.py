@@ -9,8 +9,6 @@ reading those files: the shim never depended on the manager.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -22,29 +20,12 @@ from typing import Any
 from common import cgroups
 from common.errors import Unavailable
 from services.manager import shim
-from services.manager.runtime import Observed, PodRecord, spec_hash
+from services.manager.runtime import Observed, PodLayout, PodRecord, spec_hash
+from services.manager.shimctl import read_json, write_json
 
 log = logging.getLogger(__name__)
 
 START_SETTLE = 2.0  # seconds start() waits for the containers' first state
-
-
-def _write_json(path: str, data: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _read_json(path: str) -> dict[str, Any] | None:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def free_port(protocol: str) -> int:
@@ -54,35 +35,24 @@ def free_port(protocol: str) -> int:
         return int(s.getsockname()[1])
 
 
-class ProcessRuntime:
+class ProcessRuntime(PodLayout):
     name = "process"
 
     def __init__(self, state_dir: str, grace_default: float, log_max_size: int, log_max_files: int,
                  backoff: dict[str, float]) -> None:
-        self.root = os.path.join(state_dir, "pods")
-        os.makedirs(self.root, mode=0o700, exist_ok=True)
-        # Agents side by side on one machine must not share cgroups: key them by state dir.
-        self.agent_id = hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:8]
+        super().__init__(state_dir)
         self.grace_default = grace_default
         self.log_max_size = log_max_size
         self.log_max_files = log_max_files
         self.backoff = backoff
 
-    def pod_dir(self, name: str) -> str:
-        return os.path.join(self.root, name)
-
-    def log_path(self, pod_name: str, container: str) -> str:
-        return os.path.join(self.pod_dir(pod_name), "logs", f"{container}.log")
-
-    def cgroup_parent(self, name: str) -> str:
-        return f"riklet/{self.agent_id}/{name}"
 
     # -- observing ---------------------------------------------------------------------------
 
     def observe(self, pod: PodRecord) -> Observed | None:
         pdir = self.pod_dir(pod["name"])
-        driver = _read_json(os.path.join(pdir, "driver.json"))
-        if driver is None or driver.get("uid") != pod["uid"]:
+        driver = read_json(os.path.join(pdir, "driver.json"))
+        if driver is None or driver.get("uid") != pod["uid"] or driver.get("runtime", "process") != "process":
             return None
         st = shim.read_status(pdir) or {}
         alive = bool(st) and shim.pid_alive(int(st.get("shim_pid", 0)), int(st.get("shim_start", 0)))
@@ -105,11 +75,11 @@ class ProcessRuntime:
         os.makedirs(os.path.join(pdir, "logs"), mode=0o700, exist_ok=True)
         self._kill_leftovers(name)
         endpoints, env_ports = self._endpoints(spec)
-        _write_json(os.path.join(pdir, "driver.json"), {
+        write_json(os.path.join(pdir, "driver.json"), {
             "uid": pod["uid"], "spec_hash": spec_hash(spec), "endpoints": endpoints, "stopped": False})
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(pdir, "status.json"))
-        _write_json(os.path.join(pdir, "spec.json"), self._shim_spec(pod, env_ports))
+        write_json(os.path.join(pdir, "spec.json"), self._shim_spec(pod, env_ports))
         shim.spawn(pdir)
         # The shim reports before its containers run: wait briefly for their first state, so
         # that the first status published is Running rather than one tick later.
@@ -125,10 +95,10 @@ class ProcessRuntime:
 
     def stop(self, pod: PodRecord) -> None:
         pdir = self.pod_dir(pod["name"])
-        driver = _read_json(os.path.join(pdir, "driver.json"))
+        driver = read_json(os.path.join(pdir, "driver.json"))
         if driver is not None and not driver.get("stopped"):
             driver["stopped"] = True
-            _write_json(os.path.join(pdir, "driver.json"), driver)
+            write_json(os.path.join(pdir, "driver.json"), driver)
         st = shim.read_status(pdir) or {}
         pid, start = int(st.get("shim_pid", 0)), int(st.get("shim_start", 0))
         if shim.pid_alive(pid, start):

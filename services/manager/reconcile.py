@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from common.errors import NotFound, RikletError
+from common.errors import NotFound, RikletError, Unavailable
 from common.memclient import MemoryClient
 from services.manager.runtime import Observed, PodRecord, Runtime, spec_hash
 from services.manager.status import Phase, derive, same
@@ -137,17 +137,40 @@ class Reconciler:
             runtime.stop(record)
             return  # the next sync starts the new spec once the old one is gone
         if self._should_start(record, obs):
+            if self._other_runtime_busy(record, runtime):
+                return  # the pod moved between runtimes: the old one's containers stop first
             self._publish(record, {"phase": Phase.CREATING.value, "reason": None, "message": None,
                                    "containers": [], "endpoints": []})
             try:
                 obs = runtime.start(record)
             except RikletError as exc:
-                self._publish(record, {"phase": Phase.ERROR.value, "reason": "StartError",
-                                       "message": str(exc), "containers": [], "endpoints": []})
+                reason = "RuntimeUnavailable" if isinstance(exc, Unavailable) else "StartError"
+                self._publish(self.pods.get(record["name"]) or record, {
+                    "phase": Phase.ERROR.value, "reason": reason, "message": exc.message,
+                    "containers": [], "endpoints": []})
                 return
             log.info("pod started", extra={"pod": record["name"]})
         if obs is not None:
             self._publish(record, derive(obs, desired))
+
+    def progress(self, record: PodRecord, message: str) -> None:
+        """A runtime's word on a slow start (an image pull), shown while the pod is Creating."""
+        current = self.pods.get(record["name"]) or record
+        self._publish(current, {"phase": Phase.CREATING.value, "reason": "PullingImage",
+                                "message": message})
+
+    def _other_runtime_busy(self, record: PodRecord, runtime: Runtime) -> bool:
+        for other in self.runtimes.values():
+            if other is runtime:
+                continue
+            obs = other.observe(record)
+            if obs is None:
+                continue
+            if obs.alive:
+                other.stop(record)
+                return True
+            other.cleanup(record)
+        return False
 
     def _should_start(self, record: PodRecord, obs: Observed | None) -> bool:
         if obs is None:

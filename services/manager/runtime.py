@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -30,6 +31,26 @@ class Observed:
     pids: list[int] = field(default_factory=list)
     internal_ip: str = "127.0.0.1"
     started_at: float | None = None
+
+
+class PodLayout:
+    """Where a driver keeps a pod's files (``<state>/pods/<name>``, logs under ``logs/``, the
+    same for every runtime so that logs read alike) and its cgroups: keyed by the state dir, so
+    agents side by side on one machine never share a group."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.root = os.path.join(state_dir, "pods")
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        self.agent_id = hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:8]
+
+    def pod_dir(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def log_path(self, pod_name: str, container: str) -> str:
+        return os.path.join(self.pod_dir(pod_name), "logs", f"{container}.log")
+
+    def cgroup_parent(self, name: str) -> str:
+        return f"riklet/{self.agent_id}/{name}"
 
 
 class Runtime(Protocol):

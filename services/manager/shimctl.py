@@ -183,6 +183,16 @@ def write_json(path: str, data: object) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: str) -> dict[str, Any] | None:
+    """A JSON object from a file, or None when it is missing, unreadable or not an object."""
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def read_status(pod_dir: str) -> dict[str, Any] | None:
     """The shim's last status, or None when it is missing or unreadable."""
     try:

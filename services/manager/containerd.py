@@ -1,0 +1,503 @@
+"""The containerd runtime: a pod's containers are containerd containers in the agent's
+namespace, sharing one network namespace set up through CNI.
+
+containerd's shim holds each running task, so tasks outlive the manager; the manager holds
+what containerd does not: the restart policy and its back-off, why a run ended (OOM kills from
+the container's cgroup), and the pod's network. Those live in the pod's directory
+(``<state>/pods/<name>``): ``driver.json`` (uid, spec hash, network, whether the agent stopped
+it) and ``containers.json`` (per container: restarts, last termination, next restart). A
+restarted manager reads them and finds the tasks where it left them.
+
+Logs: each task's stdout and stderr go to ``riklet``'s log driver (``ctrlog``), run by
+containerd's shim, into the same rotated files as process pods.
+
+Containers that carry this agent's label but belong to no pod in memory are reported in the
+log and by :meth:`ContainerdRuntime.orphans`, never killed: an operator decides (policy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+from common import cgroups
+from common.errors import (
+    AlreadyExists,
+    Conflict,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    RikletError,
+    Unavailable,
+)
+from services.manager import ocispec
+from services.manager.ctrd import Containerd, ImageInfo, TaskState, normalize_ref, registry_host
+from services.manager.runtime import Observed, PodLayout, PodRecord, spec_hash
+from services.manager.shimctl import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LABEL_AGENT, LABEL_POD, LABEL_UID, LABEL_CONTAINER = (
+    "riklet.agent", "riklet.pod", "riklet.uid", "riklet.container")
+START_SETTLE = 2.0
+Progress = Callable[[PodRecord, str], None]
+
+
+def classify(exit_status: int, oom_killed: bool) -> dict[str, Any]:
+    """How a task ended: runc reports a signal death as 128 + the signal's number."""
+    if 128 < exit_status <= 128 + 64:
+        number = exit_status - 128
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"SIG{number}"
+        if number == signal.SIGKILL and oom_killed:
+            return {"exitCode": exit_status, "signal": name, "reason": "OOMKilled",
+                    "message": "killed for exceeding its memory limit"}
+        return {"exitCode": exit_status, "signal": name, "reason": "Signaled",
+                "message": f"killed by {name}"}
+    return {"exitCode": exit_status, "signal": None,
+            "reason": "Completed" if exit_status == 0 else "Error", "message": None}
+
+
+def should_restart(policy: str, end: dict[str, Any]) -> bool:
+    if policy == "OnFailure":
+        return (end.get("exitCode") or 0) != 0 or end.get("reason") not in (None, "Completed")
+    return policy == "Always"
+
+
+def pull_args(ref: str, snapshotter: str, insecure: set[str]) -> list[str]:
+    """``ctr images pull`` arguments: plain HTTP only for registries configured as insecure
+    (containerd, like Docker, also allows it for loopback registries on its own)."""
+    args = ["images", "pull", "--snapshotter", snapshotter]
+    if registry_host(ref) in insecure:
+        args.append("--plain-http")
+    return args
+
+
+class ContainerdRuntime(PodLayout):
+    name = "containerd"
+
+    def __init__(self, state_dir: str, client: Containerd, networks: Any, *, grace_default: float,
+                 log_max_size: int, log_max_files: int, backoff: dict[str, float],
+                 insecure_registries: tuple[str, ...] = ()) -> None:
+        super().__init__(state_dir)
+        self.client = client
+        self.networks = networks          # services.manager.cni.PodNetworks
+        self.grace_default = grace_default
+        self.log_max_size = log_max_size
+        self.log_max_files = log_max_files
+        self.backoff = backoff
+        self.insecure = set(insecure_registries)
+        self.on_progress: Progress | None = None
+        self._pull_locks: dict[str, threading.Lock] = {}
+        self._pull_guard = threading.Lock()
+        self.logger = self._install_logger(state_dir)
+
+    # -- names -------------------------------------------------------------------------------
+
+
+    def container_id(self, pod: str, container: str) -> str:
+        cid = f"{self.agent_id}-{pod}_{container}"
+        if len(cid) > 76:
+            cid = f"{self.agent_id}-" + hashlib.sha256(f"{pod}/{container}".encode()).hexdigest()[:32]
+        return cid
+
+    # -- observing ---------------------------------------------------------------------------
+
+    def _driver(self, pod: PodRecord) -> dict[str, Any] | None:
+        driver = read_json(os.path.join(self.pod_dir(pod["name"]), "driver.json"))
+        if driver is None or driver.get("uid") != pod["uid"] or driver.get("runtime") != self.name:
+            return None
+        return driver
+
+    def observe(self, pod: PodRecord) -> Observed | None:
+        driver = self._driver(pod)
+        if driver is None:
+            return None
+        pdir = self.pod_dir(pod["name"])
+        states = read_json(os.path.join(pdir, "containers.json")) or {}
+        spec = pod["spec"]
+        stopped = bool(driver.get("stopped"))
+        changed = False
+        containers: list[dict[str, Any]] = []
+        for c in spec["containers"]:
+            rec = states.setdefault(c["name"], {"restartCount": 0})
+            changed |= self._observe_one(pod, c, rec, stopped, driver)
+            containers.append(self._status_of(c["name"], rec))
+        if changed:
+            write_json(os.path.join(pdir, "containers.json"), states)
+        running = [c for c in containers if c["state"] == "running"]
+        pending = [c for c in containers if c["state"] == "waiting" and c.get("nextRestartAt")]
+        started = [c["startedAt"] for c in running if c.get("startedAt")]
+        return Observed(
+            alive=bool(running) or (bool(pending) and not stopped), spec_hash=str(driver.get("spec_hash")),
+            stopped=stopped, lost=False, containers=containers,
+            endpoints=list(driver.get("endpoints") or []), cgroup=self.cgroup_parent(pod["name"]),
+            pids=[int(c["pid"]) for c in running if c.get("pid")],
+            internal_ip=str(driver.get("ip") or "127.0.0.1"),
+            started_at=min(started) if started else None)
+
+    def _observe_one(self, pod: PodRecord, c: dict[str, Any], rec: dict[str, Any], stopped: bool,
+                     driver: dict[str, Any]) -> bool:
+        """Bring one container's record up to date with its task; restart it when its policy
+        and back-off say so. Returns whether the record changed."""
+        cid = self.container_id(pod["name"], c["name"])
+        task = self.client.task(cid)
+        if task is not None and task.status in ("running", "created", "paused", "pausing"):
+            changed = rec.get("state") != "running" or rec.get("pid") != task.pid
+            rec.update(state="running", pid=task.pid)
+            return changed
+        if task is not None and task.status == "stopped":
+            self._record_exit(pod, c, rec, task, stopped)
+            self.client.delete_task(cid)
+            return True
+        if rec.get("state") == "running":
+            # the task is gone without our seeing it stop (containerd lost its state)
+            rec.update(state="waiting" if not stopped else "terminated", pid=None,
+                       last={"exitCode": None, "signal": None, "reason": "TaskLost",
+                             "message": "containerd no longer knows this container's task",
+                             "finishedAt": time.time()})
+            if not stopped:
+                self._schedule_restart(rec, ran_for=0.0)
+            return True
+        due = rec.get("nextRestartAt")
+        if due and not stopped and time.time() >= due:
+            self._run(pod, c, rec, driver)
+            return True
+        if due and stopped:
+            rec.update(nextRestartAt=None, state="terminated")
+            return True
+        return False
+
+    def _record_exit(self, pod: PodRecord, c: dict[str, Any], rec: dict[str, Any], task: TaskState,
+                     stopped: bool) -> None:
+        oom = False
+        with contextlib.suppress(Exception):
+            group = cgroups.Cgroup(f"{self.cgroup_parent(pod['name'])}/{c['name']}")
+            oom = group.exists() and group.usage().oom_kills > 0
+        end = classify(task.exit_status, oom)
+        finished = task.exited_at or time.time()
+        rec.update(state="terminated", pid=None, last={**end, "finishedAt": finished})
+        log.info("container exited", extra={"pod": pod["name"], "container": c["name"],
+                                            "exit_code": end["exitCode"], "reason": end["reason"]})
+        if not stopped and should_restart(pod["spec"].get("restartPolicy", "Always"), end):
+            self._schedule_restart(rec, ran_for=finished - float(rec.get("startedAt") or finished))
+
+    def _schedule_restart(self, rec: dict[str, Any], ran_for: float) -> None:
+        previous = rec.get("delay")
+        if previous is None or ran_for >= self.backoff["reset"]:
+            delay = self.backoff["initial"]
+        else:
+            delay = min(float(previous) * 2, self.backoff["max"])
+        rec.update(state="waiting", delay=delay,
+                   nextRestartAt=float((rec.get("last") or {}).get("finishedAt") or time.time()) + delay)
+
+    @staticmethod
+    def _status_of(name: str, rec: dict[str, Any]) -> dict[str, Any]:
+        last = rec.get("last") or {}
+        running = rec.get("state") == "running"
+        return {
+            "name": name, "state": rec.get("state") or "waiting", "pid": rec.get("pid") if running else None,
+            "restartCount": int(rec.get("restartCount") or 0),
+            "exitCode": None if running else last.get("exitCode"),
+            "signal": None if running else last.get("signal"),
+            "reason": None if running else last.get("reason"),
+            "message": None if running else last.get("message"),
+            "startedAt": rec.get("startedAt"), "finishedAt": None if running else last.get("finishedAt"),
+            "nextRestartAt": rec.get("nextRestartAt") if rec.get("state") == "waiting" else None,
+        }
+
+    # -- acting ------------------------------------------------------------------------------
+
+    def start(self, pod: PodRecord) -> Observed:
+        name, spec = pod["name"], pod["spec"]
+        self.client.version()  # containerd down: fail before touching anything
+        pdir = self.pod_dir(name)
+        os.makedirs(os.path.join(pdir, "logs"), mode=0o700, exist_ok=True)
+        self._remove_containers(name)
+        host_network = bool(spec.get("hostNetwork"))
+        ip, netns = "127.0.0.1", None
+        if not host_network:
+            reason = self.networks.available()
+            if reason:
+                raise Unavailable(f"pod networking is not available: {reason}", "network")
+            net = self.networks.setup(name)
+            ip, netns = net.ip, net.netns
+        etc = self._etc_files(pdir, name, ip, host_network)
+        driver = {"runtime": self.name, "uid": pod["uid"], "spec_hash": spec_hash(spec), "stopped": False,
+                  "ip": ip, "netns": netns, "hostNetwork": host_network, "etc": etc,
+                  "endpoints": self._endpoints(spec, ip, host_network)}
+        write_json(os.path.join(pdir, "driver.json"), driver)
+        states: dict[str, Any] = {}
+        for c in spec["containers"]:
+            rec = states[c["name"]] = {"restartCount": 0}
+            self._run(pod, c, rec, driver, first=True)
+        write_json(os.path.join(pdir, "containers.json"), states)
+        obs = self.observe(pod)
+        if obs is None:
+            raise Internal(f"pod {name} vanished while starting", "pod")
+        return obs
+
+    def _run(self, pod: PodRecord, c: dict[str, Any], rec: dict[str, Any], driver: dict[str, Any],
+             first: bool = False) -> None:
+        """Create (if needed) and start one container's task; a failure that a retry may cure
+        (image not pullable, bad image config) waits for the back-off like a crash."""
+        cid = self.container_id(pod["name"], c["name"])
+        try:
+            image = normalize_ref(c["image"])
+            self.ensure_image(image, lambda msg: self._progress(pod, msg))
+            self._create_container(pod, c, cid, image, driver)
+            self.client.delete_task(cid)  # a stopped task left by an interrupted restart
+            pid = self.client.create_task(cid, self._log_uri(pod["name"], c["name"]))
+            self.client.start_task(cid)
+        except Unavailable:
+            raise
+        except RikletError as exc:
+            reason = getattr(exc, "reason", None) or "StartError"
+            rec.update(state="terminated", pid=None, last={
+                "exitCode": None, "signal": None, "reason": reason, "message": exc.message,
+                "finishedAt": time.time()})
+            log.warning("container did not start", extra={"pod": pod["name"], "container": c["name"],
+                                                          "reason": reason, "error": exc.message})
+            self._schedule_restart(rec, ran_for=0.0)
+            if not first:
+                rec["restartCount"] = int(rec.get("restartCount") or 0) + 1
+            return
+        if not first:
+            rec["restartCount"] = int(rec.get("restartCount") or 0) + 1
+        rec.update(state="running", pid=pid, startedAt=time.time(), nextRestartAt=None)
+
+    def _progress(self, pod: PodRecord, message: str) -> None:
+        if self.on_progress is not None:
+            with contextlib.suppress(Exception):
+                self.on_progress(pod, message)
+
+    def _create_container(self, pod: PodRecord, c: dict[str, Any], cid: str, image: str,
+                          driver: dict[str, Any]) -> None:
+        config, chain = self.client.image_config(image)
+        try:
+            argv = ocispec.argv_of(config, c.get("command") or [], c.get("args") or [])
+        except InvalidArgument as exc:
+            raise _Failure("InvalidImageConfig", exc.message) from None
+        spec = ocispec.build(
+            argv=argv, env=ocispec.env_of(config, c.get("env") or {}),
+            cwd=c.get("workingDir") or (config.get("config") or {}).get("WorkingDir") or "/",
+            hostname=pod["name"], netns=driver.get("netns"),
+            cgroups_path=f"/{self.cgroup_parent(pod['name'])}/{c['name']}",
+            memory_bytes=c["resources"].get("memory_bytes"), cpu_millis=c["resources"].get("cpu_millis"),
+            etc_files=driver.get("etc") or {}, user=ocispec.user_of(config))
+        labels = {LABEL_AGENT: self.agent_id, LABEL_POD: pod["name"], LABEL_UID: pod["uid"],
+                  LABEL_CONTAINER: c["name"]}
+        with self.client.lease() as lease:
+            try:
+                self.client.prepare_snapshot(cid, chain, lease)
+            except AlreadyExists:
+                pass  # kept from an earlier run of this container: its filesystem survives restarts
+            except NotFound as exc:
+                raise _Failure("ImageNotUnpacked", f"image {image} has no unpacked rootfs: {exc.message}"
+                               ) from None
+            with contextlib.suppress(AlreadyExists):
+                self.client.create_container(cid, image, spec, labels, lease)
+
+    def stop(self, pod: PodRecord) -> None:
+        pdir = self.pod_dir(pod["name"])
+        driver = self._driver(pod)
+        if driver is None:
+            return
+        now = time.time()
+        first = not driver.get("stopped")
+        if first:
+            driver.update(stopped=True, stop_at=now)
+            write_json(os.path.join(pdir, "driver.json"), driver)
+        grace = float(pod["spec"].get("gracePeriod", self.grace_default))
+        late = now >= float(driver.get("stop_at") or now) + grace
+        for c in pod["spec"]["containers"]:
+            cid = self.container_id(pod["name"], c["name"])
+            task = self.client.task(cid)
+            if task is None or task.status == "stopped":
+                continue
+            if first:
+                self.client.kill(cid, signal.SIGTERM)
+            elif late:
+                # PID 1 of a container ignores SIGTERM unless it handles it: the grace period
+                # is over, kill everything in the container
+                self.client.kill(cid, signal.SIGKILL, all_processes=True)
+
+    def cleanup(self, pod: PodRecord) -> None:
+        started = os.path.exists(os.path.join(self.pod_dir(pod["name"]), "driver.json"))
+        try:
+            self._remove_containers(pod["name"])
+        except Unavailable:
+            if started:
+                raise  # its containers may run: removal waits for containerd to come back
+            # it never got as far as containerd (which is down): nothing there to remove
+        # runc removes each container's group; the pod's group above them is ours to remove
+        with contextlib.suppress(Exception):
+            cgroups.Cgroup(self.cgroup_parent(pod["name"])).remove()
+        if self.networks is not None:
+            self.networks.teardown(pod["name"])
+        shutil.rmtree(self.pod_dir(pod["name"]), ignore_errors=True)
+
+    def _remove_containers(self, pod: str) -> None:
+        """Remove every container of this agent's pod: kill, delete task, snapshot, container."""
+        for cid, _labels in self.client.containers({LABEL_AGENT: self.agent_id, LABEL_POD: pod}):
+            self._remove_container(cid)
+
+    def _remove_container(self, cid: str) -> None:
+        task = self.client.task(cid)
+        if task is not None and task.status != "stopped":
+            self.client.kill(cid, signal.SIGKILL, all_processes=True)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                task = self.client.task(cid)
+                if task is None or task.status == "stopped":
+                    break
+                time.sleep(0.01)
+        self.client.delete_task(cid)
+        self.client.remove_snapshot(cid)
+        self.client.delete_container(cid)
+
+    # -- images ------------------------------------------------------------------------------
+
+    def ensure_image(self, image: str, progress: Callable[[str], None] | None = None) -> None:
+        if self.client.has_image(image):
+            return
+        with self._pull_guard:
+            lock = self._pull_locks.setdefault(image, threading.Lock())
+        with lock:  # one pull per image at a time; the others wait for it
+            if not self.client.has_image(image):
+                self.pull(image, progress)
+
+    def pull(self, image: str, progress: Callable[[str], None] | None = None) -> str:
+        ref = normalize_ref(image)
+        args = pull_args(ref, self.client.snapshotter, self.insecure)
+        done = threading.Event()
+
+        def report() -> None:
+            while not done.wait(0.5):
+                with contextlib.suppress(RikletError):
+                    got, total = self.client.ingest_progress()
+                    if progress is not None and total:
+                        progress(f"pulling image {ref}: {got / 2**20:.1f} of {total / 2**20:.1f} MiB")
+
+        reporter = threading.Thread(target=report, daemon=True)
+        reporter.start()
+        try:
+            self.client.ctr(*args, ref)
+        except Internal as exc:
+            raise _Failure("ErrImagePull", f"cannot pull image {ref}: {exc.message.split(': ', 1)[-1]}"
+                           ) from None
+        finally:
+            done.set()
+        if progress is not None:
+            progress(f"pulled image {ref}")
+        return ref
+
+    def import_archive(self, path: str) -> list[str]:
+        before = {i.name for i in self.client.images()}
+        out = self.client.ctr("images", "import", "--snapshotter", self.client.snapshotter, path)
+        names = [line.split()[1] for line in out.splitlines() if line.startswith("unpacking ")
+                 and len(line.split()) > 1]
+        after = {i.name for i in self.client.images()}
+        return sorted(set(names) | (after - before))
+
+    def images(self) -> list[ImageInfo]:
+        return self.client.images()
+
+    def remove_image(self, image: str) -> str:
+        ref = image if self.client.has_image(image) else normalize_ref(image)
+        users = [labels.get(LABEL_POD, cid) for cid, labels, used in self.client.containers_with_images()
+                 if used == ref]
+        if users:
+            raise Conflict(f"image {ref} is used by pod(s) {', '.join(sorted(set(users)))}", "image")
+        try:
+            self.client.remove_image(ref)
+        except NotFound:
+            raise NotFound(f"no image {image} on this node", "image") from None
+        return ref
+
+    # -- re-attaching ------------------------------------------------------------------------
+
+    def orphans(self, known: set[str]) -> list[dict[str, str]]:
+        """This agent's containers whose pod memory does not know: reported, left running."""
+        out = []
+        for cid, labels in self.client.containers({LABEL_AGENT: self.agent_id}):
+            if labels.get(LABEL_POD) not in known:
+                task = self.client.task(cid)
+                out.append({"id": cid, "pod": labels.get(LABEL_POD, ""),
+                            "container": labels.get(LABEL_CONTAINER, ""),
+                            "state": task.status if task else "no task"})
+        return out
+
+    # -- details -----------------------------------------------------------------------------
+
+    def _endpoints(self, spec: dict[str, Any], ip: str, host_network: bool) -> list[dict[str, Any]]:
+        out = []
+        for p in spec.get("ports") or []:
+            target = p["target_port"] or p["port"]
+            host = p["port"] if p["port"] and not (host_network and p["port"] == target) else 0
+            out.append({"host_port": host, "protocol": p["protocol"], "address": ip, "port": target})
+        return out
+
+    def _etc_files(self, pdir: str, name: str, ip: str, host_network: bool) -> dict[str, str]:
+        etc = os.path.join(pdir, "etc")
+        os.makedirs(etc, mode=0o755, exist_ok=True)
+        files = {"/etc/hostname": os.path.join(etc, "hostname"), "/etc/hosts": os.path.join(etc, "hosts")}
+        with open(files["/etc/hostname"], "w", encoding="utf-8") as fh:
+            fh.write(f"{name}\n")
+        with open(files["/etc/hosts"], "w", encoding="utf-8") as fh:
+            fh.write("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+            if not host_network:
+                fh.write(f"{ip}\t{name}\n")
+        if os.path.exists("/etc/resolv.conf"):
+            files["/etc/resolv.conf"] = os.path.join(etc, "resolv.conf")
+            shutil.copyfile("/etc/resolv.conf", files["/etc/resolv.conf"])
+        return files
+
+    def _log_uri(self, pod: str, container: str) -> str:
+        query = urllib.parse.urlencode({"path": self.log_path(pod, container),
+                                        "max_size": self.log_max_size, "max_files": self.log_max_files})
+        return f"binary://{self.logger}?{query}"
+
+    @staticmethod
+    def _install_logger(state_dir: str) -> str:
+        """The log driver containerd's shim runs: a two-line launcher of :mod:`ctrlog` for this
+        interpreter and checkout (the shim gives it no environment, so no PYTHONPATH)."""
+        bindir = os.path.join(state_dir, "bin")
+        os.makedirs(bindir, mode=0o755, exist_ok=True)
+        path = os.path.join(bindir, "riklet-log-driver")
+        text = (f"#!{sys.executable} -sSE\n"
+                f"import sys; sys.path.insert(0, {ROOT!r})\n"
+                "from services.manager.ctrlog import main; sys.exit(main())\n")
+        old = None
+        with contextlib.suppress(OSError), open(path, encoding="utf-8") as fh:
+            old = fh.read()
+        if old != text:
+            tmp = f"{path}.tmp"
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, path)
+        return path
+
+
+class _Failure(RikletError):
+    """A container could not start, with a Kubernetes-style reason (ErrImagePull...)."""
+
+    code = Unavailable.code
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message, "image")
+        self.reason = reason
