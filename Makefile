@@ -64,3 +64,7 @@ bench-rik: install
 .PHONY: bench-proxy
 bench-proxy: install
 	$(BIN)/python -m bench.proxy
+
+.PHONY: bench-containerd
+bench-containerd: install
+	$(BIN)/python -m bench.containerd --containers 50

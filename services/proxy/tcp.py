@@ -15,6 +15,7 @@ import contextlib
 import logging
 import socket
 import struct
+import time
 from typing import TYPE_CHECKING
 
 from services.proxy.routes import Endpoint
@@ -206,7 +207,7 @@ class ClientConnection(asyncio.Protocol):
 
     async def _try(self, ep: Endpoint) -> bool:
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = time.perf_counter()  # uvloop's loop.time() ticks in whole ms
         self._timer = loop.call_later(self.connect_timeout, self._expire)
         try:
             await loop.create_connection(lambda: _Upstream(self), ep.address, ep.port)
@@ -222,7 +223,7 @@ class ClientConnection(asyncio.Protocol):
             return self._failed(ep, repr(exc))
         finally:
             self._stop_timer()
-        self.stats.observe_connect(loop.time() - started)
+        self.stats.observe_connect(time.perf_counter() - started)
         self.endpoint = ep
         self.picker.connected(ep)
         return True
