@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.stack import Agent
-from tests.support import free_port, wait_for
+from tests.support import free_port, parse_prometheus, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -177,7 +177,8 @@ def test_memory_limit_oom_kills(ctr_agent: CtrAgent) -> None:
 
 def test_cpu_quota_throttles(ctr_agent: CtrAgent) -> None:
     a = ctr_agent
-    a.agent.ctl("run", "spin", "--image", a.image, "--cpu", "0.5", "--", "sh", "-c", "while :; do :; done")
+    a.agent.ctl("run", "spin", "--image", a.image, "--cpu", "0.5", "--memory", "64m", "--",
+                "sh", "-c", "while :; do :; done")
     a.agent.wait_phase("spin", "Running", 30)
     def group(controller: str) -> str:
         for mount in (controller, "cpu,cpuacct"):
@@ -200,6 +201,18 @@ def test_cpu_quota_throttles(ctr_agent: CtrAgent) -> None:
     t1, u1 = usage()
     share = (u1 - u0) / 1e9 / (t1 - t0)
     assert 0.45 <= share <= 0.55, f"the busy loop used {share:.2f} CPU under a 0.5 quota"
+
+    # the same figures, per container, on the monitor's /metrics
+    def scraped() -> dict[str, dict[str, float]]:
+        with urllib.request.urlopen(f"http://{a.agent.metrics}/metrics", timeout=5) as resp:
+            return parse_prometheus(resp.read().decode())[1]
+
+    labels = '{pod="spin",container="spin"}'
+    samples = wait_for(lambda: (m := scraped()).get("riklet_container_cpu_seconds_total", {}).get(labels)
+                       and m, 10, "per-container series")
+    assert samples["riklet_container_cpu_seconds_total"][labels] >= (u1 - u0) / 1e9
+    assert samples["riklet_container_memory_limit_bytes"][labels] == 64 * 2**20
+    assert 0 < samples["riklet_container_memory_working_set_bytes"][labels] < 64 * 2**20
 
 
 def test_containers_of_a_pod_share_localhost(ctr_agent: CtrAgent, tmp_path: Any) -> None:
@@ -306,10 +319,19 @@ def test_manager_restart_keeps_containers_running(ctr_agent: CtrAgent) -> None:
     a = ctr_agent
     a.agent.ctl("run", "keep", "--image", a.image, "--", "sh", "-c", "echo started; exec sleep 3600")
     pid = a.agent.wait_phase("keep", "Running", 30)["containers"][0]["pid"]
+    # a container with this agent's label that no pod owns: reported at start, left alone
+    a.ctr("containers", "create", "--label", f"riklet.agent={a.agent_id}", "--label", "riklet.pod=ghost",
+          a.image, f"{a.agent_id}-ghost_c", "true")
     a.agent.supervisorctl("restart", "riklet:manager")
     a.agent.wait_ready()
     pod = a.agent.wait_phase("keep", "Running", 30)
     assert pod["containers"][0]["pid"] == pid and pod["restartCount"] == 0
+
+    def orphan_logged() -> bool:
+        with open(os.path.join(a.agent.state_dir, "log", "manager.log"), encoding="utf-8") as fh:
+            return any("container of no known pod" in line and "ghost" in line for line in fh)
+    wait_for(orphan_logged, 20, "the orphan container reported")
+    assert f"{a.agent_id}-ghost_c" in a.containers()
     # the adopted container is still managed: killed, it is restarted by the new manager
     os.kill(pid, 9)
     wait_for(lambda: (p := a.agent.pod("keep"))["restartCount"] == 1 and p["phase"] == "Running", 20,

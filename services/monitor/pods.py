@@ -155,3 +155,36 @@ def measure(record: Mapping[str, Any], open_cgroup: CgroupOpener = open_cgroup_d
     uid = record.get("uid") or record.get("name")
     return PodSource(f"pod:{uid}:pids:{','.join(map(str, sorted(roots)))}",
                      lambda: tree_cpu_seconds(procs), tree_rss(procs), None)
+
+
+@dataclass(frozen=True)
+class ContainerUsage:
+    pod: str
+    container: str
+    cpu_seconds: float          # cumulative, from the container's own cgroup
+    memory_bytes: int           # working set
+    memory_limit: int | None
+
+
+def container_usages(records: Iterable[Mapping[str, Any]],
+                     open_cgroup: CgroupOpener = open_cgroup_default) -> list[ContainerUsage]:
+    """Per-container figures for pods whose containers have a cgroup of their own below the
+    pod's (``<pod cgroup>/<container>``: both runtimes make them); others are left out."""
+    out: list[ContainerUsage] = []
+    for record in records:
+        status = record.get("status") or {}
+        base = status.get("cgroup")
+        if not isinstance(base, str) or not base:
+            continue
+        for c in status.get("containers") or []:
+            name = c.get("name") if isinstance(c, Mapping) else None
+            if not isinstance(name, str) or c.get("state") != "running":
+                continue
+            with contextlib.suppress(*_CGROUP_ERRORS):
+                group = open_cgroup(f"{base}/{name}")
+                if group is None or not group.exists():
+                    continue
+                u = group.usage()
+                out.append(ContainerUsage(str(record.get("name")), name, u.cpu_ns / 1e9,
+                                          u.memory_bytes, u.memory_limit))
+    return out

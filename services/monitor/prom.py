@@ -169,10 +169,26 @@ def proxy_families(stats: Mapping[str, Any] | None) -> list[Family]:
     return out
 
 
+def container_families(rows: Sequence[Any]) -> list[Family]:
+    """Per-container CPU and memory (``services.monitor.pods.ContainerUsage`` rows)."""
+    cpu = Family("riklet_container_cpu_seconds_total", "counter",
+                 "CPU time used by a container (its cgroup).")
+    mem = Family("riklet_container_memory_working_set_bytes", "gauge",
+                 "Memory a container uses, page cache that can be dropped excluded.")
+    limit = Family("riklet_container_memory_limit_bytes", "gauge", "A container's memory limit.")
+    for r in rows:
+        cpu.add(r.cpu_seconds, pod=r.pod, container=r.container)
+        mem.add(r.memory_bytes, pod=r.pod, container=r.container)
+        if r.memory_limit is not None:
+            limit.add(r.memory_limit, pod=r.pod, container=r.container)
+    return [cpu, mem, limit]
+
+
 def render(node: RealtimeNode, pods: Sequence[RealtimePod], scrape_errors: int,
-           proxy: Mapping[str, Any] | None = None, with_proxy: bool = False) -> str:
+           proxy: Mapping[str, Any] | None = None, with_proxy: bool = False,
+           containers: Sequence[Any] = ()) -> str:
     """With ``with_proxy``, add the proxy's families (``proxy`` None: it did not answer)."""
-    fams = families(node, pods, scrape_errors)
+    fams = families(node, pods, scrape_errors) + container_families(containers)
     if with_proxy:
         fams += proxy_families(proxy)
     return exposition(fams)

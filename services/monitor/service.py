@@ -23,7 +23,7 @@ from common import ipc
 from common.errors import InvalidArgument, NotFound, RikletError, Unavailable
 from common.zmqutil import RequestClient, ipc_path
 from services.monitor import metrics, prom
-from services.monitor.pods import CgroupOpener, open_cgroup_default
+from services.monitor.pods import CgroupOpener, ContainerUsage, container_usages, open_cgroup_default
 from services.monitor.sampler import CpuSampler
 
 log = logging.getLogger(__name__)
@@ -140,8 +140,11 @@ class Monitor:
         """The ``/metrics`` body. Memory (or the proxy) being down costs the pod (or proxy)
         series, not the node's."""
         node = self.node_realtime()
+        containers: list[ContainerUsage] = []
         try:
-            pods = self.pods_realtime()
+            records = self._list_pods()
+            pods = metrics.realtime_pods(records, self.node_id, self.sampler, self._open_cgroup)
+            containers = container_usages(records, self._open_cgroup)
         except Unavailable as exc:
             log.warning("scrape without pods", extra={"error": str(exc)})
             self._scrape_error()
@@ -153,4 +156,5 @@ class Monitor:
             except Unavailable as exc:
                 log.warning("scrape without proxy stats", extra={"error": str(exc)})
                 self._scrape_error()
-        return prom.render(node, pods, self._scrape_errors, proxy, with_proxy=self._proxy_stats is not None)
+        return prom.render(node, pods, self._scrape_errors, proxy, with_proxy=self._proxy_stats is not None,
+                           containers=containers)
