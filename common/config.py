@@ -86,6 +86,77 @@ def _hosts(value: object, field: str) -> tuple[str, ...]:
     return hosts
 
 
+def _url(value: object, field: str) -> str | None:
+    if value in (None, ""):
+        return None
+    text = _str(value, field).rstrip("/")
+    scheme, sep, rest = text.partition("://")
+    if scheme not in ("http", "https") or not sep or not rest or " " in rest:
+        raise InvalidArgument(f"expected an http:// or https:// URL, got {text!r}", field)
+    return text
+
+
+def _port(value: object, field: str) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 65536:
+        raise InvalidArgument("expected a port number (0 to 65535; 0 turns the listener off)", field)
+    return value
+
+
+def _port_range(value: object, field: str) -> tuple[int, int]:
+    text = _str(value, field)
+    lo, sep, hi = text.partition("-")
+    if not sep or not lo.isdigit() or not hi.isdigit() or not 0 < int(lo) <= int(hi) < 65536:
+        raise InvalidArgument(f"expected LOW-HIGH within 1-65535, got {text!r}", field)
+    return int(lo), int(hi)
+
+
+def _bool(value: object, field: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise InvalidArgument("expected true or false", field)
+
+
+def _optional_path(value: object, field: str) -> str | None:
+    return None if value in (None, "") else os.path.abspath(_str(value, field))
+
+
+def _optional_cpu(value: object, field: str) -> int | None:
+    from common.units import parse_cpu
+    return None if value in (None, "") else parse_cpu(value, field)
+
+
+def _optional_memory(value: object, field: str) -> int | None:
+    return None if value in (None, "") else parse_memory(value, field)
+
+
+def _user(value: object, field: str) -> tuple[int, int]:
+    text = _str(value, field)
+    uid, _, gid = text.partition(":")
+    if not uid.isdigit() or (gid and not gid.isdigit()):
+        raise InvalidArgument(f"expected UID or UID:GID (numbers), got {text!r}", field)
+    return int(uid), int(gid or uid)
+
+
+def _host_ip(value: object, field: str) -> str:
+    return _ip(value, field)
+
+
+def _primary_ip() -> str:
+    """The address other machines reach this node at: the source of the default route."""
+    import contextlib
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # TEST-NET-1: nothing is sent, only a route is chosen
+        return str(s.getsockname()[0])
+    return "127.0.0.1"
+
+
 def _count(value: object, field: str) -> int:
     if isinstance(value, str) and value.isdigit():  # from a flag or the environment
         value = int(value)
@@ -178,6 +249,43 @@ SETTINGS: tuple[Setting, ...] = (
             "pod IP addresses are taken from this subnet"),
     Setting("network.cni_path", _path, lambda: "/usr/lib/cni", "CNI_PATH", None,
             "directory of the CNI plugins (bridge, host-local, loopback)"),
+    Setting("chas.api_url", _url, lambda: None, "CHAS_API_URL", "--chas-url",
+            "the CHaS API server to register with and report health to; unset: no reports"),
+    Setting("chas.port", _port, lambda: 9090, "NODE_PORT", "--node-port",
+            "port of the CHaS HTTP API (0: off)"),
+    Setting("chas.bind_address", _host_ip, lambda: "127.0.0.1", "RIKLET_CHAS_BIND_ADDRESS", None,
+            "address the CHaS HTTP API listens on"),
+    Setting("chas.health_interval", _positive, lambda: 30.0, "HEALTH_INTERVAL", "--health-interval",
+            "seconds between health reports to the CHaS API server"),
+    Setting("chas.host_ports", _port_range, lambda: "30000-32767", "RIKLET_HOST_PORTS", None,
+            "host ports the agent picks from when a deploy request gives none"),
+    Setting("node.hostname", _str, socket.gethostname, None, None, "hostname reported to CHaS"),
+    Setting("node.ip_address", _host_ip, _primary_ip, "NODE_IP", None,
+            "address reported to CHaS (default: the source address of the default route)"),
+    Setting("auth.token_file", _optional_path, lambda: None, "RIKLET_TOKEN_FILE", "--token-file",
+            "bearer token both APIs require (default <state_dir>/api-token; made 0600 when absent)"),
+    Setting("tls.cert_file", _optional_path, lambda: None, "RIKLET_TLS_CERT", "--tls-cert",
+            "certificate (PEM) both APIs serve; with tls.key_file turns TLS on"),
+    Setting("tls.key_file", _optional_path, lambda: None, "RIKLET_TLS_KEY", "--tls-key", "its key (PEM)"),
+    Setting("tls.ca_file", _optional_path, lambda: None, "RIKLET_TLS_CA", "--tls-ca",
+            "CA (PEM) client certificates must be signed by: turns on mutual TLS"),
+    Setting("security.insecure", _bool, lambda: False, "RIKLET_INSECURE", "--insecure",
+            "allow listening on a non-loopback address without TLS"),
+    Setting("policy.allowed_registries", _hosts, lambda: (), "RIKLET_ALLOWED_REGISTRIES", None,
+            "registries images may come from (HOST[:PORT]; empty: any)"),
+    Setting("policy.max_cpu", _optional_cpu, lambda: None, None, None, "most CPU a pod may ask for"),
+    Setting("policy.max_memory", _optional_memory, lambda: None, None, None,
+            "most memory a pod may ask for"),
+    Setting("policy.host_ports", _port_range, lambda: "1-65535", None, None,
+            "host ports a pod may ask for"),
+    Setting("policy.allow_host_network", _bool, lambda: False, None, None,
+            "whether pods may use hostNetwork"),
+    Setting("runtime.user", _user, lambda: "65534:65534", "RIKLET_WORKLOAD_USER", None,
+            "UID[:GID] workloads run as unless their image names a user (0: root)"),
+    Setting("monitoring.metrics_enabled", _bool, lambda: True, None, None,
+            "serve Prometheus metrics"),
+    Setting("logging.file", _optional_path, lambda: None, None, None,
+            "also append the services' JSON log lines to this file"),
     Setting("restart.backoff_initial", parse_duration, lambda: 1.0, None, None,
             "first restart delay of a crashing container"),
     Setting("restart.backoff_max", parse_duration, lambda: 300.0, None, None,
@@ -225,6 +333,26 @@ class Config:
     network_bridge: str
     network_subnet: str
     network_cni_path: str
+    chas_api_url: str | None
+    chas_port: int
+    chas_bind_address: str
+    chas_health_interval: float
+    chas_host_ports: tuple[int, int]
+    node_hostname: str
+    node_ip_address: str
+    auth_token_file: str | None
+    tls_cert_file: str | None
+    tls_key_file: str | None
+    tls_ca_file: str | None
+    security_insecure: bool
+    policy_allowed_registries: tuple[str, ...]
+    policy_max_cpu: int | None
+    policy_max_memory: int | None
+    policy_host_ports: tuple[int, int]
+    policy_allow_host_network: bool
+    runtime_user: tuple[int, int]
+    monitoring_metrics_enabled: bool
+    logging_file: str | None
     restart_backoff_initial: float
     restart_backoff_max: float
     restart_backoff_reset: float
@@ -241,6 +369,14 @@ class Config:
     sources: Mapping[str, str]     # key -> where its value came from
 
     # IPC endpoints, all in the run directory.
+    @property
+    def token_path(self) -> str:
+        return self.auth_token_file or os.path.join(self.paths_state_dir, "api-token")
+
+    @property
+    def manager_endpoint(self) -> str:
+        return f"ipc://{self.paths_run_dir}/manager.sock"
+
     @property
     def memory_endpoint(self) -> str:
         return f"ipc://{self.paths_run_dir}/memory.sock"

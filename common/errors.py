@@ -26,6 +26,9 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     ALREADY_EXISTS = "already_exists"
     CONFLICT = "conflict"
+    PERMISSION_DENIED = "permission_denied"
+    UNAUTHENTICATED = "unauthenticated"
+    TOO_LARGE = "too_large"
     UNAVAILABLE = "unavailable"
     TIMEOUT = "timeout"
     INTERNAL = "internal"
@@ -77,6 +80,20 @@ class Conflict(RikletError):
     code = ErrorCode.CONFLICT
 
 
+class PermissionDenied(RikletError):
+    """Refused by the node's policy; the message names the rule."""
+
+    code = ErrorCode.PERMISSION_DENIED
+
+
+class Unauthenticated(RikletError):
+    code = ErrorCode.UNAUTHENTICATED
+
+
+class TooLarge(RikletError):
+    code = ErrorCode.TOO_LARGE
+
+
 class Unavailable(RikletError):
     code = ErrorCode.UNAVAILABLE
 
@@ -91,5 +108,6 @@ class Internal(RikletError):
 
 _BY_CODE: dict[str, type[RikletError]] = {
     cls.code.value: cls
-    for cls in (InvalidArgument, BadFrame, NotFound, AlreadyExists, Conflict, Unavailable, Timeout, Internal)
+    for cls in (InvalidArgument, BadFrame, NotFound, AlreadyExists, Conflict, PermissionDenied,
+                Unauthenticated, TooLarge, Unavailable, Timeout, Internal)
 }

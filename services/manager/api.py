@@ -21,9 +21,10 @@ import grpc
 from common import rotlog
 from common.errors import Conflict, ErrorCode, InvalidArgument, NotFound, RikletError, Unavailable
 from common.memclient import MemoryClient
-from common.model import dns_label, load_manifest, parse_workload
+from common.model import Workload, dns_label, load_manifest, parse_workload
 from common.pb import node_pb2 as pb
 from common.pb import node_pb2_grpc as pb_grpc
+from common.policy import Policy
 from common.rik import instance_id_of
 from common.zmqutil import RequestClient
 from services.manager.ports import check_ports
@@ -36,6 +37,9 @@ _GRPC_CODES = {
     ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     ErrorCode.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
     ErrorCode.CONFLICT: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    ErrorCode.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorCode.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorCode.TIMEOUT: grpc.StatusCode.UNAVAILABLE,
     ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
@@ -80,8 +84,10 @@ def _image_ref(value: str) -> str:
 class NodeService(pb_grpc.NodeServicer):
     def __init__(self, memory: MemoryClient, mirror: Any, monitor: RequestClient,
                  log_path: Callable[[str, str], str], grace_default: float,
-                 poke: Callable[[str | None], None], images: Any = None) -> None:
+                 poke: Callable[[str | None], None], images: Any = None,
+                 policy: Policy | None = None) -> None:
         self.memory = memory
+        self.policy = policy or Policy()
         self.images = images          # the containerd runtime: list, pull, import, remove
         self.mirror = mirror
         self.monitor = monitor
@@ -114,9 +120,26 @@ class NodeService(pb_grpc.NodeServicer):
         return self._call(context, lambda: self._apply(request.manifest, request.format))
 
     def _apply(self, manifest: str, fmt: str) -> pb.ApplyResponse:
-        workload = parse_workload(load_manifest(manifest, fmt), self.grace_default)
+        applied = self.apply_document(load_manifest(manifest, fmt))
+        return pb.ApplyResponse(pods=[pod_message(r) for r, _ in applied], changed=[c for _, c in applied])
+
+    # -- the core both APIs share (the CHaS HTTP API is a thin adapter over these) -----------
+
+    def apply_document(self, document: Mapping[str, Any],
+                       prepare: Callable[[Workload, list[dict[str, Any]]], Workload] | None = None
+                       ) -> list[tuple[dict[str, Any], bool]]:
+        """Validate a workload document, check it against the node's policy and the ports in
+        use, and write its pods' desired state; returns (record, changed) per pod.
+
+        ``prepare`` may rewrite the parsed workload under the apply lock, seeing the pods in
+        memory (the CHaS API allocates host ports there)."""
+        workload = parse_workload(document, self.grace_default)
         with self.apply_lock:
             current = self.memory.list()
+            if prepare is not None:
+                workload = prepare(workload, current)
+            for _, spec in workload.pods:
+                self.policy.check(spec)
             check_ports(workload, current)
             records, changed = [], []
             for name, spec in workload.pods:
@@ -139,7 +162,18 @@ class NodeService(pb_grpc.NodeServicer):
         for r in records:
             self.poke(r["name"])
         log.info("applied", extra={"workload": workload.name, "pods": [r["name"] for r in records]})
-        return pb.ApplyResponse(pods=[pod_message(r) for r in records], changed=changed)
+        return list(zip(records, changed, strict=True))
+
+    def desire(self, name: str, desired: str) -> dict[str, Any]:
+        """Set a pod's desired state (``running``, ``stopped``, ``deleted``); returns the record."""
+        result = self.memory.set_desired(self._pod_name(name), desired)
+        record: dict[str, Any] = result.get("pod", result)
+        self.poke(record["name"])
+        return record
+
+    def log_file(self, name: str, container: str = "") -> str:
+        """The path of a container's current log file (created empty if it has not started)."""
+        return self._log_file(name, container)
 
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
         return pb.DeleteResponse(pod=self._call(context, lambda: self._desire(request.name, "deleted")))
@@ -148,10 +182,7 @@ class NodeService(pb_grpc.NodeServicer):
         return pb.StopResponse(pod=self._call(context, lambda: self._desire(request.name, "stopped")))
 
     def _desire(self, name: str, desired: str) -> pb.Pod:
-        result = self.memory.set_desired(self._pod_name(name), desired)
-        record = result.get("pod", result)
-        self.poke(record["name"])
-        return pod_message(record)
+        return pod_message(self.desire(name, desired))
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.Pod:
         return self._call(context, lambda: pod_message(self._record(request.name)))

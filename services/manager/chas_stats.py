@@ -1,0 +1,76 @@
+"""Counters of the CHaS side of the manager (its HTTP API and its reports to the CHaS API
+server), kept in the manager and read by the monitor for its Prometheus ``/metrics`` over the
+manager's IPC socket (op ``stats``). Thread-safe; ``snapshot()`` is plain JSON."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+# Upper bounds (seconds) of the request latency histogram's buckets.
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class ChasStats:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, str, int], int] = {}        # (method, endpoint, status)
+        self.latency: dict[str, list[int]] = {}                    # endpoint -> bucket counts
+        self.latency_sum: dict[str, float] = {}
+        self.latency_count: dict[str, int] = {}
+        self.deployments: dict[str, int] = {"success": 0, "failure": 0}
+        self.errors: dict[str, int] = {}                           # error code -> count
+        self.healthy: bool | None = None                           # last /health verdict
+        self.registered: bool = False                              # accepted by the CHaS server
+        self.reports: dict[str, int] = {"success": 0, "failure": 0}  # health reports sent
+
+    def request(self, method: str, endpoint: str, status: int, seconds: float) -> None:
+        """One HTTP request; ``endpoint`` is the route template (``/containers/{id}``)."""
+        with self._lock:
+            key = (method, endpoint, status)
+            self.requests[key] = self.requests.get(key, 0) + 1
+            counts = self.latency.setdefault(endpoint, [0] * (len(BUCKETS) + 1))
+            counts[next((i for i, le in enumerate(BUCKETS) if seconds <= le), len(BUCKETS))] += 1
+            self.latency_sum[endpoint] = self.latency_sum.get(endpoint, 0.0) + seconds
+            self.latency_count[endpoint] = self.latency_count.get(endpoint, 0) + 1
+
+    def deployment(self, ok: bool) -> None:
+        with self._lock:
+            self.deployments["success" if ok else "failure"] += 1
+
+    def error(self, code: str) -> None:
+        with self._lock:
+            self.errors[code] = self.errors.get(code, 0) + 1
+
+    def health(self, healthy: bool) -> None:
+        with self._lock:
+            self.healthy = healthy
+
+    def set_registered(self, registered: bool) -> None:
+        with self._lock:
+            self.registered = registered
+
+    def report(self, ok: bool) -> None:
+        with self._lock:
+            self.reports["success" if ok else "failure"] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            latency = {}
+            for endpoint, counts in self.latency.items():
+                cumulative, total = [], 0
+                for le, n in zip([*BUCKETS, float("inf")], counts, strict=True):
+                    total += n
+                    cumulative.append([le if le != float("inf") else "+Inf", total])
+                latency[endpoint] = {"buckets": cumulative, "sum": self.latency_sum[endpoint],
+                                     "count": self.latency_count[endpoint]}
+            return {
+                "requests": [{"method": m, "endpoint": e, "status": s, "count": n}
+                             for (m, e, s), n in sorted(self.requests.items())],
+                "latency": latency,
+                "deployments": dict(self.deployments),
+                "errors": dict(self.errors),
+                "healthy": self.healthy,
+                "registered": self.registered,
+                "reports": dict(self.reports),
+            }
