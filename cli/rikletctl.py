@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from common import pb
+from common import auth, config, pb
 from common.errors import InvalidArgument
 from common.model import RESTART_POLICIES, dns_label
 from common.units import parse_cpu, parse_memory
@@ -126,9 +126,34 @@ def run_manifest(args: argparse.Namespace) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Pod", "name": args.name, "spec": spec}
 
 
+def default_token_file() -> str:
+    """The agent's token file as the agent would find it (its configuration, or the default
+    ``<state_dir>/api-token``)."""
+    try:
+        return config.load().token_path
+    except InvalidArgument:
+        return os.path.join(os.environ.get("RIKLET_STATE_DIR", "./.riklet/state"), "api-token")
+
+
+def open_channel(endpoint: str, token: str | None, ca: str | None = None, cert: str | None = None,
+                 key: str | None = None) -> grpc.Channel:
+    if ca or cert:
+        def read(path: str | None) -> bytes | None:
+            if not path:
+                return None
+            with open(path, "rb") as fh:
+                return fh.read()
+        creds = grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
+        channel = grpc.secure_channel(endpoint, creds)
+    else:
+        channel = grpc.insecure_channel(endpoint)
+    return grpc.intercept_channel(channel, *auth.grpc_client_interceptors(token))
+
+
 class Ctl:
-    def __init__(self, endpoint: str, out_json: bool = False) -> None:
-        self.channel = grpc.insecure_channel(endpoint)
+    def __init__(self, endpoint: str, out_json: bool = False, token: str | None = None,
+                 tls: tuple[str | None, str | None, str | None] = (None, None, None)) -> None:
+        self.channel = open_channel(endpoint, token, *tls)
         self.stub = npb_grpc.NodeStub(self.channel)
         self.json = out_json
 
@@ -223,7 +248,7 @@ class Ctl:
     def _image_import(self, args: argparse.Namespace) -> None:
         def chunks() -> Any:
             with open(args.refs[0], "rb") if args.refs[0] != "-" else sys.stdin.buffer as fh:
-                while data := fh.read(1 << 20):
+                while data := fh.read(512 * 1024):  # under the API's 1 MiB message cap
                     yield npb.ImageChunk(data=data)
         if len(args.refs) != 1:
             raise InvalidArgument("give one archive file (or - for standard input)", "FILE")
@@ -246,6 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rikletctl", description="Drive a riklet node agent.")
     p.add_argument("--endpoint", default=os.environ.get("RIKLET_ENDPOINT", DEFAULT_ENDPOINT),
                    help="Node API address (env RIKLET_ENDPOINT, default %(default)s)")
+    p.add_argument("--token-file", default=os.environ.get("RIKLET_TOKEN_FILE"),
+                   help="the agent's API token file (env RIKLET_TOKEN_FILE; default: the agent's "
+                        "<state_dir>/api-token); env RIKLET_TOKEN gives the token itself")
+    p.add_argument("--tls-ca", default=os.environ.get("RIKLET_CLIENT_CA"),
+                   help="CA certificate (PEM) of an agent serving TLS (env RIKLET_CLIENT_CA)")
+    p.add_argument("--tls-cert", default=os.environ.get("RIKLET_CLIENT_CERT"),
+                   help="client certificate (PEM) for mutual TLS (env RIKLET_CLIENT_CERT)")
+    p.add_argument("--tls-key", default=os.environ.get("RIKLET_CLIENT_KEY"),
+                   help="its key (env RIKLET_CLIENT_KEY)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def add(name: str, fn: Callable[[Ctl, argparse.Namespace], None], helptext: str,
@@ -313,7 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"image {args.action}: give {'a file' if args.action == 'import' else 'an image'}")
     if args.cmd == "get" and args.what == "pod" and not args.name:
         parser.error("get pod: give a pod name")
-    ctl = Ctl(args.endpoint, getattr(args, "output", "table") == "json")
+    token = os.environ.get("RIKLET_TOKEN") or auth.read_token(args.token_file or default_token_file())
+    ctl = Ctl(args.endpoint, getattr(args, "output", "table") == "json", token,
+              (args.tls_ca, args.tls_cert, args.tls_key))
     try:
         args.fn(ctl, args)
     except InvalidArgument as exc:
@@ -327,6 +363,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except grpc.RpcError as exc:
         code = exc.code()
         print(f"rikletctl: {code.name.lower()}: {exc.details()}", file=sys.stderr)
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            print("rikletctl: the agent wants its API token: run as a user who can read "
+                  f"{args.token_file or default_token_file()}, or set RIKLET_TOKEN / --token-file",
+                  file=sys.stderr)
         return 3 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) else 1
     return 0
 

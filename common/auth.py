@@ -135,18 +135,23 @@ def grpc_token_interceptor(token: Callable[[], str]) -> Any:
     return _Interceptor()
 
 
-def grpc_client_interceptors(token: str | None) -> list[Any]:
-    """Client interceptors adding the bearer token to every call."""
+def grpc_client_interceptors(token: str | Callable[[], str | None] | None) -> list[Any]:
+    """Client interceptors adding the bearer token to every call (``token`` may be a function,
+    asked on every call: a client started before the agent made its token still finds it)."""
     import grpc
 
     if not token:
         return []
-    header = PREFIX + token
+
+    def header() -> str | None:
+        value = token() if callable(token) else token
+        return PREFIX + value if value else None
 
     class _Adder(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
                  grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
         def _details(self, details: Any) -> Any:
-            md = [*(details.metadata or ()), (HEADER, header)]
+            value = header()
+            md = [*(details.metadata or ())] + ([(HEADER, value)] if value else [])
             return _Details(details.method, details.timeout, md, details.credentials,
                             getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
 

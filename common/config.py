@@ -1,8 +1,9 @@
-"""riklet's configuration: defaults < YAML file < environment < command-line flags.
+"""riklet's configuration: defaults < CHaS file < riklet's YAML file < environment < flags.
 
 Every setting is declared once in :data:`SETTINGS` with its YAML key, environment variable,
-flag and parser. An unknown YAML key or a value that does not parse is an error naming the
-file (or variable, or flag) and the key.
+flag and parser. The CHaS Node Agent's file (``/etc/chas/node-agent.yaml``, seed 003) is read
+too, its keys mapped onto the same settings by :data:`CHAS_KEYS`. An unknown YAML key or a
+value that does not parse is an error naming the file (or variable, or flag) and the key.
 """
 
 from __future__ import annotations
@@ -394,58 +395,129 @@ class Config:
         return f"ipc://{self.paths_run_dir}/proxy.sock"
 
 
-def _flatten(data: Mapping[str, Any], prefix: str, source: str) -> dict[str, Any]:
+# The CHaS Node Agent's configuration file (seed 003, "Configuration"): read alongside riklet's
+# own, its keys mapped onto riklet's settings. Precedence: defaults < CHaS file < riklet's file
+# < environment < flags.
+CHAS_CONFIG_PATH = "/etc/chas/node-agent.yaml"   # read when it exists; CHAS_CONFIG / --chas-config
+CHAS_KEYS: Mapping[str, str] = {                  # CHaS key -> riklet setting
+    "api.chas_url": "chas.api_url",
+    "api.port": "chas.port",
+    "node.id": "node.id",
+    "node.hostname": "node.hostname",
+    "containerd.socket": "containerd.address",
+    "containerd.namespace": "containerd.namespace",
+    "monitoring.health_interval": "chas.health_interval",
+    "monitoring.metrics_enabled": "monitoring.metrics_enabled",
+    "logging.level": "logging.level",
+    "logging.file": "logging.file",
+}
+if not set(CHAS_KEYS.values()) <= set(_BY_KEY):
+    raise RuntimeError(f"CHAS_KEYS names settings SETTINGS lacks: {set(CHAS_KEYS.values()) - set(_BY_KEY)}")
+_CHAS_BY_SETTING = {v: k for k, v in CHAS_KEYS.items()}
+
+# Settings whose value `riklet config show` never prints (none yet: the token *file* is a path).
+SECRET_KEYS: frozenset[str] = frozenset()
+
+
+def _flatten(data: Mapping[str, Any], prefix: str, source: str,
+             known: Mapping[str, Any] = _BY_KEY) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in data.items():
         key = f"{prefix}{name}"
         if isinstance(value, Mapping):
-            out.update(_flatten(value, key + ".", source))
-        elif key in _BY_KEY:
+            out.update(_flatten(value, key + ".", source, known))
+        elif key in known:
             out[key] = value
         else:
             raise InvalidArgument(f"unknown configuration key in {source}", key)
     return out
 
 
-def read_yaml(path: str) -> dict[str, Any]:
+def _read_mapping(path: str, field: str) -> Mapping[str, Any]:
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
     except OSError as exc:
-        raise InvalidArgument(f"cannot read configuration file {path}: {exc.strerror}", "config") from exc
+        raise InvalidArgument(f"cannot read configuration file {path}: {exc.strerror}", field) from exc
     except yaml.YAMLError as exc:
-        raise InvalidArgument(f"{path} is not valid YAML: {exc}", "config") from exc
+        raise InvalidArgument(f"{path} is not valid YAML: {exc}", field) from exc
     if data is None:
         return {}
     if not isinstance(data, Mapping):
-        raise InvalidArgument(f"{path} must hold a mapping at the top level", "config")
-    return _flatten(data, "", path)
+        raise InvalidArgument(f"{path} must hold a mapping at the top level", field)
+    return data
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """riklet's own file: setting key -> raw value."""
+    return _flatten(_read_mapping(path, "config"), "", path)
+
+
+def read_chas_yaml(path: str, field: str = "chas-config") -> dict[str, Any]:
+    """The CHaS file: CHaS key (``api.port``) -> raw value; an unknown key is an error."""
+    return _flatten(_read_mapping(path, field), "", path, CHAS_KEYS)
+
+
+def chas_config_path(flags: argparse.Namespace | None, environ: Mapping[str, str]) -> str | None:
+    """The CHaS file to read: --chas-config, else CHAS_CONFIG (both must exist), else the
+    default path when it exists, else none."""
+    for path, field in ((getattr(flags, "chas_config", None), "--chas-config"),
+                        (environ.get("CHAS_CONFIG"), "CHAS_CONFIG")):
+        if path:
+            if not os.path.isfile(path):
+                raise InvalidArgument(f"CHaS configuration file {path} does not exist"
+                                      if not os.path.exists(path) else f"{path} is not a file", field)
+            return path
+    return CHAS_CONFIG_PATH if os.path.exists(CHAS_CONFIG_PATH) else None
+
+
+def describe_source(key: str, source: str) -> str:
+    """``Config.sources[key]`` for people: default, FILE: KEY, environment VAR or flag --FLAG."""
+    s = _BY_KEY[key]
+    if source == "environment":
+        return f"environment {s.env}"
+    if source == "flags":
+        return f"flag {s.flag}"
+    chas_key = _CHAS_BY_SETTING.get(key)
+    if source == "default" or (chas_key and source.endswith(f": {chas_key}")):
+        return source               # the CHaS file's entry already names its key
+    return f"{source}: {key}"       # riklet's file: the key is the setting's
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML configuration file (env RIKLET_CONFIG)")
+    parser.add_argument("--chas-config", help="CHaS node-agent YAML file (env CHAS_CONFIG; "
+                        f"default {CHAS_CONFIG_PATH} when it exists)")
     for s in SETTINGS:
         if s.flag:
             parser.add_argument(s.flag, dest=s.attr, help=s.help)
 
 
 def load(flags: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Defaults < CHaS file < riklet's file < environment < flags.
+
+    ``Config.sources[key]`` says where each value came from: ``default``, ``<CHaS file>:
+    <CHaS key>``, ``<riklet file>``, ``environment`` or ``flags`` (:func:`describe_source`
+    spells out the key, variable or flag)."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    # (setting key, raw value, where: named in errors, source: recorded in Config.sources)
+    layers: list[list[tuple[str, Any, str, str]]] = []
+    chas_path = chas_config_path(flags, env)
+    if chas_path:
+        layers.append([(CHAS_KEYS[k], raw, f"{chas_path}: {k}", f"{chas_path}: {k}")
+                       for k, raw in read_chas_yaml(chas_path).items()])
     path = getattr(flags, "config", None) or env.get("RIKLET_CONFIG")
-    layers: list[tuple[str, dict[str, Any]]] = []
     if path:
-        layers.append((path, read_yaml(path)))
-    layers.append(("environment", {s.key: env[s.env] for s in SETTINGS if s.env and env.get(s.env)}))
+        layers.append([(k, raw, f"{path}: {k}", path) for k, raw in read_yaml(path).items()])
+    layers.append([(s.key, env[s.env], s.env, "environment") for s in SETTINGS if s.env and env.get(s.env)])
     if flags is not None:
-        layers.append(("flags", {s.key: getattr(flags, s.attr) for s in SETTINGS
-                                 if s.flag and getattr(flags, s.attr, None) is not None}))
-    for source, layer in layers:
-        for key, raw in layer.items():
-            s = _BY_KEY[key]
-            where = {"environment": s.env, "flags": s.flag}.get(source) or f"{source}: {key}"
-            values[key] = s.parse(raw, where)
+        layers.append([(s.key, getattr(flags, s.attr), s.flag, "flags") for s in SETTINGS
+                       if s.flag and getattr(flags, s.attr, None) is not None])
+    for layer in layers:
+        for key, raw, where, source in layer:
+            values[key] = _BY_KEY[key].parse(raw, where)
             sources[key] = source
     for s in SETTINGS:
         if s.key not in values:

@@ -33,9 +33,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def setup(service: str, level: str = "INFO") -> None:
+def setup(service: str, level: str = "INFO", file: str | None = None) -> None:
+    """JSON lines on stderr (supervisord keeps them per service), and appended to ``file`` too
+    when one is configured (``logging.file``: one file for every service, as CHaS asks)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    if file:
+        try:
+            shared = logging.FileHandler(file, encoding="utf-8")
+        except OSError as exc:
+            root.warning("cannot append to the log file", extra={"file": file, "error": str(exc)})
+        else:
+            shared.setFormatter(JsonFormatter(service))
+            root.addHandler(shared)
     root.setLevel(level)

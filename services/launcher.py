@@ -3,15 +3,21 @@
 Sets the environment supervisord.conf reads (RIKLET_RUN_DIR, RIKLET_STATE_DIR, RIKLET_CONFIG)
 when the caller has not, makes this process a child subreaper so that shims orphaned by a
 manager restart are reaped by supervisord rather than left as zombies, and execs supervisord.
+
+``riklet config show`` prints the effective configuration and where each value came from,
+without any service running.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from typing import Any
 
-from common.errors import Unavailable
+from common import config
+from common.errors import InvalidArgument, Unavailable
 from services.manager.procs import become_subreaper
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,17 +33,61 @@ def defaults(environ: dict[str, str], root: str = ROOT) -> dict[str, str]:
     return env
 
 
+def effective(cfg: config.Config) -> dict[str, dict[str, Any]]:
+    """Every setting, sorted by key: ``{key: {"value": ..., "source": ...}}``, secrets masked."""
+    out: dict[str, dict[str, Any]] = {}
+    for s in sorted(config.SETTINGS, key=lambda s: s.key):
+        value = getattr(cfg, s.attr)
+        if s.key in config.SECRET_KEYS and value is not None:
+            value = "<redacted>"
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[s.key] = {"value": value, "source": config.describe_source(s.key, cfg.sources[s.key])}
+    return out
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def show_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    try:
+        cfg = config.load(args)
+    except InvalidArgument as exc:
+        parser.exit(2, f"riklet: configuration error: {exc}\n")
+    table = effective(cfg)
+    if args.output == "json":
+        print(json.dumps(table, indent=2))
+        return
+    rows = [("KEY", "VALUE", "SOURCE")] + [(k, _text(e["value"]), e["source"]) for k, e in table.items()]
+    wk, wv = (max(len(r[i]) for r in rows) for i in (0, 1))
+    for key, value, source in rows:
+        print(f"{key:<{wk}}  {value:<{wv}}  {source}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="riklet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="start the four services under supervisord (foreground)")
     run.add_argument("--config", help="YAML configuration file (env RIKLET_CONFIG)")
+    run.add_argument("--chas-config", help="CHaS node-agent YAML file (env CHAS_CONFIG; default "
+                     f"{config.CHAS_CONFIG_PATH} when it exists)")
     run.add_argument("--supervisord-conf", default=os.path.join(ROOT, "supervisord.conf"))
+    conf = sub.add_parser("config", help="inspect the configuration").add_subparsers(
+        dest="action", required=True)
+    show = conf.add_parser("show", help="print every setting, its value and where it came from")
+    config.add_flags(show)
+    show.add_argument("-o", "--output", choices=("text", "json"), default="text")
     args = parser.parse_args(argv)
+    if args.command == "config":
+        show_config(args, show)
+        return
 
     env = defaults(dict(os.environ))
     if args.config:
         env["RIKLET_CONFIG"] = os.path.abspath(args.config)
+    if args.chas_config:
+        env["CHAS_CONFIG"] = os.path.abspath(args.chas_config)
     for key in ("RIKLET_RUN_DIR", "RIKLET_STATE_DIR"):
         env[key] = os.path.abspath(env[key])
         os.makedirs(env[key], mode=0o700, exist_ok=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from common import pb
+from common import auth, pb
 from tests.support import free_ports, wait_for
 
 pb.ensure()
@@ -55,7 +55,9 @@ class Agent:
                     "RIKLET_METRICS_ADDRESS": self.metrics, "RIKLET_ENDPOINT": self.api,
                     "LOG_LEVEL": "DEBUG"}
         self.proc: subprocess.Popen[bytes] | None = None
-        self.channel = grpc.insecure_channel(self.api)
+        self.token_path = os.path.join(self.state_dir, "api-token")
+        self.channel = grpc.intercept_channel(grpc.insecure_channel(self.api), *auth.grpc_client_interceptors(
+            lambda: auth.read_token(self.token_path)))
         self.stub = npb_grpc.NodeStub(self.channel)
         self.workload_pids: set[int] = set()
 

@@ -39,6 +39,7 @@ class CtrAgent:
             f"containerd:\n  address: {env.socket}\n  namespace: {self.namespace}\n"
             + (f"  insecure_registries: ['{insecure}']\n" if insecure else "")
             + f"network:\n  bridge: {self.bridge}\n  subnet: {self.subnet}\n"
+            "policy:\n  allow_host_network: true\n"
             "restart:\n  backoff_initial: 0.5s\n")
         self.agent_id = hashlib.sha256(os.path.abspath(self.agent.state_dir).encode()).hexdigest()[:8]
         self.archive = image.archive

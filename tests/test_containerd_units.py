@@ -56,6 +56,7 @@ def test_env_merges_pod_over_image_and_user_is_numeric() -> None:
     assert ocispec.env_of({}, {})[0].startswith("PATH=")
     assert ocispec.user_of(IMAGE) == (1000, 1001)
     assert ocispec.user_of({"config": {"User": "nginx"}}) == (0, 0)
+    assert ocispec.user_of({"config": {}}, (65534, 65534)) == (65534, 65534)
 
 
 def test_spec_carries_limits_namespaces_and_files() -> None:

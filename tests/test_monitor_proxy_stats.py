@@ -13,11 +13,11 @@ import zmq
 
 from common import ipc
 from common.errors import RikletError, Unavailable
+from common.stats_server import StatsServer
 from common.zmqutil import RequestClient
 from services.monitor import prom
 from services.monitor.service import proxy_stats_reader
 from services.proxy.stats import CONNECT_BUCKETS, Stats
-from services.proxy.stats_server import StatsServer
 from tests.support import parse_prometheus
 
 

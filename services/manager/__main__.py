@@ -12,9 +12,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common import config, pb
+from common import auth, config, pb
 from common import log as logsetup
+from common.errors import RikletError
 from common.memclient import MemoryClient, PodMirror
+from common.policy import Policy
 from common.zmqutil import RequestClient, make_run_dir
 
 log = logging.getLogger("riklet.manager")
@@ -24,10 +26,12 @@ SERVICE_NAME = "riklet.v1.Node"
 
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = config.parse_args("riklet-manager", argv)
-    logsetup.setup("manager", cfg.logging_level)
+    logsetup.setup("manager", cfg.logging_level, cfg.logging_file)
     pb.ensure()
     from common.pb import node_pb2, node_pb2_grpc  # generated: import after ensure()
+    from common.stats_server import StatsServer
     from services.manager.api import NodeService
+    from services.manager.chas_stats import ChasStats
     from services.manager.cni import PodNetworks
     from services.manager.containerd import ContainerdRuntime
     from services.manager.ctrd import Containerd
@@ -40,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     runtime = ProcessRuntime(
         cfg.paths_state_dir, cfg.runtime_stop_grace_period, cfg.logs_max_size, cfg.logs_max_files,
         {"initial": cfg.restart_backoff_initial, "max": cfg.restart_backoff_max,
-         "reset": cfg.restart_backoff_reset})
+         "reset": cfg.restart_backoff_reset}, user=cfg.runtime_user)
     # The containerd runtime is always there: without containerd, its pods fail with the reason
     # while process pods run on.
     backoff = {"initial": cfg.restart_backoff_initial, "max": cfg.restart_backoff_max,
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
                     subnet=cfg.network_subnet, cni_path=cfg.network_cni_path),
         grace_default=cfg.runtime_stop_grace_period, log_max_size=cfg.logs_max_size,
         log_max_files=cfg.logs_max_files, backoff=backoff,
-        insecure_registries=cfg.containerd_insecure_registries)
+        insecure_registries=cfg.containerd_insecure_registries, user=cfg.runtime_user)
     previous: dict[str, dict[str, Any]] = {}
     service: NodeService | None = None
     reconciler: Reconciler | None = None
@@ -77,9 +81,17 @@ def main(argv: list[str] | None = None) -> None:
     containers.on_progress = reconciler.progress
     service = NodeService(memory, mirror, RequestClient(cfg.monitor_endpoint, timeout=2.0, retries=1),
                           runtime.log_path, cfg.runtime_stop_grace_period, reconciler.poke,
-                          images=containers)
+                          images=containers, policy=Policy.from_config(cfg))
 
+    token = auth.load_or_create_token(cfg.token_path)
+    tls = bool(cfg.tls_cert_file and cfg.tls_key_file)
+    try:
+        auth.check_exposure(cfg.api_address.rsplit(":", 1)[0], tls, cfg.security_insecure, "the Node API",
+                            "api.address")
+    except RikletError as exc:
+        raise SystemExit(f"riklet-manager: {exc}") from None
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="grpc"),
+                         interceptors=[auth.grpc_token_interceptor(lambda: token)],
                          options=[("grpc.max_receive_message_length", 1024 * 1024)])
     node_pb2_grpc.add_NodeServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
@@ -87,14 +99,23 @@ def main(argv: list[str] | None = None) -> None:
     reflection.enable_server_reflection(
         (node_pb2.DESCRIPTOR.services_by_name["Node"].full_name, reflection.SERVICE_NAME,
          health.SERVICE_NAME), server)
-    if server.add_insecure_port(cfg.api_address) == 0:
+    if tls:
+        assert cfg.tls_cert_file and cfg.tls_key_file
+        bound = server.add_secure_port(cfg.api_address, auth.grpc_server_credentials(
+            cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_ca_file))
+    else:
+        bound = server.add_insecure_port(cfg.api_address)
+    if bound == 0:
         raise SystemExit(f"riklet-manager: cannot listen on {cfg.api_address}")
     server.start()
     reconciler.start()
+    chas_stats = ChasStats()
+    stats_server = StatsServer(cfg.manager_endpoint, chas_stats.snapshot, name="manager-stats")
+    stats_server.start()
     threading.Thread(target=report_orphans, args=(containers, mirror), name="orphans", daemon=True).start()
     if cfg.scheduler_address:
         link = SchedulerLink(cfg.scheduler_address, cfg.node_id, memory, mirror, reconciler.poke,
-                             service.apply_lock, cfg.runtime_stop_grace_period)
+                             service.apply_lock, cfg.runtime_stop_grace_period, Policy.from_config(cfg))
         link.start()
         log.info("RIK mode", extra={"scheduler": cfg.scheduler_address, "node": cfg.node_id})
     for name in ("", SERVICE_NAME):
@@ -110,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     if link is not None:
         link.stop()
     server.stop(grace=2).wait()
+    stats_server.stop()
     reconciler.stop()
     mirror.stop()
     # Workloads are left running on purpose: their shims do not depend on this process.

@@ -91,7 +91,7 @@ class ContainerdRuntime(PodLayout):
 
     def __init__(self, state_dir: str, client: Containerd, networks: Any, *, grace_default: float,
                  log_max_size: int, log_max_files: int, backoff: dict[str, float],
-                 insecure_registries: tuple[str, ...] = ()) -> None:
+                 insecure_registries: tuple[str, ...] = (), user: tuple[int, int] = (0, 0)) -> None:
         super().__init__(state_dir)
         self.client = client
         self.networks = networks          # services.manager.cni.PodNetworks
@@ -100,6 +100,7 @@ class ContainerdRuntime(PodLayout):
         self.log_max_files = log_max_files
         self.backoff = backoff
         self.insecure = set(insecure_registries)
+        self.user = user
         self.on_progress: Progress | None = None
         self._pull_locks: dict[str, threading.Lock] = {}
         self._pull_guard = threading.Lock()
@@ -297,7 +298,7 @@ class ContainerdRuntime(PodLayout):
             hostname=pod["name"], netns=driver.get("netns"),
             cgroups_path=f"/{self.cgroup_parent(pod['name'])}/{c['name']}",
             memory_bytes=c["resources"].get("memory_bytes"), cpu_millis=c["resources"].get("cpu_millis"),
-            etc_files=driver.get("etc") or {}, user=ocispec.user_of(config))
+            etc_files=driver.get("etc") or {}, user=ocispec.user_of(config, self.user))
         labels = {LABEL_AGENT: self.agent_id, LABEL_POD: pod["name"], LABEL_UID: pod["uid"],
                   LABEL_CONTAINER: c["name"]}
         with self.client.lease() as lease:

@@ -43,13 +43,14 @@ def env_of(image_config: Mapping[str, Any], env: Mapping[str, str]) -> list[str]
     return [f"{k}={v}" for k, v in merged.items()]
 
 
-def user_of(image_config: Mapping[str, Any]) -> tuple[int, int]:
-    """The image's numeric ``User`` (``uid`` or ``uid:gid``); names are not resolved: root."""
+def user_of(image_config: Mapping[str, Any], default: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+    """The image's numeric ``User`` (``uid`` or ``uid:gid``), else ``default`` (the node's
+    ``runtime.user``). A user name is not resolved: the default applies."""
     user = str((image_config.get("config") or {}).get("User") or "")
     uid, _, gid = user.partition(":")
     if uid.isdigit():
         return int(uid), int(gid) if gid.isdigit() else int(uid)
-    return 0, 0
+    return default
 
 
 def build(*, argv: list[str], env: list[str], cwd: str, hostname: str, netns: str | None,

@@ -39,12 +39,13 @@ class ProcessRuntime(PodLayout):
     name = "process"
 
     def __init__(self, state_dir: str, grace_default: float, log_max_size: int, log_max_files: int,
-                 backoff: dict[str, float]) -> None:
+                 backoff: dict[str, float], user: tuple[int, int] | None = None) -> None:
         super().__init__(state_dir)
         self.grace_default = grace_default
         self.log_max_size = log_max_size
         self.log_max_files = log_max_files
         self.backoff = backoff
+        self.user = user
 
 
     # -- observing ---------------------------------------------------------------------------
@@ -161,5 +162,6 @@ class ProcessRuntime(PodLayout):
                 "cpu_millis": c["resources"].get("cpu_millis"),
                 "memory_bytes": c["resources"].get("memory_bytes"),
                 "restart_policy": spec.get("restartPolicy", "Always"),
+                "user": list(self.user) if self.user is not None else None,
             } for c in spec["containers"]],
         }

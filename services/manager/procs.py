@@ -80,10 +80,15 @@ def _exec_child(spec: ContainerSpec, env: dict[str, str], out: int, go: int, err
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         os.dup2(out, 1)
         os.dup2(out, 2)
+        if spec.user is not None and os.getuid() == 0 and spec.user != (0, 0):
+            stage = f"user {spec.user[0]}:{spec.user[1]}"
+            os.setgroups([])
+            os.setgid(spec.user[1])
+            os.setuid(spec.user[0])
         if spec.working_dir:
             stage = f"working_dir {spec.working_dir}"
             os.chdir(spec.working_dir)
-            stage = spec.command[0]
+        stage = spec.command[0]
         os.execvpe(spec.command[0], list(spec.command), env)
     except OSError as exc:
         code = 127 if exc.errno == errno.ENOENT else 126

@@ -26,6 +26,7 @@ from common.model import Workload
 from common.pb import rik_common_pb2 as cpb
 from common.pb import rik_worker_pb2 as wpb
 from common.pb import rik_worker_pb2_grpc as wpb_grpc
+from common.policy import Policy
 from common.rik import CHANNEL_OPTIONS, Backoff, StatusSender, describe, instance_id_of, pod_name_for
 from services.manager import instances
 from services.manager.instances import Report
@@ -46,8 +47,10 @@ _REASONS = {ErrorCode.CONFLICT: "Conflict", ErrorCode.UNAVAILABLE: "Unavailable"
 
 class SchedulerLink:
     def __init__(self, address: str, node_id: str, memory: MemoryClient, mirror: PodMirror,
-                 poke: Callable[[str], None], write_lock: threading.Lock, grace: float) -> None:
+                 poke: Callable[[str], None], write_lock: threading.Lock, grace: float,
+                 policy: Policy | None = None) -> None:
         self.address = address
+        self.policy = policy or Policy()
         self.node_id = node_id
         self.memory = memory
         self.mirror = mirror
@@ -180,6 +183,7 @@ class SchedulerLink:
             existing = next((p for p in current if p["name"] == name), None)
             if existing is not None and instance_id_of(existing) != instance_id:
                 raise Conflict(f"pod {name} exists on this node and is not this instance's", "instance_id")
+            self.policy.check(spec)
             check_ports(workload, current)
             return self.memory.apply(name, spec)
 

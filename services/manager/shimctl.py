@@ -56,6 +56,7 @@ class ContainerSpec:
     cpu_millis: int | None = None
     memory_bytes: int | None = None
     restart_policy: RestartPolicy = RestartPolicy.ALWAYS
+    user: tuple[int, int] | None = None   # (uid, gid) to run as; None: the shim's own
 
 
 @dataclass(frozen=True)
@@ -262,7 +263,12 @@ def _container(data: object, where: str) -> ContainerSpec:
     if policy not in {p.value for p in RestartPolicy}:
         choices = ", ".join(p.value for p in RestartPolicy)
         raise InvalidArgument(f"unknown policy {policy!r} ({choices})", f"{where}.restart_policy")
+    user = obj.get("user")
+    if user is not None and not (isinstance(user, list) and len(user) == 2 and all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**32 for i in user)):
+        raise InvalidArgument("expected [uid, gid] or null", f"{where}.user")
     return ContainerSpec(
+        user=(int(user[0]), int(user[1])) if user is not None else None,
         name=_name(obj, "name", where),
         command=tuple(command),
         env=dict(env),

@@ -18,7 +18,7 @@ log = logging.getLogger("services.memory")
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, _ = parse_args("riklet-memory", argv)
-    logsetup.setup("memory", cfg.logging_level)
+    logsetup.setup("memory", cfg.logging_level, cfg.logging_file)
     try:
         server = MemoryServer(cfg)
     except Unavailable as exc:

@@ -37,8 +37,10 @@ def serve(cfg: config.Config, stop: threading.Event) -> None:
     prepare_ipc_bind(cfg.monitor_endpoint, ctx)
     memory = RequestClient(cfg.memory_endpoint, timeout=1.0, retries=1, context=ctx)
     proxy = RequestClient(cfg.proxy_endpoint, timeout=0.3, retries=0, context=ctx)
+    manager = RequestClient(cfg.manager_endpoint, timeout=0.3, retries=0, context=ctx)
     monitor = Monitor(cfg.node_id, cfg.paths_state_dir, memory_pod_lister(memory),
-                      proxy_stats=proxy_stats_reader(proxy))
+                      proxy_stats=proxy_stats_reader(proxy),
+                      manager_stats=proxy_stats_reader(manager, "manager"))
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(cfg.monitor_endpoint)
@@ -46,8 +48,9 @@ def serve(cfg: config.Config, stop: threading.Event) -> None:
     try:
         if path:
             os.chmod(path, 0o600)
-        http = MetricsServer(cfg.metrics_address, monitor.scrape)
-        http.start()
+        http = MetricsServer(cfg.metrics_address, monitor.scrape) if cfg.monitoring_metrics_enabled else None
+        if http is not None:
+            http.start()
         pusher = start_pusher(cfg, ctx)
         log.info("monitor ready", extra={"endpoint": cfg.monitor_endpoint, "metrics": cfg.metrics_address,
                                          "scheduler": cfg.scheduler_address})
@@ -58,7 +61,8 @@ def serve(cfg: config.Config, stop: threading.Event) -> None:
         finally:
             if pusher is not None:
                 pusher.stop()
-            http.stop()
+            if http is not None:
+                http.stop()
     finally:
         sock.close(linger=0)
         memory.close()
@@ -84,7 +88,7 @@ def start_pusher(cfg: config.Config, ctx: zmq.Context[Any]) -> MetricPusher | No
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, _ = config.parse_args("riklet-monitor", argv)
-    rlog.setup("monitor", cfg.logging_level)
+    rlog.setup("monitor", cfg.logging_level, cfg.logging_file)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -184,11 +184,50 @@ def container_families(rows: Sequence[Any]) -> list[Family]:
     return [cpu, mem, limit]
 
 
+def chas_families(stats: Mapping[str, Any] | None) -> list[Family]:
+    """The CHaS API's counters from the manager (services.manager.chas_stats): requests and
+    their latency per endpoint, deployments, errors by type, health and registration."""
+    if not isinstance(stats, Mapping):
+        return []
+    requests = Family("riklet_chas_requests_total", "counter", "CHaS API requests by endpoint and status.")
+    for r in stats.get("requests") or []:
+        if isinstance(r, Mapping) and _number(r.get("count")) is not None:
+            requests.add(float(r["count"]), method=str(r.get("method")), endpoint=str(r.get("endpoint")),
+                         status=str(r.get("status")))
+    latency = Family("riklet_chas_request_duration_seconds", "histogram",
+                     "CHaS API request latency by endpoint.")
+    for endpoint, hist in sorted((stats.get("latency") or {}).items()):
+        if not isinstance(hist, Mapping):
+            continue
+        for le, n in hist.get("buckets") or []:
+            latency.add_suffixed("_bucket", float(n), endpoint=str(endpoint),
+                                 le="+Inf" if le == "+Inf" else format_value(float(le)))
+        latency.add_suffixed("_sum", float(hist.get("sum") or 0), endpoint=str(endpoint))
+        latency.add_suffixed("_count", float(hist.get("count") or 0), endpoint=str(endpoint))
+    deploys = Family("riklet_chas_deployments_total", "counter", "Deploy requests by result.")
+    for result, n in sorted((stats.get("deployments") or {}).items()):
+        deploys.add(float(n), result=str(result))
+    errors = Family("riklet_chas_errors_total", "counter", "CHaS API errors by type (error code).")
+    for code, n in sorted((stats.get("errors") or {}).items()):
+        errors.add(float(n), code=str(code))
+    health = Family("riklet_chas_health_status", "gauge",
+                    "1 when the node's last health check was healthy, 0 when unhealthy.")
+    if stats.get("healthy") is not None:
+        health.add(1 if stats.get("healthy") else 0)
+    registered = Family("riklet_chas_registered", "gauge", "1 when the CHaS API server accepted this node.")
+    registered.add(1 if stats.get("registered") else 0)
+    reports = Family("riklet_chas_health_reports_total", "counter",
+                     "Health reports sent to the CHaS API server, by result.")
+    for result, n in sorted((stats.get("reports") or {}).items()):
+        reports.add(float(n), result=str(result))
+    return [requests, latency, deploys, errors, health, registered, reports]
+
+
 def render(node: RealtimeNode, pods: Sequence[RealtimePod], scrape_errors: int,
            proxy: Mapping[str, Any] | None = None, with_proxy: bool = False,
-           containers: Sequence[Any] = ()) -> str:
+           containers: Sequence[Any] = (), chas: Mapping[str, Any] | None = None) -> str:
     """With ``with_proxy``, add the proxy's families (``proxy`` None: it did not answer)."""
-    fams = families(node, pods, scrape_errors) + container_families(containers)
+    fams = families(node, pods, scrape_errors) + container_families(containers) + chas_families(chas)
     if with_proxy:
         fams += proxy_families(proxy)
     return exposition(fams)

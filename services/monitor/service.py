@@ -57,9 +57,10 @@ def memory_pod_lister(client: RequestClient) -> PodLister:
 ProxyStats = Callable[[], Mapping[str, Any] | None]
 
 
-def proxy_stats_reader(client: RequestClient) -> ProxyStats:
-    """Ask the proxy for its counters. None when its socket file is absent (no proxy running:
-    nothing to report, not an error); Unavailable when the file is there but nobody answers."""
+def proxy_stats_reader(client: RequestClient, service: str = "proxy") -> ProxyStats:
+    """Ask a service (the proxy, the manager) for its counters. None when its socket file is
+    absent (not running: nothing to report, not an error); Unavailable when the file is there
+    but nobody answers."""
     path = ipc_path(client.endpoint)
 
     def read() -> Mapping[str, Any] | None:
@@ -68,9 +69,9 @@ def proxy_stats_reader(client: RequestClient) -> ProxyStats:
         try:
             result = client.call("stats")
         except RikletError as exc:
-            raise Unavailable(f"proxy at {client.endpoint} did not answer: {exc}", "proxy") from exc
+            raise Unavailable(f"{service} at {client.endpoint} did not answer: {exc}", service) from exc
         if not isinstance(result, Mapping):
-            raise Unavailable(f"proxy answered stats with {type(result).__name__}", "proxy")
+            raise Unavailable(f"{service} answered stats with {type(result).__name__}", service)
         return result
     return read
 
@@ -85,7 +86,8 @@ def _pod_name(args: Mapping[str, Any]) -> str:
 class Monitor:
     def __init__(self, node_id: str, state_dir: str, list_pods: PodLister,
                  sampler: CpuSampler | None = None, open_cgroup: CgroupOpener = open_cgroup_default,
-                 external_ip: str | None = None, proxy_stats: ProxyStats | None = None) -> None:
+                 external_ip: str | None = None, proxy_stats: ProxyStats | None = None,
+                 manager_stats: ProxyStats | None = None) -> None:
         self.node_id = node_id
         self.state_dir = state_dir
         self.external_ip = external_ip
@@ -93,6 +95,7 @@ class Monitor:
         self._list_pods = list_pods
         self._open_cgroup = open_cgroup
         self._proxy_stats = proxy_stats
+        self._manager_stats = manager_stats
         self._scrape_errors = 0
         self._errors_lock = threading.Lock()
         self._ops: dict[str, tuple[frozenset[str], Callable[[Mapping[str, Any]], Any]]] = {
@@ -156,5 +159,12 @@ class Monitor:
             except Unavailable as exc:
                 log.warning("scrape without proxy stats", extra={"error": str(exc)})
                 self._scrape_error()
+        chas: Mapping[str, Any] | None = None
+        if self._manager_stats is not None:
+            try:
+                chas = self._manager_stats()
+            except Unavailable as exc:
+                log.warning("scrape without the manager's stats", extra={"error": str(exc)})
+                self._scrape_error()
         return prom.render(node, pods, self._scrape_errors, proxy, with_proxy=self._proxy_stats is not None,
-                           containers=containers)
+                           containers=containers, chas=chas)

@@ -20,11 +20,11 @@ import zmq
 from common import config
 from common import log as common_log
 from common.errors import RikletError
+from common.stats_server import StatsServer
 from services.proxy.balance import balances
 from services.proxy.feed import SNAPSHOT_TIMEOUT, watch_pods
 from services.proxy.routes import balance_from_pods, routes_from_pods
 from services.proxy.server import ProxyServer, ProxySettings
-from services.proxy.stats_server import StatsServer
 
 log = logging.getLogger("services.proxy")
 
@@ -90,7 +90,7 @@ def start_stats(cfg: config.Config, server: ProxyServer) -> StatsServer | None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, _ = config.parse_args("riklet-proxy", argv)
-    common_log.setup("proxy", cfg.logging_level)
+    common_log.setup("proxy", cfg.logging_level, cfg.logging_file)
     return uvloop.run(serve(cfg, settings_from(cfg)))
 
 

@@ -1,9 +1,10 @@
-"""The proxy's IPC endpoint (``ipc://<run_dir>/proxy.sock``): answers ``stats`` from a thread of
-its own, so a scrape never runs on the data path's event loop.
+"""A service's stats endpoint (the proxy's ``proxy.sock``, the manager's ``manager.sock``):
+answers ``stats`` from a thread of its own, so a scrape never runs on a data path.
 
 Ops (requests and replies in the :mod:`common.ipc` envelope)::
 
-    stats {}   -> Stats.as_dict(): the counters, and connect_latency {buckets, sum, count}
+    stats {}   -> the service's snapshot (the proxy: its counters and connect_latency histogram;
+                  the manager: services.manager.chas_stats.ChasStats.snapshot())
 
 The counters are plain ints written by the loop thread; reading them here may see a value one
 update old, which is fine for a scrape.
@@ -32,13 +33,13 @@ class StatsServer:
     """Serves ``snapshot()`` as op ``stats`` on a ROUTER socket at ``endpoint``."""
 
     def __init__(self, endpoint: str, snapshot: Callable[[], dict[str, Any]],
-                 context: zmq.Context[Any] | None = None) -> None:
+                 context: zmq.Context[Any] | None = None, name: str = "stats") -> None:
         self.endpoint = endpoint
         self._snapshot = snapshot
         self._ctx = context or zmq.Context.instance()
         self._stop = threading.Event()
         self._sock: zmq.Socket[Any] | None = None
-        self._thread = threading.Thread(target=self._serve, name="proxy-stats", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
 
     def handle(self, req: ipc.Request) -> Any:
         if req.op != "stats":

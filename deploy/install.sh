@@ -1,0 +1,207 @@
+#!/usr/bin/env bash
+# Install riklet as a systemd service (what `make install-system` runs); idempotent.
+#
+#   deploy/install.sh [--prefix /opt/riklet] [--root DIR] [--python python3]
+#   deploy/install.sh --uninstall [--prefix /opt/riklet] [--root DIR]
+#
+# Installs:
+#   PREFIX/venv/                       a virtualenv holding riklet (from this checkout) and the
+#                                      gRPC code generated from its .proto files
+#   PREFIX/supervisord.conf            the checkout's, its supervisorctl serverurl set to
+#                                      unix:///run/riklet/supervisor.sock (the unit's run dir)
+#   PREFIX/README.md
+#   /etc/riklet/riklet.yaml            deploy/riklet.yaml (every key commented), only when absent
+#   /etc/systemd/system/riklet.service deploy/riklet.service, pointing into PREFIX
+#   /usr/local/bin/riklet, rikletctl   wrappers giving the service's environment (RIKLET_RUN_DIR,
+#                                      RIKLET_STATE_DIR, RIKLET_CONFIG), so that `riklet config
+#                                      show` and rikletctl see what the service sees
+# and runs `systemctl daemon-reload` when systemd is running.
+#
+# --root DIR prefixes every destination (a staged install: tests, image builds); the files still
+# name the final paths (/opt/riklet, /etc/riklet...), and nothing outside DIR is touched.
+# --uninstall removes the unit, the wrappers and PREFIX (stopping the service first); it keeps
+# /etc/riklet and /var/lib/riklet. Workloads keep running: delete the pods first if you want
+# them gone.
+
+set -euo pipefail
+
+PREFIX=/opt/riklet
+ROOT=
+PYTHON=python3
+UNINSTALL=0
+SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+MARKER="installed by riklet's deploy/install.sh"
+
+usage() { sed -n '2,6p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+die() { echo "install.sh: $*" >&2; exit 1; }
+say() { echo "install.sh: $*"; }
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --prefix) [ $# -ge 2 ] || die "--prefix needs a directory"; PREFIX=$2; shift 2 ;;
+        --prefix=*) PREFIX=${1#*=}; shift ;;
+        --root) [ $# -ge 2 ] || die "--root needs a directory"; ROOT=$2; shift 2 ;;
+        --root=*) ROOT=${1#*=}; shift ;;
+        --python) [ $# -ge 2 ] || die "--python needs an interpreter"; PYTHON=$2; shift 2 ;;
+        --python=*) PYTHON=${1#*=}; shift ;;
+        --uninstall) UNINSTALL=1; shift ;;
+        -h|--help) usage 0 ;;
+        *) echo "install.sh: unknown argument: $1" >&2; usage 2 >&2 ;;
+    esac
+done
+
+case "$PREFIX" in
+    /*) ;;
+    *) die "--prefix must be an absolute path, got '$PREFIX'" ;;
+esac
+PREFIX=${PREFIX%/}
+[ -n "$PREFIX" ] || die "--prefix must not be /"
+case "$PREFIX" in *[[:space:]\|\&]*) die "--prefix must not hold spaces, '|' or '&'" ;; esac
+if [ -n "$ROOT" ]; then
+    mkdir -p "$ROOT"
+    ROOT=$(cd "$ROOT" && pwd)
+    [ "$ROOT" != / ] || ROOT=
+fi
+if [ -z "$ROOT" ] && [ "$(id -u)" != 0 ]; then
+    die "run as root (or give --root DIR for a staged install)"
+fi
+
+DEST=$ROOT$PREFIX
+VENV=$DEST/venv
+ETC=$ROOT/etc/riklet
+UNIT=$ROOT/etc/systemd/system/riklet.service
+BIN=$ROOT/usr/local/bin
+# systemctl only on the real root, and only when systemd runs (not in containers, chroots, CI).
+SYSTEMD=0
+if [ -z "$ROOT" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+    SYSTEMD=1
+fi
+
+# A wrapper we wrote (or nothing) may be replaced or removed; another program's file never is.
+ours() { [ ! -e "$1" ] && [ ! -L "$1" ] || grep -qs "$MARKER" "$1"; }
+
+uninstall() {
+    if [ "$SYSTEMD" = 1 ] && [ -e "$UNIT" ]; then
+        say "stopping and disabling riklet.service"
+        systemctl disable --now riklet.service || true
+    fi
+    rm -f "$UNIT"
+    [ "$SYSTEMD" = 0 ] || systemctl daemon-reload
+    for name in riklet rikletctl; do
+        if [ -e "$BIN/$name" ] && ours "$BIN/$name"; then rm -f "$BIN/$name"; fi
+    done
+    if [ -e "$DEST" ]; then
+        # Only a directory this script made: never rm -rf a prefix that merely exists.
+        [ -e "$DEST/.riklet-install" ] || die "$DEST was not made by install.sh (no .riklet-install): not removed"
+        rm -rf "$DEST"
+    fi
+    say "removed riklet.service and $DEST; kept $ROOT/etc/riklet and $ROOT/var/lib/riklet"
+    say "workloads started by the agent keep running; delete them with rikletctl before uninstalling if you want them gone"
+}
+
+if [ "$UNINSTALL" = 1 ]; then
+    uninstall
+    exit 0
+fi
+
+# 1. The virtualenv (kept across runs; pip upgrades riklet in it).
+command -v "$PYTHON" >/dev/null || die "$PYTHON not found (--python)"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || die "$PYTHON is Python $("$PYTHON" -c 'import platform; print(platform.python_version())'); riklet needs 3.11 or later"
+if [ -e "$DEST" ] && [ ! -e "$DEST/.riklet-install" ] && [ -n "$(ls -A "$DEST")" ]; then
+    die "$DEST exists, is not empty and was not made by install.sh: pick another --prefix"
+fi
+mkdir -p "$DEST"
+echo "$MARKER; --prefix $PREFIX" > "$DEST/.riklet-install"
+if [ ! -x "$VENV/bin/python" ]; then
+    say "creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+
+# 2. riklet from a clean copy of the checkout: the wheel is not built in the checkout (no
+# build/ nor egg-info left there) and carries none of the checkout's generated stubs.
+STAGE=$(mktemp -d)
+trap 'rm -rf "$STAGE"' EXIT
+cp -R "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/common" "$SRC/services" "$SRC/cli" "$STAGE/"
+find "$STAGE" -name __pycache__ -prune -exec rm -rf {} +
+rm -rf "$STAGE"/common/pb/*_pb2*.py* "$STAGE/common/pb/ctrd"
+say "installing riklet into $VENV (pip)"
+"$VENV/bin/python" -m pip install --quiet --upgrade "$STAGE"
+
+# 3. The gRPC code, generated into the installed package (what `make proto` does in the checkout).
+# -I: import the installed riklet, never a checkout in the current directory.
+say "generating the gRPC code"
+"$VENV/bin/python" -I -c 'import common.pb as p; p.generate()'
+# containerd's API stubs (`make containerd-api`): from the system's Go tree, or the one the
+# checkout's `make containerd-api` unpacked. Without them pods with an image fail, with the reason.
+if [ -z "${RIKLET_CONTAINERD_API:-}" ] && [ -d "$SRC/.cache/containerd-api/usr/share/gocode/src" ]; then
+    export RIKLET_CONTAINERD_API="$SRC/.cache/containerd-api/usr/share/gocode/src"
+fi
+if ! "$VENV/bin/python" -I -m common.pb.containerd >/dev/null 2>&1; then
+    say "note: containerd API stubs not generated (run 'make containerd-api' in the checkout, then this" \
+        "script again); process pods work, pods with an image fail until then"
+fi
+
+# 4. supervisord.conf: the checkout's, supervisorctl pointed at the unit's run directory.
+sed -e 's|^serverurl=.*|serverurl=unix:///run/riklet/supervisor.sock|' \
+    -e "1i ; $MARKER from $SRC/supervisord.conf: [supervisorctl] serverurl set to the service's run dir." \
+    "$SRC/supervisord.conf" > "$DEST/supervisord.conf.new"
+mv -f "$DEST/supervisord.conf.new" "$DEST/supervisord.conf"
+cp "$SRC/README.md" "$DEST/README.md"
+
+# 5. The configuration file: an operator's file is never overwritten.
+mkdir -p "$ETC"
+if [ -e "$ETC/riklet.yaml" ]; then
+    say "kept $ETC/riklet.yaml"
+else
+    install -m 0644 "$SRC/deploy/riklet.yaml" "$ETC/riklet.yaml"
+    say "installed $ETC/riklet.yaml (every setting commented out)"
+fi
+
+# 6. The unit, pointing into PREFIX.
+mkdir -p "$(dirname "$UNIT")"
+sed "s|/opt/riklet|$PREFIX|g" "$SRC/deploy/riklet.service" > "$UNIT.new"
+chmod 0644 "$UNIT.new"
+mv -f "$UNIT.new" "$UNIT"
+
+# 7. Wrappers on PATH with the service's environment.
+mkdir -p "$BIN"
+for name in riklet rikletctl; do
+    if ! ours "$BIN/$name"; then
+        say "note: $BIN/$name exists and is not ours: left alone (use $PREFIX/venv/bin/$name)"
+        continue
+    fi
+    cat > "$BIN/$name.new" <<EOF
+#!/bin/sh
+# $MARKER: $name with riklet.service's environment.
+: "\${RIKLET_RUN_DIR:=/run/riklet}" "\${RIKLET_STATE_DIR:=/var/lib/riklet}" "\${RIKLET_CONFIG:=/etc/riklet/riklet.yaml}"
+export RIKLET_RUN_DIR RIKLET_STATE_DIR RIKLET_CONFIG
+exec $PREFIX/venv/bin/$name "\$@"
+EOF
+    chmod 0755 "$BIN/$name.new"
+    mv -f "$BIN/$name.new" "$BIN/$name"
+done
+
+# 8. A staged install: the venv's scripts name the final path, not the staging one.
+if [ -n "$ROOT" ]; then
+    grep -rlI --null -F "$DEST/venv" "$VENV/bin" | xargs -0 -r sed -i "s|$DEST/venv|$PREFIX/venv|g"
+fi
+
+if [ "$SYSTEMD" = 1 ]; then
+    systemctl daemon-reload
+fi
+
+say "done: riklet in $DEST, unit $UNIT, configuration $ETC/riklet.yaml"
+if [ -n "$ROOT" ]; then
+    say "staged under $ROOT: nothing outside it was touched (no systemctl)"
+elif [ "$SYSTEMD" = 1 ]; then
+    echo
+    echo "Next:"
+    echo "  systemctl enable --now riklet"
+    echo "  systemctl status riklet"
+    echo "  journalctl -u riklet -f"
+    echo "  riklet config show"
+else
+    say "systemd is not running here: no daemon-reload. Where it runs: systemctl daemon-reload &&" \
+        "systemctl enable --now riklet"
+fi
