@@ -68,3 +68,16 @@ bench-proxy: install
 .PHONY: bench-containerd
 bench-containerd: install
 	$(BIN)/python -m bench.containerd --containers 50
+
+# The agent as a systemd service (deploy/riklet.service): a venv in $(PREFIX), the unit,
+# /etc/riklet/riklet.yaml when absent. DESTDIR stages everything under a directory instead.
+# uninstall-system keeps /etc/riklet and /var/lib/riklet.
+PREFIX ?= /opt/riklet
+DESTDIR ?=
+
+.PHONY: install-system uninstall-system
+install-system:
+	deploy/install.sh --prefix $(PREFIX) --python $(PYTHON) $(if $(DESTDIR),--root $(DESTDIR))
+
+uninstall-system:
+	deploy/install.sh --uninstall --prefix $(PREFIX) $(if $(DESTDIR),--root $(DESTDIR))

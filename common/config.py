@@ -459,14 +459,15 @@ def read_chas_yaml(path: str, field: str = "chas-config") -> dict[str, Any]:
 
 
 def chas_config_path(flags: argparse.Namespace | None, environ: Mapping[str, str]) -> str | None:
-    """The CHaS file to read: --chas-config, else CHAS_CONFIG (both must exist), else the
-    default path when it exists, else none."""
+    """The CHaS file to read: --chas-config, else CHAS_CONFIG (both must exist; /dev/null reads
+    as empty, so it turns the default off), else the default path when it exists, else none."""
     for path, field in ((getattr(flags, "chas_config", None), "--chas-config"),
                         (environ.get("CHAS_CONFIG"), "CHAS_CONFIG")):
         if path:
-            if not os.path.isfile(path):
-                raise InvalidArgument(f"CHaS configuration file {path} does not exist"
-                                      if not os.path.exists(path) else f"{path} is not a file", field)
+            if not os.path.exists(path):
+                raise InvalidArgument(f"CHaS configuration file {path} does not exist", field)
+            if os.path.isdir(path):
+                raise InvalidArgument(f"CHaS configuration file {path} is a directory", field)
             return path
     return CHAS_CONFIG_PATH if os.path.exists(CHAS_CONFIG_PATH) else None
 

@@ -81,6 +81,10 @@ fi
 ours() { [ ! -e "$1" ] && [ ! -L "$1" ] || grep -qs "$MARKER" "$1"; }
 
 uninstall() {
+    # Only a directory this script made: never rm -rf a prefix that merely exists.
+    if [ -e "$DEST" ] && [ ! -e "$DEST/.riklet-install" ]; then
+        die "$DEST was not made by install.sh (no .riklet-install): nothing removed"
+    fi
     if [ "$SYSTEMD" = 1 ] && [ -e "$UNIT" ]; then
         say "stopping and disabling riklet.service"
         systemctl disable --now riklet.service || true
@@ -90,11 +94,7 @@ uninstall() {
     for name in riklet rikletctl; do
         if [ -e "$BIN/$name" ] && ours "$BIN/$name"; then rm -f "$BIN/$name"; fi
     done
-    if [ -e "$DEST" ]; then
-        # Only a directory this script made: never rm -rf a prefix that merely exists.
-        [ -e "$DEST/.riklet-install" ] || die "$DEST was not made by install.sh (no .riklet-install): not removed"
-        rm -rf "$DEST"
-    fi
+    rm -rf "$DEST"
     say "removed riklet.service and $DEST; kept $ROOT/etc/riklet and $ROOT/var/lib/riklet"
     say "workloads started by the agent keep running; delete them with rikletctl before uninstalling if you want them gone"
 }

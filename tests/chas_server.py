@@ -103,7 +103,7 @@ def health_problems(body: Any) -> list[str]:
         "resources": lambda v: isinstance(v, dict),
         "uptime": lambda v: _is_int(v) and v >= 0,
     }) + (_fields(body["resources"], "health.resources", {
-        "cpu_usage": lambda v: _is_number(v) and 0 <= v,
+        "cpu_usage": lambda v: _is_number(v) and v >= 0,
         "memory_usage": lambda v: _is_number(v) and 0 <= v <= 100,
         "disk_available": _size,
         "container_count": lambda v: _is_int(v) and v >= 0,

@@ -8,6 +8,7 @@ supervisord, then kills whatever a broken test left behind (by the pids it recor
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import shutil
@@ -44,7 +45,8 @@ class Agent:
         self.base = tempfile.mkdtemp(prefix="rk", dir="/tmp")
         self.run_dir = os.path.join(self.base, "run")
         self.state_dir = os.path.join(self.base, "state")
-        api_port, metrics_port = free_ports(2)
+        api_port, metrics_port, chas_port = free_ports(3)
+        self.chas = f"127.0.0.1:{chas_port}"
         self.api = f"127.0.0.1:{api_port}"
         self.metrics = f"127.0.0.1:{metrics_port}"
         self.config = os.path.join(self.base, "riklet.yaml")
@@ -53,7 +55,12 @@ class Agent:
         self.env = {**os.environ, "RIKLET_RUN_DIR": self.run_dir, "RIKLET_STATE_DIR": self.state_dir,
                     "RIKLET_CONFIG": self.config, "RIKLET_API_ADDRESS": self.api,
                     "RIKLET_METRICS_ADDRESS": self.metrics, "RIKLET_ENDPOINT": self.api,
-                    "LOG_LEVEL": "DEBUG"}
+                    "LOG_LEVEL": "DEBUG",
+                    # Test workloads run this venv's interpreter, which lives under /root here:
+                    # out of reach of the unprivileged default user (tests of that default
+                    # drop this variable).
+                    "RIKLET_WORKLOAD_USER": "0"}
+        self.env["NODE_PORT"] = str(chas_port)
         self.proc: subprocess.Popen[bytes] | None = None
         self.token_path = os.path.join(self.state_dir, "api-token")
         self.channel = grpc.intercept_channel(grpc.insecure_channel(self.api), *auth.grpc_client_interceptors(
@@ -177,6 +184,34 @@ class Agent:
                 return pod
             return None
         return wait_for(check, timeout, what=f"pod {name} {phase}")
+
+    def chas_request(self, method: str, path: str, body: Any = None, token: bool | str = True,
+                     headers: dict[str, str] | None = None, timeout: float = 30.0
+                     ) -> tuple[int, dict[str, str], Any]:
+        """One request to the CHaS HTTP API: (status, headers with lower-case names, the body
+        parsed when it is JSON, else its bytes). ``token``: True sends the agent's token, a
+        string sends that one, False none; ``body``: bytes as they are, anything else as JSON."""
+        host, port = self.chas.rsplit(":", 1)
+        sent = dict(headers or {})
+        if isinstance(token, str):
+            sent["Authorization"] = f"Bearer {token}"
+        elif token:
+            with open(os.path.join(self.state_dir, "api-token"), encoding="utf-8") as fh:
+                sent["Authorization"] = f"Bearer {fh.read().strip()}"
+        data = None if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
+        if data is not None:
+            sent.setdefault("Content-Type", "application/json")
+        conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        try:
+            conn.request(method, path, body=data, headers=sent)
+            resp = conn.getresponse()
+            raw = resp.read()
+            got = {k.lower(): v for k, v in resp.getheaders()}
+        finally:
+            conn.close()
+        if got.get("content-type", "").startswith("application/json") and raw:
+            return resp.status, got, json.loads(raw)
+        return resp.status, got, raw
 
 
 def _glob_status(pods_dir: str) -> list[dict[str, Any]]:

@@ -87,3 +87,17 @@ def test_yaml_replicas_balance_and_scale_down(agent: Agent, tmp_path) -> None:  
              what="scaled down to one pod")
     agent.wait_phase("echo", "Running")
     wait_for(lambda: ask() == "any", what="still served after scaling down")
+
+
+@pytest.mark.integration
+def test_workloads_run_unprivileged_by_default() -> None:
+    agent = Agent()
+    del agent.env["RIKLET_WORKLOAD_USER"]
+    try:
+        agent.start()
+        agent.ctl("run", "who", "--restart", "Never", "--", "sh", "-c", "id -u; id -g; exec sleep 300")
+        agent.wait_phase("who", "Running")
+        wait_for(lambda: agent.ctl("logs", "who").stdout.split() == ["65534", "65534"], 10,
+                 "the workload's uid and gid")
+    finally:
+        agent.close()

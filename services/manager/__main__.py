@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     chas_stats = ChasStats()
     stats_server = StatsServer(cfg.manager_endpoint, chas_stats.snapshot, name="manager-stats")
     stats_server.start()
+    from services.manager.chas_api import start_from_config  # TEMP-CHAS: the lead wires this
+    start_from_config(cfg, service, chas_stats)  # TEMP-CHAS
     threading.Thread(target=report_orphans, args=(containers, mirror), name="orphans", daemon=True).start()
     if cfg.scheduler_address:
         link = SchedulerLink(cfg.scheduler_address, cfg.node_id, memory, mirror, reconciler.poke,
