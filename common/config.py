@@ -252,6 +252,8 @@ SETTINGS: tuple[Setting, ...] = (
             "directory of the CNI plugins (bridge, host-local, loopback)"),
     Setting("chas.api_url", _url, lambda: None, "CHAS_API_URL", "--chas-url",
             "the CHaS API server to register with and report health to; unset: no reports"),
+    Setting("chas.token_file", _optional_path, lambda: None, "CHAS_API_TOKEN_FILE", None,
+            "bearer token sent to the CHaS API server (a file holding it), if it wants one"),
     Setting("chas.port", _port, lambda: 9090, "NODE_PORT", "--node-port",
             "port of the CHaS HTTP API (0: off)"),
     Setting("chas.bind_address", _host_ip, lambda: "127.0.0.1", "RIKLET_CHAS_BIND_ADDRESS", None,
@@ -335,6 +337,7 @@ class Config:
     network_subnet: str
     network_cni_path: str
     chas_api_url: str | None
+    chas_token_file: str | None
     chas_port: int
     chas_bind_address: str
     chas_health_interval: float

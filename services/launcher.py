@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{config.CHAS_CONFIG_PATH} when it exists)")
     run.add_argument("--supervisord-conf", default=os.path.join(ROOT, "supervisord.conf"))
     conf = sub.add_parser("config", help="inspect the configuration").add_subparsers(
-        dest="action", required=True)
+        dest="action", metavar="show", required=True)
     show = conf.add_parser("show", help="print every setting, its value and where it came from")
     config.add_flags(show)
     show.add_argument("-o", "--output", choices=("text", "json"), default="text")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 from typing import Any
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     from common.pb import node_pb2, node_pb2_grpc  # generated: import after ensure()
     from common.stats_server import StatsServer
     from services.manager.api import NodeService
+    from services.manager.chas_api import start_from_config
     from services.manager.chas_stats import ChasStats
     from services.manager.cni import PodNetworks
     from services.manager.containerd import ContainerdRuntime
@@ -112,8 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     chas_stats = ChasStats()
     stats_server = StatsServer(cfg.manager_endpoint, chas_stats.snapshot, name="manager-stats")
     stats_server.start()
-    from services.manager.chas_api import start_from_config  # TEMP-CHAS: the lead wires this
-    start_from_config(cfg, service, chas_stats)  # TEMP-CHAS
+    try:
+        chas_api = start_from_config(cfg, service, chas_stats)
+    except RikletError as exc:
+        raise SystemExit(f"riklet-manager: {exc}") from None
+    reporter = start_reporter(cfg, service, chas_stats, chas_api)
     threading.Thread(target=report_orphans, args=(containers, mirror), name="orphans", daemon=True).start()
     if cfg.scheduler_address:
         link = SchedulerLink(cfg.scheduler_address, cfg.node_id, memory, mirror, reconciler.poke,
@@ -132,11 +137,51 @@ def main(argv: list[str] | None = None) -> None:
     health_servicer.enter_graceful_shutdown()
     if link is not None:
         link.stop()
+    if reporter is not None:
+        reporter.stop()
+    if chas_api is not None:
+        chas_api.stop()
     server.stop(grace=2).wait()
     stats_server.stop()
     reconciler.stop()
     mirror.stop()
     # Workloads are left running on purpose: their shims do not depend on this process.
+
+
+def start_reporter(cfg: Any, service: Any, stats: Any, api: Any) -> Any:
+    """Registration and health reports to the CHaS API server, when one is configured; the
+    health body is the node's own ``GET /health`` (even with the HTTP API turned off)."""
+    if not cfg.chas_api_url:
+        return None
+    import shutil
+
+    from common.auth import read_token
+    from services.manager.chas_api import ChasApi
+    from services.manager.chas_client import ChasReporter, resources_from_monitor
+
+    if api is None:  # the HTTP API is off: the health figures still come from the same code
+        api = ChasApi(service, stats, host=cfg.chas_bind_address, port=0, token=lambda: "",
+                      host_ports=cfg.chas_host_ports, ssl_context=None, started_at=time.time(),
+                      disk_path=cfg.paths_state_dir)
+
+    def resources() -> dict[str, Any]:
+        return dict(resources_from_monitor(service.monitor.call("node.resources"),
+                                           shutil.disk_usage(cfg.paths_state_dir).total))
+
+    def health() -> dict[str, Any]:
+        """Exactly the seed's health body (the node's own /health adds detail fields)."""
+        body = api.health()
+        res = body["resources"]
+        return {"status": body["status"], "uptime": body["uptime"], "resources": {
+            k: res[k] for k in ("cpu_usage", "memory_usage", "disk_available", "container_count")}}
+
+    reporter = ChasReporter(cfg.chas_api_url, cfg.node_id, cfg.node_hostname, cfg.node_ip_address,
+                            cfg.chas_port, resources, health, cfg.chas_health_interval, stats,
+                            token=read_token(cfg.chas_token_file) if cfg.chas_token_file else None)
+    reporter.start()
+    log.info("reporting to CHaS", extra={"chas_url": cfg.chas_api_url, "node": cfg.node_id,
+                                         "interval": cfg.chas_health_interval})
+    return reporter
 
 
 def report_orphans(containers: Any, mirror: Any) -> None:

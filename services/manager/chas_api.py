@@ -84,6 +84,11 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _ID_ROUTE = re.compile(r"/containers/([^/]+)")
 _LOGS_ROUTE = re.compile(r"/containers/([^/]+)/logs")
 _DIGITS = re.compile(r"[0-9]{1,18}")
+# Route template -> the one method it answers.
+ROUTES: Mapping[str, str] = {
+    "/openapi.json": "GET", "/containers/deploy": "POST", "/containers": "GET", "/health": "GET",
+    "/containers/{container_id}/logs": "GET", "/containers/{container_id}": "DELETE",
+}
 
 
 class HttpError(Exception):
@@ -764,49 +769,42 @@ class _Handler(BaseHTTPRequestHandler):
         api = self.server.api
         parts = urlsplit(self.path)
         path = parts.path
-        if path == "/openapi.json":
+        container_id = ""
+        if path in ("/openapi.json", "/containers/deploy", "/containers", "/health"):
             self._template = path
-            self._allow("GET")
-            self._query(parts.query, ())
-            return 200, api.openapi, ()
-        if not auth.bearer_ok(self.headers.get("Authorization"), api.token()):
+        elif m := _LOGS_ROUTE.fullmatch(path):
+            self._template, container_id = "/containers/{container_id}/logs", unquote(m.group(1))
+        elif m := _ID_ROUTE.fullmatch(path):
+            self._template, container_id = "/containers/{container_id}", unquote(m.group(1))
+        if self._template != "/openapi.json" and not auth.bearer_ok(self.headers.get("Authorization"),
+                                                                   api.token()):
             raise HttpError(401, ErrorCode.UNAUTHENTICATED.value,
                             "missing or wrong bearer token: send Authorization: Bearer <token> "
                             "(see auth.token_file)", "Authorization",
                             (("WWW-Authenticate", 'Bearer realm="riklet"'),))
-        if path == "/containers/deploy":
-            self._template = path
-            self._allow("POST")
-            self._query(parts.query, ())
+        if self._template == "other":
+            raise HttpError(404, ErrorCode.NOT_FOUND.value, "no such endpoint (see GET /openapi.json)",
+                            "path")
+        self._allow(ROUTES[self._template])
+        logs = self._template == "/containers/{container_id}/logs"
+        query = self._query(parts.query, ("tail", "follow", "container") if logs else ())
+        if self._template == "/openapi.json":
+            return 200, api.openapi, ()
+        if self._template == "/containers/deploy":
             self._deploy = True
             return self._deploy_route()
-        if path == "/containers":
-            self._template = path
-            self._allow("GET")
-            self._query(parts.query, ())
+        if self._template == "/containers":
             return 200, api.list(), ()
-        if path == "/health":
-            self._template = path
-            self._allow("GET")
-            self._query(parts.query, ())
+        if self._template == "/health":
             return 200, api.health(), ()
-        m = _LOGS_ROUTE.fullmatch(path)
-        if m:
-            self._template = "/containers/{container_id}/logs"
-            self._allow("GET")
-            return self._logs(unquote(m.group(1)), self._query(parts.query, ("tail", "follow", "container")))
-        m = _ID_ROUTE.fullmatch(path)
-        if m:
-            self._template = "/containers/{container_id}"
-            self._allow("DELETE")
-            self._query(parts.query, ())
-            return 200, api.delete(unquote(m.group(1))), ()
-        raise HttpError(404, ErrorCode.NOT_FOUND.value, "no such endpoint (see GET /openapi.json)", "path")
+        if self._template == "/containers/{container_id}/logs":
+            return self._logs(container_id, query)
+        return 200, api.delete(container_id), ()
 
-    def _allow(self, *methods: str) -> None:
-        if self.command not in methods:
-            raise HttpError(405, "method_not_allowed", f"{self._template} answers {', '.join(methods)}",
-                            "method", (("Allow", ", ".join(methods)),))
+    def _allow(self, method: str) -> None:
+        if self.command != method:
+            raise HttpError(405, "method_not_allowed", f"{self._template} answers {method}",
+                            "method", (("Allow", method),))
 
     def _query(self, query: str, allowed: tuple[str, ...]) -> dict[str, str]:
         try:
