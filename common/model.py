@@ -59,6 +59,10 @@ def dns_label(value: object, field: str) -> str:
     return value
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
 def load_manifest(text: str | bytes, fmt: str = "") -> dict[str, Any]:
     """Decode a manifest in JSON or YAML (``fmt`` empty: JSON if it parses, else YAML)."""
     if len(text) > MAX_MANIFEST_BYTES:
@@ -68,7 +72,7 @@ def load_manifest(text: str | bytes, fmt: str = "") -> dict[str, Any]:
     data: Any
     if fmt in ("", "json"):
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_constant=_no_constant)
         except ValueError as exc:
             if fmt == "json":
                 raise InvalidArgument(f"not valid JSON: {exc}", "manifest") from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from common.errors import InvalidArgument
@@ -15,6 +16,9 @@ _MEM_UNITS = {
 }
 _DUR_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _NUM = r"(\d+(?:\.\d+)?|\.\d+)"
+
+
+_MAX_BYTES = 2**50
 
 
 def parse_memory(value: object, field: str) -> int:
@@ -31,9 +35,14 @@ def parse_memory(value: object, field: str) -> int:
         mult = _MEM_UNITS.get(unit)
         if mult is None:
             raise InvalidArgument(f"unknown size unit {m.group(2)!r}", field)
-        n = int(float(m.group(1)) * mult)
+        amount = float(m.group(1)) * mult
+        if not math.isfinite(amount) or amount > _MAX_BYTES:
+            raise InvalidArgument("too large (at most 1 PiB)", field)
+        n = int(amount)
     if n <= 0:
         raise InvalidArgument("must be positive", field)
+    if n > _MAX_BYTES:
+        raise InvalidArgument("too large (at most 1 PiB)", field)
     return n
 
 
@@ -42,13 +51,18 @@ def parse_cpu(value: object, field: str) -> int:
     if isinstance(value, bool):
         raise InvalidArgument("expected cores like 0.5 or 500m", field)
     if isinstance(value, (int, float)):
+        if not math.isfinite(float(value)) or abs(float(value)) > 1e9:
+            raise InvalidArgument("more than 1024 cores", field)
         milli = round(float(value) * 1000)
     else:
         text = str(value).strip()
         m = re.fullmatch(_NUM + r"(m?)", text)
         if not m:
             raise InvalidArgument(f"cannot parse cpu {value!r} (try 0.5 or 500m)", field)
-        milli = round(float(m.group(1))) if m.group(2) else round(float(m.group(1)) * 1000)
+        number = float(m.group(1))
+        if not math.isfinite(number) or number > 1e12:
+            raise InvalidArgument("more than 1024 cores", field)
+        milli = round(number) if m.group(2) else round(number * 1000)
     if milli <= 0:
         raise InvalidArgument("must be positive", field)
     if milli > 1024 * 1000:
@@ -67,6 +81,8 @@ def parse_duration(value: object, field: str) -> float:
         if not m:
             raise InvalidArgument(f"cannot parse duration {value!r} (try 5s, 500ms, 1m)", field)
         secs = float(m.group(1)) * _DUR_UNITS[m.group(2) or "s"]
+    if not math.isfinite(secs):
+        raise InvalidArgument("expected a finite duration", field)
     if secs < 0:
         raise InvalidArgument("must not be negative", field)
     return secs

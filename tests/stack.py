@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -212,6 +213,20 @@ class Agent:
         if got.get("content-type", "").startswith("application/json") and raw:
             return resp.status, got, json.loads(raw)
         return resp.status, got, raw
+
+
+@contextlib.contextmanager
+def chas_agent(config_yaml: str = "") -> Iterator[Agent]:
+    """A started agent whose CHaS API answers; its logs are printed if the block fails."""
+    a = Agent(config_yaml).start()
+    try:
+        wait_for(lambda: a.chas_request("GET", "/health")[0] == 200, 30, what="the CHaS API")
+        yield a
+    except BaseException:
+        a.dump_logs()
+        raise
+    finally:
+        a.close()
 
 
 def _glob_status(pods_dir: str) -> list[dict[str, Any]]:

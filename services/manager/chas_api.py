@@ -647,6 +647,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if not self.parse_request():
                 return
+            if self.request_version == "HTTP/0.9":
+                self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 is not supported")
+                return
             self._dispatch()
             self.wfile.flush()
         except TimeoutError:
@@ -668,6 +671,8 @@ class _Handler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Protocol errors http.server finds itself (request line, headers): same JSON shape."""
         self.close_connection = True
+        if getattr(self, "request_version", "HTTP/0.9") in ("HTTP/0.9", ""):
+            self.request_version = "HTTP/1.0"  # answer with a status line, whatever was asked
         err = {414: "too_large", 431: "too_large"}.get(code, "invalid_argument")
         try:
             phrase = HTTPStatus(code).phrase
