@@ -81,3 +81,7 @@ install-system:
 
 uninstall-system:
 	deploy/install.sh --uninstall --prefix $(PREFIX) $(if $(DESTDIR),--root $(DESTDIR))
+
+.PHONY: bench-proxy-restart
+bench-proxy-restart: install
+	$(BIN)/python -m bench.proxy_restart --rounds 10
