@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.errors import PermissionDenied
+from common.imageref import registry_host
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,6 @@ class Policy:
         for i, c in enumerate(spec.get("containers") or []):
             image = c.get("image")
             if image and self.allowed_registries:
-                from services.manager.ctrd import registry_host
                 host = registry_host(image)
                 if host not in self.allowed_registries:
                     raise PermissionDenied(

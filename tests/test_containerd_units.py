@@ -11,11 +11,12 @@ import pytest
 
 from common import config
 from common.errors import InvalidArgument
+from common.imageref import normalize_ref
 from common.model import parse_workload
 from common.pb.containerd import _rewrite
 from services.manager import ocispec
 from services.manager.containerd import classify, pull_args, should_restart
-from services.manager.ctrd import chain_id, normalize_ref
+from services.manager.ctrd import chain_id
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = {"config": {"Entrypoint": ["/entry"], "Cmd": ["serve", "--port", "80"],

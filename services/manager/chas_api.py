@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import errno
 import hashlib
 import json
 import logging
@@ -46,6 +45,7 @@ from common.rik import instance_id_of
 from common.units import parse_cpu, parse_memory
 from common.zmqutil import RequestClient
 from services.manager.chas_stats import ChasStats
+from services.manager.ports import bindable
 
 if TYPE_CHECKING:
     from services.manager.api import NodeService
@@ -333,17 +333,11 @@ def body_field(field: str | None) -> str | None:
 
 
 def _bindable(protocol: str, port: int) -> bool:
-    kind = socket.SOCK_DGRAM if protocol == "UDP" else socket.SOCK_STREAM
-    with socket.socket(socket.AF_INET, kind) as s:
-        with contextlib.suppress(OSError):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError as exc:
-            if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
-                log.warning("host port probe failed", extra={"port": port, "error": str(exc)})
-            return False
-    return True
+    try:
+        return bindable(protocol, port)
+    except OSError as exc:
+        log.warning("host port probe failed", extra={"port": port, "error": str(exc)})
+        return False
 
 
 # -- the API --------------------------------------------------------------------------------------

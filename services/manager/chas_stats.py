@@ -5,7 +5,10 @@ manager's IPC socket (op ``stats``). Thread-safe; ``snapshot()`` is plain JSON."
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from typing import Any
+
+from common import histogram
 
 # Upper bounds (seconds) of the request latency histogram's buckets.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -17,7 +20,6 @@ class ChasStats:
         self.requests: dict[tuple[str, str, int], int] = {}        # (method, endpoint, status)
         self.latency: dict[str, list[int]] = {}                    # endpoint -> bucket counts
         self.latency_sum: dict[str, float] = {}
-        self.latency_count: dict[str, int] = {}
         self.deployments: dict[str, int] = {"success": 0, "failure": 0}
         self.errors: dict[str, int] = {}                           # error code -> count
         self.healthy: bool | None = None                           # last /health verdict
@@ -30,9 +32,8 @@ class ChasStats:
             key = (method, endpoint, status)
             self.requests[key] = self.requests.get(key, 0) + 1
             counts = self.latency.setdefault(endpoint, [0] * (len(BUCKETS) + 1))
-            counts[next((i for i, le in enumerate(BUCKETS) if seconds <= le), len(BUCKETS))] += 1
+            counts[bisect_left(BUCKETS, seconds)] += 1
             self.latency_sum[endpoint] = self.latency_sum.get(endpoint, 0.0) + seconds
-            self.latency_count[endpoint] = self.latency_count.get(endpoint, 0) + 1
 
     def deployment(self, ok: bool) -> None:
         with self._lock:
@@ -56,14 +57,8 @@ class ChasStats:
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            latency = {}
-            for endpoint, counts in self.latency.items():
-                cumulative, total = [], 0
-                for le, n in zip([*BUCKETS, float("inf")], counts, strict=True):
-                    total += n
-                    cumulative.append([le if le != float("inf") else "+Inf", total])
-                latency[endpoint] = {"buckets": cumulative, "sum": self.latency_sum[endpoint],
-                                     "count": self.latency_count[endpoint]}
+            latency = {endpoint: histogram.snapshot(BUCKETS, counts, self.latency_sum[endpoint])
+                       for endpoint, counts in self.latency.items()}
             return {
                 "requests": [{"method": m, "endpoint": e, "status": s, "count": n}
                              for (m, e, s), n in sorted(self.requests.items())],

@@ -40,8 +40,9 @@ from common.errors import (
     RikletError,
     Unavailable,
 )
+from common.imageref import normalize_ref, registry_host
 from services.manager import ocispec
-from services.manager.ctrd import Containerd, ImageInfo, TaskState, normalize_ref, registry_host
+from services.manager.ctrd import Containerd, ImageInfo, TaskState
 from services.manager.runtime import Observed, PodLayout, PodRecord, spec_hash
 from services.manager.shimctl import read_json, write_json
 

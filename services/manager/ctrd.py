@@ -21,7 +21,6 @@ from typing import Any
 
 import grpc
 
-from common import pb
 from common.errors import AlreadyExists, Conflict, Internal, NotFound, RikletError, Unavailable
 
 INDEX_TYPES = {"application/vnd.oci.image.index.v1+json",
@@ -52,25 +51,6 @@ class ImageInfo:
     digest: str
     size: int
     created_at: float
-
-
-def normalize_ref(ref: str) -> str:
-    """Docker's reference shorthand made explicit: ``busybox`` is
-    ``docker.io/library/busybox:latest``; a registry host keeps its name."""
-    name, digest = ([*ref.split("@", 1), ""])[:2]
-    first, _, rest = name.partition("/")
-    if not rest:
-        name = f"docker.io/library/{name}"
-    elif "." not in first and ":" not in first and first != "localhost":
-        name = f"docker.io/{name}"
-    if digest:
-        return f"{name}@{digest}"
-    last = name.rsplit("/", 1)[-1]
-    return name if ":" in last else f"{name}:latest"
-
-
-def registry_host(ref: str) -> str:
-    return normalize_ref(ref).split("/", 1)[0]
 
 
 class Containerd:
@@ -348,5 +328,3 @@ def _modules() -> dict[str, tuple[Any, Any]]:
                                  importlib.import_module(f"{base}.{service}.v1.{mod}_pb2_grpc"))
     return _MODULES
 
-
-__all__ = ["Containerd", "ImageInfo", "TaskState", "chain_id", "normalize_ref", "pb"]

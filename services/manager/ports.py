@@ -12,7 +12,9 @@ from common.errors import Conflict
 from common.model import Workload, host_ports
 
 
-def _bindable(protocol: str, port: int) -> bool:
+def bindable(protocol: str, port: int) -> bool:
+    """Whether a program could bind the port on every address now (EADDRINUSE/EACCES: no;
+    any other failure is raised)."""
     kind = socket.SOCK_DGRAM if protocol == "UDP" else socket.SOCK_STREAM
     with socket.socket(socket.AF_INET, kind) as s:
         with contextlib.suppress(OSError):
@@ -45,5 +47,5 @@ def check_ports(workload: Workload, current: Iterable[Mapping[str, Any]]) -> Non
         if (proto, port) in theirs:
             raise Conflict(f"port {port}/{proto} is already taken by pod {theirs[(proto, port)]}",
                            "spec.containers.ports.port")
-        if (proto, port) not in ours and proto != "SCTP" and not _bindable(proto, port):
+        if (proto, port) not in ours and proto != "SCTP" and not bindable(proto, port):
             raise Conflict(f"port {port}/{proto} is in use on the node", "spec.containers.ports.port")

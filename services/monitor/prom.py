@@ -137,6 +137,23 @@ def _number(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+def add_histogram(fam: Family, hist: object, **labels: str) -> bool:
+    """Add one histogram (common.histogram.snapshot's form) to ``fam``; False, adding nothing,
+    when it is malformed."""
+    if not isinstance(hist, Mapping) or not isinstance(hist.get("buckets"), list):
+        return False
+    total, count = _number(hist.get("sum")), _number(hist.get("count"))
+    buckets = [(_number(b[0]), _number(b[1])) for b in hist["buckets"] if isinstance(b, list) and len(b) == 2]
+    if total is None or count is None or any(le is None or n is None for le, n in buckets):
+        return False
+    for le, n in buckets:
+        fam.add_suffixed("_bucket", n or 0, **labels, le=format_value(le or 0.0))
+    fam.add_suffixed("_bucket", count, **labels, le="+Inf")
+    fam.add_suffixed("_sum", total, **labels)
+    fam.add_suffixed("_count", count, **labels)
+    return True
+
+
 def proxy_families(stats: Mapping[str, Any] | None) -> list[Family]:
     """``riklet_proxy_up`` always; the proxy's series only when it answered (``stats``).
     Keys the proxy does not send (an older proxy) or sends malformed are left out."""
@@ -151,21 +168,10 @@ def proxy_families(stats: Mapping[str, Any] | None) -> list[Family]:
             fam = Family(name, kind, help_text)
             fam.add(value)
             out.append(fam)
-    hist = stats.get("connect_latency")
-    if isinstance(hist, Mapping) and isinstance(hist.get("buckets"), list):
-        total, count = _number(hist.get("sum")), _number(hist.get("count"))
-        buckets = [(_number(b[0]), _number(b[1])) for b in hist["buckets"]
-                   if isinstance(b, list) and len(b) == 2]
-        if total is not None and count is not None and all(le is not None and n is not None
-                                                           for le, n in buckets):
-            fam = Family("riklet_proxy_connect_duration_seconds", "histogram",
-                         "Time to connect to the upstream endpoint (successful connects).")
-            for le, n in buckets:
-                fam.add_suffixed("_bucket", n or 0, le=format_value(le or 0.0))
-            fam.add_suffixed("_bucket", count, le="+Inf")
-            fam.add_suffixed("_sum", total)
-            fam.add_suffixed("_count", count)
-            out.append(fam)
+    fam = Family("riklet_proxy_connect_duration_seconds", "histogram",
+                 "Time to connect to the upstream endpoint (successful connects).")
+    if add_histogram(fam, stats.get("connect_latency")):
+        out.append(fam)
     return out
 
 
@@ -197,13 +203,7 @@ def chas_families(stats: Mapping[str, Any] | None) -> list[Family]:
     latency = Family("riklet_chas_request_duration_seconds", "histogram",
                      "CHaS API request latency by endpoint.")
     for endpoint, hist in sorted((stats.get("latency") or {}).items()):
-        if not isinstance(hist, Mapping):
-            continue
-        for le, n in hist.get("buckets") or []:
-            latency.add_suffixed("_bucket", float(n), endpoint=str(endpoint),
-                                 le="+Inf" if le == "+Inf" else format_value(float(le)))
-        latency.add_suffixed("_sum", float(hist.get("sum") or 0), endpoint=str(endpoint))
-        latency.add_suffixed("_count", float(hist.get("count") or 0), endpoint=str(endpoint))
+        add_histogram(latency, hist, endpoint=str(endpoint))
     deploys = Family("riklet_chas_deployments_total", "counter", "Deploy requests by result.")
     for result, n in sorted((stats.get("deployments") or {}).items()):
         deploys.add(float(n), result=str(result))

@@ -11,6 +11,8 @@ from bisect import bisect_left
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from common import histogram
+
 # Upper bounds (seconds) of the upstream connect latency histogram; +Inf is implicit.
 CONNECT_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                                       0.25, 0.5, 1.0, 3.0)
@@ -47,12 +49,6 @@ class Stats:
         Prometheus-style histogram (cumulative ``buckets`` of ``[le, count]``, ``sum``, ``count``)."""
         out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)
                                if f.name not in ("connect_buckets", "connect_seconds_sum")}
-        counts = list(self.connect_buckets)  # one copy, so the cumulative sums agree with count
-        cumulative: list[list[float | int]] = []
-        running = 0
-        for le, n in zip(CONNECT_BUCKETS, counts, strict=False):
-            running += n
-            cumulative.append([le, running])
-        out["connect_latency"] = {"buckets": cumulative, "sum": self.connect_seconds_sum,
-                                  "count": running + counts[-1]}
+        out["connect_latency"] = histogram.snapshot(CONNECT_BUCKETS, self.connect_buckets,
+                                                    self.connect_seconds_sum)
         return out
