@@ -99,10 +99,7 @@ class ProxyServer:
         self._listeners.clear()
         if abort_connections:
             for conn in list(self.connections):
-                conn.transport.abort()
-                up = conn.upstream
-                if up is not None and up.transport is not None:
-                    up.transport.abort()
+                conn.abort()
 
     async def _drain(self) -> None:
         while self._pending is not None and not self._closed:

@@ -318,6 +318,13 @@ class ClientConnection(asyncio.Protocol):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         self.transport.abort()
 
+    def abort(self) -> None:
+        """Drop both sides at once, discarding what is buffered."""
+        self.transport.abort()
+        up = self.upstream
+        if up is not None and up.transport is not None:
+            up.transport.abort()
+
     def buffered(self) -> int:
         """Bytes this pair holds in user space (both write buffers and pending client data)."""
         size = self.transport.get_write_buffer_size() + sum(map(len, self.pending))

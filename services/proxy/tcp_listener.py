@@ -4,6 +4,7 @@ balancer, the limits, the count of open clients), allocated once per route, not 
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from services.proxy.balance import Balance, Balancer
 from services.proxy.routes import Endpoint
@@ -30,12 +31,22 @@ class TcpListener:
         self._conns = conns
         self._server: asyncio.AbstractServer | None = None
 
-    async def open(self) -> None:
-        """Bind and listen; raises OSError (e.g. EADDRINUSE) if the port cannot be had."""
+    async def open(self, sock: socket.socket | None = None) -> None:
+        """Bind and listen, or serve ``sock`` (a listening socket handed over by a predecessor);
+        raises OSError (e.g. EADDRINUSE) if the port cannot be had."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: ClientConnection(self, self._stats, self._conns),
-            self.host, self.port, reuse_address=True, backlog=BACKLOG)
+        factory = lambda: ClientConnection(self, self._stats, self._conns)  # noqa: E731
+        if sock is not None:
+            self._server = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
+        else:
+            self._server = await loop.create_server(factory, self.host, self.port,
+                                                    reuse_address=True, backlog=BACKLOG)
+
+    def fileno(self) -> int | None:
+        """The listening socket's descriptor (to hand over to a successor), None when closed."""
+        if self._server is None or not self._server.sockets:
+            return None
+        return int(self._server.sockets[0].fileno())
 
     def set_endpoints(self, endpoints: tuple[Endpoint, ...], balance: Balance | None = None) -> None:
         self.picker.set(endpoints, balance)

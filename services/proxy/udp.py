@@ -127,19 +127,25 @@ class UdpListener:
         self._buf = bytearray(MAX_DATAGRAM)
         self._view = memoryview(self._buf)
 
-    async def open(self) -> None:
-        """Bind the listening socket; raises OSError (e.g. EADDRINUSE) if the port is taken."""
-        # Bound by hand: SO_REUSEADDR would let two listeners share the port silently on Linux.
-        sock = socket.socket(_family(self.host), socket.SOCK_DGRAM)
-        try:
-            sock.setblocking(False)
-            sock.bind((self.host, self.port))
-        except OSError:
-            sock.close()
-            raise
+    async def open(self, sock: socket.socket | None = None) -> None:
+        """Bind the listening socket, or use ``sock`` (handed over by a predecessor); raises
+        OSError (e.g. EADDRINUSE) if the port is taken."""
+        if sock is None:
+            # Bound by hand: SO_REUSEADDR would let two listeners share the port silently.
+            sock = socket.socket(_family(self.host), socket.SOCK_DGRAM)
+            try:
+                sock.bind((self.host, self.port))
+            except OSError:
+                sock.close()
+                raise
+        sock.setblocking(False)
         self._sock = sock
         asyncio.get_running_loop().add_reader(sock.fileno(), self._on_datagrams)
         self._schedule_sweep()
+
+    def fileno(self) -> int | None:
+        """The listening socket's descriptor (to hand over to a successor), None when closed."""
+        return self._sock.fileno() if self._sock is not None else None
 
     def set_endpoints(self, endpoints: tuple[Endpoint, ...]) -> None:
         """New flows use the new list; flows to endpoints that left are closed, so their clients'
