@@ -12,15 +12,17 @@ import ipaddress
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("TCP", "UDP")
 
 
-@dataclass(frozen=True, order=True)
-class Endpoint:
+class Endpoint(NamedTuple):
+    """Where a route's traffic may go. A tuple, so hashing it (several times per connection,
+    in the balancer's tables) costs no Python call."""
+
     address: str   # an IP literal: the data path never waits on name resolution
     port: int
 

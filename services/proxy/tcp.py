@@ -23,6 +23,7 @@ closes when both halves are done, or at once when either side fails.
 
 from __future__ import annotations
 
+import _socket  # the C socket type: socket.socket's Python layer costs ~1 us per call here
 import asyncio
 import contextlib
 import errno
@@ -159,15 +160,17 @@ class Poller:
 class _Half:
     """One direction of a pair: bytes read from ``src`` are written to ``dst``."""
 
-    __slots__ = ("_pair", "_upstream_bound", "dst", "dst_fd", "eof", "inpipe", "pending", "pipe",
-                 "shut", "src", "src_fd", "stalled")
+    __slots__ = ("_pair", "_upstream_bound", "dst", "dst_fd", "eof", "inpipe", "other", "pending",
+                 "pipe", "shut", "side", "src", "src_fd", "stalled")
 
-    def __init__(self, pair: ClientConnection, src: socket.socket, dst: socket.socket,
+    def __init__(self, pair: ClientConnection, src: _socket.socket, dst: _socket.socket,
                  upstream_bound: bool) -> None:
         self._pair = pair
         self._upstream_bound = upstream_bound   # client -> upstream: counted as bytes_in
+        self.side = 0 if upstream_bound else 1  # which of the pair's masks is src's
         self.src, self.dst = src, dst
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+        self.other: _Half = self                # the opposite direction, set by the pair
         self.pending = b""          # copy mode: what dst did not take yet
         self.pipe: tuple[int, int] | None = None
         self.inpipe = 0             # splice mode: bytes in the pipe not yet written to dst
@@ -179,7 +182,13 @@ class _Half:
     def reading(self) -> bool:
         return not (self.eof or self.stalled)
 
-    def readable(self) -> None:
+    def event(self, events: int) -> None:
+        """The poller's handler for ``src``: readable is for this half, writable for the other
+        one (``src`` is its destination). The plain read is inline: it is most events."""
+        if events != _IN and not self._unusual(events):
+            return
+        if self.stalled or self.eof:
+            return                  # readiness fetched before this half stopped reading
         pair = self._pair
         if self.pipe is not None:
             self._splice()
@@ -213,6 +222,21 @@ class _Half:
             pair.watch()
         elif n >= SPLICE_AT:
             self.pipe = pair.pipes.take()
+
+    def _unusual(self, events: int) -> bool:
+        """Writability, errors and hang-ups; True if a read should follow."""
+        pair, other = self._pair, self.other
+        wrote = False
+        if events & (_OUT | _BROKEN) and other.stalled:
+            other.writable()
+            wrote = True
+            if pair.closed:
+                return False
+        if events & (_IN | _BROKEN) and not (self.eof or self.stalled):
+            return True
+        if not wrote and events & _BROKEN:
+            pair.broken(self, events)
+        return False
 
     def _splice(self) -> None:
         pair = self._pair
@@ -266,9 +290,13 @@ class _Half:
     def _ended(self) -> None:
         self.eof = True
         pair = self._pair
-        pair.watch()
-        if pair.closed:
+        fwd, back = pair.fwd, pair.back
+        other = back if self is fwd else fwd
+        if other is not None and other.shut:
+            self.shut = True      # the last direction: closing sends this FIN too
+            pair.finish()
             return
+        pair.watch()
         try:
             self.dst.shutdown(socket.SHUT_WR)
         except OSError as exc:
@@ -296,11 +324,11 @@ class ClientConnection:
     accepted socket; lives until both directions are done, either side fails, the idle sweep
     finds it quiet, or the proxy aborts it."""
 
-    __slots__ = ("_masks", "_order", "_started", "_timer", "active", "back", "buf", "client",
-                 "client_fd", "closed", "endpoint", "fwd", "idle_sweeps", "listener", "pipes",
+    __slots__ = ("_masks", "_order", "_started", "active", "back", "buf", "client", "client_fd",
+                 "closed", "deadline", "endpoint", "fwd", "idle_sweeps", "listener", "pipes",
                  "poller", "stats", "upstream", "upstream_fd", "view")
 
-    def __init__(self, listener: TcpListener, client: socket.socket, poller: Poller) -> None:
+    def __init__(self, listener: TcpListener, client: _socket.socket, poller: Poller) -> None:
         self.listener = listener
         self.stats: Stats = listener.stats
         self.buf = listener.buf
@@ -309,7 +337,7 @@ class ClientConnection:
         self.poller = poller
         self.client = client
         self.client_fd = client.fileno()
-        self.upstream: socket.socket | None = None
+        self.upstream: _socket.socket | None = None
         self.upstream_fd = -1
         self.endpoint: Endpoint | None = None
         self.fwd: _Half | None = None     # client -> upstream
@@ -319,7 +347,7 @@ class ClientConnection:
         self.closed = False
         self._masks = (0, 0)              # what the poller watches: (client, upstream)
         self._order: tuple[Endpoint, ...] = ()
-        self._timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0               # of the connect in progress (loop time), 0: none
         self._started = 0.0
 
     # --- connecting ------------------------------------------------------------------------
@@ -332,7 +360,7 @@ class ClientConnection:
     def _next(self) -> None:
         for i, ep in enumerate(self._order):
             family = socket.AF_INET6 if ":" in ep.address else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._started = time.perf_counter()
             err = sock.connect_ex((ep.address, ep.port))
@@ -344,8 +372,7 @@ class ClientConnection:
             self.upstream, self.endpoint = sock, ep
             self.upstream_fd = fd = sock.fileno()
             self.poller.add(fd, _OUT, self._on_connect)
-            self._timer = self.listener.loop.call_later(self.listener.connect_timeout,
-                                                        self._on_timeout)
+            self.deadline = self.listener.connecting(self)
             return
         self.reset()
 
@@ -355,7 +382,7 @@ class ClientConnection:
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if not err and not events & _OUT:
             return   # not done yet
-        self._stop_timer()
+        self.deadline = 0.0
         if err:
             self._drop_upstream()
             self._failed(ep, errno.errorcode.get(err, str(err)))
@@ -364,17 +391,19 @@ class ClientConnection:
         self.stats.observe_connect(time.perf_counter() - self._started)
         self.listener.picker.connected(ep)
         client = self.client
-        self.fwd = _Half(self, client, sock, True)
-        self.back = _Half(self, sock, client, False)
+        self.fwd = fwd = _Half(self, client, sock, True)
+        self.back = back = _Half(self, sock, client, False)
+        fwd.other, back.other = back, fwd
         poller = self.poller
         poller.modify(self.upstream_fd, _IN)
-        poller.handlers[self.upstream_fd] = self._on_upstream
-        poller.add(self.client_fd, _IN, self._on_client)
+        poller.handlers[self.upstream_fd] = back.event
+        poller.add(self.client_fd, _IN, fwd.event)
         self._masks = (_IN, _IN)
 
-    def _on_timeout(self) -> None:
-        self._timer = None
+    def timed_out(self) -> None:
+        """The connect in progress took longer than the route's connect timeout."""
         ep = self.endpoint
+        self.deadline = 0.0
         if self.closed or ep is None or self.fwd is not None:
             return
         self._drop_upstream()
@@ -388,11 +417,6 @@ class ClientConnection:
         sock.close()
         self.upstream, self.endpoint, self.upstream_fd = None, None, -1
 
-    def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
     def _failed(self, ep: Endpoint, why: str) -> None:
         stats = self.stats
         stats.connect_errors += 1
@@ -402,48 +426,20 @@ class ClientConnection:
 
     # --- moving bytes ----------------------------------------------------------------------
 
-    def _on_client(self, events: int) -> None:
-        fwd, back = self.fwd, self.back
-        assert fwd is not None and back is not None
-        handled = False
-        if events & (_IN | _BROKEN) and fwd.reading:
-            fwd.readable()
-            handled = True
-        if events & (_OUT | _BROKEN) and back.stalled and not self.closed:
-            back.writable()
-            handled = True
-        if not handled and events & _BROKEN:
-            self._broken(self.client, events, 0)
-
-    def _on_upstream(self, events: int) -> None:
-        fwd, back = self.fwd, self.back
-        assert fwd is not None and back is not None
-        handled = False
-        if events & (_IN | _BROKEN) and back.reading:
-            back.readable()
-            handled = True
-        if events & (_OUT | _BROKEN) and fwd.stalled and not self.closed:
-            fwd.writable()
-            handled = True
-        if not handled and events & _BROKEN:
-            assert self.upstream is not None
-            self._broken(self.upstream, events, 1)
-
-    def _broken(self, sock: socket.socket, events: int, side: int) -> None:
-        """An error or hang-up on a socket nothing waits on now; it would be reported again at
-        every poll. A hang-up with the reader stalled is normal at the end of a flow to a slow
-        reader (unread bytes remain): stop watching that socket until the reader resumes."""
+    def broken(self, half: _Half, events: int) -> None:
+        """An error or hang-up on ``half``'s source while nothing waits on it; it would be
+        reported again at every poll. A hang-up with the reader stalled is normal at the end of
+        a flow to a slow reader (unread bytes remain): stop watching that socket until the
+        reader resumes. Anything else fails the pair."""
         if self.closed:
             return
-        if not events & select.EPOLLERR:
-            half = self.fwd if side == 0 else self.back
-            if half is not None and half.stalled and not half.eof:
-                self.poller.park(self.client_fd if side == 0 else self.upstream_fd)
-                masks = list(self._masks)
-                masks[side] = -1
-                self._masks = (masks[0], masks[1])
-                return
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNRESET
+        if not events & select.EPOLLERR and half.stalled and not half.eof:
+            self.poller.park(half.src_fd)
+            masks = list(self._masks)
+            masks[half.side] = -1
+            self._masks = (masks[0], masks[1])
+            return
+        err = half.src.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNRESET
         self.fail(OSError(err, os.strerror(err)))
 
     def watch(self) -> None:
@@ -477,6 +473,10 @@ class ClientConnection:
         if fwd is not None and back is not None and fwd.shut and back.shut:
             self._close()
 
+    def finish(self) -> None:
+        """Both directions have ended: close both sockets (which flushes and sends FIN)."""
+        self._close()
+
     def fail(self, exc: OSError) -> None:
         if exc.errno not in _RESET_ERRORS:
             log.debug("connection failed", extra={"endpoint": str(self.endpoint), "error": repr(exc)})
@@ -498,7 +498,7 @@ class ClientConnection:
         if self.closed:
             return
         self.closed = True
-        self._stop_timer()
+        self.deadline = 0.0
         poller = self.poller
         for half in (self.fwd, self.back):
             if half is not None:

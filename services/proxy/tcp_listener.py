@@ -4,10 +4,12 @@ route, not per connection."""
 
 from __future__ import annotations
 
+import _socket  # the C socket type: socket.socket's Python layer costs ~1 us per call here
 import asyncio
 import errno
 import logging
 import socket
+from collections import deque
 
 from services.proxy.balance import Balance, Balancer
 from services.proxy.routes import Endpoint
@@ -46,6 +48,9 @@ class TcpListener:
         self._poller: Poller | None = None
         self._paused: asyncio.TimerHandle | None = None
         self._sweep: asyncio.TimerHandle | None = None
+        # Connects in progress by deadline: one timer per route rather than one per connect.
+        self._connecting: deque[tuple[float, ClientConnection]] = deque()
+        self._expiry: asyncio.TimerHandle | None = None
 
     @property
     def clients(self) -> int:
@@ -81,9 +86,11 @@ class TcpListener:
         self.picker.set(endpoints, balance)
 
     def close(self) -> None:
-        if self._paused is not None:
-            self._paused.cancel()
-            self._paused = None
+        for timer in (self._paused, self._expiry):
+            if timer is not None:
+                timer.cancel()
+        self._paused = self._expiry = None
+        self._connecting.clear()
         if self._sweep is not None and not self.conns:   # else it goes on for those left
             self._sweep.cancel()
             self._sweep = None
@@ -117,7 +124,7 @@ class TcpListener:
             return
         for _ in range(ACCEPT_BURST):
             try:
-                client, _ = lsock.accept()
+                fd, _ = lsock._accept()  # type: ignore[attr-defined]  # no Python socket per client
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -127,6 +134,7 @@ class TcpListener:
                     self._paused = loop.call_later(ACCEPT_PAUSE, self._resume)
                     return
                 continue   # e.g. ECONNABORTED: that client is gone, the next may not be
+            client = _socket.socket(lsock.family, socket.SOCK_STREAM, 0, fd)
             client.setblocking(False)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = ClientConnection(self, client, poller)
@@ -139,6 +147,24 @@ class TcpListener:
                 conn.reset(refused=False)
                 continue
             conn.connect(self.picker.order(loop.time()))
+
+    def connecting(self, conn: ClientConnection) -> float:
+        """``conn`` has started a connect: returns its deadline, after which it is told."""
+        deadline = self.loop.time() + self.connect_timeout
+        self._connecting.append((deadline, conn))
+        if self._expiry is None:
+            self._expiry = self.loop.call_at(deadline, self._expire)
+        return deadline
+
+    def _expire(self) -> None:
+        self._expiry = None
+        queue, now = self._connecting, self.loop.time()
+        while queue and queue[0][0] <= now:
+            deadline, conn = queue.popleft()
+            if conn.deadline == deadline:    # else it connected, failed or moved on since
+                conn.timed_out()
+        if queue:
+            self._expiry = self.loop.call_at(queue[0][0], self._expire)
 
     def _resume(self) -> None:
         self._paused = None
