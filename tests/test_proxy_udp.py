@@ -246,3 +246,57 @@ def test_removing_a_udp_route_closes_its_port(proxy: Proxy, echoes: Any) -> None
         sock.send(b"y")
         with pytest.raises(ConnectionRefusedError):
             sock.recv(100)
+
+
+def _ask_from(local_target: str, port: int, data: bytes) -> bytes:
+    """A client connected to ``local_target``: it only accepts replies from that address."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(2.0)
+        sock.connect((local_target, port))
+        return ask(sock, data)
+
+
+@pytest.mark.parametrize("own_sockets", [True, False], ids=["client-socket", "listening-socket"])
+def test_on_a_wildcard_port_replies_leave_from_the_address_the_client_wrote_to(
+        own_sockets: bool, echoes: Any) -> None:
+    proxy = Proxy(ProxySettings(bind_host="0.0.0.0", udp_idle_timeout=60.0))
+    up = echoes(b"e:")
+    try:
+        port = free_udp_port()
+        proxy.route(port, up.port)
+        if not own_sockets:   # every flow served through the listening socket (sendmsg + PKTINFO)
+            def no_client_sockets() -> None:
+                listener = proxy.server.listener(("UDP", port))
+                assert isinstance(listener, UdpListener)
+                listener.max_connected = 0
+            proxy.call(no_client_sockets)
+        # 127.0.0.2 is this host too (lo holds 127/8), but not the address routing would pick.
+        assert _ask_from("127.0.0.2", port, b"a") == b"e:a"
+        assert _ask_from("127.0.0.1", port, b"b") == b"e:b"
+        assert proxy.flows(port) == 2
+    finally:
+        proxy.close()
+
+
+def test_flows_beyond_the_client_socket_quota_are_still_served(echoes: Any) -> None:
+    proxy = make_proxy(udp_idle_timeout=60.0)
+    up = echoes(b"")
+    try:
+        port = free_udp_port()
+        proxy.route(port, up.port)
+
+        def quota(n: int) -> None:
+            listener = proxy.server.listener(("UDP", port))
+            assert isinstance(listener, UdpListener)
+            listener.max_connected = n
+        proxy.call(lambda: quota(2))
+        socks = [client(port) for _ in range(5)]
+        for round_ in range(3):
+            for i, sock in enumerate(socks):
+                assert ask(sock, b"%d.%d" % (round_, i)) == b"%d.%d" % (round_, i)
+        for sock in socks:
+            sock.close()
+        stats = proxy.server.stats
+        assert stats.datagrams_in == stats.datagrams_out == 15
+    finally:
+        proxy.close()
