@@ -188,7 +188,10 @@ class _Half:
         if events != _IN and not self._unusual(events):
             return
         if self.stalled or self.eof:
-            return                  # readiness fetched before this half stopped reading
+            # Reported before this half stopped reading, or an EOF seen again: the interest
+            # is dropped lazily, as most pairs close before the next poll.
+            self._pair.watch()
+            return
         pair = self._pair
         if self.pipe is not None:
             self._splice()
@@ -296,7 +299,6 @@ class _Half:
             self.shut = True      # the last direction: closing sends this FIN too
             pair.finish()
             return
-        pair.watch()
         try:
             self.dst.shutdown(socket.SHUT_WR)
         except OSError as exc:
@@ -368,9 +370,23 @@ class ClientConnection:
                 sock.close()
                 self._failed(ep, errno.errorcode.get(err, str(err)))
                 continue
-            self._order = self._order[i + 1:]
             self.upstream, self.endpoint = sock, ep
             self.upstream_fd = fd = sock.fileno()
+            # To an endpoint on this node the handshake has usually completed inside connect()
+            # (the kernel runs the peer's side on the way out): look before waiting a round.
+            try:
+                sock.getpeername()
+            except OSError:
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    sock.close()
+                    self.upstream, self.endpoint, self.upstream_fd = None, None, -1
+                    self._failed(ep, errno.errorcode.get(err, str(err)))
+                    continue
+            else:
+                self._established(False)
+                return
+            self._order = self._order[i + 1:]
             self.poller.add(fd, _OUT, self._on_connect)
             self.deadline = self.listener.connecting(self)
             return
@@ -388,6 +404,12 @@ class ClientConnection:
             self._failed(ep, errno.errorcode.get(err, str(err)))
             self._next()
             return
+        self._established(True)
+
+    def _established(self, registered: bool) -> None:
+        sock, ep = self.upstream, self.endpoint
+        assert sock is not None and ep is not None
+        self._order = ()
         self.stats.observe_connect(time.perf_counter() - self._started)
         self.listener.picker.connected(ep)
         client = self.client
@@ -395,8 +417,11 @@ class ClientConnection:
         self.back = back = _Half(self, sock, client, False)
         fwd.other, back.other = back, fwd
         poller = self.poller
-        poller.modify(self.upstream_fd, _IN)
-        poller.handlers[self.upstream_fd] = back.event
+        if registered:
+            poller.modify(self.upstream_fd, _IN)
+            poller.handlers[self.upstream_fd] = back.event
+        else:
+            poller.add(self.upstream_fd, _IN, back.event)
         poller.add(self.client_fd, _IN, fwd.event)
         self._masks = (_IN, _IN)
 
@@ -500,15 +525,18 @@ class ClientConnection:
         self.closed = True
         self.deadline = 0.0
         poller = self.poller
+        connected = self.fwd is not None
         for half in (self.fwd, self.back):
             if half is not None:
                 half.release()
+                del half.other   # no reference cycle left: freed at once, not by the GC
+        self.fwd = self.back = None
         poller.forget(self.client_fd)
         self.client.close()
         if self.upstream is not None:
             poller.forget(self.upstream_fd)
             self.upstream.close()
-            if self.fwd is not None and self.endpoint is not None:
+            if connected and self.endpoint is not None:
                 self.listener.picker.released(self.endpoint)
         self.listener.dropped(self)
 
