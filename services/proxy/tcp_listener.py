@@ -44,6 +44,7 @@ class TcpListener:
         self.conns: set[ClientConnection] = set()   # this route's
         self._all = conns                           # the server's
         self._sock: socket.socket | None = None
+        self._family = int(socket.AF_INET)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by open()
         self._poller: Poller | None = None
         self._paused: asyncio.TimerHandle | None = None
@@ -71,6 +72,7 @@ class TcpListener:
                 raise
         sock.setblocking(False)
         self._sock = sock
+        self._family = int(sock.family)   # read once: the property converts to an enum each time
         self.loop = loop = asyncio.get_running_loop()
         if self._poller is None:
             self._poller = Poller(loop)
@@ -134,7 +136,7 @@ class TcpListener:
                     self._paused = loop.call_later(ACCEPT_PAUSE, self._resume)
                     return
                 continue   # e.g. ECONNABORTED: that client is gone, the next may not be
-            client = _socket.socket(lsock.family, socket.SOCK_STREAM, 0, fd)
+            client = _socket.socket(self._family, socket.SOCK_STREAM, 0, fd)
             client.setblocking(False)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = ClientConnection(self, client, poller)
