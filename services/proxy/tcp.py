@@ -24,7 +24,6 @@ closes when both halves are done, or at once when either side fails.
 from __future__ import annotations
 
 import _socket  # the C socket type: socket.socket's Python layer costs ~1 us per call here
-import asyncio
 import contextlib
 import errno
 import fcntl
@@ -35,9 +34,9 @@ import socket
 import struct
 import termios
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from services.proxy.poller import Poller
 from services.proxy.routes import Endpoint
 from services.proxy.stats import Stats
 
@@ -100,61 +99,6 @@ class PipePool:
             os.close(r)
             os.close(w)
         self._free.clear()
-
-
-class Poller:
-    """A level-triggered epoll set for one route's connections, watched by the event loop as a
-    single descriptor: the loop calls :meth:`dispatch` when any of them is ready.
-
-    Registering sockets with the loop itself (``add_reader``) cost eleven system calls per
-    descriptor (libuv checks, re-registers and removes each one several times); here a socket
-    costs one ``epoll_ctl`` to add, one per change of interest, and none to remove (closing it
-    takes it out of the set).
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._ep = select.epoll()
-        self._loop = loop
-        self.handlers: dict[int, Callable[[int], None]] = {}
-        self._gone: set[int] = set()     # closed during this dispatch: their events are stale
-        self.fileno = self._ep.fileno()
-        loop.add_reader(self.fileno, self.dispatch)
-
-    def add(self, fd: int, mask: int, handler: Callable[[int], None]) -> None:
-        self._ep.register(fd, mask)
-        self.handlers[fd] = handler
-
-    def modify(self, fd: int, mask: int) -> None:
-        self._ep.modify(fd, mask)
-
-    def park(self, fd: int) -> None:
-        """Stop watching ``fd`` for now (a hang-up is reported whatever the mask)."""
-        self._ep.unregister(fd)
-
-    def unpark(self, fd: int, mask: int) -> None:
-        self._ep.register(fd, mask)
-
-    def forget(self, fd: int) -> None:
-        """``fd`` is about to be closed (which removes it from the set)."""
-        if self.handlers.pop(fd, None) is not None:
-            self._gone.add(fd)
-
-    def dispatch(self) -> None:
-        handlers, gone = self.handlers, self._gone
-        gone.clear()
-        for fd, events in self._ep.poll(0, 1024):
-            # A descriptor closed earlier in this batch may already be reused by a new socket;
-            # level-triggered readiness is reported again, so skipping is safe.
-            if fd in gone:
-                continue
-            handler = handlers.get(fd)
-            if handler is not None:
-                handler(events)
-
-    def close(self) -> None:
-        if not self._ep.closed:
-            self._loop.remove_reader(self.fileno)
-            self._ep.close()
 
 
 class _Half:

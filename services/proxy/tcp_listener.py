@@ -12,9 +12,10 @@ import socket
 from collections import deque
 
 from services.proxy.balance import Balance, Balancer
+from services.proxy.poller import Poller
 from services.proxy.routes import Endpoint
 from services.proxy.stats import Stats
-from services.proxy.tcp import BACKLOG, BUF_SIZE, CONNECT_TIMEOUT, ClientConnection, PipePool, Poller
+from services.proxy.tcp import BACKLOG, BUF_SIZE, CONNECT_TIMEOUT, ClientConnection, PipePool
 
 log = logging.getLogger(__name__)
 
