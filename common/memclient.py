@@ -21,13 +21,13 @@ import zmq
 from common import ipc
 from common.config import Config
 from common.errors import BadFrame, RikletError, Timeout, Unavailable
+from common.podsync import Outcome, PodSequence
 from common.zmqutil import RequestClient
 
 log = logging.getLogger(__name__)
 
 PATIENCE = 10.0          # seconds a call keeps trying before raising Unavailable
 RESYNC_RETRY = 0.5       # seconds between snapshot attempts while memory is down
-HB_TOPIC = "hb"
 
 OnChange = Callable[[str, "dict[str, Any] | None"], None]
 
@@ -110,9 +110,7 @@ class PodMirror:
         self._on_change = on_change
         self._ctx = context or zmq.Context.instance()
         self._lock = threading.Lock()
-        self._pods: dict[str, dict[str, Any]] = {}
-        self._seq = 0
-        self._epoch: str | None = None
+        self._state = PodSequence()      # the ordering rules; read under the lock
         self._synced = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -131,24 +129,24 @@ class PodMirror:
     def get(self, name: str) -> dict[str, Any] | None:
         """A copy of one pod's record, or None."""
         with self._lock:
-            record = self._pods.get(name)
+            record = self._state.pods.get(name)
             return copy.deepcopy(record) if record is not None else None
 
     def names(self) -> list[str]:
         with self._lock:
-            return list(self._pods)
+            return list(self._state.pods)
 
     def pods(self) -> dict[str, dict[str, Any]]:
         with self._lock:
-            return copy.deepcopy(self._pods)
+            return copy.deepcopy(self._state.pods)
 
     @property
     def seq(self) -> int:
-        return self._seq
+        return max(self._state.seq, 0)
 
     @property
     def epoch(self) -> str | None:
-        return self._epoch
+        return self._state.epoch
 
     def wait_synced(self, timeout: float | None = None) -> bool:
         """True once the mirror holds a snapshot and no gap after it is known."""
@@ -188,50 +186,32 @@ class PodMirror:
     def _resync(self, rpc: RequestClient) -> bool:
         try:
             snap = rpc.call("snapshot")
-            new = {p["name"]: p for p in snap["pods"]}
-            seq, epoch = int(snap["seq"]), str(snap["epoch"])
         except Timeout:
             return False  # memory is down or restarting: the caller retries
         except RikletError as exc:
             log.warning("snapshot failed", extra={"error": str(exc)})
             return False
-        except (KeyError, TypeError, ValueError) as exc:
-            log.warning("malformed snapshot", extra={"error": repr(exc)})
+        fresh = PodSequence()
+        try:
+            fresh.load(snap)
+        except BadFrame as exc:
+            log.warning("malformed snapshot", extra={"error": str(exc)})
             return False
         with self._lock:
-            old, self._pods = self._pods, new
-            self._seq, self._epoch = seq, epoch
+            old, self._state = self._state.pods, fresh
         self._synced.set()
-        for name, record in diff_pods(old, new):
+        for name, record in diff_pods(old, fresh.pods):
             self._notify(name, record)
         return True
 
     def _apply(self, ev: ipc.Event) -> bool:
         """Apply one event in order; True when a resync is needed instead."""
-        if ev.topic == HB_TOPIC:
-            # Events precede the heartbeat on the same socket: a higher seq means we lost some.
-            return ev.data.get("epoch") != self._epoch or ev.seq > self._seq
-        if ev.seq <= self._seq:
-            return False  # already part of the snapshot
-        if ev.seq != self._seq + 1:
-            return True
-        kind, pod = ev.data.get("kind"), ev.data.get("pod")
-        if kind == "removed" and isinstance(ev.data.get("name"), str):
-            name: str = ev.data["name"]
-            record = None
-        elif kind in ("applied", "status", "desired") and isinstance(pod, dict) \
-                and isinstance(pod.get("name"), str):
-            name, record = pod["name"], pod
-        else:
-            return True  # a kind this mirror does not know: the snapshot is authoritative
         with self._lock:
-            if record is None:
-                self._pods.pop(name, None)
-            else:
-                self._pods[name] = record
-            self._seq = ev.seq
-        self._notify(name, record)
-        return False
+            outcome = self._state.apply(ev)
+            change = self._state.last_change if outcome is Outcome.CHANGED else None
+        if change is not None:
+            self._notify(*change)
+        return outcome is Outcome.RESYNC
 
     def _notify(self, name: str, record: dict[str, Any] | None) -> None:
         if self._on_change is None:

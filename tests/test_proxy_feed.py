@@ -21,8 +21,9 @@ import zmq
 
 from common import config, ipc
 from common.errors import BadFrame, NotFound
+from common.podsync import Outcome, PodSequence
 from common.zmqutil import make_run_dir, route_one
-from services.proxy.feed import Outcome, PodMirror, watch_pods
+from services.proxy.feed import watch_pods
 
 Pod = dict[str, Any]
 
@@ -258,7 +259,7 @@ def ev(seq: int, data: dict[str, Any], topic: str = "pod.x.applied") -> ipc.Even
 
 
 def test_events_already_in_the_snapshot_are_skipped_and_the_next_one_applies() -> None:
-    m = PodMirror()
+    m = PodSequence()
     m.load({"seq": 5, "epoch": "e", "pods": [pod("a")]})
     assert m.apply(ev(5, {"kind": "applied", "pod": pod("b")})) is Outcome.IGNORED
     assert m.apply(ev(6, {"kind": "applied", "pod": pod("b")})) is Outcome.CHANGED
@@ -269,7 +270,7 @@ def test_events_already_in_the_snapshot_are_skipped_and_the_next_one_applies() -
 
 
 def test_a_removal_of_an_older_uid_leaves_the_newer_pod() -> None:
-    m = PodMirror()
+    m = PodSequence()
     m.load({"seq": 0, "epoch": "e", "pods": [pod("a")]})
     assert m.apply(ev(1, {"kind": "removed", "name": "a", "uid": "old-uid"})) is Outcome.IGNORED
     assert [p["name"] for p in m.records()] == ["a"]
@@ -281,14 +282,14 @@ def test_a_removal_of_an_older_uid_leaves_the_newer_pod() -> None:
     (ev(0, {"seq": 5, "epoch": "other"}, topic="hb"), "new epoch"),
 ])
 def test_doubt_about_what_was_missed_asks_for_a_snapshot(event: ipc.Event, why: str) -> None:
-    m = PodMirror()
+    m = PodSequence()
     m.load({"seq": 5, "epoch": "e", "pods": []})
     assert m.apply(event) is Outcome.RESYNC, why
     assert not m.synced
 
 
 def test_a_heartbeat_behind_the_snapshot_is_fine() -> None:
-    m = PodMirror()
+    m = PodSequence()
     m.load({"seq": 5, "epoch": "e", "pods": []})
     assert m.apply(ev(0, {"seq": 4, "epoch": "e"}, topic="hb")) is Outcome.IGNORED
     assert m.synced
@@ -301,7 +302,7 @@ def test_a_heartbeat_behind_the_snapshot_is_fine() -> None:
 ])
 def test_a_malformed_snapshot_is_refused_naming_the_field(snapshot: Any, field: str) -> None:
     with pytest.raises(BadFrame) as err:
-        PodMirror().load(snapshot)
+        PodSequence().load(snapshot)
     assert err.value.field == field
 
 

@@ -215,7 +215,8 @@ def test_half_close_the_client_still_receives_the_full_reply(proxy: Proxy, backe
     assert len(reply) == 64 + 4 * MiB
 
 
-def test_clients_that_reset_in_mid_stream_leave_no_stale_bytes_for_the_next(proxy: Proxy, backends: Any) -> None:
+def test_clients_that_reset_in_mid_stream_leave_no_stale_bytes_for_the_next(
+        proxy: Proxy, backends: Any) -> None:
     # Bulk flows go through pooled pipes: a pipe still holding a reset client's bytes must
     # never be handed to the next flow.
     block = os.urandom(MiB)
