@@ -12,6 +12,7 @@ update old, which is fine for a scrape.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -39,6 +40,7 @@ class StatsServer:
         self._ctx = context or zmq.Context.instance()
         self._stop = threading.Event()
         self._sock: zmq.Socket[Any] | None = None
+        self._inode: tuple[int, int] | None = None    # of the ipc file this server bound
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
 
     def handle(self, req: ipc.Request) -> Any:
@@ -60,6 +62,8 @@ class StatsServer:
             sock.bind(self.endpoint)
             if path:
                 os.chmod(path, 0o600)
+                st = os.stat(path)
+                self._inode = (st.st_dev, st.st_ino)
         except BaseException:
             sock.close(linger=0)
             raise
@@ -83,6 +87,11 @@ class StatsServer:
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         path = ipc_path(self.endpoint)
-        if self._sock is not None and path and os.path.exists(path):
-            os.unlink(path)
+        if self._sock is not None and path:
+            # Only our own file: a successor may have bound the path already (the proxy's
+            # hand-off, when the old worker was too slow to let go).
+            with contextlib.suppress(OSError):
+                st = os.stat(path)
+                if (st.st_dev, st.st_ino) == self._inode:
+                    os.unlink(path)
         self._sock = None

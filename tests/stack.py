@@ -115,6 +115,28 @@ class Agent:
         with open(os.path.join(self.run_dir, "supervisord.pid"), encoding="ascii") as fh:
             return int(fh.read().strip())
 
+    def proxy_workers(self) -> dict[int, int]:
+        """Live proxy workers of this agent, pid -> parent pid: children of the proxy keeper
+        (supervisord's program ``proxy``) or, orphaned, of supervisord (the agent's subreaper)."""
+        parents = {self.supervisord_pid()}
+        with contextlib.suppress(ValueError):
+            parents.add(self.service_pid("proxy"))
+        found = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
+                    stat = fh.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    argv = fh.read().split(b"\0")
+            except (OSError, IndexError):
+                continue
+            if stat[0] not in ("Z", "X") and int(stat[1]) in parents \
+                    and b"services.proxy" in argv and b"--worker" in argv:
+                found[int(entry)] = int(stat[1])
+        return found
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -4,12 +4,18 @@ Route tables arrive faster than listeners can be opened (every pod status change
 one), so only the newest is applied: :meth:`ProxyServer.update` replaces whatever was waiting,
 and one worker task brings the listeners to it. A port that cannot be bound is logged and
 retried on the next update and on a timer; it never takes the other routes down.
+
+A worker taking over from a predecessor (:mod:`services.proxy.handoff`) first passes its
+listening sockets to :meth:`ProxyServer.adopt`: the next reconcile serves those instead of
+binding, so the ports never stop accepting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -50,6 +56,7 @@ class ProxyServer:
         self._balance: dict[RouteKey, Balance] = {}     # newest; absent means round robin
         self._applied_balance: dict[RouteKey, Balance] = {}
         self._failed: set[RouteKey] = set()
+        self._adopted: dict[RouteKey, socket.socket] = {}
         self._worker: asyncio.Task[None] | None = None
         self._retry: asyncio.TimerHandle | None = None
         self._closed = False
@@ -66,6 +73,38 @@ class ProxyServer:
 
     def failed(self) -> set[RouteKey]:
         return set(self._failed)
+
+    @property
+    def balance(self) -> dict[RouteKey, Balance]:
+        """The balancing applied with :attr:`routes` (absent: round robin)."""
+        return dict(self._applied_balance)
+
+    def listener_fds(self) -> list[tuple[RouteKey, int]]:
+        """Each open listener's key and socket descriptor, sorted by key (for a successor)."""
+        out = []
+        for key in sorted(self._listeners):
+            fd = self._listeners[key].fileno()
+            if fd is not None:
+                out.append((key, fd))
+        return out
+
+    def adopt(self, sockets: Mapping[RouteKey, socket.socket]) -> None:
+        """Listening sockets handed over by a predecessor, served by the next reconcile instead
+        of binding when a route has their key; those it does not use are then closed. The
+        server owns them from here on."""
+        for key, sock in sockets.items():
+            if self._closed:
+                sock.close()
+                continue
+            previous = self._adopted.pop(key, None)
+            if previous is not None:
+                previous.close()
+            self._adopted[key] = sock
+
+    async def settled(self) -> None:
+        """Return once no route table is being applied or waiting."""
+        while self._worker is not None and not self._worker.done():
+            await asyncio.shield(self._worker)
 
     def buffered_bytes(self) -> int:
         """User-space bytes held by all TCP connections: what back-pressure keeps bounded."""
@@ -84,8 +123,7 @@ class ProxyServer:
     async def apply(self, routes: Routes, balance: Mapping[RouteKey, Balance] | None = None) -> None:
         """Apply ``routes`` and return once the listeners match it (or failed to bind)."""
         self.update(routes, balance)
-        while self._worker is not None and not self._worker.done():
-            await asyncio.shield(self._worker)
+        await self.settled()
 
     async def close(self, abort_connections: bool = True) -> None:
         self._closed = True
@@ -97,6 +135,7 @@ class ProxyServer:
         for listener in self._listeners.values():
             listener.close()
         self._listeners.clear()
+        self._close_adopted()
         if abort_connections:
             for conn in list(self.connections):
                 conn.abort()
@@ -130,36 +169,84 @@ class ProxyServer:
                 continue
             await self._open(key, endpoints, policy)
         self._routes, self._applied_balance = routes, balance
+        self._close_adopted()
         if self._failed and self._retry is None and not self._closed:
             self._retry = asyncio.get_running_loop().call_later(
                 self.settings.retry_interval, self._retry_failed)
 
+    def _listener(self, key: RouteKey, endpoints: tuple[Endpoint, ...], policy: Balance) -> Listener:
+        s = self.settings
+        if key[0] == "TCP":
+            return TcpListener(key[1], endpoints, host=s.bind_host, stats=self.stats,
+                               conns=self.connections, connect_timeout=s.connect_timeout,
+                               balance=policy, max_connections=s.max_connections,
+                               idle_timeout=s.idle_timeout)
+        return UdpListener(key[1], endpoints, host=s.bind_host, stats=self.stats,
+                           max_flows=s.udp_max_flows, idle_timeout=s.udp_idle_timeout)
+
     async def _open(self, key: RouteKey, endpoints: tuple[Endpoint, ...], policy: Balance) -> None:
         s = self.settings
-        listener: Listener
-        if key[0] == "TCP":
-            listener = TcpListener(key[1], endpoints, host=s.bind_host, stats=self.stats,
-                                   conns=self.connections, connect_timeout=s.connect_timeout,
-                                   balance=policy, max_connections=s.max_connections,
-                                   idle_timeout=s.idle_timeout)
-        else:
-            listener = UdpListener(key[1], endpoints, host=s.bind_host, stats=self.stats,
-                                   max_flows=s.udp_max_flows, idle_timeout=s.udp_idle_timeout)
-        try:
-            await listener.open()
-        except OSError as exc:
-            # Logged loudly once per failure streak; the timer keeps retrying quietly.
-            level = logging.DEBUG if key in self._failed else logging.WARNING
-            log.log(level, "cannot listen", extra={"protocol": key[0], "port": key[1],
-                                                   "host": s.bind_host, "error": str(exc)})
-            self._failed.add(key)
-            return
+        adopted = await self._open_adopted(key, endpoints, policy)
+        listener = adopted if adopted is not None else self._listener(key, endpoints, policy)
+        if adopted is None:
+            try:
+                await listener.open()
+            except OSError as exc:
+                # Logged loudly once per failure streak; the timer keeps retrying quietly.
+                level = logging.DEBUG if key in self._failed else logging.WARNING
+                log.log(level, "cannot listen", extra={"protocol": key[0], "port": key[1],
+                                                       "host": s.bind_host, "error": str(exc)})
+                self._failed.add(key)
+                return
         self._listeners[key] = listener
         self._failed.discard(key)
         log.info("listening", extra={"protocol": key[0], "port": key[1], "host": s.bind_host,
-                                     "endpoints": [str(e) for e in endpoints]})
+                                     "endpoints": [str(e) for e in endpoints],
+                                     "adopted": adopted is not None})
+
+    async def _open_adopted(self, key: RouteKey, endpoints: tuple[Endpoint, ...],
+                            policy: Balance) -> Listener | None:
+        """A listener serving the adopted socket for ``key``, if there is one it can serve;
+        one bound elsewhere (the bind address changed) or refused is closed (None)."""
+        sock = self._adopted.pop(key, None)
+        if sock is None:
+            return None
+        host = self.settings.bind_host
+        if not _bound_to(sock, host, key[1]):
+            log.warning("adopted socket is not bound to the configured address; binding anew",
+                        extra={"protocol": key[0], "port": key[1], "host": host})
+            sock.close()
+            return None
+        listener = self._listener(key, endpoints, policy)
+        try:
+            await listener.open(sock)
+        except OSError as exc:
+            log.warning("cannot serve the adopted socket; binding anew",
+                        extra={"protocol": key[0], "port": key[1], "error": str(exc)})
+            sock.close()
+            return None
+        return listener
+
+    def _close_adopted(self) -> None:
+        for (proto, port), sock in self._adopted.items():
+            log.info("adopted socket not needed, closed", extra={"protocol": proto, "port": port})
+            sock.close()
+        self._adopted.clear()
 
     def _retry_failed(self) -> None:
         self._retry = None
         if self._failed and self._pending is None:
             self.update(self._routes)
+
+
+def _bound_to(sock: socket.socket, host: str, port: int) -> bool:
+    try:
+        bound_host, bound_port = sock.getsockname()[:2]
+    except OSError:
+        return False
+    if bound_port != port:
+        return False
+    try:
+        return ipaddress.ip_address(bound_host) == ipaddress.ip_address(host)
+    except ValueError:
+        return bool(bound_host == host)
