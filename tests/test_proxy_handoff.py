@@ -82,6 +82,7 @@ def test_a_frame_carries_more_descriptors_than_one_message_can() -> None:
     (raw_frame(b"{not json"), "frame"),
     (raw_frame(b"\xff\xfe"), "frame"),
     (raw_frame(b"[1, 2]"), "frame"),
+    (raw_frame(b"[" * 100000 + b"]" * 100000), "frame"),     # nested past the recursion limit
     (struct.pack(">I", handoff.MAX_FRAME + 1), "frame.length"),
     (raw_frame(b'{"op": "takeover"}')[:-3], "frame"),      # cut short: the peer closes
     (b"\x00\x00", "frame"),

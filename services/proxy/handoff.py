@@ -96,7 +96,7 @@ def recv_frame(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any], l
         body = _recv_exact(sock, length, fds, max_fds)
         try:
             obj = json.loads(body)
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (ValueError, RecursionError) as exc:    # RecursionError: nested too deep
             raise HandoffError(f"not JSON: {exc}", "frame") from None
         if not isinstance(obj, dict):
             raise HandoffError(f"expected an object, got {type(obj).__name__}", "frame")
