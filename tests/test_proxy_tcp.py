@@ -21,7 +21,7 @@ import uvloop
 
 from services.proxy.routes import Endpoint, Routes
 from services.proxy.server import ProxyServer, ProxySettings
-from services.proxy.tcp import HIGH_WATER
+from services.proxy.tcp import HANDOVER_AFTER, HIGH_WATER
 from tests.support import free_port, wait_for
 
 T = TypeVar("T")
@@ -235,6 +235,71 @@ def test_clients_that_reset_in_mid_stream_leave_no_stale_bytes_for_the_next(
         with connect(port, timeout=30) as sock:
             assert drain(sock) == (16 * MiB, hashlib.sha256(block * 16).hexdigest())
     wait_for(lambda: proxy.server.stats.connections_active == 0, what="all pairs closed")
+
+
+# --- long-lived pairs, handed to uvloop's transports after HANDOVER_AFTER small reads -------
+
+def chatter(sock: socket.socket, rounds: int) -> bytes:
+    """Small request/reply rounds through an echo: enough to hand the pair over."""
+    got = b""
+    for i in range(rounds):
+        msg = b"%05d" % i
+        sock.sendall(msg)
+        got += recv_exact(sock, len(msg))
+    return got
+
+
+def test_a_long_lived_pair_keeps_its_bytes_and_half_close_after_the_handover(
+        proxy: Proxy, backends: Any) -> None:
+    up = backends(echo)
+    port = free_port()
+    proxy.route(port, up.port)
+    with connect(port) as sock:
+        rounds = 2 * HANDOVER_AFTER
+        assert chatter(sock, rounds) == b"".join(b"%05d" % i for i in range(rounds))
+        assert proxy.lt.call(lambda: all(c.sides is not None for c in proxy.server.connections))
+        tail = os.urandom(3 * MiB)
+        sock.sendall(tail)
+        sock.shutdown(socket.SHUT_WR)       # the client is done: the echo must still arrive
+        assert drain(sock) == (len(tail), hashlib.sha256(tail).hexdigest())
+    wait_for(lambda: proxy.server.stats.connections_active == 0, what="the pair closed")
+    stats = proxy.server.stats
+    assert stats.bytes_in == stats.bytes_out == 5 * rounds + len(tail)
+
+
+def test_after_the_handover_a_slow_client_still_stalls_the_upstream(proxy: Proxy, backends: Any) -> None:
+    total, block, sent = 200 * MiB, os.urandom(MiB), [0]
+    go = threading.Event()
+
+    def talk_then_flood(conn: socket.socket) -> None:
+        while (data := conn.recv(5)) != b"flood":
+            conn.sendall(data)
+        go.set()
+        firehose(block, total, sent)(conn)
+    up = backends(talk_then_flood)
+    port = free_port()
+    proxy.route(port, up.port)
+    with connect(port, timeout=30) as sock:
+        chatter(sock, 2 * HANDOVER_AFTER)
+        sock.sendall(b"flood")
+        assert go.wait(10)
+        peak = wait_until_stalled(sent, proxy, total)
+        assert peak <= 2 * HIGH_WATER + MiB, f"proxy buffered {peak} bytes"
+        assert drain(sock) == (total, hashlib.sha256(block * 200).hexdigest())
+
+
+def test_a_handed_over_pair_is_closed_when_idle(backends: Any) -> None:
+    p = Proxy(ProxySettings(bind_host="127.0.0.1", connect_timeout=0.5, idle_timeout=0.3))
+    try:
+        up = backends(echo)
+        port = free_port()
+        p.route(port, up.port)
+        with connect(port, timeout=5) as sock:
+            chatter(sock, 2 * HANDOVER_AFTER)
+            assert sock.recv(1) == b""          # closed by the proxy after 0.3 s of silence
+        assert p.server.stats.idle_closed == 1
+    finally:
+        p.close()
 
 
 # --- back-pressure -------------------------------------------------------------------------

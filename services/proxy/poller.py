@@ -40,6 +40,12 @@ class Poller:
     def unpark(self, fd: int, mask: int) -> None:
         self._ep.register(fd, mask)
 
+    def remove(self, fd: int) -> None:
+        """Stop watching ``fd``, which stays open (it moves to another owner)."""
+        if self.handlers.pop(fd, None) is not None:
+            self._ep.unregister(fd)
+            self._gone.add(fd)
+
     def forget(self, fd: int) -> None:
         """``fd`` is about to be closed (which removes it from the set)."""
         if self.handlers.pop(fd, None) is not None:
