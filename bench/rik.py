@@ -31,8 +31,8 @@ def cadence(scheduler: TestScheduler, seconds: float, resolution: float) -> None
     gaps = [(b.at - a.at) * 1000 for a, b in itertools.pairwise(got)]
     dev = [abs(g - resolution * 1000) for g in gaps]
     print(f"metric push at {resolution * 1000:.0f} ms over {seconds:.0f} s: {len(got)} pushes, "
-          f"interval median {statistics.median(gaps):.1f} ms; deviation median {statistics.median(dev):.1f} ms, "
-          f"max {max(dev):.1f} ms")
+          f"interval median {statistics.median(gaps):.1f} ms; "
+          f"deviation median {statistics.median(dev):.1f} ms, max {max(dev):.1f} ms")
 
 
 def create_latency(scheduler: TestScheduler, count: int) -> None:
@@ -44,8 +44,8 @@ def create_latency(scheduler: TestScheduler, count: int) -> None:
                                        "spec": {"containers": [{"name": "c", "command": ["sleep", "3600"]}]}})
         rec = scheduler.wait_instance(iid, "RUNNING", timeout=30)
         latencies.append((rec.at - t0) * 1000)
-    print(f"CREATE sent -> RUNNING received ({count} instances): median {statistics.median(latencies):.1f} ms, "
-          f"p99 {percentile(latencies, 0.99):.1f} ms")
+    print(f"CREATE sent -> RUNNING received ({count} instances): "
+          f"median {statistics.median(latencies):.1f} ms, p99 {percentile(latencies, 0.99):.1f} ms")
 
 
 def reconnect(scheduler: TestScheduler, count: int, down: float) -> TestScheduler:

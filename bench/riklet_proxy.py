@@ -1,8 +1,8 @@
 """riklet's proxy with fixed routes, for the proxy benchmark.
 
-The real data-path classes (``ProxyServer`` and its listeners) on uvloop, as the service runs
-them, minus the pod feed: the routes are given on the command line, so what the benchmark
-measures is the forwarding and nothing else.
+The real data-path classes (``ProxyServer`` and its listeners) on uvloop, with the service's
+default settings (connection limit, idle timeout), minus the pod feed: the routes are given on
+the command line, so what the benchmark measures is the forwarding and nothing else.
 
     python -m bench.riklet_proxy --tcp 8080=127.0.0.1:18080 --udp 8081=127.0.0.1:18081
 """
@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import signal
 
 import uvloop
 
+from common import config
 from services.proxy.routes import Endpoint, Routes
-from services.proxy.server import ProxyServer, ProxySettings
+from services.proxy.server import ProxyServer
+from services.proxy.worker import settings_from
 
 
 def _route(proto: str, spec: str) -> tuple[tuple[str, int], tuple[Endpoint, ...]]:
@@ -29,7 +32,8 @@ def _route(proto: str, spec: str) -> tuple[tuple[str, int], tuple[Endpoint, ...]
 
 
 async def serve(routes: Routes, host: str) -> None:
-    server = ProxyServer(ProxySettings(bind_host=host))
+    defaults = settings_from(config.load(None, environ={}))
+    server = ProxyServer(dataclasses.replace(defaults, bind_host=host))
     await server.apply(routes)
     if server.failed():
         raise SystemExit(f"cannot listen on {sorted(server.failed())}")

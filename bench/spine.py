@@ -25,7 +25,9 @@ from tests.stack import Agent, npb
 
 
 def agent_rss(agent: Agent) -> int:
-    pids = [agent.supervisord_pid(), *(agent.service_pid(s) for s in ("memory", "manager", "monitor", "proxy"))]
+    """supervisord, the four services and the proxy's worker (the keeper's child)."""
+    services = ("memory", "manager", "monitor", "proxy")
+    pids = [agent.supervisord_pid(), *(agent.service_pid(s) for s in services), *agent.proxy_workers()]
     return sum(psutil.Process(p).memory_info().rss for p in pids)
 
 
@@ -88,9 +90,9 @@ def main() -> None:
         print(f"pods: {args.pods}")
         for label, values in (("apply -> Running", ms), ("  Apply call", [x * 1000 for x in replies]),
                               ("  Creating -> Running", [x * 1000 for x in starts])):
-            print(f"{label}: median {statistics.median(values):.1f} ms, p99 {percentile(values, 0.99):.1f} ms, "
-                  f"max {max(values):.1f} ms")
-        print(f"agent RSS (supervisord + 4 services): {rss0 / 2**20:.1f} MiB with 0 pods, "
+            print(f"{label}: median {statistics.median(values):.1f} ms, "
+                  f"p99 {percentile(values, 0.99):.1f} ms, max {max(values):.1f} ms")
+        print(f"agent RSS (supervisord, 4 services, proxy worker): {rss0 / 2**20:.1f} MiB with 0 pods, "
               f"{rss_n / 2**20:.1f} MiB with {args.pods} pods")
     finally:
         agent.close()

@@ -767,3 +767,18 @@ def test_kill_9_of_the_worker_is_answered_again_within_a_second(echo_agent: tupl
     new_worker = the_worker(agent)
     assert new_worker != old_worker and agent.service_pid("proxy") == keeper
     assert list(agent.proxy_workers()) == [new_worker]
+
+
+def test_the_worker_lifts_its_open_files_limit_to_the_hard_one() -> None:
+    # Run in a child so this test process keeps its own limits.
+    code = ("import resource\n"
+            "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+            "from services.proxy.worker import raise_open_files_limit\n"
+            "got = raise_open_files_limit()\n"
+            "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+            "print(got, soft, hard)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.split()
+    got, soft, hard = map(int, out)
+    assert got == soft == hard > 256

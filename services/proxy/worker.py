@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -364,6 +365,27 @@ def guard_logging(fallback: str | None) -> None:
             root.handlers[i] = guarded
 
 
+def raise_open_files_limit() -> int:
+    """Lift the soft limit on open descriptors to the hard one: every TCP client takes two and
+    a UDP flow up to two, and a login shell's soft 1024 would cap the proxy far below
+    ``proxy.max_connections`` per port. Returns the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        with open("/proc/sys/fs/nr_open") as f:
+            hard = int(f.read())
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the open files limit", extra={"soft": soft, "hard": hard,
+                                                                      "error": str(exc)})
+            return soft
+        return hard
+    return soft
+
+
 def main(cfg: config.Config, keeper_pid: int | None) -> int:
     guard_logging(program_log(cfg))
+    limit = raise_open_files_limit()
+    log.info("open files limit", extra={"limit": limit})
     return uvloop.run(Worker(cfg, settings_from(cfg), keeper_pid=keeper_pid).run())
