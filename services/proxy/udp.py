@@ -134,7 +134,8 @@ class _Flow:
     client, so the kernel hands it that client's datagrams directly and replies leave from the
     right address, with no address to convert either way."""
 
-    __slots__ = ("client", "cmsg", "csock", "endpoint", "recv_into", "reply", "send", "sock")
+    __slots__ = ("client", "cmsg", "csock", "endpoint", "recv_into", "reply", "send", "sock",
+                 "touched")
 
     def __init__(self, client: Any, endpoint: Endpoint, sock: socket.socket) -> None:
         self.client = client
@@ -142,6 +143,7 @@ class _Flow:
         self.sock = sock
         self.send = sock.send             # bound once: called for every datagram
         self.recv_into = sock.recv_into
+        self.touched = 0.0                # the flow clock's value when last marked as used
         self.csock: socket.socket | None = None
         self.reply: Callable[[Any], int] | None = None   # csock.send
         self.cmsg: list[tuple[int, int, bytes]] = []     # source address for replies without csock
@@ -344,7 +346,8 @@ class UdpListener:
             return
         stats.datagrams_in += 1
         stats.bytes_in += n
-        if self.flows.seen.get(flow.client) != self._now:
+        if flow.touched != self._now:
+            flow.touched = self._now
             self.flows.touch(flow.client, self._now)
 
     def _on_reply(self, flow: _Flow) -> None:
@@ -374,7 +377,8 @@ class UdpListener:
             return
         stats.datagrams_out += 1
         stats.bytes_out += n
-        if self.flows.seen.get(flow.client) != self._now:
+        if flow.touched != self._now:
+            flow.touched = self._now
             self.flows.touch(flow.client, self._now)
 
     def _close_flow(self, client: Any) -> None:
