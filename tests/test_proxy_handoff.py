@@ -140,7 +140,7 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
 @pytest.mark.parametrize("mutate, field", [
     (_set("routes", {}), "routes"),
     (_set("routes.0", 3), "routes[0]"),
-    (_set("routes.0.protocol", "SCTP"), "routes[0].protocol"),
+    (_set("routes.0.protocol", "QUIC"), "routes[0].protocol"),
     (_set("routes.0.port", "80"), "routes[0].port"),
     (_set("routes.0.port", True), "routes[0].port"),
     (_set("routes.0.endpoints", {}), "routes[0].endpoints"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Any
 
 import pytest
@@ -42,16 +43,36 @@ def test_only_pods_running_and_desired_running_contribute(phase: str, desired: s
     assert routes_from_pods([pod("web-0", ep(8080, 80), phase=phase, desired=desired)]) == {}
 
 
-def test_sctp_is_skipped_and_logged_once(caplog: pytest.LogCaptureFixture,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_kernel_sctp_its_endpoints_are_skipped_and_logged_once(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(routes_mod, "_sctp_warned", False)
+    monkeypatch.setattr(routes_mod, "_sctp_checked", True)
+    monkeypatch.setattr(routes_mod, "_sctp_error", "Protocol not supported")
     pods = [pod("a", ep(9000, 9000, protocol="SCTP"), ep(8080, 80)),
             pod("b", ep(9001, 9001, protocol="sctp"))]
     with caplog.at_level(logging.WARNING):
         table = routes_from_pods(pods)
         routes_from_pods(pods)
     assert table == {("TCP", 8080): (Endpoint("127.0.0.1", 80),)}
-    assert sum("SCTP" in r.getMessage() for r in caplog.records) == 1
+    warned = [r for r in caplog.records if "SCTP" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].__dict__["error"] == "Protocol not supported"
+
+
+def test_with_kernel_sctp_its_endpoints_make_routes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(routes_mod, "_sctp_checked", True)
+    monkeypatch.setattr(routes_mod, "_sctp_error", None)
+    table = routes_from_pods([pod("a", ep(9000, 9000, protocol="sctp"))])
+    assert table == {("SCTP", 9000): (Endpoint("127.0.0.1", 9000),)}
+
+
+def test_sctp_support_is_detected_by_opening_a_socket() -> None:
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_SCTP).close()
+        expected = None
+    except OSError as exc:
+        expected = exc.strerror
+    routes_mod._sctp_checked = False
+    assert routes_mod.sctp_unsupported() == expected
 
 
 @pytest.mark.parametrize("bad", [

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import pytest
 import uvloop
 
-from services.proxy.routes import Endpoint, Routes
+from services.proxy.routes import Endpoint, Routes, sctp_unsupported
 from services.proxy.server import ProxyServer, ProxySettings
 from services.proxy.tcp import HANDOVER_AFTER, HIGH_WATER
 from tests.support import free_port, wait_for
@@ -468,3 +468,32 @@ def test_a_port_in_use_is_reported_and_retried_without_harming_other_routes(
     squatter.close()
     wait_for(lambda: ("TCP", taken) in proxy.lt.call(proxy.server.listening), what="retry to bind")
     assert first_bytes(taken) == b"a"
+
+
+# --- SCTP, where the kernel has it --------------------------------------------------------
+
+@pytest.mark.skipif(sctp_unsupported() is not None,
+                    reason=f"this kernel has no SCTP: {sctp_unsupported()}")
+def test_sctp_messages_are_forwarded_in_order_both_ways(proxy: Proxy) -> None:
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_SCTP)
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(b"re:" + data)
+    threading.Thread(target=serve, daemon=True).start()
+    port = free_port()
+    proxy.apply({("SCTP", port): (Endpoint("127.0.0.1", server.getsockname()[1]),)})
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_SCTP) as sock:
+            sock.settimeout(5)
+            sock.connect(("127.0.0.1", port))
+            for i in range(100):
+                sock.sendall(b"m%d" % i)
+                assert sock.recv(65536) == b"re:m%d" % i
+        wait_for(lambda: proxy.server.stats.connections_active == 0, what="the association closed")
+    finally:
+        server.close()

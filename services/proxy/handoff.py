@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from services.proxy.balance import Balance
-from services.proxy.routes import PROTOCOLS, Endpoint, RouteKey, Routes
+from services.proxy.routes import PROTOCOLS, STREAMS, Endpoint, RouteKey, Routes
 from services.proxy.stats import CONNECT_BUCKETS, Stats
 
 log = logging.getLogger(__name__)
@@ -359,14 +359,14 @@ def _listening_socket(fd: int, key: RouteKey, where: str) -> socket.socket:
         os.close(fd)
         raise HandoffError(f"descriptor is not a socket: {exc}", where) from None
     try:
-        want = socket.SOCK_STREAM if key[0] == "TCP" else socket.SOCK_DGRAM
+        want = socket.SOCK_STREAM if key[0] in STREAMS else socket.SOCK_DGRAM
         if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != want:
             raise HandoffError(f"not a {key[0]} socket ({sock.family.name}, {sock.type.name})", where)
         port = sock.getsockname()[1]
         if port != key[1]:
             raise HandoffError(f"bound to port {port}, not {key[1]}", where)
-        if key[0] == "TCP" and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            raise HandoffError("TCP socket is not listening", where)
+        if key[0] in STREAMS and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise HandoffError(f"{key[0]} socket is not listening", where)
     except OSError as exc:
         sock.close()
         raise HandoffError(f"cannot inspect the socket: {exc}", where) from None

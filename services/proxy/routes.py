@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("TCP", "UDP")
+PROTOCOLS = ("TCP", "UDP", "SCTP")
+STREAMS = ("TCP", "SCTP")      # served by the stream path (services.proxy.tcp)
 
 
 class Endpoint(NamedTuple):
@@ -45,14 +47,29 @@ class RouteChanges:
 
 
 _sctp_warned = False
+_sctp_error: str | None = None
+_sctp_checked = False
 
 
-def _warn_sctp(pod: str, host_port: object) -> None:
+def sctp_unsupported() -> str | None:
+    """Why this kernel cannot do SCTP (opening an SCTP socket failed), or None if it can.
+    Asked once: a kernel does not gain or lose the protocol while the proxy runs."""
+    global _sctp_checked, _sctp_error
+    if not _sctp_checked:
+        _sctp_checked = True
+        try:
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_SCTP).close()
+        except OSError as exc:
+            _sctp_error = exc.strerror or str(exc)
+    return _sctp_error
+
+
+def _warn_sctp(pod: str, host_port: object, why: str) -> None:
     global _sctp_warned
     if not _sctp_warned:
         _sctp_warned = True
         log.warning("SCTP endpoints are ignored: this kernel has no SCTP",
-                    extra={"pod": pod, "host_port": host_port})
+                    extra={"pod": pod, "host_port": host_port, "error": why})
 
 
 def _port(value: object) -> int | None:
@@ -67,8 +84,8 @@ def _endpoint(pod: str, raw: object) -> tuple[RouteKey, Endpoint] | None:
         log.debug("endpoint is not an object", extra={"pod": pod})
         return None
     proto = str(raw.get("protocol") or "TCP").upper()
-    if proto == "SCTP":
-        _warn_sctp(pod, raw.get("host_port"))
+    if proto == "SCTP" and (why := sctp_unsupported()) is not None:
+        _warn_sctp(pod, raw.get("host_port"), why)
         return None
     host_port, port, address = _port(raw.get("host_port")), _port(raw.get("port")), raw.get("address")
     try:

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from services.proxy.balance import Balance
-from services.proxy.routes import Endpoint, RouteKey, Routes, diff
+from services.proxy.routes import STREAMS, Endpoint, RouteKey, Routes, diff
 from services.proxy.stats import Stats
 from services.proxy.tcp import CONNECT_TIMEOUT, ClientConnection
 from services.proxy.tcp_listener import TcpListener
@@ -176,11 +176,11 @@ class ProxyServer:
 
     def _listener(self, key: RouteKey, endpoints: tuple[Endpoint, ...], policy: Balance) -> Listener:
         s = self.settings
-        if key[0] == "TCP":
+        if key[0] in STREAMS:
             return TcpListener(key[1], endpoints, host=s.bind_host, stats=self.stats,
                                conns=self.connections, connect_timeout=s.connect_timeout,
                                balance=policy, max_connections=s.max_connections,
-                               idle_timeout=s.idle_timeout)
+                               idle_timeout=s.idle_timeout, protocol=key[0])
         return UdpListener(key[1], endpoints, host=s.bind_host, stats=self.stats,
                            max_flows=s.udp_max_flows, idle_timeout=s.udp_idle_timeout)
 

@@ -80,9 +80,11 @@ class PipePool:
     def __init__(self, keep: int = POOLED_PIPES) -> None:
         self._free: list[tuple[int, int]] = []
         self._keep = keep
-        self.usable = True     # cleared if the kernel refuses pipes (e.g. out of descriptors)
+        self.usable = True     # False where splice does not apply (SCTP)
 
     def take(self) -> tuple[int, int] | None:
+        if not self.usable:
+            return None
         if self._free:
             return self._free.pop()
         try:
@@ -398,8 +400,9 @@ class ClientConnection:
     def _next(self) -> None:
         for i, ep in enumerate(self._order):
             family = socket.AF_INET6 if ":" in ep.address else socket.AF_INET
-            sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            listener = self.listener
+            sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, listener.ipproto)
+            sock.setsockopt(*listener.nodelay, 1)
             self._started = time.perf_counter()
             err = sock.connect_ex((ep.address, ep.port))
             if err not in (0, errno.EINPROGRESS):
@@ -596,7 +599,8 @@ class ClientConnection:
         only in setting a connection up (and splicing bulk flows, which never come here)."""
         fwd, back, upstream = self.fwd, self.back, self.upstream
         assert fwd is not None and back is not None and upstream is not None
-        if fwd.stalled or back.stalled or fwd.eof or back.eof or fwd.pipe or back.pipe:
+        if fwd.stalled or back.stalled or fwd.eof or back.eof or fwd.pipe or back.pipe \
+                or self.listener.sctp:
             return
         poller = self.poller
         poller.remove(self.client_fd)

@@ -20,6 +20,7 @@ from services.proxy.tcp import BACKLOG, BUF_SIZE, CONNECT_TIMEOUT, ClientConnect
 log = logging.getLogger(__name__)
 
 ACCEPT_BURST = 64           # clients accepted per wake-up, so one busy port cannot starve the loop
+SCTP_NODELAY = 3            # <netinet/sctp.h>; Python does not name it
 ACCEPT_PAUSE = 0.1          # out of descriptors or memory: stop accepting this long
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -31,8 +32,14 @@ class TcpListener:
     def __init__(self, port: int, endpoints: tuple[Endpoint, ...], *, host: str, stats: Stats,
                  conns: set[ClientConnection], connect_timeout: float = CONNECT_TIMEOUT,
                  balance: Balance = Balance.ROUND_ROBIN, max_connections: int = 0,
-                 idle_timeout: float = 0.0) -> None:
+                 idle_timeout: float = 0.0, protocol: str = "TCP") -> None:
         self.port = port
+        self.protocol = protocol
+        # SCTP goes through the same path as TCP (one-to-one sockets, one message per read and
+        # per write), without splice and uvloop's transports, which are TCP's only.
+        self.sctp = protocol == "SCTP"
+        self.ipproto = socket.IPPROTO_SCTP if self.sctp else socket.IPPROTO_TCP
+        self.nodelay = (self.ipproto, SCTP_NODELAY if self.sctp else socket.TCP_NODELAY)
         self.host = host
         self.picker = Balancer(endpoints, balance)
         self.connect_timeout = connect_timeout
@@ -42,6 +49,7 @@ class TcpListener:
         self.buf = bytearray(BUF_SIZE)
         self.view = memoryview(self.buf)
         self.pipes = PipePool()
+        self.pipes.usable = not self.sctp
         self.conns: set[ClientConnection] = set()   # this route's
         self._all = conns                           # the server's
         self._sock: socket.socket | None = None
@@ -63,7 +71,7 @@ class TcpListener:
         raises OSError (e.g. EADDRINUSE) if the port cannot be had."""
         if sock is None:
             family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = socket.socket(family, socket.SOCK_STREAM, self.ipproto)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind((self.host, self.port))
@@ -137,9 +145,9 @@ class TcpListener:
                     self._paused = loop.call_later(ACCEPT_PAUSE, self._resume)
                     return
                 continue   # e.g. ECONNABORTED: that client is gone, the next may not be
-            client = _socket.socket(self._family, socket.SOCK_STREAM, 0, fd)
+            client = _socket.socket(self._family, socket.SOCK_STREAM, self.ipproto, fd)
             client.setblocking(False)
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client.setsockopt(*self.nodelay, 1)
             conn = ClientConnection(self, client, poller)
             self.conns.add(conn)
             self._all.add(conn)
