@@ -63,7 +63,7 @@ bench-rik: install
 
 .PHONY: bench-proxy
 bench-proxy: install
-	$(BIN)/python -m bench.proxy
+	$(BIN)/python -m bench.proxy --reps 5
 
 .PHONY: bench-containerd
 bench-containerd: install
