@@ -103,13 +103,30 @@ def run_udp(port: int, seconds: float) -> Metrics:
 
 
 def measure(pid: int | None, work: Callable[[], Metrics]) -> Metrics:
-    before = peers.cpu_seconds(pid) if pid else 0.0
+    before = peers.cpu_times(pid) if pid else (0.0, 0.0)
     found = work()
-    found["cpu_s"] = (peers.cpu_seconds(pid) - before) if pid else 0.0
+    after = peers.cpu_times(pid) if pid else (0.0, 0.0)
+    found["user_s"], found["sys_s"] = after[0] - before[0], after[1] - before[1]
+    found["cpu_s"] = found["user_s"] + found["sys_s"]
     return found
 
 
+# scenario -> (unit of work, how many of them a run did): for the user / system split
+UNITS: dict[str, tuple[str, Callable[[Metrics], float]]] = {
+    "keep-alive": ("request", lambda m: m["requests"]),
+    "bulk": ("MiB", lambda m: m["requests"]),
+    "connect": ("connection", lambda m: m["requests"]),
+    "udp": ("echo", lambda m: m["received"]),
+}
+
+
 def derive(scenario: str, m: Metrics, floor_p99: float | None) -> Metrics:
+    units = max(UNITS[scenario][1](m), 1.0)
+    split = {"_user_us": m.get("user_s", 0.0) * 1e6 / units, "_sys_us": m.get("sys_s", 0.0) * 1e6 / units}
+    return split | _derive(scenario, m, floor_p99)
+
+
+def _derive(scenario: str, m: Metrics, floor_p99: float | None) -> Metrics:
     cpu = max(m["cpu_s"], 1e-9)
     if scenario == "udp":
         # Each echo crosses the proxy twice; per-datagram CPU counts both crossings.
@@ -213,7 +230,21 @@ def table(results: dict[str, dict[str, list[Metrics]]]) -> str:
     floor = medians.get("keep-alive", {}).get("direct", {}).get("_p99")
     if floor is not None:
         lines.append(f"(p99 of wrk straight to the backend: {floor:.3f} ms)")
+    lines.append("")
+    lines.append(f"{'CPU us per unit, user / system (median)':46}" + "".join(f"{c:>13}" for c in cols))
+    for scenario, (unit, _) in UNITS.items():
+        got = medians.get(scenario)
+        if not got:
+            continue
+        cells = "".join(f"{_split(got.get(c)):>13}" for c in cols)
+        lines.append(f"{scenario + ' (per ' + unit + ')':46}{cells}")
     return "\n".join(lines)
+
+
+def _split(m: Metrics | None) -> str:
+    if not m or "_user_us" not in m:
+        return "-"
+    return f"{m['_user_us']:.3g} / {m['_sys_us']:.3g}"
 
 
 def _fmt(v: float | None) -> str:

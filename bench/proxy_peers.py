@@ -52,11 +52,16 @@ def _stream_module() -> str | None:
     return path if os.path.exists(path) else None
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU of the whole process (all threads), from /proc."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of the whole process (all threads), from /proc."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU of the whole process (all threads), from /proc."""
+    return sum(cpu_times(pid))
 
 
 @dataclass
