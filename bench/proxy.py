@@ -231,12 +231,12 @@ def table(results: dict[str, dict[str, list[Metrics]]]) -> str:
     if floor is not None:
         lines.append(f"(p99 of wrk straight to the backend: {floor:.3f} ms)")
     lines.append("")
-    lines.append(f"{'CPU us per unit, user / system (median)':46}" + "".join(f"{c:>13}" for c in cols))
+    lines.append(f"{'CPU us per unit, user/system (median)':46}" + "".join(f"{c:>15}" for c in cols))
     for scenario, (unit, _) in UNITS.items():
         got = medians.get(scenario)
         if not got:
             continue
-        cells = "".join(f"{_split(got.get(c)):>13}" for c in cols)
+        cells = "".join(f"{_split(got.get(c)):>15}" for c in cols)
         lines.append(f"{scenario + ' (per ' + unit + ')':46}{cells}")
     return "\n".join(lines)
 
@@ -244,7 +244,7 @@ def table(results: dict[str, dict[str, list[Metrics]]]) -> str:
 def _split(m: Metrics | None) -> str:
     if not m or "_user_us" not in m:
         return "-"
-    return f"{m['_user_us']:.3g} / {m['_sys_us']:.3g}"
+    return f"{_fmt(m['_user_us'])}/{_fmt(m['_sys_us'])}"
 
 
 def _fmt(v: float | None) -> str:
