@@ -24,7 +24,6 @@ the old worker's side is :class:`HandoffServer`'s own thread.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from services.proxy.balance import Balance
-from services.proxy.routes import PROTOCOLS, STREAMS, Endpoint, RouteKey, Routes
+from services.proxy.routes import PROTOCOLS, STREAMS, Endpoint, RouteKey, Routes, is_ip_literal, valid_port
 from services.proxy.stats import CONNECT_BUCKETS, Stats
 
 log = logging.getLogger(__name__)
@@ -285,9 +284,10 @@ def parse_state(frame: Mapping[str, Any], fds: list[int]) -> State:
 
 
 def _port(value: object, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+    port = valid_port(value)
+    if port is None:
         raise HandoffError(f"expected a port 1-65535, got {value!r}", where)
-    return value
+    return port
 
 
 def _routes(raw: object) -> tuple[Routes, dict[RouteKey, Balance]]:
@@ -315,11 +315,7 @@ def _routes(raw: object) -> tuple[Routes, dict[RouteKey, Balance]]:
             if not isinstance(ep, Mapping):
                 raise HandoffError("expected an object", ep_at)
             address = ep.get("address")
-            try:
-                ok = isinstance(address, str) and bool(ipaddress.ip_address(address))
-            except ValueError:
-                ok = False
-            if not ok:
+            if not is_ip_literal(address):
                 raise HandoffError(f"expected an IP address, got {address!r}", f"{ep_at}.address")
             endpoints.append(Endpoint(str(address), _port(ep.get("port"), f"{ep_at}.port")))
         policy = entry.get("balance", Balance.ROUND_ROBIN.value)

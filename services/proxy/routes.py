@@ -72,10 +72,24 @@ def _warn_sctp(pod: str, host_port: object, why: str) -> None:
                     extra={"pod": pod, "host_port": host_port, "error": why})
 
 
-def _port(value: object) -> int | None:
+def valid_port(value: object) -> int | None:
+    """``value`` if it is a port number (1-65535), else None."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
         return None
     return value
+
+
+def family_of(address: str) -> socket.AddressFamily:
+    """The socket family of an IP literal (validated already: a colon means IPv6)."""
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
+def is_ip_literal(value: object) -> bool:
+    """True for an IPv4 or IPv6 address written out: the data path never resolves names."""
+    try:
+        return isinstance(value, str) and bool(ipaddress.ip_address(value))
+    except ValueError:
+        return False
 
 
 def _endpoint(pod: str, raw: object) -> tuple[RouteKey, Endpoint] | None:
@@ -87,12 +101,9 @@ def _endpoint(pod: str, raw: object) -> tuple[RouteKey, Endpoint] | None:
     if proto == "SCTP" and (why := sctp_unsupported()) is not None:
         _warn_sctp(pod, raw.get("host_port"), why)
         return None
-    host_port, port, address = _port(raw.get("host_port")), _port(raw.get("port")), raw.get("address")
-    try:
-        ok_address = isinstance(address, str) and bool(ipaddress.ip_address(address))
-    except ValueError:
-        ok_address = False
-    if proto not in PROTOCOLS or host_port is None or port is None or not ok_address:
+    host_port, port = valid_port(raw.get("host_port")), valid_port(raw.get("port"))
+    address = raw.get("address")
+    if proto not in PROTOCOLS or host_port is None or port is None or not is_ip_literal(address):
         log.debug("unusable endpoint skipped", extra={"pod": pod, "endpoint": dict(raw)})
         return None
     return (proto, host_port), Endpoint(str(address), port)
@@ -129,7 +140,7 @@ def balance_from_pods(pods: Iterable[Mapping[str, Any]]) -> dict[RouteKey, str]:
         spec = pod.get("spec")
         ports = spec.get("ports") if isinstance(spec, Mapping) else None
         for p in ports if isinstance(ports, list) else []:
-            if isinstance(p, Mapping) and isinstance(p.get("balance"), str) and _port(p.get("port")):
+            if isinstance(p, Mapping) and isinstance(p.get("balance"), str) and valid_port(p.get("port")):
                 found[(str(p.get("protocol", "TCP")).upper(), p["port"])] = p["balance"]
     return found
 

@@ -44,7 +44,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from services.proxy.poller import Poller
-from services.proxy.routes import Endpoint
+from services.proxy.routes import Endpoint, family_of
 from services.proxy.stats import Stats
 
 if TYPE_CHECKING:
@@ -115,13 +115,12 @@ class _Half:
     """One direction of a pair: bytes read from ``src`` are written to ``dst``."""
 
     __slots__ = ("_pair", "_upstream_bound", "dst", "dst_fd", "eof", "inpipe", "other", "pending",
-                 "pipe", "shut", "side", "src", "src_fd", "stalled")
+                 "pipe", "shut", "src", "src_fd", "stalled")
 
     def __init__(self, pair: ClientConnection, src: _socket.socket, dst: _socket.socket,
                  upstream_bound: bool) -> None:
         self._pair = pair
         self._upstream_bound = upstream_bound   # client -> upstream: counted as bytes_in
-        self.side = 0 if upstream_bound else 1  # which of the pair's masks is src's
         self.src, self.dst = src, dst
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
         self.other: _Half = self                # the opposite direction, set by the pair
@@ -251,9 +250,7 @@ class _Half:
     def _ended(self) -> None:
         self.eof = True
         pair = self._pair
-        fwd, back = pair.fwd, pair.back
-        other = back if self is fwd else fwd
-        if other is not None and other.shut:
+        if self.other.shut:
             self.shut = True      # the last direction: closing sends this FIN too
             pair.finish()
             return
@@ -263,7 +260,6 @@ class _Half:
             pair.fail(exc)
             return
         self.shut = True
-        pair.half_done()
 
     def held(self) -> int:
         return len(self.pending) + self.inpipe
@@ -313,11 +309,9 @@ class _Side(asyncio.Protocol):
         self.transport = stream
 
     def data_received(self, data: bytes) -> None:
+        # Both connection_made calls are queued in the same turn, before either side reads.
         peer = self.peer.transport
-        if peer is None:      # the peer's transport is not up yet (same loop turn): keep order
-            self.transport.pause_reading()  # type: ignore[union-attr]
-            asyncio.get_running_loop().call_soon(self._retry, data)
-            return
+        assert peer is not None
         peer.write(data)
         pair = self._pair
         pair.active = True
@@ -325,13 +319,6 @@ class _Side(asyncio.Protocol):
             pair.stats.bytes_in += len(data)
         else:
             pair.stats.bytes_out += len(data)
-
-    def _retry(self, data: bytes) -> None:
-        if self.lost:
-            return
-        self.data_received(data)
-        if self.transport is not None:
-            self.transport.resume_reading()
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -399,9 +386,9 @@ class ClientConnection:
 
     def _next(self) -> None:
         for i, ep in enumerate(self._order):
-            family = socket.AF_INET6 if ":" in ep.address else socket.AF_INET
             listener = self.listener
-            sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, listener.ipproto)
+            sock = _socket.socket(family_of(ep.address), socket.SOCK_STREAM | socket.SOCK_NONBLOCK,
+                                  listener.ipproto)
             sock.setsockopt(*listener.nodelay, 1)
             self._started = time.perf_counter()
             err = sock.connect_ex((ep.address, ep.port))
@@ -499,9 +486,8 @@ class ClientConnection:
             return
         if not events & select.EPOLLERR and half.stalled and not half.eof:
             self.poller.park(half.src_fd)
-            masks = list(self._masks)
-            masks[half.side] = -1
-            self._masks = (masks[0], masks[1])
+            client_mask, upstream_mask = self._masks
+            self._masks = (-1, upstream_mask) if half is self.fwd else (client_mask, -1)
             return
         err = half.src.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNRESET
         self.fail(OSError(err, os.strerror(err)))
@@ -511,31 +497,25 @@ class ClientConnection:
         fwd, back = self.fwd, self.back
         if self.closed or fwd is None or back is None:
             return
-        cmask = (_IN if fwd.reading else 0) | (_OUT if back.stalled else 0)
-        umask = (_IN if back.reading else 0) | (_OUT if fwd.stalled else 0)
-        old_c, old_u = self._masks
-        if old_c == -1:                  # parked: watched again once something waits on it
-            if cmask:
-                self.poller.unpark(self.client_fd, cmask)
-            else:
-                cmask = -1
-        elif cmask != old_c:
-            self.poller.modify(self.client_fd, cmask)
-        if old_u == -1:
-            if umask:
-                self.poller.unpark(self.upstream_fd, umask)
-            else:
-                umask = -1
-        elif umask != old_u:
-            self.poller.modify(self.upstream_fd, umask)
-        self._masks = (cmask, umask)
+        # A socket is read by one half and written by the other.
+        client_mask = (_IN if fwd.reading else 0) | (_OUT if back.stalled else 0)
+        upstream_mask = (_IN if back.reading else 0) | (_OUT if fwd.stalled else 0)
+        old_client, old_upstream = self._masks
+        self._masks = (self._watch(self.client_fd, old_client, client_mask),
+                       self._watch(self.upstream_fd, old_upstream, upstream_mask))
+
+    def _watch(self, fd: int, old: int, mask: int) -> int:
+        """Set ``fd``'s interest to ``mask`` if it changed; returns what is watched now (-1:
+        parked, and stays so until something waits on it)."""
+        if old == -1:
+            if not mask:
+                return -1
+            self.poller.unpark(fd, mask)
+        elif mask != old:
+            self.poller.modify(fd, mask)
+        return mask
 
     # --- ending ----------------------------------------------------------------------------
-
-    def half_done(self) -> None:
-        fwd, back = self.fwd, self.back
-        if fwd is not None and back is not None and fwd.shut and back.shut:
-            self._close()
 
     def finish(self) -> None:
         """Both directions have ended: close both sockets (which flushes and sends FIN)."""

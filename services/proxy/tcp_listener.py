@@ -13,7 +13,7 @@ from collections import deque
 
 from services.proxy.balance import Balance, Balancer
 from services.proxy.poller import Poller
-from services.proxy.routes import Endpoint
+from services.proxy.routes import Endpoint, family_of
 from services.proxy.stats import Stats
 from services.proxy.tcp import BACKLOG, BUF_SIZE, CONNECT_TIMEOUT, ClientConnection, PipePool
 
@@ -70,8 +70,7 @@ class TcpListener:
         """Bind and listen, or serve ``sock`` (a listening socket handed over by a predecessor);
         raises OSError (e.g. EADDRINUSE) if the port cannot be had."""
         if sock is None:
-            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM, self.ipproto)
+            sock = socket.socket(family_of(self.host), socket.SOCK_STREAM, self.ipproto)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind((self.host, self.port))

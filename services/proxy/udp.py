@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any, Generic, TypeVar
 
-from services.proxy.routes import Endpoint, RoundRobin
+from services.proxy.routes import Endpoint, RoundRobin, family_of
 from services.proxy.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -149,10 +149,6 @@ class _Flow:
         self.cmsg: list[tuple[int, int, bytes]] = []     # source address for replies without csock
 
 
-def _family(address: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
-
-
 def _wildcard(address: str) -> bool:
     return ipaddress.ip_address(address).is_unspecified
 
@@ -172,7 +168,7 @@ class UdpListener:
         self.connected = 0                # flows with a client socket of their own
         self._stats = stats
         self._sock: socket.socket | None = None
-        self._family = _family(host)
+        self._family = family_of(host)
         self._pktinfo = _wildcard(host)   # learn which local address each client wrote to
         self._timer: asyncio.TimerHandle | None = None
         self._now = time.monotonic()
@@ -285,7 +281,7 @@ class UdpListener:
     def _open_flow(self, client: Any, local: str) -> _Flow | None:
         loop = asyncio.get_running_loop()
         for ep in self.picker.order():
-            sock = socket.socket(_family(ep.address), socket.SOCK_DGRAM)
+            sock = socket.socket(family_of(ep.address), socket.SOCK_DGRAM)
             try:
                 sock.setblocking(False)
                 sock.connect((ep.address, ep.port))
