@@ -396,8 +396,8 @@ def test_with_no_upstream_answering_the_client_is_reset_at_once(proxy: Proxy) ->
     assert proxy.server.stats.connections_refused == 1
 
 
-def test_an_upstream_that_never_answers_is_abandoned_after_the_timeout(proxy: Proxy, backends: Any) -> None:
-    # A listener whose accept queue is full drops SYNs: a connect to it hangs.
+def black_hole() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener whose accept queue is full drops SYNs: a connect to it hangs."""
     blackhole = socket.socket()
     blackhole.bind(("127.0.0.1", 0))
     blackhole.listen(0)
@@ -407,6 +407,11 @@ def test_an_upstream_that_never_answers_is_abandoned_after_the_timeout(proxy: Pr
         s.setblocking(False)
         s.connect_ex(blackhole.getsockname())
         fillers.append(s)
+    return blackhole, fillers
+
+
+def test_an_upstream_that_never_answers_is_abandoned_after_the_timeout(proxy: Proxy, backends: Any) -> None:
+    blackhole, fillers = black_hole()
     b = backends(named(b"b"))
     port = free_port()
     try:
@@ -419,6 +424,23 @@ def test_an_upstream_that_never_answers_is_abandoned_after_the_timeout(proxy: Pr
             sock.shutdown(socket.SHUT_WR)
             assert drain(sock) == (6, hashlib.sha256(b"bearly").hexdigest())
         assert 0.4 < time.monotonic() - started < 3.0   # connect_timeout is 0.5 s in these tests
+    finally:
+        for s in fillers:
+            s.close()
+        blackhole.close()
+
+
+def test_a_connect_in_progress_when_its_route_is_removed_still_times_out(
+        proxy: Proxy, backends: Any) -> None:
+    blackhole, fillers = black_hole()
+    b = backends(named(b"b"))
+    port = free_port()
+    try:
+        proxy.route(port, blackhole.getsockname()[1], b.port)
+        with connect(port) as sock:
+            wait_for(lambda: proxy.server.stats.connections_active == 1, what="the client accepted")
+            proxy.apply({})          # the listener closes while its client waits on the black hole
+            assert recv_exact(sock, 1) == b"b"   # moved on to the second endpoint after 0.5 s
     finally:
         for s in fillers:
             s.close()

@@ -96,14 +96,15 @@ class TcpListener:
         self.picker.set(endpoints, balance)
 
     def close(self) -> None:
-        for timer in (self._paused, self._expiry):
-            if timer is not None:
-                timer.cancel()
-        self._paused = self._expiry = None
-        self._connecting.clear()
-        if self._sweep is not None and not self.conns:   # else it goes on for those left
-            self._sweep.cancel()
-            self._sweep = None
+        if self._paused is not None:
+            self._paused.cancel()
+            self._paused = None
+        if not self.conns:   # else the connect deadlines and the idle sweep go on for those left
+            for timer in (self._expiry, self._sweep):
+                if timer is not None:
+                    timer.cancel()
+            self._expiry = self._sweep = None
+            self._connecting.clear()
         if self._sock is not None:
             self.loop.remove_reader(self._sock.fileno())
             self._sock.close()
