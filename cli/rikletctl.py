@@ -39,7 +39,8 @@ def pod_json(pod: npb.Pod) -> dict[str, Any]:
     return {
         "name": pod.name, "uid": pod.uid, "workload": pod.workload, "phase": pod.phase,
         "reason": pod.reason or None, "message": pod.message or None, "desired": pod.desired,
-        "version": pod.version, "createdAt": pod.created_at, "restartCount": pod.restart_count,
+        "version": pod.version, "generation": pod.generation, "createdAt": pod.created_at,
+        "restartCount": pod.restart_count,
         "exitCode": status.get("exitCode"),
         "containers": [{
             "name": c.name, "state": c.state, "pid": c.pid or None, "restartCount": c.restart_count,

@@ -58,19 +58,30 @@ class MemoryClient:
         return result
 
     def set_status(self, name: str, uid: str, status: dict[str, Any],
-                   expect_version: int | None = None) -> dict[str, Any]:
+                   expect_version: int | None = None, generation: int | None = None) -> dict[str, Any]:
+        """Conflict when the record is no longer ``uid`` at ``generation`` (or ``expect_version``)."""
         args: dict[str, Any] = {"name": name, "uid": uid, "status": status}
         if expect_version is not None:
             args["expect_version"] = expect_version
+        if generation is not None:
+            args["generation"] = generation
         record: dict[str, Any] = self._call("pod.set_status", **args)
         return record
 
-    def set_desired(self, name: str, desired: str) -> dict[str, Any]:
-        record: dict[str, Any] = self._call("pod.set_desired", name=name, desired=desired)
+    def set_desired(self, name: str, desired: str, uid: str | None = None,
+                    generation: int | None = None) -> dict[str, Any]:
+        """Conflict when ``uid``/``generation`` are given and the record has moved on."""
+        args: dict[str, Any] = {"name": name, "desired": desired}
+        if uid is not None:
+            args["uid"] = uid
+        if generation is not None:
+            args["generation"] = generation
+        record: dict[str, Any] = self._call("pod.set_desired", **args)
         return record
 
-    def remove(self, name: str, uid: str) -> None:
-        self._call("pod.remove", name=name, uid=uid)
+    def remove(self, name: str, uid: str, generation: int) -> None:
+        """Forget a deleted pod, only if it is still ``uid`` at ``generation`` (else Conflict)."""
+        self._call("pod.remove", name=name, uid=uid, generation=generation)
 
     def get(self, name: str) -> dict[str, Any]:
         record: dict[str, Any] = self._call("pod.get", name=name)

@@ -123,7 +123,8 @@ def test_apply_get_list_and_versions(memory: Memory, client: MemoryClient) -> No
     assert [p["name"] for p in client.list()] == ["db", "web"]
     assert client.get("web")["status"] == {"phase": "Running"}
     assert client.snapshot()["seq"] == 4
-    client.remove("db", "fixed")
+    gone = client.set_desired("db", "deleted")
+    client.remove("db", "fixed", gone["generation"])
     assert [p["name"] for p in client.list()] == ["web"]
 
 
@@ -134,7 +135,8 @@ def test_conflicts_and_bad_requests_name_the_field(memory: Memory, client: Memor
     cases: list[tuple[Callable[[], Any], type[RikletError], str]] = [
         (lambda: client.set_status("web", "other", {}), Conflict, "uid"),
         (lambda: client.set_status("web", uid, {}, expect_version=1), Conflict, "expect_version"),
-        (lambda: client.remove("web", "other"), Conflict, "uid"),
+        (lambda: client.remove("web", "other", 1), Conflict, "uid"),
+        (lambda: client.remove("web", uid, 1), Conflict, "desired"),
         (lambda: client.get("nope"), NotFound, "name"),
         (lambda: client.apply("Bad_Name", SPEC), InvalidArgument, "args.name"),
         (lambda: client._call("pod.launch"), InvalidArgument, "body.op"),
@@ -360,7 +362,8 @@ def test_the_mirror_catches_up_across_a_gap(memory: Memory, client: MemoryClient
     elsewhere = memory.start(run="run2")
     other = MemoryClient(memory.config(run="run2"))
     db = other.apply("db", SPEC)["pod"]
-    other.remove("web", web["uid"])
+    other.set_desired("web", "deleted")
+    other.remove("web", web["uid"], 2)
     other.close()
     elsewhere.terminate()
     assert elsewhere.wait(10) == 0
@@ -368,7 +371,7 @@ def test_the_mirror_catches_up_across_a_gap(memory: Memory, client: MemoryClient
     memory.start()  # back where the mirror listens: its heartbeat reveals the gap
     wait_until(lambda: m.pods() == {"db": db}, what="the mirror to resync")
     assert sorted(rec.calls, key=lambda c: c[0]) == [("db", db), ("web", None)]
-    assert m.seq == 3
+    assert m.seq == 4  # web, db, web deleted, web removed
 
 
 def test_the_mirror_resyncs_when_the_database_is_replaced(memory: Memory, client: MemoryClient,

@@ -105,10 +105,11 @@ def test_set_desired_bumps_once_and_is_a_no_op_when_unchanged(store: Store) -> N
 
 def test_remove_deletes_the_record_and_says_so(store: Store) -> None:
     uid = store.apply("web", SPEC).result["pod"]["uid"]
+    gen = store.set_desired("web", "deleted").result["generation"]
     with pytest.raises(Conflict) as exc:
-        store.remove("web", "wrong")
+        store.remove("web", "wrong", gen)
     assert exc.value.field == "uid"
-    change = store.remove("web", uid)
+    change = store.remove("web", uid, gen)
     assert change.result is None
     [ev] = change.events
     assert (ev.topic, ev.data) == ("pod.web.removed", {"kind": "removed", "name": "web", "uid": uid})
@@ -116,7 +117,70 @@ def test_remove_deletes_the_record_and_says_so(store: Store) -> None:
         store.get("web")
     assert gone.value.field == "name"
     with pytest.raises(NotFound):
-        store.remove("web", uid)
+        store.remove("web", uid, gen)
+
+
+def test_generation_advances_with_what_is_wanted_not_with_status(store: Store) -> None:
+    pod = store.apply("web", SPEC).result["pod"]
+    assert pod["generation"] == 1
+    assert store.set_status("web", pod["uid"], {"phase": "Running"}).result["generation"] == 1
+    assert store.apply("web", SPEC).result["pod"]["generation"] == 1  # unchanged
+    assert store.apply("web", {**SPEC, "x": 1}).result["pod"]["generation"] == 2
+    assert store.set_desired("web", "stopped").result["generation"] == 3
+    assert store.set_desired("web", "stopped").result["generation"] == 3
+
+
+def test_a_late_delete_never_removes_the_pod_applied_after_it(store: Store) -> None:
+    """The race of issue 12: apply, delete, apply again; the reconciler then finishes the
+    delete with the record it read before the second apply."""
+    uid = store.apply("race", SPEC).result["pod"]["uid"]
+    deleted = store.set_desired("race", "deleted").result
+    again = store.apply("race", SPEC).result
+    assert again["changed"] and again["pod"]["desired"] == "running"
+    with pytest.raises(Conflict) as exc:
+        store.remove("race", uid, deleted["generation"])
+    assert exc.value.field == "generation"
+    with pytest.raises(Conflict):  # nor can its stale status overwrite the new one
+        store.set_status("race", uid, {"phase": "Terminated"}, generation=deleted["generation"])
+    assert store.get("race")["desired"] == "running"
+    assert store.get("race")["status"] == {"phase": "Pending"}
+
+
+def test_only_a_deleted_pod_can_be_removed(store: Store) -> None:
+    pod = store.apply("web", SPEC).result["pod"]
+    with pytest.raises(Conflict) as exc:
+        store.remove("web", pod["uid"], pod["generation"])
+    assert exc.value.field == "desired"
+    assert store.get("web")["desired"] == "running"
+
+
+def test_a_fenced_desire_refuses_a_pod_that_changed(store: Store) -> None:
+    pod = store.apply("web", SPEC).result["pod"]
+    store.apply("web", {**SPEC, "x": 1})
+    with pytest.raises(Conflict):
+        store.set_desired("web", "deleted", uid=pod["uid"], generation=pod["generation"])
+    with pytest.raises(Conflict):
+        store.set_desired("web", "deleted", uid="other")
+    assert store.get("web")["desired"] == "running"
+
+
+def test_a_schema_1_database_gains_generations(tmp_path: Path) -> None:
+    import sqlite3
+    path = str(tmp_path / "riklet.db")
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE pods (name TEXT PRIMARY KEY, uid TEXT NOT NULL, version INTEGER NOT NULL,
+            desired TEXT NOT NULL, spec TEXT NOT NULL, status TEXT NOT NULL,
+            created_at REAL NOT NULL, updated_at REAL NOT NULL);
+        INSERT INTO pods VALUES ('web', 'u1', 3, 'running', '{}', '{}', 1.0, 2.0);
+        PRAGMA user_version=1;""")
+    db.close()
+    s = Store(path)
+    try:
+        assert s.get("web")["generation"] == 1 and s.get("web")["version"] == 3
+        assert s.set_desired("web", "deleted").result["generation"] == 2
+    finally:
+        s.close()
 
 
 def test_list_and_snapshot_agree_with_the_sequence(store: Store) -> None:
@@ -154,7 +218,9 @@ def test_bad_specs_are_refused(store: Store, spec: Any) -> None:
     (lambda s, uid: s.set_status("web", uid, {}, expect_version=True), "args.expect_version"),
     (lambda s, uid: s.set_status("web", uid, {}, expect_version=0), "args.expect_version"),
     (lambda s, uid: s.set_desired("web", "paused"), "args.desired"),
-    (lambda s, uid: s.remove("web", ""), "args.uid"),
+    (lambda s, uid: s.remove("web", "", 1), "args.uid"),
+    (lambda s, uid: s.remove("web", uid, True), "args.generation"),
+    (lambda s, uid: s.set_status("web", uid, {}, generation=0), "args.generation"),
     (lambda s, uid: s.apply("web", SPEC, uid=3), "args.uid"),
 ])
 def test_other_bad_arguments_name_their_field(store: Store, call: Any, field: str) -> None:
@@ -203,8 +269,9 @@ def test_a_retried_write_gets_the_first_answer_even_after_a_restart(tmp_path: Pa
     retry = s.set_status("web", uid, {"phase": "Running"}, expect_version=1, request_id="r1")
     assert retry.result == first.result and retry.events == ()
     assert s.get("web")["version"] == 2
-    s.remove("web", uid, request_id="r2")
-    assert s.remove("web", uid, request_id="r2").result is None
+    gen = s.set_desired("web", "deleted").result["generation"]
+    s.remove("web", uid, gen, request_id="r2")
+    assert s.remove("web", uid, gen, request_id="r2").result is None
     s.close()
 
 

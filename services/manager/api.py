@@ -66,7 +66,8 @@ def pod_message(record: Mapping[str, Any]) -> pb.Pod:
         name=record["name"], uid=record.get("uid", ""), workload=spec.get("workload", ""),
         phase=status.get("phase", ""), reason=status.get("reason") or "",
         message=status.get("message") or "", desired=record.get("desired", ""),
-        version=int(record.get("version", 0)), created_at=float(record.get("created_at", 0)),
+        version=int(record.get("version", 0)), generation=int(record.get("generation", 0)),
+        created_at=float(record.get("created_at", 0)),
         restart_count=int(status.get("restartCount") or 0), containers=containers,
         endpoints=endpoints, spec_json=json.dumps(spec), status_json=json.dumps(status))
 
@@ -158,7 +159,9 @@ class NodeService(pb_grpc.NodeServicer):
                 # (not the scheduler's instances of a workload of the same name: those are its own)
                 if old["spec"].get("workload") == workload.name and old["name"] not in wanted \
                         and not instance_id_of(old):
-                    self.memory.set_desired(old["name"], "deleted")
+                    with contextlib.suppress(NotFound):  # already gone: what was wanted
+                        self.memory.set_desired(old["name"], "deleted", uid=old["uid"],
+                                                generation=old["generation"])
         for r in records:
             self.poke(r["name"])
         log.info("applied", extra={"workload": workload.name, "pods": [r["name"] for r in records]})

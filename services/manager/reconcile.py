@@ -5,6 +5,11 @@ again afterwards (only the newest desired state matters: intermediate ones are s
 purpose). Every step is idempotent and never blocks on a workload: stopping sends the signal
 and the next sync sees the result. A periodic tick catches what no event announces (a container
 exiting, a shim dying).
+
+Every write to memory is fenced by the uid and generation of the record the sync read: when the
+pod was applied, stopped or deleted again meanwhile, memory refuses the write (Conflict) and the
+newer record, already on its way through the mirror, is synced next. A delete finishing late can
+therefore never remove or mislabel the pod applied after it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from common.errors import NotFound, RikletError, Unavailable
+from common.errors import Conflict, NotFound, RikletError, Unavailable
 from common.memclient import MemoryClient
 from services.manager.runtime import Observed, PodRecord, Runtime, spec_hash
 from services.manager.status import Phase, derive, same
@@ -97,6 +102,8 @@ class Reconciler:
             if record is not None:
                 try:
                     self.sync(record)
+                except Conflict as exc:  # memory has a newer record: its event brings it here
+                    log.debug("sync acted on a stale record", extra={"pod": name, "error": str(exc)})
                 except RikletError as exc:
                     log.warning("sync failed, will retry", extra={"pod": name, "error": str(exc)})
                 except Exception:
@@ -125,7 +132,7 @@ class Reconciler:
             self._publish(record, {"phase": Phase.ERROR.value, "reason": "RuntimeUnavailable",
                                    "message": exc.message, "containers": [], "endpoints": []})
             if desired == "deleted":
-                self.memory.remove(record["name"], record["uid"])
+                self.memory.remove(record["name"], record["uid"], record["generation"])
             return
         obs = runtime.observe(record)
         if desired in ("deleted", "stopped"):
@@ -188,7 +195,7 @@ class Reconciler:
         if desired == "deleted":
             runtime.cleanup(record)
             with contextlib.suppress(NotFound):
-                self.memory.remove(record["name"], record["uid"])
+                self.memory.remove(record["name"], record["uid"], record["generation"])
             log.info("pod deleted", extra={"pod": record["name"]})
             return
         if obs is not None and not obs.stopped:
@@ -204,4 +211,4 @@ class Reconciler:
             return
         status = {**old, **status, "transitionAt": time.time()} if old.get("phase") != status.get(
             "phase") else {**old, **status}
-        self.memory.set_status(record["name"], record["uid"], status)
+        self.memory.set_status(record["name"], record["uid"], status, generation=record["generation"])

@@ -196,8 +196,11 @@ class SchedulerLink:
                 existing: dict[str, Any] | None = self.memory.get(name)
             except NotFound:
                 existing = None
-            mine = existing is not None and instance_id_of(existing) == instance_id
-            result = self.memory.set_desired(name, "deleted") if mine else None
+            result = None
+            if existing is not None and instance_id_of(existing) == instance_id:
+                # Fenced to the record just checked: never a pod put under this name since.
+                result = self.memory.set_desired(name, "deleted", uid=existing["uid"],
+                                                 generation=existing["generation"])
         except RikletError as exc:  # memory away for longer than the client's patience
             self._reject(instance_id, _REASONS.get(exc.code, "Error"), f"not destroyed: {exc.message}",
                          exc.field)

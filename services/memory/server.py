@@ -5,9 +5,11 @@ number, so that subscribers notice the events they missed (PUB/SUB drops silentl
 Ops (each declares its arguments; an unknown one is rejected naming ``args.<key>``)::
 
     pod.apply       {name, spec, uid?}                   -> {"pod": record, "changed": bool}
-    pod.set_status  {name, uid, status, expect_version?} -> record
-    pod.set_desired {name, desired}                      -> record
-    pod.remove      {name, uid}                          -> null
+    pod.set_status  {name, uid, status, expect_version?, generation?} -> record
+    pod.set_desired {name, desired, uid?, generation?}   -> record
+    pod.remove      {name, uid, generation}              -> null
+
+``uid`` and ``generation`` fence a write to the record the caller read (see the store).
     pod.get         {name}                               -> record
     pod.list        {}                                   -> [record]
     snapshot        {}                                   -> {"seq", "epoch", "pods"}
@@ -56,12 +58,15 @@ class Op:
 OPS: dict[str, Op] = {
     "pod.apply": Op(("name", "spec"), ("uid",),
                     lambda s, a, rid: s.apply(a["name"], a["spec"], a.get("uid"), request_id=rid)),
-    "pod.set_status": Op(("name", "uid", "status"), ("expect_version",),
+    "pod.set_status": Op(("name", "uid", "status"), ("expect_version", "generation"),
                          lambda s, a, rid: s.set_status(a["name"], a["uid"], a["status"],
-                                                        a.get("expect_version"), request_id=rid)),
-    "pod.set_desired": Op(("name", "desired"), (),
-                          lambda s, a, rid: s.set_desired(a["name"], a["desired"], request_id=rid)),
-    "pod.remove": Op(("name", "uid"), (), lambda s, a, rid: s.remove(a["name"], a["uid"], request_id=rid)),
+                                                        a.get("expect_version"), request_id=rid,
+                                                        generation=a.get("generation"))),
+    "pod.set_desired": Op(("name", "desired"), ("uid", "generation"),
+                          lambda s, a, rid: s.set_desired(a["name"], a["desired"], request_id=rid,
+                                                          uid=a.get("uid"), generation=a.get("generation"))),
+    "pod.remove": Op(("name", "uid", "generation"), (),
+                     lambda s, a, rid: s.remove(a["name"], a["uid"], a["generation"], request_id=rid)),
     "pod.get": Op(("name",), (), lambda s, a, rid: s.get(a["name"])),
     "pod.list": Op((), (), lambda s, a, rid: s.list()),
     "snapshot": Op((), (), lambda s, a, rid: s.snapshot()),

@@ -9,6 +9,13 @@ Writes may carry a request key (the server derives it from the IPC request id, o
 It is remembered, in the same transaction, together with the result, so that a client retrying
 after a lost reply (memory restarted between commit and reply) gets the original answer instead
 of a spurious Conflict or NotFound.
+
+Writes are fenced. Every record carries its ``uid`` and a ``generation`` that advances each time
+what is wanted of the pod changes (its spec or its desired state), never for a status. A write
+that acts on what an actor read (a status derived from a record, the removal of a deleted pod,
+a delete of the instance a scheduler named) names the uid and generation it read, and the store
+refuses it with Conflict when the record has moved on: an actor holding a stale copy can never
+undo a newer write (the design's "fenced writes"; Kubernetes' ``metadata.generation``).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from common.errors import Conflict, Internal, InvalidArgument, NotFound
 from common.ipc import Event
 
 DB_NAME = "riklet.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_DOC_BYTES = 256 * 1024
 DESIRED = ("running", "stopped", "deleted")
 # Longer than any client's total patience (MemoryClient gives up after ~10 s).
@@ -40,13 +47,14 @@ _NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pods (
     name TEXT PRIMARY KEY, uid TEXT NOT NULL, version INTEGER NOT NULL, desired TEXT NOT NULL,
-    spec TEXT NOT NULL, status TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL);
+    spec TEXT NOT NULL, status TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 1);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS requests (
     id TEXT PRIMARY KEY, op TEXT NOT NULL, result TEXT NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS requests_at ON requests (at);
 """
-_COLUMNS = "name, uid, version, desired, spec, status, created_at, updated_at"
+_COLUMNS = "name, uid, version, desired, spec, status, created_at, updated_at, generation"
 
 Emit = list[tuple[str, dict[str, Any]]]
 
@@ -92,16 +100,26 @@ def check_desired(value: object, field: str = "args.desired") -> str:
 
 
 def check_version(value: object, field: str = "args.expect_version") -> int:
+    """A positive integer (a version or a generation); a JSON ``true`` is not one."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidArgument("must be a positive integer", field)
     return value
 
 
 def _record(row: tuple[Any, ...]) -> dict[str, Any]:
-    name, uid, version, desired, spec, status, created_at, updated_at = row
-    return {"name": name, "uid": uid, "version": version, "desired": desired,
-            "spec": json.loads(spec), "status": json.loads(status),
+    name, uid, version, desired, spec, status, created_at, updated_at, generation = row
+    return {"name": name, "uid": uid, "version": version, "generation": generation,
+            "desired": desired, "spec": json.loads(spec), "status": json.loads(status),
             "created_at": created_at, "updated_at": updated_at}
+
+
+def _fence(cur: dict[str, Any], uid: str | None, generation: int | None) -> None:
+    """Refuse a write based on a copy of the record that is no longer current."""
+    if uid is not None and cur["uid"] != uid:
+        raise Conflict(f"pod {cur['name']!r} has uid {cur['uid']}, not {uid}", "uid")
+    if generation is not None and cur["generation"] != generation:
+        raise Conflict(f"pod {cur['name']!r} is at generation {cur['generation']}, not {generation}: "
+                       "it changed since it was read", "generation")
 
 
 class Store:
@@ -123,6 +141,8 @@ class Store:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
+            if have == 1:  # schema 1 had no generation: every record starts at 1
+                self._db.execute("ALTER TABLE pods ADD COLUMN generation INTEGER NOT NULL DEFAULT 1")
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('seq', '0'), ('epoch', ?)",
                              (uuid.uuid4().hex,))
@@ -171,12 +191,14 @@ class Store:
 
     def _put(self, rec: dict[str, Any]) -> None:
         self._db.execute(
-            f"INSERT OR REPLACE INTO pods ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT OR REPLACE INTO pods ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (rec["name"], rec["uid"], rec["version"], rec["desired"], canonical(rec["spec"], "spec"),
-             canonical(rec["status"], "status"), rec["created_at"], rec["updated_at"]))
+             canonical(rec["status"], "status"), rec["created_at"], rec["updated_at"], rec["generation"]))
 
-    def _bumped(self, rec: dict[str, Any], **changes: Any) -> dict[str, Any]:
-        new = {**rec, **changes, "version": rec["version"] + 1, "updated_at": self._clock()}
+    def _bumped(self, rec: dict[str, Any], wanted: bool = False, **changes: Any) -> dict[str, Any]:
+        """Write ``changes``; ``wanted``: they change what is wanted of the pod (a new generation)."""
+        new = {**rec, **changes, "version": rec["version"] + 1, "updated_at": self._clock(),
+               "generation": rec["generation"] + (1 if wanted else 0)}
         self._put(new)
         return new
 
@@ -211,7 +233,8 @@ class Store:
             cur = self._row(name)
             if cur is None:
                 now = self._clock()
-                rec = {"name": name, "uid": uid or uuid.uuid4().hex, "version": 1, "desired": "running",
+                rec = {"name": name, "uid": uid or uuid.uuid4().hex, "version": 1, "generation": 1,
+                       "desired": "running",
                        "spec": spec, "status": {"phase": "Pending"}, "created_at": now, "updated_at": now}
                 self._put(rec)
             elif uid is not None and uid != cur["uid"]:
@@ -220,23 +243,25 @@ class Store:
             elif canonical(cur["spec"], "spec") == spec_text and cur["desired"] == "running":
                 return {"pod": cur, "changed": False}, []
             else:
-                rec = self._bumped(cur, spec=spec, desired="running")
+                # Also over a pod being deleted: the new generation fences off the old delete.
+                rec = self._bumped(cur, wanted=True, spec=spec, desired="running")
             rec = self._existing(name)  # as stored: canonical key order, what a snapshot returns
             return {"pod": rec, "changed": True}, [(f"pod.{name}.applied", {"kind": "applied", "pod": rec})]
 
         return self._write("pod.apply", request_id, body)
 
     def set_status(self, name: str, uid: str, status: dict[str, Any], expect_version: int | None = None,
-                   request_id: str | None = None) -> Change:
-        """Replace the observed status. ``expect_version`` guards against lost updates."""
+                   request_id: str | None = None, generation: int | None = None) -> Change:
+        """Replace the observed status. ``generation`` fences a status derived from an older
+        record; ``expect_version`` guards against any lost update."""
         name, uid = check_name(name), check_uid(uid)
         canonical(status, "args.status")
         expect = None if expect_version is None else check_version(expect_version)
+        generation = None if generation is None else check_version(generation, "args.generation")
 
         def body() -> tuple[Any, Emit]:
             cur = self._existing(name)
-            if cur["uid"] != uid:
-                raise Conflict(f"pod {name!r} has uid {cur['uid']}, not {uid}", "uid")
+            _fence(cur, uid, generation)
             if expect is not None and cur["version"] != expect:
                 raise Conflict(f"pod {name!r} is at version {cur['version']}, not {expect}",
                                "expect_version")
@@ -246,26 +271,35 @@ class Store:
 
         return self._write("pod.set_status", request_id, body)
 
-    def set_desired(self, name: str, desired: str, request_id: str | None = None) -> Change:
+    def set_desired(self, name: str, desired: str, request_id: str | None = None,
+                    uid: str | None = None, generation: int | None = None) -> Change:
+        """Want a pod running, stopped or deleted; ``uid`` and ``generation``, when given, fence
+        the change to the record the caller read (a scheduler deleting the instance it named)."""
         name, desired = check_name(name), check_desired(desired)
+        uid = None if uid is None else check_uid(uid)
+        generation = None if generation is None else check_version(generation, "args.generation")
 
         def body() -> tuple[Any, Emit]:
             cur = self._existing(name)
+            _fence(cur, uid, generation)
             if cur["desired"] == desired:
                 return cur, []
-            rec = self._bumped(cur, desired=desired)
+            rec = self._bumped(cur, wanted=True, desired=desired)
             return rec, [(f"pod.{name}.desired", {"kind": "desired", "pod": rec})]
 
         return self._write("pod.set_desired", request_id, body)
 
-    def remove(self, name: str, uid: str, request_id: str | None = None) -> Change:
-        """Forget a pod; the manager calls this once the pod is cleaned up."""
+    def remove(self, name: str, uid: str, generation: int, request_id: str | None = None) -> Change:
+        """Forget a deleted pod; the manager calls this once the pod is cleaned up. Only the
+        generation that wanted it deleted can be removed: a pod applied again since is kept."""
         name, uid = check_name(name), check_uid(uid)
+        generation = check_version(generation, "args.generation")
 
         def body() -> tuple[Any, Emit]:
             cur = self._existing(name)
-            if cur["uid"] != uid:
-                raise Conflict(f"pod {name!r} has uid {cur['uid']}, not {uid}", "uid")
+            _fence(cur, uid, generation)
+            if cur["desired"] != "deleted":
+                raise Conflict(f"pod {name!r} is wanted {cur['desired']}, not deleted", "desired")
             self._db.execute("DELETE FROM pods WHERE name = ?", (name,))
             return None, [(f"pod.{name}.removed", {"kind": "removed", "name": name, "uid": uid})]
 
