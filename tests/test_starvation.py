@@ -19,6 +19,7 @@ import pytest
 from common import auth
 from common.pb import node_pb2 as npb
 from common.pb import node_pb2_grpc as npb_grpc
+from services.manager.chas_conn import Connections, body_deadline
 from services.manager.streams import StreamLimits, client_of
 from tests.stack import Agent, chas_agent
 from tests.support import wait_for
@@ -121,6 +122,34 @@ def test_open_streams_leave_unary_calls_their_workers(agent: Agent) -> None:
 
 # -- CHaS: slow clients are closed at a deadline and make room for others ------------------------
 
+def test_the_oldest_idle_connection_makes_room_and_busy_ones_never_do() -> None:
+    pairs = [socket.socketpair() for _ in range(4)]
+    try:
+        conns = Connections(cap=3)
+        a, b, c = (conns.admit(pairs[i][0]) for i in range(3))
+        assert a is not None and b is not None and c is not None
+        a.busy = True                       # a request in progress, the oldest connection
+        assert conns.admit(pairs[3][0]) is not None
+        assert pairs[1][1].recv(1) == b""   # b, the oldest idle one, was closed
+        assert len(conns) == 3 and conns.shed == 1
+        c.busy = True
+        conns.get(pairs[3][0]).busy = True
+        with socket.socket() as extra:
+            assert conns.admit(extra) is None   # every one is busy: refuse the new one
+        conns.leave(pairs[0][0])
+        assert len(conns) == 2
+    finally:
+        for x, y in pairs:
+            x.close()
+            y.close()
+
+
+def test_a_body_gets_the_head_grace_and_then_a_minimum_rate() -> None:
+    assert body_deadline(0, 10.0) == 10.0
+    assert body_deadline(1 << 20, 10.0) == 10.0 + 64.0
+
+
+
 def _address(agent: Agent) -> tuple[str, int]:
     host, port = agent.chas.rsplit(":", 1)
     return host, int(port)
@@ -215,6 +244,20 @@ def test_slow_connections_are_closed_and_health_keeps_answering(agent: Agent) ->
         for s in [follow, *silent, *trickling]:
             s.close()
         agent.chas_request("DELETE", "/containers/tick")
+
+
+def test_a_body_that_does_not_arrive_is_answered_408(agent: Agent) -> None:
+    with socket.create_connection(_address(agent), timeout=HEADER_TIMEOUT + 10) as s:
+        start = time.monotonic()
+        s.sendall(f"POST /containers/deploy HTTP/1.1\r\nHost: x\r\nAuthorization: {_bearer(agent)}\r\n"
+                  "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"name\"".encode())
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+        took = time.monotonic() - start
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:300]
+    assert b'"code": "timeout"' in answer and b'"field": "body"' in answer
+    assert HEADER_TIMEOUT - 0.5 < took < HEADER_TIMEOUT + 5
 
 
 def test_keep_alive_requests_are_not_delayed(agent: Agent) -> None:
