@@ -229,6 +229,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("node.id", _str, socket.gethostname, "NODE_ID", "--node-id", "this node's id"),
     Setting("api.address", _address, lambda: "127.0.0.1:9091", "RIKLET_API_ADDRESS",
             "--api-address", "Node API (gRPC) listen address"),
+    Setting("api.max_streams", _count, lambda: 64, None, None,
+            "streaming calls (watch, logs -f, image pull/import) the Node API serves at once"),
+    Setting("api.max_streams_per_client", _count, lambda: 32, None, None,
+            "streaming calls one client (one host) may hold open at once"),
     Setting("metrics.address", _address, lambda: "127.0.0.1:9092", "RIKLET_METRICS_ADDRESS",
             "--metrics-address", "Prometheus /metrics listen address"),
     Setting("logging.level", _level, lambda: "INFO", "LOG_LEVEL", "--log-level", "log level"),
@@ -262,6 +266,10 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds between health reports to the CHaS API server"),
     Setting("chas.host_ports", _port_range, lambda: "30000-32767", "RIKLET_HOST_PORTS", None,
             "host ports the agent picks from when a deploy request gives none"),
+    Setting("chas.max_connections", _count, lambda: 128, None, None,
+            "connections the CHaS HTTP API holds at once; the oldest idle one is closed for a new one"),
+    Setting("chas.header_timeout", _positive, lambda: 10.0, None, None,
+            "a connection must send a request's headers within this long (else it is closed)"),
     Setting("node.hostname", _str, socket.gethostname, None, None, "hostname reported to CHaS"),
     Setting("node.ip_address", _host_ip, _primary_ip, "NODE_IP", None,
             "address reported to CHaS (default: the source address of the default route)"),
@@ -325,6 +333,8 @@ class Config:
     paths_state_dir: str
     node_id: str
     api_address: str
+    api_max_streams: int
+    api_max_streams_per_client: int
     metrics_address: str
     logging_level: str
     runtime_default: str
@@ -342,6 +352,8 @@ class Config:
     chas_bind_address: str
     chas_health_interval: float
     chas_host_ports: tuple[int, int]
+    chas_max_connections: int
+    chas_header_timeout: float
     node_hostname: str
     node_ip_address: str
     auth_token_file: str | None

@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     from services.manager.process import ProcessRuntime
     from services.manager.reconcile import Reconciler
     from services.manager.rik import SchedulerLink
+    from services.manager.streams import StreamLimits
 
     make_run_dir(cfg.paths_run_dir)
     memory = MemoryClient(cfg)
@@ -92,8 +93,11 @@ def main(argv: list[str] | None = None) -> None:
                             "api.address")
     except RikletError as exc:
         raise SystemExit(f"riklet-manager: {exc}") from None
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="grpc"),
-                         interceptors=[auth.grpc_token_interceptor(lambda: token)],
+    # Streams get their own share of the pool (services/manager/streams.py): open watches and
+    # log follows can never take the workers unary calls need.
+    streams = StreamLimits(cfg.api_max_streams, cfg.api_max_streams_per_client)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=streams.workers, thread_name_prefix="grpc"),
+                         interceptors=[auth.grpc_token_interceptor(lambda: token), streams.interceptor()],
                          options=[("grpc.max_receive_message_length", 1024 * 1024)])
     node_pb2_grpc.add_NodeServicer_to_server(service, server)
     health_servicer = health.HealthServicer()

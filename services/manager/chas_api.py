@@ -17,6 +17,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -44,6 +45,14 @@ from common.model import Workload, dns_label, host_ports
 from common.rik import instance_id_of
 from common.units import parse_cpu, parse_memory
 from common.zmqutil import RequestClient
+from services.manager.chas_conn import (
+    HEADER_TIMEOUT,
+    MAX_CONNECTIONS,
+    WRITE_TIMEOUT,
+    Connections,
+    DeadlineReader,
+    body_deadline,
+)
 from services.manager.chas_stats import ChasStats
 from services.manager.ports import bindable
 
@@ -59,8 +68,6 @@ MAX_PORTS = 64
 MAX_ENV = 512
 MAX_ARGV = 1024
 MAX_MEMORY = 1 << 60
-MAX_CONNECTIONS = 128              # connections served at once; more are refused with 503
-SOCKET_TIMEOUT = 60.0              # seconds one read or write on a connection may take
 DISK_LOW = 0.05                    # under this share of free disk the node is unhealthy
 FOLLOW_POLL = 0.25                 # seconds between the checks that end a log stream
 
@@ -345,8 +352,11 @@ def _bindable(protocol: str, port: int) -> bool:
 class ChasApi:
     def __init__(self, service: NodeService, stats: ChasStats, *, host: str, port: int,
                  token: Callable[[], str], host_ports: tuple[int, int],
-                 ssl_context: ssl.SSLContext | None, started_at: float, disk_path: str) -> None:
+                 ssl_context: ssl.SSLContext | None, started_at: float, disk_path: str,
+                 max_connections: int = MAX_CONNECTIONS, header_timeout: float = HEADER_TIMEOUT) -> None:
         self.service = service
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
         self.stats = stats
         self.host = host
         self._requested_port = port
@@ -553,12 +563,12 @@ class ChasApi:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
-    request_queue_size = 64
+    request_queue_size = 256          # a burst of connects is accepted, then shed if idle
 
     def __init__(self, api: ChasApi) -> None:
         self.api = api
         self.ssl_context = api.ssl_context
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.connections = Connections(api.max_connections)
         if ":" in api.host:
             self.address_family = socket.AF_INET6
         super().__init__((api.host.strip("[]"), api._requested_port), _Handler)
@@ -570,7 +580,7 @@ class _Server(ThreadingHTTPServer):
         self.server_port = int(self.server_address[1])
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
+        if self.connections.admit(request) is None:  # every connection is in a request
             if self.ssl_context is None:
                 body = json.dumps(error_body("unavailable", "too many connections; retry later")).encode()
                 with contextlib.suppress(OSError):
@@ -582,14 +592,14 @@ class _Server(ThreadingHTTPServer):
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self.connections.leave(request)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self.connections.leave(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         import sys
@@ -608,16 +618,23 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "riklet-chas"
     sys_version = ""
-    timeout = SOCKET_TIMEOUT
+    timeout = WRITE_TIMEOUT
+    disable_nagle_algorithm = True   # a keep-alive answer must not wait for the client's delayed ACK
+    _headers_buffer: list[bytes]     # http.server's: the head being built, written by flush_headers()
 
     # -- connection plumbing ------------------------------------------------------------------
 
     def setup(self) -> None:
         self._expect_continue = False
+        self._conn = self.server.connections.get(self.request)
         if self.server.ssl_context is not None:
-            self.request.settimeout(self.timeout)
+            self.request.settimeout(self.server.api.header_timeout)  # the handshake is part of the head
             self.request = self.server.ssl_context.wrap_socket(self.request, server_side=True)
+            self._conn.sock = self.request
         super().setup()
+        self.rfile.close()  # reads go through the deadline reader instead
+        self._reader = DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self._reader)
 
     def finish(self) -> None:
         try:
@@ -629,7 +646,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         """http.server's, except that every method reaches the router (which answers 405 with
-        Allow) instead of only those with a ``do_`` method (501)."""
+        Allow) instead of only those with a ``do_`` method (501), and that the head must arrive
+        within chas.header_timeout of the moment the server starts waiting for it."""
+        self._reader.deadline = time.monotonic() + self.server.api.header_timeout
+        self._reader.received = 0
+        self.raw_requestline = b""
         try:
             self.raw_requestline = self.rfile.readline(65537)
             if len(self.raw_requestline) > 65536:
@@ -644,10 +665,28 @@ class _Handler(BaseHTTPRequestHandler):
             if self.request_version == "HTTP/0.9":
                 self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 is not supported")
                 return
-            self._dispatch()
-            self.wfile.flush()
+            self._reader.deadline = None
+            self._conn.busy = True   # a request in progress: never closed to make room
+            try:
+                self._dispatch()
+                self.wfile.flush()
+            finally:
+                self._conn.busy = False
+                self._conn.since = time.monotonic()
         except TimeoutError:
             self.close_connection = True
+            if self.raw_requestline or self._reader.received:
+                self._head_timeout()
+
+    def _head_timeout(self) -> None:
+        """408 to a client that began a request and did not finish its head in time (one that
+        sent nothing is closed without a word)."""
+        if not getattr(self, "command", None):
+            self.command = self.requestline = ""
+            self.request_version = "HTTP/1.0"
+        with contextlib.suppress(OSError):
+            self.send_error(HTTPStatus.REQUEST_TIMEOUT, "the request's headers did not arrive within "
+                            f"{self.server.api.header_timeout:g} s (chas.header_timeout)")
 
     def version_string(self) -> str:
         return self.server_version
@@ -667,7 +706,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         if getattr(self, "request_version", "HTTP/0.9") in ("HTTP/0.9", ""):
             self.request_version = "HTTP/1.0"  # answer with a status line, whatever was asked
-        err = {414: "too_large", 431: "too_large"}.get(code, "invalid_argument")
+        err = {414: "too_large", 431: "too_large", 408: "timeout"}.get(code, "invalid_argument")
         try:
             phrase = HTTPStatus(code).phrase
         except ValueError:
@@ -757,10 +796,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
+        # Head and body in one write: a second small write would wait for the client's
+        # delayed ACK of the first (about 40 ms per keep-alive request).
+        self._headers_buffer.append(b"\r\n" + (body if self.command != "HEAD" else b""))
+        self.flush_headers()
         self._status = status
-        if self.command != "HEAD":
-            self.wfile.write(body)
 
     # -- routing ------------------------------------------------------------------------------
 
@@ -839,7 +879,15 @@ class _Handler(BaseHTTPRequestHandler):
         if self._expect_continue:
             self.send_response_only(100)
             self.end_headers()
-        data = self.rfile.read(size)
+        allowed = body_deadline(size, self.server.api.header_timeout)
+        self._reader.deadline = time.monotonic() + allowed
+        try:
+            data = self.rfile.read(size)
+        except TimeoutError:
+            raise HttpError(408, ErrorCode.TIMEOUT.value, f"the body ({size} bytes) did not arrive within "
+                            f"{allowed:.3g} s", "body") from None
+        finally:
+            self._reader.deadline = None
         if len(data) < size:
             raise ConnectionResetError("the client sent less than its Content-Length")
         self._unread_body = False
@@ -970,6 +1018,7 @@ def start_from_config(cfg: Any, service: NodeService, stats: ChasStats) -> ChasA
     lo, hi = cfg.chas_host_ports
     api = ChasApi(service, stats, host=cfg.chas_bind_address, port=cfg.chas_port, token=lambda: token,
                   host_ports=(int(lo), int(hi)), ssl_context=context, started_at=started_at,
-                  disk_path=cfg.paths_state_dir)
+                  disk_path=cfg.paths_state_dir, max_connections=cfg.chas_max_connections,
+                  header_timeout=cfg.chas_header_timeout)
     api.start()
     return api
