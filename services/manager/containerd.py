@@ -143,13 +143,15 @@ class ContainerdRuntime(PodLayout):
         running = [c for c in containers if c["state"] == "running"]
         pending = [c for c in containers if c["state"] == "waiting" and c.get("nextRestartAt")]
         started = [c["startedAt"] for c in running if c.get("startedAt")]
+        endpoints = list(driver.get("endpoints") or [])
         return Observed(
             alive=bool(running) or (bool(pending) and not stopped), spec_hash=str(driver.get("spec_hash")),
             stopped=stopped, lost=False, containers=containers,
-            endpoints=list(driver.get("endpoints") or []), cgroup=self.cgroup_parent(pod["name"]),
+            endpoints=endpoints, cgroup=self.cgroup_parent(pod["name"]),
             pids=[int(c["pid"]) for c in running if c.get("pid")],
             internal_ip=str(driver.get("ip") or "127.0.0.1"),
-            started_at=min(started) if started else None)
+            started_at=min(started) if started else None,
+            blocked=self.blocked_ports.message(endpoints))
 
     def _observe_one(self, pod: PodRecord, c: dict[str, Any], rec: dict[str, Any], stopped: bool,
                      driver: dict[str, Any]) -> bool:
