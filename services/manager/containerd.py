@@ -347,9 +347,12 @@ class ContainerdRuntime(PodLayout):
             if started:
                 raise  # its containers may run: removal waits for containerd to come back
             # it never got as far as containerd (which is down): nothing there to remove
-        # runc removes each container's group; the pod's group above them is ours to remove
+        # runc removes each container's group; the pod's group above them is ours to remove,
+        # in every hierarchy runc made it in (devices, blkio... as well as riklet's own)
         with contextlib.suppress(Exception):
             cgroups.Cgroup(self.cgroup_parent(pod["name"])).remove()
+        with contextlib.suppress(Exception):
+            cgroups.prune(self.cgroup_parent(pod["name"]))
         if self.networks is not None:
             self.networks.teardown(pod["name"])
         shutil.rmtree(self.pod_dir(pod["name"]), ignore_errors=True)

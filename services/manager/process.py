@@ -112,7 +112,14 @@ class ProcessRuntime(PodLayout):
             self._kill_leftovers(pod["name"])
 
     def cleanup(self, pod: PodRecord) -> None:
+        """Nothing of the pod stays: its processes, its cgroups (the shim removes them when it
+        ends; one that died cannot) and its directory, logs included."""
         self._kill_leftovers(pod["name"])
+        group = cgroups.Cgroup(self.cgroup_parent(pod["name"]))
+        with contextlib.suppress(Exception):
+            group.remove()   # waits a moment for killed processes to be reaped
+        with contextlib.suppress(Exception):
+            cgroups.prune(group.relpath)
         shutil.rmtree(self.pod_dir(pod["name"]), ignore_errors=True)
 
     # -- details -----------------------------------------------------------------------------

@@ -56,6 +56,10 @@ class PodLayout:
     def cgroup_parent(self, name: str) -> str:
         return f"riklet/{self.agent_id}/{name}"
 
+    def agent_cgroup(self) -> str:
+        """The parent of every pod group of this agent (``riklet/`` itself is shared)."""
+        return f"riklet/{self.agent_id}"
+
 
 class Runtime(Protocol):
     name: str
