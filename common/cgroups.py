@@ -7,6 +7,7 @@ file; a cgroup file that does not exist raises :class:`~common.errors.NotFound`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -224,6 +225,37 @@ class Cgroup:
         state = os.path.join(freezer, "freezer.state")
         return state, "FROZEN", "THAWED", lambda: _read(state).strip() == "FROZEN"
 
+
+
+def hierarchies(root: str = "/sys/fs/cgroup") -> list[str]:
+    """Every cgroup hierarchy under ``root`` (each v1 controller, named ones such as systemd,
+    the unified tree), as real paths: containerd's runc makes groups in all of them, not only
+    in the controllers riklet sets limits with."""
+    found = {os.path.realpath(root)} if os.path.exists(os.path.join(root, "cgroup.procs")) else set()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(root):
+            path = os.path.join(root, name)
+            if os.path.exists(os.path.join(path, "cgroup.procs")):
+                found.add(os.path.realpath(path))
+    return sorted(found)
+
+
+def prune(relpath: str, root: str = "/sys/fs/cgroup") -> list[str]:
+    """Remove ``relpath`` and the groups under it, in every hierarchy, where they are empty; a
+    group with a process in it (or under it) stays, and is returned. Never waits."""
+    Cgroup(relpath, Layout(0, root))   # validates the path
+    left = []
+    for top in (os.path.join(h, relpath) for h in hierarchies(root)):
+        for path, _subdirs, _files in os.walk(top, topdown=False):
+            try:
+                os.rmdir(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+                    raise Unavailable(f"{path}: {exc.strerror}", "cgroup") from exc
+                left.append(path)
+    return left
 
 
 def _memory_v1(path: str, limit: int | None) -> None:

@@ -149,7 +149,21 @@ def main(argv: list[str] | None = None) -> None:
     stats_server.stop()
     reconciler.stop()
     mirror.stop()
-    # Workloads are left running on purpose: their shims do not depend on this process.
+    # Workloads are left running on purpose: their shims do not depend on this process. Their
+    # cgroups stay with them; the agent's empty groups (no pod, or pods gone) are removed, so a
+    # stopped agent leaves nothing a restart does not need.
+    _prune_cgroups(runtime.agent_cgroup())
+
+
+def _prune_cgroups(relpath: str) -> None:
+    from common import cgroups
+    try:
+        left = cgroups.prune(relpath)
+    except RikletError as exc:
+        log.warning("agent cgroups not removed", extra={"cgroup": relpath, "error": str(exc)})
+        return
+    if left:
+        log.info("cgroups of running pods kept", extra={"cgroup": relpath, "kept": len(left)})
 
 
 def start_reporter(cfg: Any, service: Any, stats: Any, api: Any) -> Any:

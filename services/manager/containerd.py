@@ -143,13 +143,15 @@ class ContainerdRuntime(PodLayout):
         running = [c for c in containers if c["state"] == "running"]
         pending = [c for c in containers if c["state"] == "waiting" and c.get("nextRestartAt")]
         started = [c["startedAt"] for c in running if c.get("startedAt")]
+        endpoints = list(driver.get("endpoints") or [])
         return Observed(
             alive=bool(running) or (bool(pending) and not stopped), spec_hash=str(driver.get("spec_hash")),
             stopped=stopped, lost=False, containers=containers,
-            endpoints=list(driver.get("endpoints") or []), cgroup=self.cgroup_parent(pod["name"]),
+            endpoints=endpoints, cgroup=self.cgroup_parent(pod["name"]),
             pids=[int(c["pid"]) for c in running if c.get("pid")],
             internal_ip=str(driver.get("ip") or "127.0.0.1"),
-            started_at=min(started) if started else None)
+            started_at=min(started) if started else None,
+            blocked=self.blocked_ports.message(endpoints))
 
     def _observe_one(self, pod: PodRecord, c: dict[str, Any], rec: dict[str, Any], stopped: bool,
                      driver: dict[str, Any]) -> bool:
@@ -345,9 +347,12 @@ class ContainerdRuntime(PodLayout):
             if started:
                 raise  # its containers may run: removal waits for containerd to come back
             # it never got as far as containerd (which is down): nothing there to remove
-        # runc removes each container's group; the pod's group above them is ours to remove
+        # runc removes each container's group; the pod's group above them is ours to remove,
+        # in every hierarchy runc made it in (devices, blkio... as well as riklet's own)
         with contextlib.suppress(Exception):
             cgroups.Cgroup(self.cgroup_parent(pod["name"])).remove()
+        with contextlib.suppress(Exception):
+            cgroups.prune(self.cgroup_parent(pod["name"]))
         if self.networks is not None:
             self.networks.teardown(pod["name"])
         shutil.rmtree(self.pod_dir(pod["name"]), ignore_errors=True)

@@ -62,11 +62,13 @@ class ProcessRuntime(PodLayout):
         lost = bool(st) and not alive and not finished
         pids = [int(c["pid"]) for c in containers if c.get("state") == "running" and c.get("pid")]
         started = [c.get("startedAt") for c in containers if c.get("startedAt")]
+        endpoints = list(driver.get("endpoints") or [])
         return Observed(
             alive=alive, spec_hash=str(driver.get("spec_hash")), stopped=bool(driver.get("stopped")),
-            lost=lost, containers=containers, endpoints=list(driver.get("endpoints") or []),
+            lost=lost, containers=containers, endpoints=endpoints,
             cgroup=self.cgroup_parent(pod["name"]), pids=pids,
-            started_at=min(started) if started else None)
+            started_at=min(started) if started else None,
+            blocked=self.blocked_ports.message(endpoints))
 
     # -- acting ------------------------------------------------------------------------------
 
@@ -110,7 +112,14 @@ class ProcessRuntime(PodLayout):
             self._kill_leftovers(pod["name"])
 
     def cleanup(self, pod: PodRecord) -> None:
+        """Nothing of the pod stays: its processes, its cgroups (the shim removes them when it
+        ends; one that died cannot) and its directory, logs included."""
         self._kill_leftovers(pod["name"])
+        group = cgroups.Cgroup(self.cgroup_parent(pod["name"]))
+        with contextlib.suppress(Exception):
+            group.remove()   # waits a moment for killed processes to be reaped
+        with contextlib.suppress(Exception):
+            cgroups.prune(group.relpath)
         shutil.rmtree(self.pod_dir(pod["name"]), ignore_errors=True)
 
     # -- details -----------------------------------------------------------------------------

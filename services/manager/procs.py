@@ -1,5 +1,6 @@
 """Operating-system calls of the shim, in one place: fork and exec a workload into its cgroup,
-signal process groups, find descendants, become a child subreaper."""
+signal process groups, find descendants, become a child subreaper, give the pod a /dev/shm of
+its own."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from services.manager import shimctl
 from services.manager.shimctl import ContainerSpec, Reason, Termination
 
 _PR_SET_CHILD_SUBREAPER = 36
+_CLONE_NEWNS = 0x00020000
+_MS_NOSUID, _MS_NODEV, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x4000, 0x40000
+SHM = "/dev/shm"
 PIPE_SIZE = 1 << 20  # a burst of output fits in the pipe while the shim is busy elsewhere
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -139,6 +143,25 @@ def descendants(root: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def private_shm(size_bytes: int | None) -> None:
+    """Move this process into a mount namespace of its own with a fresh tmpfs on /dev/shm
+    (``size_bytes``: its size; None: the kernel's default, half the memory). The workloads
+    forked after this share it; it goes away with the last of them and the shim, so what a pod
+    leaves in /dev/shm never outlives it. Must run before any thread is started."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    _check(libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    # Private first: otherwise the tmpfs would propagate back to the host's /dev/shm.
+    _check(libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /")
+    options = "mode=1777" + (f",size={size_bytes}" if size_bytes else "")
+    _check(libc.mount(b"shm", SHM.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, options.encode()),
+           f"mount tmpfs on {SHM}")
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        raise Unavailable(f"{what}: {os.strerror(ctypes.get_errno())}", "shim")
 
 
 def become_subreaper() -> None:

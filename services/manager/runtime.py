@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from common import blocked_ports
+
 PodRecord = Mapping[str, Any]
 
 
@@ -31,6 +33,7 @@ class Observed:
     pids: list[int] = field(default_factory=list)
     internal_ip: str = "127.0.0.1"
     started_at: float | None = None
+    blocked: str | None = None        # a host port of the pod the proxy cannot hold: why
 
 
 class PodLayout:
@@ -42,6 +45,7 @@ class PodLayout:
         self.root = os.path.join(state_dir, "pods")
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         self.agent_id = hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:8]
+        self.blocked_ports = blocked_ports.Reader(blocked_ports.path_in(state_dir))
 
     def pod_dir(self, name: str) -> str:
         return os.path.join(self.root, name)
@@ -51,6 +55,10 @@ class PodLayout:
 
     def cgroup_parent(self, name: str) -> str:
         return f"riklet/{self.agent_id}/{name}"
+
+    def agent_cgroup(self) -> str:
+        """The parent of every pod group of this agent (``riklet/`` itself is shared)."""
+        return f"riklet/{self.agent_id}"
 
 
 class Runtime(Protocol):

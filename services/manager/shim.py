@@ -385,6 +385,17 @@ def _logged(what: str) -> Iterator[None]:
         _LOG.warning(what + " failed", extra={"error": str(exc)})
 
 
+def _private_shm(spec: PodSpec) -> None:
+    """The pod's own /dev/shm, as large as its memory limit (tmpfs pages count against the
+    writer's memory cgroup anyway); without one (not root), the host's, and a warning."""
+    limits = [c.memory_bytes for c in spec.containers]
+    size = sum(x for x in limits if x) if all(limits) else None
+    try:
+        procs.private_shm(size)
+    except RikletError as exc:
+        _LOG.warning("no private /dev/shm: the pod shares the host's", extra={"error": str(exc)})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     detach = args[:1] == ["--detach"]
@@ -403,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         _detach()
     try:
         procs.become_subreaper()
+        _private_shm(spec)
         return Shim(pod_dir, spec, detect()).run()
     except RikletError as exc:
         _LOG.error("shim failed", extra={"error": str(exc)})

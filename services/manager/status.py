@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
+from common.blocked_ports import REASON as BLOCKED_REASON
 from services.manager.runtime import Observed
 
 
@@ -50,6 +51,9 @@ def _phase(obs: Observed, containers: list[dict[str, Any]], desired: str
         return (Phase.TERMINATING if obs.alive else Phase.TERMINATED), None, None, None
     if obs.lost:
         return Phase.ERROR, "ShimLost", "the pod's shim died; it will be restarted", None
+    if obs.blocked and obs.alive:
+        # The proxy cannot hold a host port of the pod: its traffic would go elsewhere.
+        return Phase.ERROR, BLOCKED_REASON, obs.blocked, None
     waiting = [c for c in containers if c["state"] == "waiting"]
     failed = [c for c in containers if c["state"] != "running" and _failed(c)]
     if failed:

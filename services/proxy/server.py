@@ -5,6 +5,12 @@ one), so only the newest is applied: :meth:`ProxyServer.update` replaces whateve
 and one worker task brings the listeners to it. A port that cannot be bound is logged and
 retried on the next update and on a timer; it never takes the other routes down.
 
+A port that cannot be bound is also *blocked*: its message (the holder of the port, when it can
+be found) goes to ``on_blocked``, which tells the manager (:mod:`common.blocked_ports`), and
+the pods asking for it show Error. A blocked port stays blocked after its route is gone (the
+pods no longer Running take their routes away) until a probe finds it free: otherwise the pods
+would flap between Running and Error.
+
 A worker taking over from a predecessor (:mod:`services.proxy.handoff`) first passes its
 listening sockets to :meth:`ProxyServer.adopt`: the next reconcile serves those instead of
 binding, so the ports never stop accepting.
@@ -13,14 +19,16 @@ binding, so the ports never stop accepting.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from common import holders
 from services.proxy.balance import Balance
-from services.proxy.routes import STREAMS, Endpoint, RouteKey, Routes, diff
+from services.proxy.routes import STREAMS, Endpoint, RouteKey, Routes, diff, family_of
 from services.proxy.stats import Stats
 from services.proxy.tcp import CONNECT_TIMEOUT, ClientConnection
 from services.proxy.tcp_listener import TcpListener
@@ -29,6 +37,7 @@ from services.proxy.udp import IDLE_TIMEOUT, MAX_FLOWS, UdpListener
 log = logging.getLogger(__name__)
 
 Listener = TcpListener | UdpListener
+_IPPROTO = {"SCTP": getattr(socket, "IPPROTO_SCTP", 132)}
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,8 @@ class ProxyServer:
         self._worker: asyncio.Task[None] | None = None
         self._retry: asyncio.TimerHandle | None = None
         self._closed = False
+        self._blocked: dict[RouteKey, str] = {}
+        self.on_blocked: Callable[[dict[RouteKey, str]], None] | None = None
 
     @property
     def routes(self) -> Routes:
@@ -73,6 +84,16 @@ class ProxyServer:
 
     def failed(self) -> set[RouteKey]:
         return set(self._failed)
+
+    def blocked(self) -> dict[RouteKey, str]:
+        """Ports that could not be bound, with why (and by whom), until found free."""
+        return dict(self._blocked)
+
+    def seed_blocked(self, blocked: Mapping[RouteKey, str]) -> None:
+        """Ports a predecessor found blocked: they stay so until bound or probed free."""
+        self._blocked.update(blocked)
+        if self._blocked:
+            self._arm_retry()
 
     @property
     def balance(self) -> dict[RouteKey, Balance]:
@@ -170,7 +191,11 @@ class ProxyServer:
             await self._open(key, endpoints, policy)
         self._routes, self._applied_balance = routes, balance
         self._close_adopted()
-        if self._failed and self._retry is None and not self._closed:
+        if self._failed or self._blocked:
+            self._arm_retry()
+
+    def _arm_retry(self) -> None:
+        if self._retry is None and not self._closed:
             self._retry = asyncio.get_running_loop().call_later(
                 self.settings.retry_interval, self._retry_failed)
 
@@ -196,10 +221,13 @@ class ProxyServer:
                 level = logging.DEBUG if key in self._failed else logging.WARNING
                 log.log(level, "cannot listen", extra={"protocol": key[0], "port": key[1],
                                                        "host": s.bind_host, "error": str(exc)})
+                if key not in self._failed:
+                    await self._block(key, exc)
                 self._failed.add(key)
                 return
         self._listeners[key] = listener
         self._failed.discard(key)
+        self._unblock([key])
         log.info("listening", extra={"protocol": key[0], "port": key[1], "host": s.bind_host,
                                      "endpoints": [str(e) for e in endpoints],
                                      "adopted": adopted is not None})
@@ -235,8 +263,51 @@ class ProxyServer:
 
     def _retry_failed(self) -> None:
         self._retry = None
+        if self._closed:
+            return
+        self._unblock([key for key in self._blocked if key not in self._routes and self._free(key)])
         if self._failed and self._pending is None:
             self.update(self._routes)
+        elif self._blocked:
+            self._arm_retry()
+
+    async def _block(self, key: RouteKey, exc: OSError) -> None:
+        if exc.errno == errno.EADDRINUSE:
+            # Off the loop: finding the holder reads every process's descriptors.
+            who = await asyncio.get_running_loop().run_in_executor(
+                None, holders.describe, key[0], key[1])
+            message = f"host port {key[1]}/{key[0]} is in use on the node by {who}"
+        else:
+            message = f"host port {key[1]}/{key[0]} cannot be bound: {exc.strerror or exc}"
+        if self._blocked.get(key) != message and not self._closed:
+            self._blocked[key] = message
+            self._tell_blocked()
+
+    def _unblock(self, keys: list[RouteKey]) -> None:
+        gone = [key for key in keys if self._blocked.pop(key, None) is not None]
+        if gone and not self._closed:
+            log.info("host ports free again", extra={"ports": [f"{p}/{n}" for p, n in gone]})
+            self._tell_blocked()
+
+    def _tell_blocked(self) -> None:
+        if self.on_blocked is not None:
+            try:
+                self.on_blocked(dict(self._blocked))
+            except OSError as exc:
+                log.error("cannot report blocked ports", extra={"error": str(exc)})
+
+    def _free(self, key: RouteKey) -> bool:
+        """Whether a blocked port with no route could be bound now (bound and closed at once)."""
+        proto, port = key
+        kind = socket.SOCK_STREAM if proto in STREAMS else socket.SOCK_DGRAM
+        try:
+            with socket.socket(family_of(self.settings.bind_host), kind, _IPPROTO.get(proto, 0)) as sock:
+                if kind == socket.SOCK_STREAM:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((self.settings.bind_host, port))
+        except OSError:
+            return False
+        return True
 
 
 def _bound_to(sock: socket.socket, host: str, port: int) -> bool:

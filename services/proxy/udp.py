@@ -179,15 +179,19 @@ class UdpListener:
         """Bind the listening socket, or use ``sock`` (handed over by a predecessor); raises
         OSError (e.g. EADDRINUSE) if the port is taken."""
         if sock is None:
-            # Bound without SO_REUSEADDR, so a port another program holds is refused; the option
-            # is set afterwards so that the flows' client sockets can bind the same port.
+            # Bound with no reuse option, so a port another program holds is refused, with or
+            # without SO_REUSEADDR on its side.
             sock = socket.socket(self._family, socket.SOCK_DGRAM)
             try:
                 sock.bind((self.host, self.port))
             except OSError:
                 sock.close()
                 raise
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # The flows' client sockets bind the same port. SO_REUSEPORT lets them, and only
+        # sockets of the same user with SO_REUSEPORT too: SO_REUSEADDR here would let any
+        # program that sets it bind the port later and take its unicast datagrams.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if self._pktinfo:
             if self._family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
@@ -307,7 +311,7 @@ class UdpListener:
         csock = socket.socket(self._family, socket.SOCK_DGRAM)
         try:
             csock.setblocking(False)
-            csock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            csock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             csock.bind((local, self.port))
             csock.connect(flow.client)
         except OSError as exc:

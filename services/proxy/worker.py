@@ -35,7 +35,7 @@ from typing import Any
 import uvloop
 import zmq
 
-from common import config
+from common import blocked_ports, config
 from common.errors import RikletError
 from common.stats_server import StatsServer
 from common.zmqutil import ipc_path
@@ -119,6 +119,7 @@ class Worker:
         self._loop = loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        self._report_blocked()
         takeover = await loop.run_in_executor(None, handoff.request_takeover, self.handoff_path,
                                               self.times.frame_timeout)
         if takeover is not None:
@@ -235,6 +236,13 @@ class Worker:
             self._wakeup()
             return
         self._orphan_timer = self.loop.call_later(self.times.orphan_check, self._check_orphan)
+
+    def _report_blocked(self) -> None:
+        """Blocked ports go to a file the manager reads; those a predecessor left there stay
+        blocked until bound or found free."""
+        path = blocked_ports.path_in(self.cfg.paths_state_dir)
+        self.server.seed_blocked(blocked_ports.read(path))
+        self.server.on_blocked = lambda blocked: blocked_ports.write(path, blocked)
 
     # --- the pod feed --------------------------------------------------------------------------
 

@@ -1,0 +1,91 @@
+"""Host ports the proxy could not hold, as it tells the manager: ``<state>/proxy-blocked.json``.
+
+The proxy writes the file whenever the set changes; the runtimes read it when they observe a
+pod, and a pod with a blocked host port shows Error, reason PortInUse, naming the port and its
+holder. A file rather than a request: the manager reads it on every observation, at the cost of
+a stat, and the proxy reads it back when it restarts, so a port stays blocked across restarts
+until it is free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+FILE_NAME = "proxy-blocked.json"
+MAX_BYTES = 1 << 20   # a bigger file is not the proxy's: ignored
+REASON = "PortInUse"
+
+Key = tuple[str, int]
+
+
+def path_in(state_dir: str) -> str:
+    return os.path.join(state_dir, FILE_NAME)
+
+
+def write(path: str, blocked: Mapping[Key, str]) -> None:
+    """Replace the file atomically (no entry: the file is removed)."""
+    if not blocked:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    body = {"blocked": [{"protocol": p, "port": n, "message": m}
+                        for (p, n), m in sorted(blocked.items())]}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(body, f)
+    os.replace(tmp, path)
+
+
+def read(path: str) -> dict[Key, str]:
+    """The blocked ports and their messages; a missing or malformed file blocks nothing."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)
+        data = json.loads(raw) if len(raw) <= MAX_BYTES else {}
+    except (OSError, ValueError):
+        return {}
+    entries = data.get("blocked") if isinstance(data, dict) else None
+    out: dict[Key, str] = {}
+    for e in entries if isinstance(entries, list) else []:
+        if (isinstance(e, dict) and isinstance(e.get("protocol"), str) and type(e.get("port")) is int
+                and isinstance(e.get("message"), str)):
+            out[(e["protocol"], e["port"])] = e["message"]
+    return out
+
+
+class Reader:
+    """The file as last read, read again only when its mtime or size changed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._seen: tuple[int, int] | None = None
+        self._blocked: dict[Key, str] = {}
+
+    def blocked(self) -> dict[Key, str]:
+        try:
+            st = os.stat(self.path)
+            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        with self._lock:
+            if stamp != self._seen:
+                self._blocked = read(self.path) if stamp is not None else {}
+                self._seen = stamp
+            return self._blocked
+
+    def message(self, endpoints: Iterable[Mapping[str, Any]]) -> str | None:
+        """The first blocked host port among a pod's endpoints, as its message."""
+        blocked = self.blocked()
+        if not blocked:
+            return None
+        for ep in endpoints:
+            key = (str(ep.get("protocol") or "TCP").upper(), ep.get("host_port"))
+            if isinstance(key[1], int) and key in blocked:
+                return blocked[(key[0], key[1])]
+        return None
