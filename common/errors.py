@@ -56,7 +56,9 @@ def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
     """A short repr of ``value`` for an error message: at most ``limit`` characters, "…" when
     cut, in time and memory independent of the value's size."""
     try:
-        text = _REPR.repr(value)
+        # A string shows its beginning (reprlib would elide its middle); others come cut short
+        # by reprlib at each level.
+        text = repr(value[:limit + 1]) if isinstance(value, str) else _REPR.repr(value)
     except Exception:  # a value whose repr fails must not turn a refusal into a crash
         text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[:max(0, limit - 1)] + ELLIPSIS

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from common.errors import BadFrame, RikletError, excerpt
 
@@ -62,7 +62,7 @@ def _dumps(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), default=str).encode()
 
 
-def is_int(value: object) -> bool:
+def is_int(value: object) -> TypeGuard[int]:
     """An integer in a frame: ``True`` and ``1.0`` compare equal to 1 in Python, and are not."""
     return type(value) is int
 
