@@ -9,6 +9,8 @@ generous: they catch the defects (8 s and 2.4 GB for the alias bomb), not a slow
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,7 +22,7 @@ from common.errors import MAX_FIELD_BYTES, MAX_MESSAGE_BYTES, InvalidArgument, b
 from common.model import MAX_DEPTH
 from services.manager.api import MAX_GRPC_MESSAGE_BYTES, NodeService
 from services.manager.instances import instance_workload, load_definition
-from tests.stack import Agent, npb
+from tests.stack import BIN, Agent, npb
 from tests.test_model import alias_bomb
 
 ANSWER_WITHIN = 5.0              # seconds; the alias bomb took 8 s before the fix
@@ -95,6 +97,16 @@ def test_rikletctl_apply_from_stdin_refuses_deep_nesting_without_a_traceback(age
     res = agent.ctl("apply", "-f", "-", input=alias_bomb(), check=False)
     assert res.returncode == 1 and "invalid_argument: manifest: YAML aliases" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_rikletctl_apply_refuses_a_non_utf8_or_oversized_manifest_itself(agent: Agent) -> None:
+    ctl = os.path.join(BIN, "rikletctl")
+    for data, expected in ((b"\xff\xfe[", "rikletctl: -f: -: not UTF-8 (invalid start byte at byte 0)"),
+                           (b"a" * (5 << 20), "rikletctl: -f: -: larger than the 262144 bytes a "
+                                              "manifest may be")):
+        res = subprocess.run([ctl, "apply", "-f", "-"], env=agent.env, input=data,
+                             capture_output=True, timeout=60)
+        assert res.returncode == 2 and res.stderr.decode().strip() == expected, res.stderr
 
 
 def test_a_20000_character_pod_name_is_invalid_argument_naming_name(agent: Agent) -> None:
