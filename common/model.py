@@ -234,9 +234,10 @@ def load_manifest(text: str | bytes, fmt: str = "") -> dict[str, Any]:
             try:
                 data = load_yaml(text)
             except InvalidArgument as exc:
-                if exc.message.startswith("not valid YAML"):
-                    exc.message = "neither valid JSON nor YAML: " + exc.message[len("not valid YAML: "):]
-                raise
+                if not exc.message.startswith("not valid YAML: "):
+                    raise
+                raise InvalidArgument("neither valid JSON nor YAML: " + exc.message.split(": ", 1)[1],
+                                      "manifest") from exc
     if not isinstance(data, dict):
         raise InvalidArgument("the workload must be an object", "manifest")
     return data
@@ -258,7 +259,7 @@ def _check_keys(obj: Mapping[str, Any], allowed: set[str], field: str) -> None:
 def _text(value: object, field: str, limit: int, what: str = "a string") -> str:
     """A string of at most ``limit`` characters and without NUL bytes."""
     if not isinstance(value, str) or "\0" in value:
-        raise InvalidArgument(f"expected {what} without NUL bytes", field)
+        raise InvalidArgument(f"expected {what} (text without NUL bytes)", field)
     if len(value) > limit:
         raise InvalidArgument(f"{len(value)} characters, more than the {limit} allowed", field)
     return value

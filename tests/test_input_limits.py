@@ -218,4 +218,9 @@ def test_chas_deploy_refuses_a_deep_or_huge_body_with_400(agent: Agent) -> None:
     assert status == 400 and body["error"]["field"] == "body", body
     status, _, body = agent.chas_request("POST", "/containers/deploy", body={"name": "n" * 200_000})
     assert status == 400 and body["error"]["field"] == "name" and len(json.dumps(body)) < 1024, body
+    # the manifest limits reach the CHaS API through the workload it builds
+    status, _, body = agent.chas_request("POST", "/containers/deploy",
+                                         body={"name": "long", "command": ["x" * 40_000]})
+    assert status == 400 and body["error"]["field"] == "command[0]", body
+    assert "more than the 32768 allowed" in body["error"]["message"]
     agent.stub.List(npb.ListRequest(), timeout=5)
