@@ -13,13 +13,13 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 import grpc
 
 from common import auth, config, pb
 from common.errors import InvalidArgument
-from common.model import RESTART_POLICIES, dns_label
+from common.model import MAX_MANIFEST_BYTES, RESTART_POLICIES, dns_label
 from common.units import parse_cpu, parse_memory
 
 pb.ensure()
@@ -151,6 +151,18 @@ def open_channel(endpoint: str, token: str | None, ca: str | None = None, cert: 
     return grpc.intercept_channel(channel, *auth.grpc_client_interceptors(token))
 
 
+def read_manifest(stream: BinaryIO, name: str) -> str:
+    """A manifest as UTF-8 text, refused here when the agent would refuse it for its size (and
+    read no further: ``-f -`` may be endless) or when it is not UTF-8."""
+    data = stream.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise InvalidArgument(f"{name}: larger than the {MAX_MANIFEST_BYTES} bytes a manifest may be", "-f")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"{name}: not UTF-8 ({exc.reason} at byte {exc.start})", "-f") from exc
+
+
 class Ctl:
     def __init__(self, endpoint: str, out_json: bool = False, token: str | None = None,
                  tls: tuple[str | None, str | None, str | None] = (None, None, None)) -> None:
@@ -167,10 +179,10 @@ class Ctl:
 
     def apply(self, args: argparse.Namespace) -> None:
         if args.filename == "-":
-            text, fmt = sys.stdin.read(), ""
+            text, fmt = read_manifest(sys.stdin.buffer, "-"), ""
         else:
-            with open(args.filename, encoding="utf-8") as fh:
-                text = fh.read()
+            with open(args.filename, "rb") as fh:
+                text = read_manifest(fh, args.filename)
             fmt = "yaml" if args.filename.endswith((".yaml", ".yml")) else (
                 "json" if args.filename.endswith(".json") else "")
         self._apply(text, fmt)

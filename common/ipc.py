@@ -5,7 +5,8 @@ identity frame comes first. Events travel on PUB sockets as two frames ``[topic,
 dotted topics (``pod.<name>.<kind>``) so that subscribers filter by prefix.
 
 Every JSON body carries ``v`` (the schema version). A frame that does not decode raises
-:class:`BadFrame` naming the frame and the field at fault.
+:class:`BadFrame` naming the frame and the field at fault. Integer fields are checked strictly:
+JSON's ``true`` is not 1 here (Python's ``True == 1`` would let it through), nor is ``1.0``.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
-from common.errors import BadFrame, RikletError
+from common.errors import BadFrame, RikletError, excerpt
 
 SCHEMA_VERSION = 1
 MAGIC = b"riklet.ipc.v1"
@@ -61,6 +62,11 @@ def _dumps(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), default=str).encode()
 
 
+def is_int(value: object) -> TypeGuard[int]:
+    """An integer in a frame: ``True`` and ``1.0`` compare equal to 1 in Python, and are not."""
+    return type(value) is int
+
+
 def _loads(frame: bytes, name: str, limit: int | None = MAX_FRAME_BYTES) -> dict[str, Any]:
     if limit is not None and len(frame) > limit:
         raise BadFrame(f"frame larger than {limit} bytes", name)
@@ -73,8 +79,9 @@ def _loads(frame: bytes, name: str, limit: int | None = MAX_FRAME_BYTES) -> dict
     if not isinstance(body, dict):
         raise BadFrame("expected a JSON object", name)
     version = body.get("v")
-    if version != SCHEMA_VERSION:
-        raise BadFrame(f"unsupported schema version {version!r} (want {SCHEMA_VERSION})", f"{name}.v")
+    if not is_int(version) or version != SCHEMA_VERSION:
+        raise BadFrame(f"unsupported schema version {excerpt(version)} (want the integer "
+                       f"{SCHEMA_VERSION})", f"{name}.v")
     return body
 
 
@@ -152,7 +159,7 @@ def decode_event(frames: list[bytes]) -> Event:
         raise BadFrame("topic is not UTF-8", "frames[0]") from exc
     body = _loads(frames[1], "body", limit=None)
     seq, data = body.get("seq"), body.get("data")
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+    if not is_int(seq) or seq < 0:
         raise BadFrame("must be a non-negative integer", "body.seq")
     if not isinstance(data, dict):
         raise BadFrame("must be an object", "body.data")

@@ -23,14 +23,44 @@ from typing import Any
 
 import yaml
 
-from common.errors import InvalidArgument
+from common.errors import InvalidArgument, excerpt
 from common.units import parse_cpu, parse_duration, parse_memory
 
 MAX_MANIFEST_BYTES = 256 * 1024
+MAX_DEPTH = 32          # levels of nested objects and lists in a manifest (a pod needs about 6)
 MAX_CONTAINERS = 16
 MAX_REPLICAS = 64
 MAX_ENV = 512
 MAX_ARGV = 1024
+MAX_PORTS = 128         # per container
+
+# The longest each string field may be, in characters: the one table the README documents.
+# Names follow Kubernetes (a DNS label); an argument or an environment value is bounded well
+# under Linux's 128 KiB per argument, and a path by PATH_MAX.
+MAX_LENGTHS: dict[str, int] = {
+    "name": 63,                                   # also metadata.name and each replica's pod name
+    "spec.containers[].name": 63,
+    "spec.containers[].image": 512,
+    "spec.containers[].command[]": 32 * 1024,
+    "spec.containers[].args[]": 32 * 1024,
+    "spec.containers[].env[].name": 256,
+    "spec.containers[].env[].value": 32 * 1024,
+    "spec.containers[].workingDir": 4096,
+    "spec.containers[].ports[].name": 63,
+    "spec.containers[].ports[].type": 63,
+    "spec.containers[].resources.cpu": 32,
+    "spec.containers[].resources.memory": 32,
+    "spec.terminationGracePeriodSeconds": 32,
+}
+MAX_NAME = MAX_LENGTHS["name"]
+MAX_IMAGE = MAX_LENGTHS["spec.containers[].image"]
+MAX_ARG = MAX_LENGTHS["spec.containers[].args[]"]
+MAX_ENV_NAME = MAX_LENGTHS["spec.containers[].env[].name"]
+MAX_ENV_VALUE = MAX_LENGTHS["spec.containers[].env[].value"]
+MAX_PATH = MAX_LENGTHS["spec.containers[].workingDir"]
+MAX_PORT_LABEL = MAX_LENGTHS["spec.containers[].ports[].name"]
+MAX_QUANTITY = MAX_LENGTHS["spec.containers[].resources.cpu"]
+
 RESTART_POLICIES = ("Always", "OnFailure", "Never")
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -52,10 +82,10 @@ class Workload:
 
 
 def dns_label(value: object, field: str) -> str:
-    if not isinstance(value, str) or len(value) > 63 or not _DNS_LABEL.fullmatch(value):
+    if not isinstance(value, str) or len(value) > MAX_NAME or not _DNS_LABEL.fullmatch(value):
         raise InvalidArgument(
-            f"{value!r} is not a DNS label (lower-case letters, digits and '-', 1-63 characters,"
-            " starting and ending with a letter or digit)", field)
+            f"{excerpt(value)} is not a DNS label (lower-case letters, digits and '-', 1-{MAX_NAME}"
+            " characters, starting and ending with a letter or digit)", field)
     return value
 
 
@@ -63,35 +93,182 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
+def _too_deep(field: str) -> InvalidArgument:
+    return InvalidArgument(f"nested deeper than {MAX_DEPTH} levels of objects and lists", field)
+
+
+# JSON's structure characters, plus the two that decide whether a bracket is inside a string.
+_JSON_SPECIAL = re.compile(r'[\[\]{}"\\]')
+
+
+def json_depth_exceeds(text: str, limit: int = MAX_DEPTH) -> bool:
+    """Whether JSON ``text`` nests objects/lists deeper than ``limit``: a linear scan that stops
+    at the first level too deep, so ``[[[[...`` costs nothing and the decoder (which recurses)
+    never sees it. Brackets inside strings do not count."""
+    depth, in_string, skip = 0, False, -1
+    for m in _JSON_SPECIAL.finditer(text):
+        ch, at = m.group(), m.start()
+        if at == skip:          # the character after a backslash in a string is escaped
+            continue
+        if in_string:
+            if ch == "\\":
+                skip = at + 1
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
+
+
+def load_json(text: str | bytes, field: str, max_bytes: int = MAX_MANIFEST_BYTES) -> Any:
+    """Decode untrusted JSON: size first, then depth (:data:`MAX_DEPTH`), then the decoder;
+    every failure is an InvalidArgument naming ``field``. The CHaS body and RIK definitions can
+    share this with manifests."""
+    if isinstance(text, bytes):
+        if len(text) > max_bytes:
+            raise InvalidArgument(f"larger than {max_bytes} bytes", field)
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(f"not UTF-8: {exc.reason} at byte {exc.start}", field) from exc
+    elif len(text) > max_bytes or len(text.encode("utf-8", "surrogatepass")) > max_bytes:
+        raise InvalidArgument(f"larger than {max_bytes} bytes", field)
+    if json_depth_exceeds(text):
+        raise _too_deep(field)
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except RecursionError as exc:  # cannot happen after the scan; kept so it can never crash
+        raise _too_deep(field) from exc
+    except ValueError as exc:       # also integers longer than Python converts (4300 digits)
+        raise InvalidArgument(f"not valid JSON: {exc}", field) from exc
+
+
+class _ManifestLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases and with bounded nesting.
+
+    Aliases are refused outright: a pod manifest has no need of them, and nine nested aliases in
+    a few hundred bytes expand to gigabytes wherever the document is walked (a repr, a JSON dump
+    of the stored spec). The composer is the one recursive part of PyYAML: counting its depth
+    refuses ``[[[[...`` long before Python's recursion limit."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise InvalidArgument(f"YAML aliases (*name) are not accepted (line {mark.line + 1}, "
+                                  f"column {mark.column + 1})", "manifest")
+        if not self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
+            return super().compose_node(parent, index)
+        self._depth += 1      # counts collections only, as json_depth_exceeds counts brackets
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _too_deep("manifest")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _bounded_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    # YAML 1.1's base-60 integers (1:2:3:...) cost quadratic time to build: a 256 KiB one takes
+    # seconds. No field takes an integer anywhere near this long.
+    if len(node.value) > _MAX_INT_CHARS:
+        raise InvalidArgument(f"an integer of more than {_MAX_INT_CHARS} characters (line "
+                              f"{node.start_mark.line + 1})", "manifest")
+    value: int = yaml.SafeLoader.construct_yaml_int(loader, node)
+    return value
+
+
+_MAX_INT_CHARS = 64
+_ManifestLoader.add_constructor("tag:yaml.org,2002:int", _bounded_int)
+
+
+def load_yaml(text: str, field: str = "manifest") -> Any:
+    """Decode untrusted YAML with :class:`_ManifestLoader`; failures name ``field``."""
+    loader = _ManifestLoader(text)
+    try:
+        return loader.get_single_data()
+    except InvalidArgument as exc:
+        exc.field = field
+        raise
+    except yaml.YAMLError as exc:
+        raise InvalidArgument(f"not valid YAML: {exc}", field) from exc
+    except (ValueError, OverflowError) as exc:  # a constructor's: 2020-13-45, a 5000-digit int
+        raise InvalidArgument(f"not valid YAML: {exc}", field) from exc
+    finally:
+        loader.dispose()
+
+
 def load_manifest(text: str | bytes, fmt: str = "") -> dict[str, Any]:
-    """Decode a manifest in JSON or YAML (``fmt`` empty: JSON if it parses, else YAML)."""
-    if len(text) > MAX_MANIFEST_BYTES:
-        raise InvalidArgument(f"manifest larger than {MAX_MANIFEST_BYTES} bytes", "manifest")
+    """Decode a manifest in JSON or YAML (``fmt`` empty: JSON if it parses, else YAML), refusing
+    more than :data:`MAX_MANIFEST_BYTES`, more than :data:`MAX_DEPTH` levels, and YAML aliases."""
     if fmt not in ("", "json", "yaml"):
-        raise InvalidArgument(f"unknown format {fmt!r} (json, yaml)", "format")
-    data: Any
-    if fmt in ("", "json"):
+        raise InvalidArgument(f"unknown format {excerpt(fmt)} (json, yaml)", "format")
+    if isinstance(text, bytes):
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise InvalidArgument(f"manifest larger than {MAX_MANIFEST_BYTES} bytes", "manifest")
         try:
-            data = json.loads(text, parse_constant=_no_constant)
-        except ValueError as exc:
-            if fmt == "json":
-                raise InvalidArgument(f"not valid JSON: {exc}", "manifest") from exc
-            data = None
-    if fmt == "yaml" or (fmt == "" and data is None):
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(f"not UTF-8: {exc.reason} at byte {exc.start}", "manifest") from exc
+    if len(text) > MAX_MANIFEST_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_MANIFEST_BYTES:
+        raise InvalidArgument(f"manifest larger than {MAX_MANIFEST_BYTES} bytes", "manifest")
+    data: Any = None
+    if fmt == "json":
+        data = load_json(text, "manifest")
+    elif fmt == "yaml":
+        data = load_yaml(text)
+    else:
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise InvalidArgument(f"neither valid JSON nor YAML: {exc}", "manifest") from exc
+            data = load_json(text, "manifest")
+        except InvalidArgument:
+            # Not JSON (or JSON too deep, which YAML, a superset, then refuses the same way).
+            try:
+                data = load_yaml(text)
+            except InvalidArgument as exc:
+                if not exc.message.startswith("not valid YAML: "):
+                    raise
+                raise InvalidArgument("neither valid JSON nor YAML: " + exc.message.split(": ", 1)[1],
+                                      "manifest") from exc
     if not isinstance(data, dict):
         raise InvalidArgument("the workload must be an object", "manifest")
     return data
+
+
+def _key(field: str, key: object) -> str:
+    """The path of ``field``'s member ``key``; a key that is not a short string is excerpted."""
+    name = key if isinstance(key, str) and len(key) <= MAX_NAME else excerpt(key)
+    return f"{field}.{name}" if field else name
 
 
 def _check_keys(obj: Mapping[str, Any], allowed: set[str], field: str) -> None:
     for key in obj:
         if key not in allowed:
             raise InvalidArgument(f"unknown field (allowed: {', '.join(sorted(allowed))})",
-                                  f"{field}.{key}" if field else str(key))
+                                  _key(field, key))
+
+
+def _text(value: object, field: str, limit: int, what: str = "a string") -> str:
+    """A string of at most ``limit`` characters and without NUL bytes."""
+    if not isinstance(value, str) or "\0" in value:
+        raise InvalidArgument(f"expected {what} (text without NUL bytes)", field)
+    if len(value) > limit:
+        raise InvalidArgument(f"{len(value)} characters, more than the {limit} allowed", field)
+    return value
+
+
+def _one_of(value: object, choices: tuple[str, ...], field: str) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise InvalidArgument(f"{excerpt(value)} is not one of {', '.join(choices)}", field)
+    return value
 
 
 def _obj(value: object, field: str) -> dict[str, Any]:
@@ -112,16 +289,13 @@ def _argv(value: object, field: str) -> list[str]:
         value = [value]
     if not isinstance(value, list) or len(value) > MAX_ARGV:
         raise InvalidArgument(f"expected a list of at most {MAX_ARGV} strings", field)
-    for i, item in enumerate(value):
-        if not isinstance(item, str) or "\0" in item:
-            raise InvalidArgument("expected a string without NUL bytes", f"{field}[{i}]")
-    return list(value)
+    return [_text(item, f"{field}[{i}]", MAX_ARG) for i, item in enumerate(value)]
 
 
 def _env(value: object, field: str) -> dict[str, str]:
     items: list[tuple[object, object, str]]
     if isinstance(value, dict):
-        items = [(k, v, f"{field}.{k}") for k, v in value.items()]
+        items = [(k, v, _key(field, k)) for k, v in value.items()]
     elif isinstance(value, list):
         items = []
         for i, entry in enumerate(value):
@@ -134,16 +308,19 @@ def _env(value: object, field: str) -> dict[str, str]:
         raise InvalidArgument(f"more than {MAX_ENV} variables", field)
     env: dict[str, str] = {}
     for name, val, where in items:
-        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
-            raise InvalidArgument(f"{name!r} is not a valid variable name", f"{where}.name")
-        if isinstance(val, bool) or not isinstance(val, (str, int, float)) or "\0" in str(val):
+        key = _text(name, f"{where}.name", MAX_ENV_NAME, "a variable name")
+        if not _ENV_NAME.fullmatch(key):
+            raise InvalidArgument(f"{excerpt(key)} is not a valid variable name", f"{where}.name")
+        if isinstance(val, bool) or not isinstance(val, (str, int, float)):
             raise InvalidArgument("expected a string", f"{where}.value")
-        env[name] = str(val)
+        env[key] = _text(str(val), f"{where}.value", MAX_ENV_VALUE)
     return env
 
 
 def _ports(value: object, field: str, container: str) -> list[dict[str, Any]]:
     entries = value if isinstance(value, list) else [value]
+    if len(entries) > MAX_PORTS:
+        raise InvalidArgument(f"more than {MAX_PORTS} ports", field)
     out = []
     for i, raw in enumerate(entries):
         where = f"{field}[{i}]" if isinstance(value, list) else field
@@ -155,17 +332,19 @@ def _ports(value: object, field: str, container: str) -> list[dict[str, Any]]:
             raise InvalidArgument("a port needs port or target_port", where)
         target_v = _int(target if target is not None else port, f"{where}.target_port", 0, 65535)
         host_v = _int(port, f"{where}.port", 1, 65535) if port is not None else 0
+        for label in ("name", "type"):  # accepted from RIK and Kubernetes, not used here
+            if entry.get(label) is not None:
+                _text(entry[label], f"{where}.{label}", MAX_PORT_LABEL)
         proto = entry.get("protocol", "TCP")
-        if not isinstance(proto, str) or proto.upper() not in PROTOCOLS:
-            raise InvalidArgument(f"expected one of {', '.join(PROTOCOLS)}", f"{where}.protocol")
+        if not isinstance(proto, str) or len(proto) > 8 or proto.upper() not in PROTOCOLS:
+            raise InvalidArgument(f"{excerpt(proto)} is not one of {', '.join(PROTOCOLS)}",
+                                  f"{where}.protocol")
         port_v: dict[str, Any] = {"port": host_v, "target_port": target_v, "protocol": proto.upper(),
                                   "container": container}
         balance = entry.get("balance")
         if balance is not None:
             # Kept only when given: specs stored before the field existed stay equal.
-            if balance not in BALANCES:
-                raise InvalidArgument(f"expected one of {', '.join(BALANCES)}", f"{where}.balance")
-            port_v["balance"] = balance
+            port_v["balance"] = _one_of(balance, BALANCES, f"{where}.balance")
         out.append(port_v)
     return out
 
@@ -175,10 +354,18 @@ def _resources(value: object, field: str) -> dict[str, int | None]:
     _check_keys(res, {"cpu", "memory", "limits", "requests"}, field)
     if "limits" in res:  # Kubernetes-style resources.limits is accepted as the limit
         return _resources(res["limits"], f"{field}.limits")
-    cpu = res.get("cpu")
-    mem = res.get("memory")
+    cpu, mem = _quantity(res.get("cpu"), f"{field}.cpu"), _quantity(res.get("memory"), f"{field}.memory")
     return {"cpu_millis": parse_cpu(cpu, f"{field}.cpu") if cpu is not None else None,
             "memory_bytes": parse_memory(mem, f"{field}.memory") if mem is not None else None}
+
+
+def _quantity(value: object, field: str) -> object:
+    """A cpu/memory/duration: a number, or a short string the units parser reads."""
+    if isinstance(value, str):
+        _text(value, field, MAX_QUANTITY)
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**63:
+        raise InvalidArgument("out of range", field)  # float() of a huge integer overflows
+    return value
 
 
 def _container(raw: object, field: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -188,9 +375,10 @@ def _container(raw: object, field: str) -> tuple[dict[str, Any], list[dict[str, 
     image = c.get("image")
     if image is not None and (not isinstance(image, str) or not image.strip()):
         raise InvalidArgument("expected a non-empty image reference", f"{field}.image")
-    runtime = c.get("runtime") or ("containerd" if image else "process")
-    if runtime not in ("process", "containerd"):
-        raise InvalidArgument(f"unknown runtime {runtime!r} (process, containerd)", f"{field}.runtime")
+    if image is not None:
+        _text(image, f"{field}.image", MAX_IMAGE, "an image reference")
+    runtime = _one_of(c.get("runtime") or ("containerd" if image else "process"),
+                      ("process", "containerd"), f"{field}.runtime")
     if runtime == "containerd" and not image:
         raise InvalidArgument("the containerd runtime needs an image", f"{field}.image")
     command = _argv(c["command"], f"{field}.command") if "command" in c else []
@@ -203,6 +391,8 @@ def _container(raw: object, field: str) -> tuple[dict[str, Any], list[dict[str, 
     workdir = c.get("workingDir")
     if workdir is not None and (not isinstance(workdir, str) or not workdir.startswith("/")):
         raise InvalidArgument("expected an absolute path", f"{field}.workingDir")
+    if workdir is not None:
+        _text(workdir, f"{field}.workingDir", MAX_PATH, "a path")
     spec = {
         "name": name, "image": image, "runtime": runtime, "command": command, "args": args,
         "env": _env(c["env"], f"{field}.env") if "env" in c else {},
@@ -219,10 +409,10 @@ def parse_workload(data: Mapping[str, Any], default_grace: float = 10.0) -> Work
     _check_keys(data, _TOP_KEYS, "")
     kind = data.get("kind", "Pod")
     if kind != "Pod":
-        raise InvalidArgument(f"unsupported kind {kind!r} (this node runs Pod)", "kind")
+        raise InvalidArgument(f"unsupported kind {excerpt(kind)} (this node runs Pod)", "kind")
     api = data.get("apiVersion", "v1")
     if api != "v1":
-        raise InvalidArgument(f"unsupported apiVersion {api!r} (v1)", "apiVersion")
+        raise InvalidArgument(f"unsupported apiVersion {excerpt(api)} (v1)", "apiVersion")
     name = data.get("name")
     if name is None and isinstance(data.get("metadata"), dict):
         name = data["metadata"].get("name")
@@ -254,10 +444,9 @@ def parse_workload(data: Mapping[str, Any], default_grace: float = 10.0) -> Work
             raise InvalidArgument(f"host port {port['port']}/{port['protocol']} given twice",
                                   f"spec.containers.ports[{port['container']}].port")
         seen.add(key)
-    policy = spec.get("restartPolicy", "Always")
-    if policy not in RESTART_POLICIES:
-        raise InvalidArgument(f"expected one of {', '.join(RESTART_POLICIES)}", "spec.restartPolicy")
-    grace = spec.get("terminationGracePeriodSeconds", default_grace)
+    policy = _one_of(spec.get("restartPolicy", "Always"), RESTART_POLICIES, "spec.restartPolicy")
+    grace = _quantity(spec.get("terminationGracePeriodSeconds", default_grace),
+                      "spec.terminationGracePeriodSeconds")
     grace = parse_duration(grace, "spec.terminationGracePeriodSeconds")
     if grace > 3600:
         raise InvalidArgument("at most 3600 seconds", "spec.terminationGracePeriodSeconds")

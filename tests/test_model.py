@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 from common.errors import InvalidArgument
-from common.model import load_manifest, parse_workload
+from common.model import MAX_DEPTH, MAX_LENGTHS, load_json, load_manifest, parse_workload
 
 RIK_POD = {
     "apiVersion": "v1", "kind": "Pod", "name": "web", "replicas": 1,
@@ -112,3 +113,148 @@ def test_the_same_host_port_twice_is_refused() -> None:
     doc = process_pod(ports=[{"port": 8080, "target_port": 1}, {"port": 8080, "target_port": 2}])
     with pytest.raises(InvalidArgument, match="8080"):
         parse_workload(doc)
+
+
+# -- input limits: small inputs must not cost gigabytes or crash -------------------------------
+
+def alias_bomb(levels: int = 9) -> str:
+    """Billion laughs: each level is nine references to the one before, ``kind`` the last."""
+    lines = ["metadata:", "  a0: &a0 [x,x,x,x,x,x,x,x,x]"]
+    lines += [f"  a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "\n".join([*lines, f"kind: *a{levels - 1}", ""])
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once_with_a_short_message() -> None:
+    text = alias_bomb()
+    assert len(text) == 434              # the manifest from the report: 9**9 x's once expanded
+    started = time.monotonic()
+    with pytest.raises(InvalidArgument) as err:
+        parse_workload(load_manifest(text))
+    assert time.monotonic() - started < 1.0
+    assert err.value.field == "manifest" and "aliases" in err.value.message
+    assert len(str(err.value)) < 200
+
+
+@pytest.mark.parametrize("text", [
+    "name: &n web\nmetadata: {name: *n}\n",
+    "base: &b {cpu: 1}\nspec: {containers: [{name: a, command: [x], resources: {<<: *b}}]}\n",
+])
+def test_any_alias_is_refused_naming_where(text: str) -> None:
+    with pytest.raises(InvalidArgument, match=r"aliases .* not accepted \(line \d+, column \d+\)") as err:
+        load_manifest(text, "yaml")
+    assert err.value.field == "manifest"
+
+
+def _nested(depth: int, fmt: str) -> str:
+    """A pod whose metadata holds ``depth`` levels in all (the document itself is the first)."""
+    inner = "[" * (depth - 2) + "]" * (depth - 2) if depth > 2 else "1"
+    doc = f'{{"name": "web", "metadata": {{"x": {inner}}}}}'
+    return doc if fmt == "json" else doc.replace('"', "")
+
+
+@pytest.mark.parametrize("fmt", ["json", "yaml", ""])
+def test_nesting_is_bounded_and_the_error_names_the_limit(fmt: str) -> None:
+    assert load_manifest(_nested(MAX_DEPTH, fmt or "json"), fmt)["name"] == "web"
+    with pytest.raises(InvalidArgument, match=f"deeper than {MAX_DEPTH} levels") as err:
+        load_manifest(_nested(MAX_DEPTH + 1, fmt or "yaml"), fmt)
+    assert err.value.field == "manifest"
+
+
+@pytest.mark.parametrize(("text", "fmt"), [
+    ("[" * 100_000, ""), ("[" * 100_000, "json"), ("[" * 100_000, "yaml"),
+    ("kind: " + "[" * 100_000, ""), ('{"a": ' * 40_000, ""),
+    ("a:\n" + "".join("  " * i + "b:\n" for i in range(1, 100)), "yaml"),   # block style
+    ("- " * 50_000 + "x", "yaml"),
+])
+def test_deep_nesting_is_refused_without_recursing(text: str, fmt: str) -> None:
+    with pytest.raises(InvalidArgument, match=f"deeper than {MAX_DEPTH} levels") as err:
+        load_manifest(text, fmt)
+    assert err.value.field == "manifest"
+
+
+def test_brackets_inside_json_strings_do_not_count_as_nesting() -> None:
+    text = json.dumps({"name": "web", "metadata": {"note": "[{\\\"" * 1000}})
+    assert load_manifest(text, "json")["name"] == "web"
+    assert load_json('["\\\\", [[]]]', "body") == ["\\", [[]]]
+
+
+@pytest.mark.parametrize("text", [
+    '{"kind": ' + "9" * 5000 + "}",        # past Python's 4300-digit int conversion limit
+    "kind: " + "9" * 5000,
+    "kind: " + "1:" * 80_000 + "1",         # a YAML 1.1 base-60 int: quadratic to build
+    "kind: 2020-13-45",                     # a timestamp no calendar has
+])
+def test_numbers_the_decoders_choke_on_are_refused_quickly(text: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(InvalidArgument) as err:
+        load_manifest(text)
+    assert time.monotonic() - started < 1.0
+    assert err.value.field == "manifest"
+
+
+def _container_with(path: str, value: object) -> dict[str, object]:
+    """A valid pod with ``value`` at the limits-table path (``[]`` meaning the first item)."""
+    c: dict[str, object] = {"name": "app", "command": ["sleep", "60"]}
+    doc: dict[str, object] = {"name": "web", "spec": {"containers": [c]}}
+    key = path.removeprefix("spec.containers[].")
+    if path == "name":
+        doc["name"] = value
+    elif path == "spec.terminationGracePeriodSeconds":
+        doc["spec"]["terminationGracePeriodSeconds"] = value  # type: ignore[index]
+    elif key in ("command[]", "args[]"):
+        c[key[:-2]] = [value]
+    elif key.startswith("env[]."):
+        c["env"] = [{"name": "K", "value": "v", key.removeprefix("env[]."): value}]
+    elif key.startswith("ports[]."):
+        c["ports"] = [{"port": 8080, "target_port": 80, key.removeprefix("ports[]."): value}]
+    elif key.startswith("resources."):
+        c["resources"] = {key.removeprefix("resources."): value}
+    else:
+        c[key] = value
+    if key == "image":
+        c.pop("command")
+    return doc
+
+
+_FIELD = {"command[]": "command[0]", "args[]": "args[0]", "env[].name": "env[0].name",
+          "env[].value": "env[0].value", "ports[].name": "ports[0].name", "ports[].type": "ports[0].type"}
+
+
+def _long(path: str, n: int) -> str:
+    if path.endswith(("workingDir",)):
+        return "/" + "d" * (n - 1)
+    return "a" * n
+
+
+@pytest.mark.parametrize("path", sorted(MAX_LENGTHS))
+def test_every_string_field_has_a_length_limit_named_in_the_error(path: str) -> None:
+    limit = MAX_LENGTHS[path]
+    doc = _container_with(path, _long(path, limit * 20 + 1))
+    with pytest.raises(InvalidArgument) as err:
+        parse_workload(doc)
+    key = path.removeprefix("spec.containers[].")
+    assert err.value.field == (path if key == path else f"spec.containers[0].{_FIELD.get(key, key)}")
+    assert len(str(err.value)) < 300
+
+
+@pytest.mark.parametrize("path", sorted(p for p in MAX_LENGTHS if "resources" not in p
+                                        and "Grace" not in p and "name" not in p))
+def test_a_string_at_its_limit_is_accepted_and_one_more_is_not(path: str) -> None:
+    limit = MAX_LENGTHS[path]
+    parse_workload(_container_with(path, _long(path, limit)))
+    with pytest.raises(InvalidArgument, match=f"more than the {limit} allowed"):
+        parse_workload(_container_with(path, _long(path, limit + 1)))
+
+
+@pytest.mark.parametrize("name", ["x" * 20_000, "é" * 20_000, ["web"] * 100_000, {"k": "v" * 100_000}])
+def test_a_huge_name_gets_a_short_error_naming_name(name: object) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        parse_workload({"name": name, "spec": {"containers": [{"name": "a", "command": ["x"]}]}})
+    assert err.value.field == "name"
+    assert ("…" in err.value.message or "..." in err.value.message) and len(err.value.message) < 250
+
+
+def test_an_unknown_huge_key_is_named_by_an_excerpt() -> None:
+    with pytest.raises(InvalidArgument) as err:
+        parse_workload({"k" * 100_000: 1})
+    assert err.value.field is not None and len(err.value.field) < 100 and "…" in err.value.field

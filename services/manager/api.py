@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import grpc
 
 from common import rotlog
-from common.errors import Conflict, ErrorCode, InvalidArgument, NotFound, RikletError, Unavailable
+from common.errors import Conflict, ErrorCode, InvalidArgument, NotFound, RikletError, Unavailable, bounded
 from common.memclient import MemoryClient
 from common.model import Workload, dns_label, load_manifest, parse_workload
 from common.pb import node_pb2 as pb
@@ -44,6 +44,11 @@ _GRPC_CODES = {
     ErrorCode.TIMEOUT: grpc.StatusCode.UNAVAILABLE,
     ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
 }
+
+# gRPC carries the status message in a trailer, percent-encoding every non-ASCII byte (3x), and a
+# peer refuses trailers over its 8 KiB metadata limit: the client then sees RESOURCE_EXHAUSTED
+# instead of the real code. 2 KiB encodes to at most 6 KiB.
+MAX_GRPC_MESSAGE_BYTES = 2048
 
 T = TypeVar("T")
 
@@ -106,7 +111,7 @@ class NodeService(pb_grpc.NodeServicer):
         try:
             return fn()
         except RikletError as exc:
-            context.abort(_GRPC_CODES[exc.code], str(exc))
+            context.abort(_GRPC_CODES[exc.code], bounded(str(exc), MAX_GRPC_MESSAGE_BYTES))
             raise  # unreachable: abort raises
 
     def _pod_name(self, name: str) -> str:
