@@ -65,7 +65,7 @@ class PodSequence:
             return Outcome.IGNORED
         if ev.topic == "hb":
             seq, epoch = ev.data.get("seq"), ev.data.get("epoch")
-            if not isinstance(seq, int) or not isinstance(epoch, str):
+            if isinstance(seq, bool) or not isinstance(seq, int) or not isinstance(epoch, str):
                 log.warning("malformed heartbeat ignored", extra={"data": ev.data})
                 return Outcome.IGNORED
             # A heartbeat behind us is legal (it may predate the snapshot); ahead is a loss.

@@ -40,8 +40,8 @@ import psutil
 
 from common import auth, rotlog
 from common.errors import Conflict as ConflictError
-from common.errors import ErrorCode, InvalidArgument, NotFound, RikletError, Unavailable
-from common.model import Workload, dns_label, host_ports
+from common.errors import ErrorCode, InvalidArgument, NotFound, RikletError, Unavailable, excerpt
+from common.model import Workload, dns_label, host_ports, load_json
 from common.rik import instance_id_of
 from common.units import parse_cpu, parse_memory
 from common.zmqutil import RequestClient
@@ -164,8 +164,7 @@ class DeployRequest:
 
 
 def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return excerpt(value)
 
 
 def _opt(data: Mapping[str, Any], key: str) -> Any:
@@ -895,10 +894,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _deploy_route(self) -> Reply:
         raw = self._read_body()
-        try:
-            data = json.loads(raw, parse_constant=_no_constant)
-        except (ValueError, RecursionError) as exc:
-            raise InvalidArgument(f"not valid JSON: {str(exc)[:200]}", "body") from exc
+        data = load_json(raw, "body", MAX_BODY)  # size, depth, then the decoder
         request = parse_deploy(data)
         record, created = self.server.api.deploy(request)
         summary = container_summary(record)
@@ -988,10 +984,6 @@ class _Handler(BaseHTTPRequestHandler):
                 stop.wait(2 * FOLLOW_POLL)
                 break
         stop.set()
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _chunks(data: bytes, size: int = 64 * 1024) -> Iterator[bytes]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.errors import InvalidArgument
-from common.model import MAX_MANIFEST_BYTES, Workload, parse_workload
+from common.model import MAX_MANIFEST_BYTES, Workload, load_json, parse_workload
 from common.pb import rik_common_pb2 as cpb
 from common.rik import pod_name_for, status_of
 
@@ -39,12 +39,7 @@ def load_definition(text: str) -> dict[str, Any]:
     if size > MAX_DEFINITION_BYTES:
         raise InvalidArgument(f"definition is {size} bytes, more than the {MAX_DEFINITION_BYTES} accepted",
                               "definition")
-    try:
-        data = _drop_nulls(json.loads(text))
-    except ValueError as exc:
-        raise InvalidArgument(f"not valid JSON: {exc}", "definition") from exc
-    except RecursionError as exc:  # "[[[[..." within the size limit
-        raise InvalidArgument("nested too deeply", "definition") from exc
+    data = _drop_nulls(load_json(text, "definition", MAX_DEFINITION_BYTES))
     if not isinstance(data, dict):
         raise InvalidArgument("the workload must be a JSON object", "definition")
     return data

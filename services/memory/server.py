@@ -33,7 +33,7 @@ import zmq
 
 from common import ipc
 from common.config import Config
-from common.errors import InvalidArgument, Unavailable
+from common.errors import InvalidArgument, Unavailable, excerpt
 from common.zmqutil import ipc_path, make_run_dir, prepare_ipc_bind, route_one
 from services.memory.store import Change, Store
 
@@ -76,7 +76,7 @@ OPS: dict[str, Op] = {
 def check_args(op: str, args: dict[str, Any]) -> Op:
     spec = OPS.get(op)
     if spec is None:
-        raise InvalidArgument(f"unknown op {op!r} (known: ping, {', '.join(sorted(OPS))})", "body.op")
+        raise InvalidArgument(f"unknown op {excerpt(op)} (known: ping, {', '.join(sorted(OPS))})", "body.op")
     for key in args:
         if key not in spec.required and key not in spec.optional:
             raise InvalidArgument(f"unknown argument for {op}", f"args.{key}")
