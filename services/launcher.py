@@ -107,11 +107,12 @@ def main(argv: list[str] | None = None) -> None:
     os.execve(supervisord, [supervisord, "-n", "-c", args.supervisord_conf], env)
 
 
-def prepare(run_dir: str, state_dir: str) -> None:
-    """Claim the run dir (its lock stays with supervisord through the exec) and stop what a
-    previous agent left there; exit 1 with the reason when another agent is alive."""
+def prepare(run_dir: str, state_dir: str) -> int:
+    """Claim the run dir and stop what a previous agent left there; the fd of the run dir's lock,
+    left open so that supervisord holds it after the exec. Exits 1 with the reason when another
+    agent is alive."""
     try:
-        takeover.claim(run_dir)
+        fd = takeover.claim(run_dir)
         takeover.take_over(run_dir, lambda line: print(f"riklet: {line}", file=sys.stderr, flush=True))
     except Unavailable as exc:
         sys.exit(f"riklet: {exc.message}")
@@ -119,6 +120,7 @@ def prepare(run_dir: str, state_dir: str) -> None:
     for path, pid in takeover.lock_holders(locks).items():
         print(f"riklet: {path} is held by pid {pid}, not a service of this run dir: left alone; "
               "memory cannot start until it lets go", file=sys.stderr, flush=True)
+    return fd
 
 
 if __name__ == "__main__":
