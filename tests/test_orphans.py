@@ -56,9 +56,9 @@ def test_services_exit_with_their_supervisord_and_the_next_start_adopts_the_pods
     workload = run_pod(agent, "survivor")
     sid, services = kill_supervisord(agent)
     try:
-        # Memory and monitor stop at once; the manager in ~2 s; the proxy worker serves 3 s for a
-        # successor first.
-        wait_for(lambda: not session_processes(sid), 10,
+        # Memory and monitor stop at once, the manager within ~2 s, the proxy worker after
+        # serving 3 s for a successor: ~3.5 s in all here; the deadline leaves room for a slow CI.
+        wait_for(lambda: not session_processes(sid), 15,
                  what=f"the services of the killed supervisord to exit (left: {session_processes(sid)})")
         assert pid_alive(workload), "the workload must outlive the agent's services"
         agent.start()
@@ -147,12 +147,16 @@ def _parent_of_watched(env: dict[str, str]) -> tuple[subprocess.Popen[str], int]
     return parent, child
 
 
-def test_a_watched_service_gets_sigterm_when_its_supervisor_dies() -> None:
-    parent, child = _parent_of_watched(_clean_env(SUPERVISOR_ENABLED="1"))
+def test_a_watched_service_gets_sigterm_when_its_supervisor_dies(tmp_path: Path) -> None:
+    (tmp_path / "log").mkdir()
+    parent, child = _parent_of_watched(_clean_env(SUPERVISOR_ENABLED="1", RIKLET_STATE_DIR=str(tmp_path),
+                                                  SUPERVISOR_PROCESS_NAME="child"))
     try:
         parent.kill()
         parent.wait()
         wait_for(lambda: not pid_alive(child), 5, what="the child to exit with its parent")
+        # Its last words reach the program's log file, not supervisord's dead pipe.
+        assert "supervisord gone: stopping" in (tmp_path / "log" / "child.log").read_text()
     finally:
         _kill([child])
 
