@@ -117,25 +117,46 @@ def agent_processes(run_dir: str, proc: str = "/proc") -> Iterator[Proc]:
             yield Proc(pid, start, role)
 
 
+def lock_holders(paths: list[str], locks: str = "/proc/locks") -> dict[str, int]:
+    """Which pid holds a flock on each of ``paths`` (those locked only), from /proc/locks."""
+    wanted: dict[str, str] = {}
+    for path in paths:
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            wanted[f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"] = path
+    held: dict[str, int] = {}
+    with contextlib.suppress(OSError), open(locks, encoding="ascii", errors="replace") as fh:
+        for line in fh:
+            fields = line.split()
+            # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2148353 0 EOF"; "->" marks a waiter.
+            if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] in wanted \
+                    and fields[4].isdigit():
+                held[wanted[fields[5]]] = int(fields[4])
+    return held
+
+
 # --- one agent per run dir -----------------------------------------------------------------------
 
 def claim(run_dir: str, proc: str = "/proc") -> int:
     """Lock ``run_dir`` for this agent; the lock's fd, inheritable so that supervisord holds it
     after the exec. Unavailable, naming the live agent, when there is one."""
-    fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+    path = os.path.join(run_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        live = [p for p in agent_processes(run_dir, proc) if p.role == "supervisord"]
+        held = False
     except BlockingIOError:
-        live = [p for p in agent_processes(run_dir, proc) if p.role == "supervisord"] or \
-            [Proc(0, 0, "riklet run")]
+        held = True
     except BaseException:
         os.close(fd)
         raise
-    if live:
+    who = ", ".join(f"supervisord pid {p.pid}" for p in agent_processes(run_dir, proc)
+                    if p.role == "supervisord")
+    if held and not who:    # a `riklet run` that has not exec'd yet, or a supervisord we cannot read
+        holder = lock_holders([path]).get(path)
+        who = f"pid {holder} holds {LOCK_FILE}" if holder else f"{LOCK_FILE} is held"
+    if who:
         os.close(fd)
-        who = ", ".join(f"{p.role} pid {p.pid}" if p.pid else "another `riklet run` starting"
-                        for p in live)
         raise Unavailable(f"an agent is already running from {run_dir} ({who}): stop it first, "
                           "or give this one another RIKLET_RUN_DIR", "RIKLET_RUN_DIR")
     os.set_inheritable(fd, True)
@@ -209,20 +230,3 @@ def take_over(run_dir: str, report: Callable[[str], None], grace: float = GRACE)
               if killed else ""))
     return left
 
-
-def lock_holders(paths: list[str], locks: str = "/proc/locks") -> dict[str, int]:
-    """Which pid holds a flock on each of ``paths`` (those locked only), from /proc/locks."""
-    wanted: dict[str, str] = {}
-    for path in paths:
-        with contextlib.suppress(OSError):
-            st = os.stat(path)
-            wanted[f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"] = path
-    held: dict[str, int] = {}
-    with contextlib.suppress(OSError), open(locks, encoding="ascii", errors="replace") as fh:
-        for line in fh:
-            fields = line.split()
-            # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2148353 0 EOF"; "->" marks a waiter.
-            if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] in wanted \
-                    and fields[4].isdigit():
-                held[wanted[fields[5]]] = int(fields[4])
-    return held

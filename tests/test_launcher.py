@@ -91,8 +91,9 @@ def test_prepare_refuses_while_another_start_holds_the_run_dir(
     run_dir, state_dir, _, _ = dirs
     fd = prepare(str(run_dir), str(state_dir))
     try:
-        with pytest.raises(SystemExit, match=r"already running from .*another `riklet run` starting"):
+        with pytest.raises(SystemExit) as exc:
             prepare(str(run_dir), str(state_dir))
+        assert f"already running from {run_dir} (pid {os.getpid()} holds agent.lock)" in str(exc.value)
     finally:
         os.close(fd)
     os.close(prepare(str(run_dir), str(state_dir)))   # free again once the first is gone
