@@ -11,6 +11,8 @@ So "every process of the old agent's session is gone" is what a user would check
 from __future__ import annotations
 
 import contextlib
+import glob
+import json
 import os
 import signal
 import subprocess
@@ -46,21 +48,27 @@ def stop_and_check_nothing_left(agent: Agent, workload: int) -> None:
     assert pid_alive(workload), "stopping the agent must not stop its workloads"
 
 
-def run_pod(agent: Agent, name: str) -> int:
+def run_pod(agent: Agent, name: str) -> tuple[int, int]:
+    """A process pod; its workload's pid and its shim's."""
     agent.ctl("run", name, "--", "sleep", "3600")
-    return int(agent.wait_phase(name, "Running")["containers"][0]["pid"])
+    workload = int(agent.wait_phase(name, "Running")["containers"][0]["pid"])
+    [status] = glob.glob(os.path.join(agent.state_dir, "pods", "*", "status.json"))
+    with open(status, encoding="utf-8") as fh:
+        shim = int(json.load(fh)["shim_pid"])
+    assert pid_alive(shim) and shim not in session_processes(agent.supervisord_pid())
+    return workload, shim
 
 
 @pytest.mark.integration
 def test_services_exit_with_their_supervisord_and_the_next_start_adopts_the_pods(agent: Agent) -> None:
-    workload = run_pod(agent, "survivor")
+    workload, shim = run_pod(agent, "survivor")
     sid, services = kill_supervisord(agent)
     try:
         # Memory and monitor stop at once, the manager within ~2 s, the proxy worker after
         # serving 3 s for a successor: ~3.5 s in all here; the deadline leaves room for a slow CI.
         wait_for(lambda: not session_processes(sid), 15,
                  what=f"the services of the killed supervisord to exit (left: {session_processes(sid)})")
-        assert pid_alive(workload), "the workload must outlive the agent's services"
+        assert pid_alive(workload) and pid_alive(shim), "the pod must outlive the agent's services"
         agent.start()
         pod = agent.wait_phase("survivor", "Running")
         assert pod["containers"][0]["pid"] == workload
@@ -76,7 +84,7 @@ def test_next_start_takes_over_orphans_that_stayed(agent: Agent) -> None:
     agent.stop()
     agent.env["RIKLET_PARENT_WATCH"] = "off"
     agent.start()
-    workload = run_pod(agent, "survivor")
+    workload, shim = run_pod(agent, "survivor")
     sid, services = kill_supervisord(agent)
     try:
         # Give a service that would exit on its own the time to do so: none may.
@@ -89,6 +97,7 @@ def test_next_start_takes_over_orphans_that_stayed(agent: Agent) -> None:
         agent.start()
         took = time.monotonic() - started
         assert not session_processes(sid), "the previous agent's services must be gone"
+        assert pid_alive(shim), "the takeover must leave the pods' shims alone"
         assert took < 20, f"the takeover took {took:.1f} s"
         pod = agent.wait_phase("survivor", "Running")
         assert pod["containers"][0]["pid"] == workload
