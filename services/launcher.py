@@ -1,8 +1,10 @@
 """``riklet run``: start the agent in the foreground under supervisord with embedded defaults.
 
 Sets the environment supervisord.conf reads (RIKLET_RUN_DIR, RIKLET_STATE_DIR, RIKLET_CONFIG)
-when the caller has not, makes this process a child subreaper so that shims orphaned by a
-manager restart are reaped by supervisord rather than left as zombies, and execs supervisord.
+when the caller has not, makes sure no other agent runs from the same run dir and stops what
+a previous one left running there (services.takeover), makes this process a child subreaper so
+that shims orphaned by a manager restart are reaped by supervisord rather than left as zombies,
+and execs supervisord.
 
 ``riklet config show`` prints the effective configuration and where each value came from,
 without any service running.
@@ -18,6 +20,8 @@ from typing import Any
 
 from common import config
 from common.errors import InvalidArgument, Unavailable
+from common.parentwatch import SUPERVISOR_PID_ENV
+from services import takeover
 from services.manager.procs import become_subreaper
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,12 +96,31 @@ def main(argv: list[str] | None = None) -> None:
         env[key] = os.path.abspath(env[key])
         os.makedirs(env[key], mode=0o700, exist_ok=True)
     os.makedirs(os.path.join(env["RIKLET_STATE_DIR"], "log"), mode=0o700, exist_ok=True)
+    prepare(env["RIKLET_RUN_DIR"], env["RIKLET_STATE_DIR"])
+    # exec keeps the pid: the services compare their parent with it (common.parentwatch).
+    env[SUPERVISOR_PID_ENV] = str(os.getpid())
     try:
         become_subreaper()
     except Unavailable as exc:
         print(f"riklet: {exc}; orphaned shims may linger as zombies", file=sys.stderr)
     supervisord = os.path.join(os.path.dirname(sys.executable), "supervisord")
     os.execve(supervisord, [supervisord, "-n", "-c", args.supervisord_conf], env)
+
+
+def prepare(run_dir: str, state_dir: str) -> int:
+    """Claim the run dir and stop what a previous agent left there; the fd of the run dir's lock,
+    left open so that supervisord holds it after the exec. Exits 1 with the reason when another
+    agent is alive."""
+    try:
+        fd = takeover.claim(run_dir)
+        takeover.take_over(run_dir, lambda line: print(f"riklet: {line}", file=sys.stderr, flush=True))
+    except Unavailable as exc:
+        sys.exit(f"riklet: {exc.message}")
+    locks = [os.path.join(d, "memory.lock") for d in (run_dir, state_dir)]
+    for path, pid in takeover.lock_holders(locks).items():
+        print(f"riklet: {path} is held by pid {pid}, not a service of this run dir: left alone; "
+              "memory cannot start until it lets go", file=sys.stderr, flush=True)
+    return fd
 
 
 if __name__ == "__main__":

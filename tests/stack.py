@@ -259,3 +259,21 @@ def _glob_status(pods_dir: str) -> list[dict[str, Any]]:
                     open(os.path.join(pods_dir, name, "status.json"), encoding="utf-8") as fh:
                 out.append(json.load(fh))
     return out
+
+
+def session_processes(sid: int) -> list[int]:
+    """Live processes of session ``sid``. An agent started by :class:`Agent` leads its own
+    session, which its services and proxy workers share (orphaned or not); the pods' shims and
+    workloads each have a session of their own, so they never show up here."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
+                stat = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if stat[0] not in ("Z", "X") and int(stat[3]) == sid:
+            found.append(int(entry))
+    return sorted(found)

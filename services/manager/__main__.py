@@ -17,6 +17,7 @@ from common import auth, config, pb
 from common import log as logsetup
 from common.errors import RikletError
 from common.memclient import MemoryClient, PodMirror
+from common.parentwatch import watch_parent
 from common.policy import Policy
 from common.zmqutil import RequestClient, make_run_dir
 
@@ -26,6 +27,7 @@ SERVICE_NAME = "riklet.v1.Node"
 
 
 def main(argv: list[str] | None = None) -> None:
+    watch_parent("riklet-manager")
     cfg, _ = config.parse_args("riklet-manager", argv)
     logsetup.setup("manager", cfg.logging_level, cfg.logging_file)
     pb.ensure()

@@ -11,12 +11,14 @@ from types import FrameType
 from common import log as logsetup
 from common.config import parse_args
 from common.errors import Unavailable
+from common.parentwatch import watch_parent
 from services.memory.server import MemoryServer
 
 log = logging.getLogger("services.memory")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    watch_parent("riklet-memory")
     cfg, _ = parse_args("riklet-memory", argv)
     logsetup.setup("memory", cfg.logging_level, cfg.logging_file)
     try:

@@ -20,6 +20,7 @@ import zmq
 from common import config
 from common import log as rlog
 from common.errors import RikletError
+from common.parentwatch import watch_parent
 from common.rik import StatusSender
 from common.zmqutil import RequestClient, ipc_path, make_run_dir, prepare_ipc_bind, route_one
 from services.monitor.prom import MetricsServer
@@ -87,6 +88,7 @@ def start_pusher(cfg: config.Config, ctx: zmq.Context[Any]) -> MetricPusher | No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    watch_parent("riklet-monitor")
     cfg, _ = config.parse_args("riklet-monitor", argv)
     rlog.setup("monitor", cfg.logging_level, cfg.logging_file)
     stop = threading.Event()

@@ -46,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         from services.proxy import worker
 
         return worker.main(cfg, ns.keeper_pid)
+    from common.parentwatch import watch_parent
     from services.proxy import keeper
 
+    watch_parent("riklet-proxy")   # the keeper only: a worker follows its keeper
     return keeper.main(args)
 
 
