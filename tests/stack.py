@@ -122,19 +122,13 @@ class Agent:
         with contextlib.suppress(ValueError):
             parents.add(self.service_pid("proxy"))
         found = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
+        for pid, stat in live_processes():
+            if int(stat[1]) not in parents:
                 continue
-            try:
-                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
-                    stat = fh.read().rsplit(")", 1)[1].split()
-                with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                    argv = fh.read().split(b"\0")
-            except (OSError, IndexError):
-                continue
-            if stat[0] not in ("Z", "X") and int(stat[1]) in parents \
-                    and b"services.proxy" in argv and b"--worker" in argv:
-                found[int(entry)] = int(stat[1])
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as fh:
+                argv = fh.read().split(b"\0")
+                if b"services.proxy" in argv and b"--worker" in argv:
+                    found[pid] = int(stat[1])
         return found
 
     def stop(self) -> None:
@@ -261,11 +255,9 @@ def _glob_status(pods_dir: str) -> list[dict[str, Any]]:
     return out
 
 
-def session_processes(sid: int) -> list[int]:
-    """Live processes of session ``sid``. An agent started by :class:`Agent` leads its own
-    session, which its services and proxy workers share (orphaned or not); the pods' shims and
-    workloads each have a session of their own, so they never show up here."""
-    found = []
+def live_processes() -> Iterator[tuple[int, list[str]]]:
+    """Every live (not zombie) process: its pid and the fields of /proc/PID/stat after the
+    command name (state, ppid, pgrp, session, ...)."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -274,6 +266,12 @@ def session_processes(sid: int) -> list[int]:
                 stat = fh.read().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if stat[0] not in ("Z", "X") and int(stat[3]) == sid:
-            found.append(int(entry))
-    return sorted(found)
+        if stat and stat[0] not in ("Z", "X"):
+            yield int(entry), stat
+
+
+def session_processes(sid: int) -> list[int]:
+    """Live processes of session ``sid``. An agent started by :class:`Agent` leads its own
+    session, which its services and proxy workers share (orphaned or not); the pods' shims and
+    workloads each have a session of their own, so they never show up here."""
+    return sorted(pid for pid, stat in live_processes() if int(stat[3]) == sid)

@@ -22,7 +22,7 @@ from common.errors import MAX_FIELD_BYTES, MAX_MESSAGE_BYTES, InvalidArgument, b
 from common.model import MAX_DEPTH
 from services.manager.api import MAX_GRPC_MESSAGE_BYTES, NodeService
 from services.manager.instances import instance_workload, load_definition
-from tests.stack import BIN, Agent, npb
+from tests.stack import BIN, Agent, chas_agent, npb
 from tests.test_model import alias_bomb
 
 ANSWER_WITHIN = 5.0              # seconds; the alias bomb took 8 s before the fix
@@ -31,14 +31,8 @@ PEAK_GROWTH_BYTES = 200 << 20    # the alias bomb took 2.4 GB before the fix
 
 @pytest.fixture(scope="module")
 def agent() -> Iterator[Agent]:
-    a = Agent().start()
-    try:
+    with chas_agent() as a:  # the CHaS API is sent bombs too
         yield a
-    except BaseException:
-        a.dump_logs()
-        raise
-    finally:
-        a.close()
 
 
 def peak_rss(pid: int) -> int:
@@ -212,8 +206,6 @@ def test_rik_definitions_with_deep_nesting_or_huge_values_are_refused_not_crashe
 
 
 def test_chas_deploy_refuses_a_deep_or_huge_body_with_400(agent: Agent) -> None:
-    from tests.support import wait_for
-    wait_for(lambda: agent.chas_request("GET", "/health")[0] == 200, 30, what="the CHaS API")
     status, _, body = agent.chas_request("POST", "/containers/deploy", body=b"[" * 500_000)
     assert status == 400 and body["error"]["field"] == "body", body
     status, _, body = agent.chas_request("POST", "/containers/deploy", body={"name": "n" * 200_000})
