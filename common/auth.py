@@ -124,13 +124,12 @@ def grpc_token_interceptor(token: Callable[[], str]) -> Any:
             handler = continuation(details)
             if handler is None:
                 return None
-            if handler.request_streaming and handler.response_streaming:
-                return grpc.stream_stream_rpc_method_handler(lambda it, ctx: deny(None, ctx))
-            if handler.request_streaming:
-                return grpc.stream_unary_rpc_method_handler(lambda it, ctx: deny(None, ctx))
+            # Refused as a request *stream* whatever the method is: the server then answers at
+            # once instead of first holding a worker thread until the request message arrives,
+            # which a client without the token may never send (a gRPC slowloris).
             if handler.response_streaming:
-                return grpc.unary_stream_rpc_method_handler(lambda req, ctx: deny(req, ctx))
-            return grpc.unary_unary_rpc_method_handler(deny)
+                return grpc.stream_stream_rpc_method_handler(lambda it, ctx: deny(None, ctx))
+            return grpc.stream_unary_rpc_method_handler(lambda it, ctx: deny(None, ctx))
 
     return _Interceptor()
 

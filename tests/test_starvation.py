@@ -120,6 +120,35 @@ def test_open_streams_leave_unary_calls_their_workers(agent: Agent) -> None:
     agent.ctl("delete", "pod", "w0")
 
 
+def test_silent_calls_without_the_token_hold_no_worker(agent: Agent) -> None:
+    """A client without the token opens unary calls and never sends their request message."""
+    never = threading.Event()
+
+    def silence() -> Iterator[npb.ListRequest]:
+        never.wait(60)
+        return
+        yield  # a generator that sends nothing
+
+    channel = grpc.insecure_channel(agent.api)  # no token
+    list_silently = channel.stream_unary("/riklet.v1.Node/List",
+                                         request_serializer=npb.ListRequest.SerializeToString,
+                                         response_deserializer=npb.ListResponse.FromString)
+    good, stub = _stub(agent)
+    calls = [list_silently.future(silence(), timeout=60) for _ in range(120)]
+    try:
+        for call in calls:   # each is refused as soon as its headers arrive
+            with pytest.raises(grpc.RpcError) as exc:
+                call.result(timeout=20)
+            assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert stub.List(npb.ListRequest(), timeout=5) is not None
+    finally:
+        never.set()
+        for call in calls:
+            call.cancel()
+        channel.close()
+        good.close()
+
+
 # -- CHaS: slow clients are closed at a deadline and make room for others ------------------------
 
 def test_the_oldest_idle_connection_makes_room_and_busy_ones_never_do() -> None:
