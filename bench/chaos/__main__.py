@@ -59,8 +59,8 @@ def print_table(rows: list[Row], verbose: bool) -> None:
         print(f"\n{row.name} ({row.seconds:.0f}s): " + "; ".join(row.notes))
         for failure in row.failures:
             print(f"  FAILED: {failure}")
-        for line in row.counts.detail[: None if verbose else 8]:
-            print(f"  {line}")
+        for detail in row.counts.detail[: None if verbose else 8]:
+            print(f"  {detail}")
 
 
 def run_one(scenario: Scenario, settings: Settings) -> Row:

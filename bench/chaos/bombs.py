@@ -19,6 +19,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import psutil
@@ -62,7 +63,7 @@ def _api_refusal(ctx: Context, manifest: str, fmt: str, field: str | None) -> st
 
 
 def _ipc_refusal(ctx: Context) -> str | None:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock: Any = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(f"ipc://{ctx.agent.run_dir}/memory.sock")

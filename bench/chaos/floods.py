@@ -55,7 +55,7 @@ class Streams:
 
     def close(self) -> None:
         for call in self.calls:
-            call.cancel()  # type: ignore[attr-defined]
+            call.cancel()
 
 
 def watch_flood(ctx: Context) -> None:

@@ -11,6 +11,7 @@ import threading
 import time
 import xmlrpc.client
 from collections.abc import Iterable
+from typing import Any
 
 from supervisor.xmlrpc import SupervisorTransport
 
@@ -40,7 +41,7 @@ class ChaosAgent(Agent):
         try:
             self.wait_ready(timeout)
         except AssertionError:
-            return "not ready %.0fs after restart: %s" % (timeout, _short(self.statuses()))
+            return f"not ready {timeout:.0f}s after restart: {_short(self.statuses())}"
         return None
 
     def remember_services(self) -> list[int]:
@@ -103,7 +104,8 @@ class RestartWatch:
             proxy = xmlrpc.client.ServerProxy("http://127.0.0.1",
                                               transport=SupervisorTransport(None, None, self._url))
             with contextlib.suppress(Exception):  # supervisord may be dead or restarting
-                for info in proxy.supervisor.getAllProcessInfo():
+                infos: list[dict[str, Any]] = proxy.supervisor.getAllProcessInfo()  # type: ignore[assignment]
+                for info in infos:
                     name, pid = str(info["name"]), int(info["pid"])
                     if name in self._seen and pid > 0:
                         self._seen[name].add((pid, int(info["start"])))
