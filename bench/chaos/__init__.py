@@ -12,6 +12,26 @@ when any row has a non-zero count (service restarts excepted) or a failed check.
 
 from __future__ import annotations
 
+SCENARIOS = """\
+scenarios (each on a fresh agent, under the churn unless said otherwise):
+  kill-memory, kill-manager, kill-monitor, kill-proxy
+              kill -9 of that service twice, at 1/3 and 2/3 of the churn; supervisord restarts it
+  kill-supervisord
+              kill -9 of supervisord alone, then `riklet run` again on the same directories (as
+              an operator or systemd would); it must be ready within 30 s and the orphaned old
+              services must be gone
+  kill-all    kill -9 of supervisord, the four services and the proxy's worker, then `riklet run`
+  race        no churn: --ops rounds of apply NAME; delete NAME; apply NAME from 8 threads,
+              paced like rikletctl (0.2-0.4 s between calls); a Get before each round
+  bombs       a YAML alias bomb in kind, 100,000 nested [, a 20,000-char name, an IPC frame with
+              "v": true to memory's socket: each refused (INVALID_ARGUMENT within 5 s, message
+              <= 1 KiB / bad_frame), manager RSS peak <= +256 MiB, the agent serves afterwards
+  watch-flood 40 Watch streams held open, then List must answer within 5 s
+  slowloris   130 connections to the CHaS port sending half a request, then GET /health must
+              answer 200 within 5 s
+
+"""
+
 DEFINITIONS = """\
 definitions (what each column counts):
   acked       acknowledged operations: Node API calls (Apply, Delete) that returned success.
@@ -28,7 +48,8 @@ definitions (what each column counts):
               counts), or, for a pod that should exist, live workload processes none of which
               is the one its record points to (counts once).
   rec.lost    records lost: pods the ledger expects that the API answers NotFound for after
-              settling, or that a Delete found NotFound while the ledger expected them.
+              settling, or that a Delete (or the race's Get between rounds) found NotFound
+              while the ledger expected them. "lost" and "rec.lost" never count the same pod.
   restarts    service restarts seen by supervisord (new pid or start time per program,
               polled over its XML-RPC socket), memory/manager/monitor/proxy; allowed.
   notes       scenario checks: bombs refused and the manager's peak RSS, floods answered,
@@ -38,3 +59,5 @@ CHAOS_GEN=<spec generation>) that only this run's pods carry. "After settling": 
 0.25 s until the agent's four services are RUNNING and every count is 0, or the settle
 deadline passes (then the counts of the last poll are reported).
 """
+
+__doc__ = f"{__doc__}\n{SCENARIOS}{DEFINITIONS}"

@@ -7,7 +7,8 @@ import os
 import sys
 import uuid
 
-from bench.chaos import DEFINITIONS, bombs, floods, kills, race
+import bench.chaos
+from bench.chaos import DEFINITIONS, SCENARIOS, bombs, floods, kills, race
 from bench.chaos.scenario import Row, Scenario, Settings, run
 from bench.chaos.verify import Counts
 
@@ -18,9 +19,9 @@ COLUMNS = ("scenario", "acked", "lost", "dup", "orphan", "rec.lost", "restarts",
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m bench.chaos", description=(__doc__ or "").split("\n")[0],
+        prog="python -m bench.chaos", description=(bench.chaos.__doc__ or "").split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="scenarios: " + ", ".join(BY_NAME) + "\n\n" + DEFINITIONS)
+        epilog=SCENARIOS + DEFINITIONS)
     p.add_argument("--scenarios", default="all", help="comma list of scenarios, or 'all' (default)")
     p.add_argument("--ops", type=int, default=Settings.ops,
                    help="API calls of the churn per scenario; for the race, apply/delete/apply "
