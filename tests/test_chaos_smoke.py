@@ -32,7 +32,7 @@ def test_counts_see_each_kind_of_damage(agent: Agent) -> None:
     for name in ("a", "b", "c", "d"):
         assert ledger.apply(agent, name)
     assert ledger.delete(agent, "c")
-    counts, _ = settle(agent, tag, ledger.expected(), 20)  # type: ignore[arg-type]
+    counts, _ = settle(agent, tag, ledger.expected(), 20)
     assert counts == Counts(), counts.detail
     assert ledger.expected()["c"].want is Want.DELETED
 
@@ -43,7 +43,7 @@ def test_counts_see_each_kind_of_damage(agent: Agent) -> None:
         agent.stub.Stop(npb.StopRequest(name="d"), timeout=10)
 
         def damaged() -> Counts | None:
-            got = observe(agent, tag, ledger.expected())  # type: ignore[arg-type]
+            got = observe(agent, tag, ledger.expected())
             return got if got.records_lost and got.lost else None
         seen = wait_for(damaged, 20, what="the deleted and stopped pods seen")
         assert seen is not None

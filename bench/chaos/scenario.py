@@ -81,7 +81,10 @@ def run(scenario: Scenario, settings: Settings) -> Row:
         counts.detail += ledger.records_lost
         counts.detail += [f"{n} history: " + ", ".join(ledger.entries[n].history)
                           for n in sorted(counts.names) if n in ledger.entries]
-        ctx.notes.append(f"settled in {took:.1f}s" if counts.clean() else f"not settled after {took:.0f}s")
+        ctx.check(not counts.services_down, f"services not RUNNING after settling: {counts.services_down}"
+                  if counts.services_down else "services RUNNING")
+        ctx.notes.append(f"settled in {took:.1f}s" if counts.clean() and not counts.services_down
+                         else f"not settled after {took:.0f}s")
     finally:
         _cleanup(agent, marker)
     return Row(scenario.name, ledger.acked, counts, restarts, ctx.notes, ctx.failures,

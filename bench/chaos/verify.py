@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from bench.chaos.harness import ChaosAgent
 from bench.chaos.ledger import Entry, Want
-from tests.stack import npb, pid_alive
+from tests.stack import Agent, npb, pid_alive
 
 POLL = 0.25
 
@@ -29,6 +28,7 @@ class Counts:
     orphaned: int = 0
     records_lost: int = 0
     unverified: bool = False  # the API did not answer: nothing could be checked
+    services_down: str = ""   # services not RUNNING at the last poll ("memory BACKOFF, ...")
     detail: list[str] = field(default_factory=list)
     names: set[str] = field(default_factory=set)  # the pods counted in any column
 
@@ -102,12 +102,12 @@ def count(pods: dict[str, npb.Pod], procs: dict[str, list[Workload]], expected: 
     return out
 
 
-def observe(agent: ChaosAgent, run: str, expected: dict[str, Entry]) -> Counts:
+def observe(agent: Agent, run: str, expected: dict[str, Entry]) -> Counts:
     pods = {p.name: p for p in agent.stub.List(npb.ListRequest(), timeout=5).pods}
     return count(pods, workloads(run), expected)
 
 
-def settle(agent: ChaosAgent, run: str, expected: dict[str, Entry], timeout: float) -> tuple[Counts, float]:
+def settle(agent: Agent, run: str, expected: dict[str, Entry], timeout: float) -> tuple[Counts, float]:
     """Poll until the services run and every count is 0, or the deadline: (last counts, seconds).
     Counts from a poll where the API did not answer are marked unverified."""
     started = time.monotonic()
@@ -116,9 +116,9 @@ def settle(agent: ChaosAgent, run: str, expected: dict[str, Entry], timeout: flo
         try:
             statuses = agent.statuses()
             last = observe(agent, run, expected)
-            if not all(s == "RUNNING" for s in statuses.values()):
-                last.detail.append(f"services: {statuses}")
-            elif last.clean():
+            down = {k: v for k, v in statuses.items() if v != "RUNNING"}
+            last.services_down = ", ".join(f"{k} {v}" for k, v in sorted(down.items()))
+            if not down and last.clean():
                 return last, time.monotonic() - started
         except grpc.RpcError as exc:
             last = Counts(unverified=True, detail=[f"List failed: {exc.code().name}"])
