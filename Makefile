@@ -85,3 +85,10 @@ uninstall-system:
 .PHONY: bench-proxy-restart
 bench-proxy-restart: install
 	$(BIN)/python -m bench.proxy_restart --rounds 10
+
+# The fault suite (bench/chaos): kill -9 of each service, of supervisord and of everything under
+# a churn of pod operations, the delete/re-apply race, input bombs, stream and connection floods.
+# A few minutes; exits 1 when any pod was lost, duplicated or orphaned, or a check failed.
+.PHONY: chaos
+chaos: install
+	$(BIN)/python -m bench.chaos --ops 150 --pods 10 --seed 1
