@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from common import cgroups
-from common.errors import Unavailable
+from common.errors import RikletError, Unavailable
 from services.manager import shim
 from services.manager.runtime import Observed, PodLayout, PodRecord, spec_hash
 from services.manager.shimctl import read_json, write_json
@@ -116,9 +116,9 @@ class ProcessRuntime(PodLayout):
         ends; one that died cannot) and its directory, logs included."""
         self._kill_leftovers(pod["name"])
         group = cgroups.Cgroup(self.cgroup_parent(pod["name"]))
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(RikletError, OSError):  # best effort: the agent prunes at stop
             group.remove()   # waits a moment for killed processes to be reaped
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(RikletError):
             cgroups.prune(group.relpath)
         shutil.rmtree(self.pod_dir(pod["name"]), ignore_errors=True)
 
