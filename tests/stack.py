@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from common import auth, pb
+from common.errors import RikletError
 from tests.support import free_ports, wait_for
 
 pb.ensure()
@@ -174,6 +175,18 @@ class Agent:
             if pid_alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+        self._prune_cgroups()
+
+    def _prune_cgroups(self) -> None:
+        """The pods' cgroups stay when the agent stops with pods running (by design); a test
+        that killed those pods removes their groups, or every run would leave some."""
+        from common import cgroups
+        from services.manager.runtime import PodLayout
+
+        if os.path.isdir(self.state_dir):
+            relpath = PodLayout(self.state_dir).agent_cgroup()
+            with contextlib.suppress(AssertionError, OSError, RikletError):  # best effort
+                wait_for(lambda: not cgroups.prune(relpath), 5, what=f"{relpath} pruned")
 
     # -- driving -----------------------------------------------------------------------------
 
