@@ -207,6 +207,12 @@ class HealthChecker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._notify: asyncio.Handle | None = None
         self._closed = False
+        self.probes = 0                            # probes completed, for metrics and tests
+
+    @property
+    def in_flight(self) -> int:
+        """Probes started and not finished (at most ``max_inflight``)."""
+        return self._inflight
 
     # --- the API the forwarder uses ---------------------------------------------------------
 
@@ -289,6 +295,7 @@ class HealthChecker:
     def _result(self, target: _Target, verdict: Verdict) -> None:
         target.probe = None
         self._inflight -= 1
+        self.probes += 1
         if target.state.record(verdict):
             log.info("endpoint %s", "healthy" if target.state.healthy else "unhealthy",
                      extra={"protocol": target.key[0], "endpoint": str(target.key[1])})
