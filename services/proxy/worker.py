@@ -42,8 +42,14 @@ from common.zmqutil import ipc_path
 from services.proxy import handoff
 from services.proxy.balance import balances
 from services.proxy.feed import SNAPSHOT_TIMEOUT, watch_pods
+from services.proxy.kernel import mode as proxy_mode
+from services.proxy.kernel.forwarder import KernelForwarder
+from services.proxy.kernel.ruleset import table_name
 from services.proxy.routes import balance_from_pods, routes_from_pods
 from services.proxy.server import ProxyServer, ProxySettings
+
+# The data path: the kernel's (nftables DNAT) or the user-space forwarder's; the same role.
+Forwarder = ProxyServer | KernelForwarder
 
 log = logging.getLogger("services.proxy")
 
@@ -67,7 +73,25 @@ def settings_from(cfg: config.Config) -> ProxySettings:
                          idle_timeout=cfg.proxy_idle_timeout)
 
 
-def start_stats(cfg: config.Config, server: ProxyServer, force: bool = False) -> StatsServer | None:
+def make_forwarder(cfg: config.Config, settings: ProxySettings) -> tuple[Forwarder, str, str]:
+    """The forwarder ``proxy.mode`` asks for (auto: the kernel's where it works), the mode in
+    use and why."""
+    mode, why = proxy_mode.choose(cfg.proxy_mode)
+    log.info("proxy mode", extra={"mode": mode, "reason": why})
+    if mode == "kernel":
+        return KernelForwarder(settings, table_name(cfg.agent_id)), mode, why
+    return ProxyServer(settings), mode, why
+
+
+def snapshot(server: Forwarder, mode: str, why: str) -> dict[str, Any]:
+    """The ``stats`` answer: the forwarder's counters and the mode in use."""
+    out = server.snapshot() if isinstance(server, KernelForwarder) else server.stats.as_dict()
+    out.update(mode=mode, mode_reason=why)
+    return out
+
+
+def start_stats(cfg: config.Config, server: Forwarder, force: bool = False,
+                mode: tuple[str, str] = ("userspace", "")) -> StatsServer | None:
     """The ``stats`` endpoint for the monitor. Forwarding matters more than being measured:
     if it cannot bind (a live twin, an unwritable run dir), log and forward without it.
     ``force``: a predecessor did not confirm it let go of the endpoint; take it regardless."""
@@ -75,7 +99,7 @@ def start_stats(cfg: config.Config, server: ProxyServer, force: bool = False) ->
     if force and path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-    stats = StatsServer(cfg.proxy_endpoint, server.stats.as_dict)
+    stats = StatsServer(cfg.proxy_endpoint, lambda: snapshot(server, *mode))
     try:
         stats.start()
     except (RikletError, OSError, zmq.ZMQError) as exc:
@@ -91,7 +115,7 @@ class Worker:
         self.times = times or Lifetimes()
         self.keeper_pid = keeper_pid
         self.handoff_path = handoff_path or handoff.socket_path(cfg.paths_run_dir)
-        self.server = ProxyServer(settings)
+        self.server, self.mode, self.mode_reason = make_forwarder(cfg, settings)
         self.stats: StatsServer | None = None
         self.handoff: handoff.HandoffServer | None = None
         self.feed_failed = False
@@ -140,11 +164,12 @@ class Worker:
             if since is not None:
                 since.add_to(self.server.stats)
         # Off the loop: a stale endpoint file costs a probe of 0.3 s, while routes arrive.
-        self.stats = await loop.run_in_executor(None, start_stats, self.cfg, self.server, not confirmed)
+        self.stats = await loop.run_in_executor(None, start_stats, self.cfg, self.server, not confirmed,
+                                                (self.mode, self.mode_reason))
         self._start_handoff_server()
         if self.keeper_pid is not None:
             self._orphan_timer = loop.call_later(self.times.orphan_check, self._check_orphan)
-        log.info("proxy started", extra={"bind": self.server.settings.bind_host,
+        log.info("proxy started", extra={"bind": self.server.settings.bind_host, "mode": self.mode,
                                          "took_over": takeover is not None,
                                          "keeper": self.keeper_pid})
         return await self._lifecycle()
