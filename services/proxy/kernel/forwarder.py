@@ -67,6 +67,10 @@ class KernelForwarder:
         self._retry: asyncio.TimerHandle | None = None
         self._closed = False
         self._warned: set[str] = set()
+        # Stream endpoints out of the routes whose pod may still drain its connections: their
+        # conntrack entries go once no pod lists them (``alive``, from memory's pods).
+        self._lingering: set[Stale] = set()
+        self._alive: frozenset[tuple[RouteKey, Endpoint]] | None = None
         self.syncs = self.sync_errors = 0
         self.last_sync_seconds = 0.0
         self.conntrack_deleted = 0
@@ -106,9 +110,15 @@ class KernelForwarder:
                 old.close()
             self._adopted[key] = sock
 
-    def update(self, routes: Routes, balance: Mapping[RouteKey, Balance] | None = None) -> None:
+    def update(self, routes: Routes, balance: Mapping[RouteKey, Balance] | None = None,
+               alive: frozenset[tuple[RouteKey, Endpoint]] | None = None) -> None:
+        """Apply ``routes``; ``alive``: every endpoint some pod record still lists (running or
+        stopping), when known: a stream endpoint that left the routes and is no longer listed
+        belongs to a deleted pod, and its TCP conntrack entries are deleted."""
         if self._closed:
             return
+        if alive is not None:
+            self._alive = alive
         self._pending = (routes, dict(balance or {}))
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._drain())
@@ -170,9 +180,13 @@ class KernelForwarder:
                 "ready": {f"{p}/{n}": [str(e) for e in eps] for (p, n), eps in sorted(ready.items())}})
         self._ready = ready
         self._close_adopted(ready)
-        stale = _stale(old, ready, routes)
-        if stale:
-            self.conntrack_deleted += await loop.run_in_executor(None, conntrack.delete, stale)
+        udp, streams = _stale(old, ready, routes)
+        # Back in the table: its flows are wanted again. Not listed by any pod: deleted pod.
+        self._lingering = {s for s in self._lingering | set(streams) if s.endpoint not in ready.get(s.key, ())}
+        gone = [s for s in self._lingering if self._alive is not None and (s.key, s.endpoint) not in self._alive]
+        self._lingering.difference_update(gone)
+        if udp or gone:
+            self.conntrack_deleted += await loop.run_in_executor(None, conntrack.delete, udp + gone)
         self._tell_blocked()
         if self._blocked:
             self._arm_retry()
@@ -359,16 +373,19 @@ def _parse_ep_chain(name: str) -> tuple[RouteKey, Endpoint] | None:
     return (proto.upper(), int(port)), Endpoint(address, int(ep_port))
 
 
-def _stale(old: Ready, new: Ready, routes: Routes) -> list[Stale]:
-    """Conntrack entries to delete: a UDP endpoint that left a port's ready set, and a stream
-    endpoint that left the routes (a pod gone; one merely unhealthy keeps its flows)."""
-    out = []
+def _stale(old: Ready, new: Ready, routes: Routes) -> tuple[list[Stale], list[Stale]]:
+    """Endpoints that left a port's ready set: (UDP ones, whose conntrack entries go now; stream
+    ones that left the routes, whose entries go once their pod is gone). An endpoint merely
+    unhealthy keeps its stream flows, and a stopping pod drains its own."""
+    udp, streams = [], []
     for key, eps in old.items():
         kept = set(new.get(key, ()))
         routed = set(routes.get(key, ()))
         for ep in eps:
             if ep in kept:
                 continue
-            if key[0] not in STREAMS or ep not in routed:
-                out.append(Stale(key, ep))
-    return out
+            if key[0] not in STREAMS:
+                udp.append(Stale(key, ep))
+            elif ep not in routed:
+                streams.append(Stale(key, ep))
+    return udp, streams
