@@ -6,8 +6,8 @@ import json
 from typing import Any
 
 from services.proxy.kernel import ruleset
-from services.proxy.kernel.forwarder import _parse_ep_chain, _ready_in, _stale
 from services.proxy.kernel.conntrack import Stale, _deleted, _key
+from services.proxy.kernel.forwarder import _parse_ep_chain, _ready_in, _stale
 from services.proxy.routes import Endpoint
 
 E = Endpoint
@@ -103,7 +103,8 @@ def test_a_later_transaction_touches_only_the_changed_chains() -> None:
     assert added == {"ep_tcp_81__127.0.0.1_3"}
     # Flushes come before deletes (a chain still jumped to cannot be deleted).
     verbs = [next(iter(c)) for c in cmds]
-    assert max(i for i, v in enumerate(verbs) if v == "flush") < min(i for i, v in enumerate(verbs) if v == "delete")
+    last_flush = max(i for i, v in enumerate(verbs) if v == "flush")
+    assert last_flush < min(i for i, v in enumerate(verbs) if v == "delete")
     assert not any("table" in c.get("delete", {}) or "table" in c.get("flush", {}) for c in cmds)
 
 

@@ -45,7 +45,7 @@ from services.proxy.feed import SNAPSHOT_TIMEOUT, watch_pods
 from services.proxy.kernel import mode as proxy_mode
 from services.proxy.kernel.forwarder import KernelForwarder
 from services.proxy.kernel.ruleset import table_name
-from services.proxy.routes import balance_from_pods, routes_from_pods
+from services.proxy.routes import balance_from_pods, listed_endpoints, routes_from_pods
 from services.proxy.server import ProxyServer, ProxySettings
 
 # The data path: the kernel's (nftables DNAT) or the user-space forwarder's; the same role.
@@ -276,8 +276,11 @@ class Worker:
 
         def on_pods(pods: list[dict[str, Any]]) -> None:
             # Routes are computed here, on the feed thread, to keep the data path's loop free.
-            loop.call_soon_threadsafe(server.update, routes_from_pods(pods),
-                                      balances(balance_from_pods(pods)))
+            routes, balance = routes_from_pods(pods), balances(balance_from_pods(pods))
+            if isinstance(server, KernelForwarder):
+                loop.call_soon_threadsafe(server.update, routes, balance, listed_endpoints(pods))
+            else:
+                loop.call_soon_threadsafe(server.update, routes, balance)
 
         def run_feed() -> None:
             try:

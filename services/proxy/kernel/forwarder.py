@@ -182,8 +182,10 @@ class KernelForwarder:
         self._close_adopted(ready)
         udp, streams = _stale(old, ready, routes)
         # Back in the table: its flows are wanted again. Not listed by any pod: deleted pod.
-        self._lingering = {s for s in self._lingering | set(streams) if s.endpoint not in ready.get(s.key, ())}
-        gone = [s for s in self._lingering if self._alive is not None and (s.key, s.endpoint) not in self._alive]
+        self._lingering = {s for s in self._lingering | set(streams)
+                           if s.endpoint not in ready.get(s.key, ())}
+        alive = self._alive
+        gone = [s for s in self._lingering if alive is not None and (s.key, s.endpoint) not in alive]
         self._lingering.difference_update(gone)
         if udp or gone:
             self.conntrack_deleted += await loop.run_in_executor(None, conntrack.delete, udp + gone)
@@ -314,7 +316,7 @@ class KernelForwarder:
             log.debug("cannot read the kernel counters", extra={"error": str(exc)})
             counted = {}
         tracked = conntrack.counts(ready)
-        ports = []
+        ports: list[dict[str, Any]] = []
         for key in sorted(routes):
             inbound, outbound = (counted.get(n, (0, 0)) for n in ruleset.counter_names(key))
             ports.append({"protocol": key[0], "port": key[1], "endpoints": len(routes[key]),

@@ -16,7 +16,8 @@ nftables proxier::
                         iifname != "lo" ip daddr 127.0.0.0/8 ct status ! dnat drop
                         LOCAL meta l4proto tcp th dport 8081 ct status ! dnat reject with tcp reset }
     chain count_in    { type filter hook prerouting priority filter;
-                        ct status dnat meta l4proto tcp ct original proto-dst vmap { 8080 : jump cnt_tcp_8080 } }
+                        ct status dnat meta l4proto tcp
+                        ct original proto-dst vmap { 8080 : jump cnt_tcp_8080 } }
     chain count_out   { type filter hook output priority filter; oifname != "lo" (the same) }
     chain cnt_tcp_8080 { ct direction original counter name "tcp_8080_in"
                          ct direction reply counter name "tcp_8080_out" }
