@@ -277,12 +277,17 @@ def test_a_new_forwarder_reconciles_the_table_without_breaking_established_flows
         conn.close()
 
 
-def test_no_host_port_left_deletes_the_table(kernel: Kernel, servers: Any) -> None:
+def test_no_host_port_left_keeps_only_the_guard(kernel: Kernel, servers: Any) -> None:
     a = servers(TcpServer, b"A")
-    kernel.apply({("TCP", free_port()): (Endpoint(LO, a.port),)})
-    assert listing(kernel.table)
+    port = free_port()
+    kernel.apply({("TCP", port): (Endpoint(LO, a.port),)})
+    assert f"svc_tcp_{port}" in chains(kernel.table)
     kernel.apply({})
-    assert listing(kernel.table) == {}
+    # The route_localnet guard stays; nothing of the port does.
+    assert not any(str(port) in c for c in chains(kernel.table))
+    assert "guard" in chains(kernel.table)
+    with pytest.raises(ConnectionRefusedError):
+        fetch(port)
 
 
 def test_a_port_another_program_holds_is_blocked_not_stolen(kernel: Kernel, servers: Any) -> None:

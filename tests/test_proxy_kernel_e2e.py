@@ -228,3 +228,22 @@ def test_auto_picks_the_kernel_where_nftables_works_and_leaves_no_scratch_table(
     assert mode.choose("auto")[0] == "kernel" and mode.choose("kernel")[0] == "kernel"
     assert "riklet_probe_" not in subprocess.run(["nft", "list", "tables"], capture_output=True,
                                                  text=True).stdout
+
+
+@pytest.mark.integration
+def test_switching_to_userspace_retires_the_kernel_table_without_a_gap(kagent: Agent, tmp_path: Any) -> None:
+    host = free_port()
+    [name] = run_http(kagent, tmp_path, "web", host)
+    pid = str(kagent.pod(name)["containers"][0]["pid"])
+    wait_for(lambda: get(host) == pid, 10, what="a reply through the kernel")
+    assert f"svc_tcp_{host}" in chains(kagent)
+    with open(kagent.config, "w", encoding="utf-8") as fh:
+        fh.write(USERSPACE)
+    with Client(host) as client:
+        kagent.supervisorctl("restart", "riklet:proxy")
+        wait_for(lambda: nft.listing(kagent.kernel_table) is None, 15, what="the kernel table retired")
+        wait_for(lambda: client.done > 50, 10, what="requests in user space")
+    assert client.failed == 0
+    assert "proxy: userspace mode" in kagent.ctl("node").stdout
+    with pytest.raises(OSError), socket.socket() as s:
+        s.bind(("0.0.0.0", host))          # the user-space proxy holds the port now

@@ -44,6 +44,7 @@ from services.proxy.balance import balances
 from services.proxy.feed import SNAPSHOT_TIMEOUT, watch_pods
 from services.proxy.kernel import mode as proxy_mode
 from services.proxy.kernel.forwarder import KernelForwarder
+from services.proxy.kernel.nft import delete_table as nft_delete_table
 from services.proxy.kernel.ruleset import table_name
 from services.proxy.routes import balance_from_pods, listed_endpoints, routes_from_pods
 from services.proxy.server import ProxyServer, ProxySettings
@@ -130,6 +131,7 @@ class Worker:
         self._term_deadline: float | None = None
         self._orphan_deadline: float | None = None
         self._orphan_timer: asyncio.TimerHandle | None = None
+        self._kernel_table_checked = self.mode == "kernel"
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -281,6 +283,7 @@ class Worker:
                 loop.call_soon_threadsafe(server.update, routes, balance, listed_endpoints(pods))
             else:
                 loop.call_soon_threadsafe(server.update, routes, balance)
+                loop.call_soon_threadsafe(self._retire_kernel_table)
 
         def run_feed() -> None:
             try:
@@ -291,6 +294,26 @@ class Worker:
 
         self._feed = threading.Thread(target=run_feed, name="pod-feed", daemon=True)
         self._feed.start()
+
+    def _retire_kernel_table(self) -> None:
+        """User space, after a kernel-mode run (the mode changed): the old table would go on
+        DNATing past our listeners to endpoints it no longer follows. Deleted once, after the
+        listeners for memory's routes are up, so the ports never go unanswered."""
+        if self._kernel_table_checked:
+            return
+        self._kernel_table_checked = True
+        self.loop.create_task(self._delete_kernel_table())
+
+    async def _delete_kernel_table(self) -> None:
+        await self.server.settled()
+        table = table_name(self.cfg.agent_id)
+        try:
+            deleted = await self.loop.run_in_executor(None, nft_delete_table, table)
+        except RikletError as exc:
+            log.debug("no kernel table to retire", extra={"table": table, "error": str(exc)})
+            return
+        if deleted:
+            log.info("user-space mode: the kernel mode's table deleted", extra={"table": table})
 
     def _on_feed_failed(self) -> None:
         self.feed_failed = True

@@ -10,7 +10,8 @@ are replaced atomically, established flows keep their NAT in conntrack).
 - Start: the table a predecessor left is reconciled (missing chains added, stale ones deleted)
   once the first routes arrive; until then it stays as it was and carries traffic.
 - Close (the worker stopping, handed over, killed): the table stays. Workloads keep running
-  and the next start reconciles, as kube-proxy does. A route table with no host port deletes it.
+  and the next start reconciles, as kube-proxy does. With no host port left it stays too,
+  empty but for its guard of 127.0.0.0/8 (route_localnet stays on once set).
 - Health: a :class:`HealthChecker` probes the TCP/SCTP endpoints; unhealthy ones leave the maps,
   and a port with none ready rejects (TCP reset; ICMP port unreachable for UDP and SCTP).
 - Conntrack: when an endpoint leaves a port, its UDP entries for that port are deleted (and its
@@ -216,12 +217,6 @@ class KernelForwarder:
             previous = _ready_in(present)
         else:
             present = ruleset.Present(frozenset(applied.chains), applied.counters)
-        if not ready:
-            if present is not None:
-                nft.delete_table(self.table)
-                log.info("no host port left: kernel table deleted", extra={"table": self.table})
-            self._applied = None
-            return previous or {}
         desired = ruleset.build(self.table, ready, self.settings.bind_host)
         if desired != applied:
             if any(_loopback(ep) for eps in ready.values() for ep in eps):

@@ -128,7 +128,7 @@ def _is_dnat() -> Expr:
 
 
 def _local(bind: str) -> Expr:
-    if bind in ("0.0.0.0", ""):
+    if bind in ("0.0.0.0", "") or ":" in bind:     # an IPv6 bind address: this table is IPv4's
         return _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
     return _match(_payload("ip", "daddr"), bind)
 
