@@ -8,6 +8,7 @@ import contextlib
 import json
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -24,6 +25,9 @@ from services.proxy.kernel.health import HealthChecker
 from services.proxy.routes import Endpoint, Routes
 from services.proxy.server import ProxySettings
 from tests.support import free_port, free_ports, need, wait_for
+from tests.test_cni import CLIENT, Net, _restore_ip_forward, _setup, net
+
+__all__ = ["_restore_ip_forward", "net"]    # the CNI tests' fixtures, used here
 
 T = TypeVar("T")
 LO = "127.0.0.1"
@@ -310,3 +314,26 @@ def test_a_port_another_program_holds_is_blocked_not_stolen(kernel: Kernel, serv
         holder.close()
     wait_for(lambda: f"svc_udp_{port}" in chains(kernel.table), 5, what="the freed port forwarded")
     assert reported[-1] == {}
+
+
+# --- pods in their own network namespace (CNI) ----------------------------------------------------
+
+def in_netns(ns: str, host: str, port: int) -> str:
+    res = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, host, str(port)],
+                         capture_output=True, text=True, timeout=15)
+    return res.stdout.strip()
+
+
+def test_a_pod_with_its_own_ip_is_reached_from_the_node_and_from_itself(kernel: Kernel, net: Net) -> None:
+    pod = _setup(net, "web")
+    net.serve("web", 8080)
+    port = free_port()
+    kernel.apply({("TCP", port): (Endpoint(pod.ip, 8080),)})
+    # From the node: 127.0.0.1 is masqueraded to an address the pod can answer.
+    with socket.create_connection((LO, port), timeout=5) as c:
+        greeting = c.recv(100).decode()
+    assert greeting.startswith("hello from web to ") and not greeting.endswith("127.0.0.1"), greeting
+    # Hairpin: the pod reaches itself through the node's host port (the gateway's address).
+    answer = in_netns(net.nets.netns_name("web"), pod.gateway, port)
+    assert answer.startswith("hello from web to "), answer
+    assert not answer.endswith(pod.ip), "the hairpin flow is masqueraded, or its reply would not return"

@@ -1,5 +1,12 @@
 """riklet-proxy's worker: the data path, started and restarted by the keeper (services.proxy.keeper).
 
+Two data paths, by ``proxy.mode`` (services.proxy.kernel.mode): in kernel mode the worker binds
+no host port; it programs the agent's nftables table (services.proxy.kernel.forwarder) and the
+kernel DNATs the traffic, so the rules outlive any worker, keeper or agent restart. In
+userspace mode (and where the kernel path cannot work) it forwards the bytes itself
+(services.proxy.server). The life below is the same in both; in kernel mode a hand-off passes
+no socket and a worker handed over has no connection to drain.
+
 The data path runs on a uvloop event loop in the main thread; the pod feed (blocking ZeroMQ)
 runs on a thread of its own and hands each new route table to the loop, where only the newest
 one waiting is applied.

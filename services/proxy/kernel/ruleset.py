@@ -11,7 +11,7 @@ nftables proxier::
                                       meta l4proto tcp dnat to 10.88.0.5:80 }
     chain postrouting { type nat hook postrouting priority srcnat;
                         ct status dnat ip saddr 127.0.0.0/8 oifname != "lo" masquerade
-                        meta mark & MASQ_MARK == MASQ_MARK masquerade }
+                        ct status dnat meta mark & MASQ_MARK == MASQ_MARK masquerade }
     chain guard       { type filter hook input priority filter;
                         iifname != "lo" ip daddr 127.0.0.0/8 ct status ! dnat drop
                         LOCAL meta l4proto tcp th dport 8081 ct status ! dnat reject with tcp reset }
@@ -178,7 +178,7 @@ def _postrouting() -> Chain:
     # an address the endpoint can answer.
     localhost = (_is_dnat(), _match(_payload("ip", "saddr"), _loopback_net()),
                  _match(_meta("oifname"), "lo", "!="), {"masquerade": None})
-    hairpin = (_match({"&": [_meta("mark"), MASQ_MARK]}, MASQ_MARK), {"masquerade": None})
+    hairpin = (_is_dnat(), _match({"&": [_meta("mark"), MASQ_MARK]}, MASQ_MARK), {"masquerade": None})
     return Chain(rules=(localhost, hairpin), hook=Hook("nat", "postrouting", _PRIO_SRCNAT))
 
 
