@@ -337,3 +337,32 @@ def test_a_pod_with_its_own_ip_is_reached_from_the_node_and_from_itself(kernel: 
     answer = in_netns(net.nets.netns_name("web"), pod.gateway, port)
     assert answer.startswith("hello from web to "), answer
     assert not answer.endswith(pod.ip), "the hairpin flow is masqueraded, or its reply would not return"
+
+
+def test_a_stopping_pod_drains_its_tcp_flows_and_a_deleted_pods_are_cut(kernel: Kernel, servers: Any) -> None:
+    a, b = servers(TcpServer, b"A", echo=True), servers(TcpServer, b"B")
+    port = free_port()
+    ep_a, ep_b = Endpoint(LO, a.port), Endpoint(LO, b.port)
+    kernel.apply({("TCP", port): (ep_a, ep_b)})
+    conn = wait_for(lambda: (c := socket.create_connection((LO, port), timeout=2)) and
+                    (c.recv(100) == b"A\n" or c.close()) and c, 5, what="a flow on A")
+    with conn:
+        # A stops: out of the routes, still listed by its pod. Its flow drains.
+        routes = {("TCP", port): (ep_b,)}
+        kernel.run(kernel.fwd.apply(routes))
+        kernel.loop.call_soon_threadsafe(kernel.fwd.update, routes, None,
+                                          frozenset({(("TCP", port), ep_a), (("TCP", port), ep_b)}))
+        kernel.run(kernel.fwd.settled())
+        conn.sendall(b"draining\n")
+        assert conn.recv(100) == b"A:draining\n"
+        assert conntrack.counts([("TCP", port)]).get(("TCP", port), 0) >= 1
+        # A's pod is deleted: its entries go, and the flow is cut instead of hanging on.
+        kernel.loop.call_soon_threadsafe(kernel.fwd.update, routes, None,
+                                          frozenset({(("TCP", port), ep_b)}))
+        kernel.run(kernel.fwd.settled())
+        assert kernel.fwd.conntrack_deleted >= 1
+        conn.settimeout(2)
+        with pytest.raises(OSError):
+            conn.sendall(b"gone\n")
+            if not conn.recv(100):
+                raise ConnectionResetError("closed")
