@@ -177,6 +177,7 @@ def test_a_host_port_is_forwarded_by_the_kernel_and_balanced(kernel: Kernel, ser
     stats = kernel.fwd.snapshot()
     (row,) = [p for p in stats["ports"] if p["port"] == port]
     assert row["ready"] == 2 and row["packets_in"] >= 400 and row["bytes_out"] > 0
+    assert row["flows"] == 200 and stats["connections_total"] == 200
     assert stats["bytes_out"] >= row["bytes_out"] and stats["syncs"] >= 1
 
 

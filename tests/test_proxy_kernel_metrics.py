@@ -16,7 +16,7 @@ from services.proxy.kernel import mode, nft
 from services.proxy.stats import Stats
 from tests.support import parse_prometheus
 
-PORT = {"protocol": "TCP", "port": 8080, "endpoints": 3, "ready": 2, "blocked": False,
+PORT = {"protocol": "TCP", "port": 8080, "endpoints": 3, "ready": 2, "blocked": False, "flows": 7,
         "packets_in": 10, "bytes_in": 1000, "packets_out": 8, "bytes_out": 4000, "conntrack": 4}
 
 
@@ -69,6 +69,7 @@ def test_metrics_show_the_mode_and_each_port() -> None:
     assert samples["riklet_proxy_port_endpoints"] == {'{protocol="TCP",port="8080",state="ready"}': 2,
                                                       '{protocol="TCP",port="8080",state="unready"}': 1}
     assert samples["riklet_proxy_conntrack_entries"] == {"": 4}
+    assert samples["riklet_proxy_port_flows_total"] == {'{protocol="TCP",port="8080"}': 7}
     assert samples["riklet_proxy_kernel_syncs_total"] == {"": 3}
 
 

@@ -22,7 +22,8 @@ def test_a_port_with_two_endpoints_balances_at_random_to_two_dnat_chains() -> No
     rs = ruleset.build(T, {("TCP", 8080): (E("127.0.0.1", 9000), E("127.0.0.1", 9001))})
     svc = rs.chains["svc_tcp_8080"].rules
     assert len(svc) == 1
-    vmap = svc[0][0]["vmap"]
+    assert svc[0][0] == {"counter": "tcp_8080_new"}
+    vmap = svc[0][1]["vmap"]
     assert vmap["key"] == {"numgen": {"mode": "random", "mod": 2, "offset": 0}}
     assert [e[1]["jump"]["target"] for e in vmap["data"]["set"]] == [
         "ep_tcp_8080__127.0.0.1_9000", "ep_tcp_8080__127.0.0.1_9001"]
@@ -71,7 +72,8 @@ def test_a_port_with_no_ready_endpoint_is_rejected_and_not_dnated() -> None:
 
 def test_every_port_has_in_and_out_counters_counted_once_per_packet() -> None:
     rs = ruleset.build(T, {("TCP", 80): (E("127.0.0.1", 1),), ("UDP", 80): ()})
-    assert rs.counters == {"tcp_80_in", "tcp_80_out", "udp_80_in", "udp_80_out"}
+    assert rs.counters == {"tcp_80_in", "tcp_80_out", "tcp_80_new", "udp_80_in", "udp_80_out", "udp_80_new"}
+    assert '"counter": "tcp_80_new"' in text(rs.chains["svc_tcp_80"].rules)
     cnt = text(rs.chains["cnt_tcp_80"].rules)
     assert '"counter": "tcp_80_in"' in cnt and '"counter": "tcp_80_out"' in cnt
     assert rs.chains["count_in"].hook == ruleset.Hook("filter", "prerouting", 0)
@@ -115,7 +117,7 @@ def test_reconcile_with_an_unknown_past_rewrites_every_kept_chain_and_drops_the_
     flushed = {c["flush"]["chain"]["name"] for c in cmds if "flush" in c}
     assert flushed == set(old.chains)       # kept chains refilled, stale ones emptied first
     deleted_counters = {c["delete"]["counter"]["name"] for c in cmds if "counter" in c.get("delete", {})}
-    assert deleted_counters == {"udp_53_in", "udp_53_out"}
+    assert deleted_counters == {"udp_53_in", "udp_53_out", "udp_53_new"}
 
 
 def test_endpoint_chain_names_parse_back() -> None:

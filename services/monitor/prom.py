@@ -203,6 +203,8 @@ def _port_families(ports: object) -> list[Family]:
     octets = Family("riklet_proxy_port_bytes_total", "counter", "Bytes through a host port, by direction.")
     tracked = Family("riklet_proxy_port_conntrack_entries", "gauge", "Conntrack entries of a host port.")
     ready = Family("riklet_proxy_port_endpoints", "gauge", "Endpoints of a host port, by state.")
+    flows = Family("riklet_proxy_port_flows_total", "counter",
+                   "New flows (TCP connections, UDP flows) NATed on a host port.")
     for p in ports:
         if not isinstance(p, Mapping) or not all(_number(p.get(k)) is not None for k in _PORT_KEYS):
             continue
@@ -211,9 +213,11 @@ def _port_families(ports: object) -> list[Family]:
             packets.add(float(p[f"packets_{direction}"]), **labels, direction=direction)
             octets.add(float(p[f"bytes_{direction}"]), **labels, direction=direction)
         tracked.add(float(p["conntrack"]), **labels)
+        if _number(p.get("flows")) is not None:
+            flows.add(float(p["flows"]), **labels)
         ready.add(float(p["ready"]), **labels, state="ready")
         ready.add(float(p["endpoints"]) - float(p["ready"]), **labels, state="unready")
-    return [packets, octets, tracked, ready]
+    return [packets, octets, tracked, ready, flows]
 
 
 _PORT_KEYS = ("port", "packets_in", "packets_out", "bytes_in", "bytes_out", "conntrack", "ready", "endpoints")

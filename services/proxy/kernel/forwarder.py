@@ -316,11 +316,14 @@ class KernelForwarder:
             inbound, outbound = (counted.get(n, (0, 0)) for n in ruleset.counter_names(key))
             ports.append({"protocol": key[0], "port": key[1], "endpoints": len(routes[key]),
                           "ready": len(ready.get(key, ())), "blocked": key in self._blocked,
+                          "flows": counted.get(ruleset.flows_counter(key), (0, 0))[0],
                           "packets_in": inbound[0], "bytes_in": inbound[1],
                           "packets_out": outbound[0], "bytes_out": outbound[1],
                           "conntrack": tracked.get(key, 0)})
         out["bytes_in"] += sum(p["bytes_in"] for p in ports)
         out["bytes_out"] += sum(p["bytes_out"] for p in ports)
+        out["connections_total"] += sum(p["flows"] for p in ports if p["protocol"] in STREAMS)
+        out["udp_flows_total"] += sum(p["flows"] for p in ports if p["protocol"] == "UDP")
         out.update(packets_in=sum(p["packets_in"] for p in ports),
                    packets_out=sum(p["packets_out"] for p in ports),
                    conntrack_entries=sum(tracked.values()), ports=ports, table=self.table,

@@ -6,7 +6,8 @@ nftables proxier::
     chain prerouting  { type nat hook prerouting priority dstnat;  LOCAL jump services }
     chain output      { type nat hook output priority dstnat;      LOCAL jump services }
     chain services    { meta l4proto . th dport vmap { tcp . 8080 : jump svc_tcp_8080, ... } }
-    chain svc_tcp_8080 { numgen random mod 2 vmap { 0 : jump ep_tcp_8080__A, 1 : jump ep_... } }
+    chain svc_tcp_8080 { counter name "tcp_8080_new"
+                         numgen random mod 2 vmap { 0 : jump ep_tcp_8080__A, 1 : jump ep_... } }
     chain ep_tcp_8080__10.88.0.5_80 { ip saddr 10.88.0.5 meta mark set meta mark | MASQ_MARK
                                       meta l4proto tcp dnat to 10.88.0.5:80 }
     chain postrouting { type nat hook postrouting priority srcnat;
@@ -101,6 +102,12 @@ def counter_names(key: RouteKey) -> tuple[str, str]:
     return f"{base}_in", f"{base}_out"
 
 
+def flows_counter(key: RouteKey) -> str:
+    """The named counter of a host port's new flows (connections; UDP flows): a NAT chain sees
+    only a flow's first packet."""
+    return f"{proto_name(key[0])}_{key[1]}_new"
+
+
 # --- expressions (libnftables JSON) ------------------------------------------------------------
 
 def _match(left: Expr, right: Any, op: str = "==") -> Expr:
@@ -153,12 +160,13 @@ def _services(ready: Mapping[RouteKey, tuple[Endpoint, ...]]) -> Chain:
 
 
 def _service(key: RouteKey, endpoints: tuple[Endpoint, ...]) -> Chain:
+    count = {"counter": flows_counter(key)}
     if len(endpoints) == 1:
-        return Chain(rules=((_jump(ep_chain(key, endpoints[0])),),))
+        return Chain(rules=((count, _jump(ep_chain(key, endpoints[0]))),))
     # Random, not round robin: the kernel keeps no turn; over many flows it spreads evenly.
     entries = [[i, _jump(ep_chain(key, ep))] for i, ep in enumerate(endpoints)]
     gen = {"numgen": {"mode": "random", "mod": len(endpoints), "offset": 0}}
-    return Chain(rules=(({"vmap": {"key": gen, "data": {"set": entries}}},),))
+    return Chain(rules=((count, {"vmap": {"key": gen, "data": {"set": entries}}}),))
 
 
 def _endpoint(key: RouteKey, ep: Endpoint) -> Chain:
@@ -227,7 +235,7 @@ def build(table: str, routes: Mapping[RouteKey, tuple[Endpoint, ...]], bind: str
     counters: set[str] = set()
     for key, endpoints in routes.items():
         chains[cnt_chain(key)] = _counting(key)
-        counters.update(counter_names(key))
+        counters.update((*counter_names(key), flows_counter(key)))
         if endpoints:
             chains[svc_chain(key)] = _service(key, endpoints)
             for ep in endpoints:
