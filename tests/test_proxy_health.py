@@ -205,6 +205,8 @@ def test_a_port_nobody_listens_on_is_unhealthy_after_fall_probes() -> None:
         await until(lambda: changes.calls == 1, "on_change")
         assert not checker.healthy(dead)
         assert checker.probes >= 2
+        checker.watch([dead])
+        assert not checker.healthy(dead), "watching an endpoint again keeps what is known of it"
         await checker.close()
 
     run_on("uvloop", main)
