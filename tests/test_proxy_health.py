@@ -440,7 +440,7 @@ def probing_cost(endpoints: int, interval: float, seconds: float) -> dict[str, f
             result.update(cpu_percent=100 * cpu / wall, probes_per_s=(checker.probes - probes) / wall,
                           us_per_probe=1e6 * cpu / max(1, checker.probes - probes),
                           unhealthy=sum(not checker.healthy(ep) for ep in eps),
-                          on_change=changes.calls, max_in_flight=checker.in_flight)
+                          on_change=changes.calls, in_flight_at_end=checker.in_flight)
             await checker.close()
 
         uvloop.run(main())
