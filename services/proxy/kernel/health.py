@@ -14,23 +14,28 @@ forwarder keeps only the healthy ones in the kernel's maps.
   ``udp_probe`` is set. Then an empty datagram goes to the endpoint on a connected socket, and an
   ICMP port-unreachable (ECONNREFUSED) within ``timeout`` is a failure; silence or an answer is a
   success. Off by default: it sends datagrams to the workload, which may log or answer them, and
-  it only finds "nothing bound to the port" (ICMP is rate limited, so it may miss even that).
+  it only finds "nothing bound to the port" (ICMP is rate limited off loopback, so it may miss
+  even that).
 
 ``fall`` consecutive failures make an endpoint unhealthy, ``rise`` consecutive successes make it
-healthy again (:class:`HealthState`, pure). Probes are spread over the interval (each endpoint
-gets a random phase), at most ``max_inflight`` at a time, and driven by loop callbacks, not tasks:
-probing is a few system calls and two callbacks per endpoint and interval.
+healthy again (:class:`HealthState`, pure). Each endpoint gets a random phase, so the probes are
+spread over the interval. The checker wakes once a tick (:data:`TICK`), not once a probe: it
+collects the probes that finished (one ``poll`` over their sockets) or timed out, and starts the
+ones now due, at most ``max_inflight`` sockets at a time. A verdict is thus up to a tick late, and
+probing costs little more than the system calls of the connects themselves.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import heapq
+import itertools
 import logging
 import random
+import select
 import socket
 import struct
-from collections import deque
 from collections.abc import Callable, Iterable
 
 from common.errors import InvalidArgument
@@ -38,8 +43,10 @@ from services.proxy.routes import Endpoint, family_of
 
 log = logging.getLogger(__name__)
 
-Key = tuple[str, Endpoint]                  # (protocol, endpoint): one endpoint may serve TCP and UDP
-Verdict = bool | None                       # None: the probe could not tell (a local shortage)
+Key = tuple[str, Endpoint]         # (protocol, endpoint): one address and port may serve TCP and UDP
+Verdict = bool | None              # None: the probe could not tell (a local shortage)
+
+TICK = 0.05                        # s between wake-ups while probing; shorter for short intervals
 
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() sends RST, no TIME_WAIT
 _STREAM_PROTOCOLS = {"TCP": socket.IPPROTO_TCP, "SCTP": socket.IPPROTO_SCTP}
@@ -73,118 +80,89 @@ class HealthState:
         return True
 
 
-def _check(name: str, value: float, minimum: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= minimum:
-        raise InvalidArgument(f"must be a number >= {minimum}, not {value!r}", name)
+def _verdict(err: int) -> Verdict:
+    return True if err == 0 else None if err in _LOCAL_ERRORS else False
 
 
 class _Probe:
-    """One probe of one endpoint on ``loop``, driven by callbacks; calls ``done(verdict)`` once,
-    never from inside the constructor, unless cancelled first."""
+    """One probe's socket, started at once: a connect in progress (TCP, SCTP) or an empty
+    datagram sent (UDP). ``early`` is the verdict if one was known at once (then no socket)."""
 
-    __slots__ = ("_done", "_loop", "_sock", "_timer", "_udp")
+    __slots__ = ("deadline", "early", "sock", "target", "udp")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, key: Key, timeout: float,
-                 done: Callable[[Verdict], None]) -> None:
-        self._loop, self._done, self._udp = loop, done, key[0] == "UDP"
-        self._sock: socket.socket | None = None
-        self._timer: asyncio.TimerHandle | None = None
+    def __init__(self, target: _Target, deadline: float) -> None:
+        self.target, self.deadline = target, deadline
+        self.udp = target.key[0] == "UDP"
+        self.sock: socket.socket | None = None
+        self.early: Verdict = None
         try:
-            self._sock = sock = self._open(key)
-            fd = sock.fileno()
-            err = sock.connect_ex(key[1])
-            if self._udp and err == 0:
-                sock.send(b"")                 # an ICMP port-unreachable answers it if nobody listens
-                loop.add_reader(fd, self._answered)
-            elif err == errno.EINPROGRESS:
-                loop.add_writer(fd, self._connected)
-            else:
-                self._finish_soon(self._verdict(err))
-                return
+            self.sock = self._open(target.key)
+            err = self.sock.connect_ex(target.key[1])
+            if self.udp and err == 0:
+                self.sock.send(b"")          # an ICMP port-unreachable answers it if nobody listens
+            elif err != errno.EINPROGRESS:
+                self._end_early(_verdict(err))
         except OSError as exc:
-            self._finish_soon(self._verdict(exc.errno or errno.EIO))
-            return
-        self._timer = loop.call_later(timeout, self._finish, self._udp)   # silence: UDP ok, TCP not
+            self._end_early(_verdict(exc.errno or errno.EIO))
 
     @staticmethod
     def _open(key: Key) -> socket.socket:
         proto, endpoint = key
         kind, number = ((socket.SOCK_DGRAM, socket.IPPROTO_UDP) if proto == "UDP"
                         else (socket.SOCK_STREAM, _STREAM_PROTOCOLS[proto]))
-        sock = socket.socket(family_of(endpoint.address), kind, number)
-        sock.setblocking(False)
+        # Non-blocking from the start: two fcntl calls fewer per probe than setblocking(False).
+        sock = socket.socket(family_of(endpoint.address), kind | socket.SOCK_NONBLOCK, number)
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
         return sock
 
-    @staticmethod
-    def _verdict(err: int) -> Verdict:
-        return True if err == 0 else None if err in _LOCAL_ERRORS else False
+    def _end_early(self, verdict: Verdict) -> None:
+        self.close()
+        self.early = verdict
 
-    def _connected(self) -> None:
-        assert self._sock is not None
-        self._finish(self._verdict(self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)))
+    @property
+    def events(self) -> int:
+        return select.POLLIN if self.udp else select.POLLOUT
 
-    def _answered(self) -> None:
-        assert self._sock is not None
+    def outcome(self) -> Verdict:
+        """The verdict once ``poll`` reported the socket: connected or refused, answered or not."""
+        assert self.sock is not None
+        if not self.udp:
+            return _verdict(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
         try:
-            self._sock.recv(1)
+            self.sock.recv(1)
         except ConnectionRefusedError:
-            self._finish(False)
+            return False
         except OSError:
-            self._finish(None)
-        else:
-            self._finish(True)
+            return None
+        return True
 
-    def _finish_soon(self, verdict: Verdict) -> None:
-        """Report an outcome known at once, from the loop (``done`` may not run re-entrantly)."""
-        self.cancel()
-        self._timer = self._loop.call_soon(self._done, verdict)   # type: ignore[assignment]
-
-    def _finish(self, verdict: Verdict) -> None:
-        self.cancel()
-        self._done(verdict)
-
-    def cancel(self) -> None:
-        """Stop the probe and free its socket; ``done`` is not called afterwards."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._sock is not None:
-            fd = self._sock.fileno()
-            if self._udp:
-                self._loop.remove_reader(fd)
-            else:
-                self._loop.remove_writer(fd)
-            self._sock.close()
-            self._sock = None
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 class _Target:
-    """A watched endpoint: its health, when it is probed next, and its probe in flight."""
+    """A watched endpoint: its health, when it is due, its probe in flight."""
 
-    __slots__ = ("due", "key", "probe", "state", "timer", "watched")
+    __slots__ = ("due", "key", "probe", "state", "watched")
 
     def __init__(self, key: Key, state: HealthState) -> None:
         self.key, self.state = key, state
         self.due = 0.0
-        self.timer: asyncio.TimerHandle | None = None
         self.probe: _Probe | None = None
         self.watched = True
 
-    def stop(self) -> None:
-        self.watched = False
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.probe is not None:
-            self.probe.cancel()
-            self.probe = None
+
+def _check(name: str, value: float, minimum: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= minimum:
+        raise InvalidArgument(f"must be a number >= {minimum}, not {value!r}", name)
 
 
 class HealthChecker:
     """Probes the watched endpoints on the running loop and calls ``on_change()`` (on the loop,
-    coalesced within one loop iteration) whenever the set of healthy endpoints changes.
+    at most once a tick) whenever the set of healthy endpoints changes.
 
     Endpoints are per protocol: ``watch(eps)`` and ``healthy(ep)`` mean TCP; pass ``protocol``
     for SCTP and UDP routes. Each ``watch`` call replaces the set of that protocol only.
@@ -199,20 +177,23 @@ class HealthChecker:
             _check(name, value, minimum)
         self._on_change = on_change
         self._interval, self._timeout = float(interval), float(timeout)
+        self._tick_s = max(0.001, min(TICK, self._interval / 4, self._timeout / 4))
         self._fall, self._rise = int(fall), int(rise)
         self._max_inflight, self._udp_probe = int(max_inflight), udp_probe
         self._targets: dict[Key, _Target] = {}
-        self._waiting: deque[_Target] = deque()    # due, but max_inflight probes are in flight
-        self._inflight = 0
+        self._due: list[tuple[float, int, _Target]] = []     # heap; entries of dropped targets linger
+        self._seq = itertools.count()                        # heap order among equal times
+        self._inflight: dict[int, _Probe] = {}               # by fd, in start (= deadline) order
+        self._poll = select.poll()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._notify: asyncio.Handle | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._closed = False
-        self.probes = 0                            # probes completed, for metrics and tests
+        self.probes = 0                                      # probes completed, for metrics and tests
 
     @property
     def in_flight(self) -> int:
-        """Probes started and not finished (at most ``max_inflight``)."""
-        return self._inflight
+        """Probes started and not yet collected (at most ``max_inflight``)."""
+        return len(self._inflight)
 
     # --- the API the forwarder uses ---------------------------------------------------------
 
@@ -229,7 +210,8 @@ class HealthChecker:
         for key in wanted - self._targets.keys():
             self._targets[key] = target = _Target(key, HealthState(self._fall, self._rise))
             if self._loop is not None:
-                self._schedule(target, self._loop.time() + random.uniform(0, self._interval))
+                self._first_due(target)
+        self._wake()
 
     def healthy(self, endpoint: Endpoint, protocol: str = "TCP") -> bool:
         """Whether ``endpoint`` should receive traffic; True for endpoints not watched."""
@@ -240,78 +222,102 @@ class HealthChecker:
         """Start probing on the running loop, each endpoint at a random phase of the interval."""
         if self._loop is not None or self._closed:
             return
-        self._loop = loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         for target in self._targets.values():
-            self._schedule(target, loop.time() + random.uniform(0, self._interval))
+            self._first_due(target)
+        self._wake()
 
     async def close(self) -> None:
-        """Stop every timer and probe in flight; their sockets are closed before this returns."""
+        """Stop the ticks and every probe in flight; their sockets are closed before this returns."""
         self._closed = True
-        for target in self._targets.values():
-            target.stop()
-        self._waiting.clear()
-        self._inflight = 0
-        if self._notify is not None:
-            self._notify.cancel()
-            self._notify = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for probe in list(self._inflight.values()):
+            self._drop_probe(probe)
+        self._due.clear()
 
-    # --- scheduling ---------------------------------------------------------------------------
+    # --- scheduling -------------------------------------------------------------------------
 
-    def _probed(self, key: Key) -> bool:
-        return key[0] != "UDP" or self._udp_probe
-
-    def _schedule(self, target: _Target, when: float) -> None:
+    def _first_due(self, target: _Target) -> None:
         assert self._loop is not None
-        if self._closed or not self._probed(target.key):
-            return
-        target.due = when
-        target.timer = self._loop.call_at(when, self._launch, target)
+        self._push(target, self._loop.time() + random.uniform(0, self._interval))
 
-    def _forget(self, target: _Target) -> None:
-        if target.probe is not None:
-            self._inflight -= 1
-        target.stop()
-        self._drain()
+    def _push(self, target: _Target, when: float) -> None:
+        if target.key[0] != "UDP" or self._udp_probe:
+            target.due = when
+            heapq.heappush(self._due, (when, next(self._seq), target))
 
-    def _drain(self) -> None:
-        """Launch waiting probes while there is room for them."""
-        while self._waiting and self._inflight < self._max_inflight:
-            waiting = self._waiting.popleft()
-            if waiting.watched:
-                self._launch(waiting)
+    def _wake(self) -> None:
+        """Tick again in a tick's time, while there is anything to probe or collect."""
+        if self._loop is None or self._closed or self._timer is not None:
+            return
+        if self._due or self._inflight:
+            self._timer = self._loop.call_at(self._loop.time() + self._tick_s, self._tick)
 
-    def _launch(self, target: _Target) -> None:
-        target.timer = None
-        if not target.watched:
-            return
-        if self._inflight >= self._max_inflight:
-            self._waiting.append(target)
-            return
+    def _tick(self) -> None:
         assert self._loop is not None
-        self._inflight += 1
-        target.probe = _Probe(self._loop, target.key, self._timeout,
-                              lambda verdict: self._result(target, verdict))
+        self._timer = None
+        now = self._loop.time()
+        changed = self._collect(now)
+        changed |= self._start_due(now)
+        self._wake()
+        if changed:
+            try:
+                self._on_change()
+            except Exception:  # the forwarder's fault must not stop the probing
+                log.exception("health on_change callback failed")
 
-    def _result(self, target: _Target, verdict: Verdict) -> None:
-        target.probe = None
-        self._inflight -= 1
+    def _start_due(self, now: float) -> bool:
+        changed = False
+        while self._due and self._due[0][0] <= now and len(self._inflight) < self._max_inflight:
+            target = heapq.heappop(self._due)[2]
+            if not target.watched:
+                continue
+            probe = _Probe(target, now + self._timeout)
+            if probe.sock is None:
+                changed |= self._record(target, probe.early, now)
+            else:
+                target.probe = probe
+                self._inflight[probe.sock.fileno()] = probe
+                self._poll.register(probe.sock, probe.events)
+        return changed
+
+    def _collect(self, now: float) -> bool:
+        """Verdicts of the probes that finished or timed out; True if any health changed."""
+        if not self._inflight:
+            return False
+        changed = False
+        for fd, _ in self._poll.poll(0):
+            probe = self._inflight[fd]
+            verdict = probe.outcome()
+            self._drop_probe(probe)
+            changed |= self._record(probe.target, verdict, now)
+        expired = list(itertools.takewhile(lambda p: p.deadline <= now, self._inflight.values()))
+        for probe in expired:
+            self._drop_probe(probe)
+            changed |= self._record(probe.target, probe.udp, now)  # silence: UDP ok, TCP not
+        return changed
+
+    def _record(self, target: _Target, verdict: Verdict, now: float) -> bool:
         self.probes += 1
-        if target.state.record(verdict):
+        changed = target.state.record(verdict)
+        if changed:
             log.info("endpoint %s", "healthy" if target.state.healthy else "unhealthy",
                      extra={"protocol": target.key[0], "endpoint": str(target.key[1])})
-            self._changed()
-        assert self._loop is not None
         # A fixed cadence from the random phase keeps the probes spread over the interval.
-        self._schedule(target, max(target.due + self._interval, self._loop.time()))
-        self._drain()
+        self._push(target, max(target.due + self._interval, now))
+        return changed
 
-    def _changed(self) -> None:
-        if self._notify is None and self._loop is not None:
-            self._notify = self._loop.call_soon(self._call_on_change)
+    def _drop_probe(self, probe: _Probe) -> None:
+        assert probe.sock is not None
+        fd = probe.sock.fileno()
+        self._poll.unregister(fd)
+        del self._inflight[fd]
+        probe.close()
+        probe.target.probe = None
 
-    def _call_on_change(self) -> None:
-        self._notify = None
-        try:
-            self._on_change()
-        except Exception:  # the forwarder's fault must not stop the probing
-            log.exception("health on_change callback failed")
+    def _forget(self, target: _Target) -> None:
+        target.watched = False
+        if target.probe is not None:
+            self._drop_probe(target.probe)
