@@ -160,8 +160,11 @@ class KernelForwarder:
         loop = asyncio.get_running_loop()
         self.health.start()
         await self._probe_ports(routes)
+        # Probed only where there is a choice: a sole endpoint that refuses is refused by the
+        # kernel all the same, and each probe is a connection the workload sees.
         for proto in ("TCP", "SCTP", "UDP"):
-            self.health.watch([ep for k, eps in routes.items() if k[0] == proto for ep in eps], proto)
+            self.health.watch([ep for k, eps in routes.items() if k[0] == proto and len(eps) > 1
+                               for ep in eps], proto)
         ready = self._ready_endpoints(routes, balance)
         self._routes, self._balance = routes, balance
         started = time.monotonic()
