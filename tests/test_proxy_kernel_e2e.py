@@ -4,6 +4,7 @@ reaching a pod through its host port in both modes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -21,7 +22,7 @@ import pytest
 import yaml
 
 from services.proxy.kernel import nft
-from tests.stack import Agent
+from tests.stack import Agent, session_processes
 from tests.support import free_port, need, wait_for
 
 PY = sys.executable
@@ -247,3 +248,29 @@ def test_switching_to_userspace_retires_the_kernel_table_without_a_gap(kagent: A
     assert "proxy: userspace mode" in kagent.ctl("node").stdout
     with pytest.raises(OSError), socket.socket() as s:
         s.bind(("0.0.0.0", host))          # the user-space proxy holds the port now
+
+
+@pytest.mark.integration
+def test_kill_9_of_the_whole_agent_refuses_nothing_and_the_next_start_reconciles(
+        kagent: Agent, tmp_path: Any) -> None:
+    host = free_port()
+    run_http(kagent, tmp_path, "web", host, replicas=2)
+    wait_for(lambda: get(host), 10, what="a reply through the kernel")
+    sid = kagent.supervisord_pid()
+    with Client(host) as client:
+        wait_for(lambda: client.done > 20, 10, what="requests before the kill")
+        for pid in session_processes(sid):          # supervisord, the services, the proxy worker
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert kagent.proc is not None
+        kagent.proc.wait(10)
+        wait_for(lambda: not session_processes(sid), 10, what="every agent process gone")
+        down = client.done
+        wait_for(lambda: client.done > down + 100, 10, what="requests with no agent at all")
+        kagent.start()
+        kagent.wait_phase("web-0", "Running")
+        wait_for(lambda: "kernel mode" in kagent.ctl("node").stdout, 15, what="the new proxy")
+        after = client.done
+        wait_for(lambda: client.done > after + 50, 10, what="requests after the restart")
+    print(f"kill -9 of the whole agent: {client.done} requests, {client.failed} failed")
+    assert client.failed == 0
