@@ -321,6 +321,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("proxy.mode", _proxy_mode, lambda: "auto", "RIKLET_PROXY_MODE", "--proxy-mode",
             "kernel (nftables DNAT), userspace (the proxy forwards), or auto: kernel where nftables "
             "works and the proxy has CAP_NET_ADMIN"),
+    Setting("proxy.health_interval", _positive, lambda: 2.0, None, None,
+            "kernel mode: how often each endpoint of a port with several is probed (TCP connect)"),
+    Setting("proxy.health_timeout", _positive, lambda: 1.0, None, None,
+            "kernel mode: a probe not connected within this long fails"),
+    Setting("proxy.health_fall", _count, lambda: 2, None, None,
+            "kernel mode: failed probes in a row that take an endpoint out of the kernel's maps"),
+    Setting("proxy.health_rise", _count, lambda: 1, None, None,
+            "kernel mode: passed probes in a row that put it back"),
     Setting("proxy.bind_address", _ip, lambda: "0.0.0.0", "RIKLET_PROXY_BIND_ADDRESS",
             "--bind-address", "address the host ports listen on"),
     Setting("proxy.connect_timeout", _positive, lambda: 3.0, None, "--connect-timeout",
@@ -388,6 +396,10 @@ class Config:
     scheduler_address: str | None
     monitoring_metric_resolution: float
     proxy_mode: str
+    proxy_health_interval: float
+    proxy_health_timeout: float
+    proxy_health_fall: int
+    proxy_health_rise: int
     proxy_bind_address: str
     proxy_connect_timeout: float
     proxy_udp_max_flows: int

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 import uuid
 from collections import Counter
@@ -274,3 +275,43 @@ def test_kill_9_of_the_whole_agent_refuses_nothing_and_the_next_start_reconciles
         wait_for(lambda: client.done > after + 50, 10, what="requests after the restart")
     print(f"kill -9 of the whole agent: {client.done} requests, {client.failed} failed")
     assert client.failed == 0
+
+
+@pytest.fixture
+def fast_health() -> Iterator[Agent]:
+    yield from agent_with(KERNEL + "  health_interval: 200ms\n  health_timeout: 200ms\n  health_fall: 2\n")
+
+
+# The first replica to take the lock file serves HTTP; the other runs but refuses connections.
+ONE_SERVES = ("import os, sys, time\n"
+              "try:\n    os.close(os.open(sys.argv[1], os.O_CREAT | os.O_EXCL))\n"
+              "except FileExistsError:\n    time.sleep(3600)\n" + HTTP_POD)
+
+
+@pytest.mark.integration
+def test_a_replica_that_refuses_leaves_the_kernel_map_within_the_fall_time(
+        fast_health: Agent, tmp_path: Any) -> None:
+    agent, host = fast_health, free_port()
+    doc = {"apiVersion": "v1", "kind": "Pod", "name": "web", "replicas": 2,
+           "spec": {"containers": [{"name": "web", "command": [PY, "-c", ONE_SERVES, str(tmp_path / "lock")],
+                                    "ports": {"port": host, "target_port": 0}}]}}
+    (tmp_path / "web.yaml").write_text(yaml.safe_dump(doc))
+    agent.ctl("apply", "-f", str(tmp_path / "web.yaml"))
+    pods = [agent.wait_phase(f"web-{i}", "Running") for i in range(2)]
+    started = time.monotonic()
+    wait_for(lambda: os.path.exists(tmp_path / "lock"), 10, what="one replica serving")
+    ports = {p["endpoints"][0]["port"] for p in pods}
+    assert len(ports) == 2
+    in_map = {p for p in ports if f"ep_tcp_{host}__127.0.0.1_{p}" in chains(agent)}
+    assert in_map == ports or len(in_map) == 1
+    left = wait_for(lambda: (m := {p for p in ports if f"ep_tcp_{host}__127.0.0.1_{p}" in chains(agent)})
+                    and len(m) == 1 and m, 10, what="the refusing replica out of the map", interval=0.01)
+    took = time.monotonic() - started
+    print(f"refusing replica out of the kernel map {took * 1000:.0f} ms after both ran "
+          "(interval 200 ms, timeout 200 ms, fall 2)")
+    assert took < 2.0
+    pids = {str(c["pid"]) for p in pods for c in p["containers"]}
+    answers = {get(host) for _ in range(50)}
+    assert len(answers) == 1 and answers <= pids
+    assert "1/2 endpoints ready" in agent.ctl("node").stdout
+    assert left

@@ -36,6 +36,7 @@ import resource
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,7 @@ from services.proxy.balance import balances
 from services.proxy.feed import SNAPSHOT_TIMEOUT, watch_pods
 from services.proxy.kernel import mode as proxy_mode
 from services.proxy.kernel.forwarder import KernelForwarder
+from services.proxy.kernel.health import HealthChecker
 from services.proxy.kernel.nft import delete_table as nft_delete_table
 from services.proxy.kernel.ruleset import table_name
 from services.proxy.routes import balance_from_pods, listed_endpoints, routes_from_pods
@@ -87,7 +89,11 @@ def make_forwarder(cfg: config.Config, settings: ProxySettings) -> tuple[Forward
     mode, why = proxy_mode.choose(cfg.proxy_mode)
     log.info("proxy mode", extra={"mode": mode, "reason": why})
     if mode == "kernel":
-        return KernelForwarder(settings, table_name(cfg.agent_id)), mode, why
+        def health(on_change: Callable[[], None]) -> HealthChecker:
+            return HealthChecker(on_change, interval=cfg.proxy_health_interval,
+                                 timeout=cfg.proxy_health_timeout, fall=cfg.proxy_health_fall,
+                                 rise=cfg.proxy_health_rise)
+        return KernelForwarder(settings, table_name(cfg.agent_id), health=health), mode, why
     return ProxyServer(settings), mode, why
 
 
