@@ -52,8 +52,8 @@ from services.proxy.balance import balances
 from services.proxy.feed import SNAPSHOT_TIMEOUT, watch_pods
 from services.proxy.kernel import mode as proxy_mode
 from services.proxy.kernel.forwarder import KernelForwarder
+from services.proxy.kernel.forwarder import retire as retire_kernel_table
 from services.proxy.kernel.health import HealthChecker
-from services.proxy.kernel.nft import delete_table as nft_delete_table
 from services.proxy.kernel.ruleset import table_name
 from services.proxy.routes import balance_from_pods, listed_endpoints, routes_from_pods
 from services.proxy.server import ProxyServer, ProxySettings
@@ -310,23 +310,24 @@ class Worker:
 
     def _retire_kernel_table(self) -> None:
         """User space, after a kernel-mode run (the mode changed): the old table would go on
-        DNATing past our listeners to endpoints it no longer follows. Deleted once, after the
+        DNATing past our listeners to endpoints it no longer follows. Emptied once, after the
         listeners for memory's routes are up, so the ports never go unanswered."""
         if self._kernel_table_checked:
             return
         self._kernel_table_checked = True
-        self.loop.create_task(self._delete_kernel_table())
+        self.loop.create_task(self._empty_kernel_table())
 
-    async def _delete_kernel_table(self) -> None:
+    async def _empty_kernel_table(self) -> None:
         await self.server.settled()
         table = table_name(self.cfg.agent_id)
         try:
-            deleted = await self.loop.run_in_executor(None, nft_delete_table, table)
+            emptied = await self.loop.run_in_executor(None, retire_kernel_table, table,
+                                                      self.server.settings.bind_host)
         except RikletError as exc:
             log.debug("no kernel table to retire", extra={"table": table, "error": str(exc)})
             return
-        if deleted:
-            log.info("user-space mode: the kernel mode's table deleted", extra={"table": table})
+        if emptied:
+            log.info("user-space mode: the kernel mode's rules removed", extra={"table": table})
 
     def _on_feed_failed(self) -> None:
         self.feed_failed = True

@@ -337,6 +337,18 @@ class KernelForwarder:
         return out
 
 
+def retire(table: str, bind: str) -> bool:
+    """Empty a table a kernel-mode run left (user space took over): its rules go in one
+    transaction, its guard stays. Not deleted: deleting the last nat chain drops the NAT state
+    of every live flow, while emptying the rules leaves established flows to finish. False if
+    there was no such table or nothing to remove."""
+    present = nft.present(table)
+    if present is None or not _ready_in(present):
+        return False
+    nft.apply(ruleset.commands(ruleset.build(table, {}, bind), present, None))
+    return True
+
+
 # --- helpers -----------------------------------------------------------------------------------
 
 def _loopback(ep: Endpoint) -> bool:
