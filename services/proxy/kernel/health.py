@@ -5,11 +5,11 @@ kernel DNATs the traffic, nobody sees it, so the proxy probes every endpoint it 
 forwarder keeps only the healthy ones in the kernel's maps.
 
 - TCP and SCTP: a non-blocking connect within ``timeout``. An accepted connection is a success
-  and is reset at once (SO_LINGER 0) with no data sent: a plain close would leave the prober, the
-  side that closes first, one TIME_WAIT socket per probe for 60 s (1000 endpoints every 2 s keep
-  30,000 of them, and as many conntrack entries), while a reset leaves none. A refusal, a timeout
-  or an unreachable host is a failure. A local shortage (no file descriptor, no ephemeral port)
-  is no verdict at all: it says nothing about the endpoint.
+  and is closed at once, plainly, with no data sent: the workload sees an ordinary EOF. (A reset
+  would spare the prober its TIME_WAIT sockets, about 30 per probed endpoint at a 2 s interval,
+  but workloads log resets, and some treat one as an error.) A refusal, a timeout or an
+  unreachable host is a failure. A local shortage (no file descriptor, no ephemeral port) is no
+  verdict at all: it says nothing about the endpoint.
 - UDP: readiness needs the application's protocol, so UDP endpoints are healthy unless
   ``udp_probe`` is set. Then an empty datagram goes to the endpoint on a connected socket, and an
   ICMP port-unreachable (ECONNREFUSED) within ``timeout`` is a failure; silence or an answer is a
@@ -35,7 +35,6 @@ import logging
 import random
 import select
 import socket
-import struct
 from collections.abc import Callable, Iterable
 
 from common.errors import InvalidArgument
@@ -48,7 +47,6 @@ Verdict = bool | None              # None: the probe could not tell (a local sho
 
 TICK = 0.05                        # s between wake-ups while probing; shorter for short intervals
 
-_RESET_ON_CLOSE = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() sends RST, no TIME_WAIT
 _STREAM_PROTOCOLS = {"TCP": socket.IPPROTO_TCP, "SCTP": socket.IPPROTO_SCTP}
 # Errors that are the prober's own shortage, not the endpoint's fault.
 _LOCAL_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
@@ -111,10 +109,7 @@ class _Probe:
         kind, number = ((socket.SOCK_DGRAM, socket.IPPROTO_UDP) if proto == "UDP"
                         else (socket.SOCK_STREAM, _STREAM_PROTOCOLS[proto]))
         # Non-blocking from the start: two fcntl calls fewer per probe than setblocking(False).
-        sock = socket.socket(family_of(endpoint.address), kind | socket.SOCK_NONBLOCK, number)
-        if kind == socket.SOCK_STREAM:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
-        return sock
+        return socket.socket(family_of(endpoint.address), kind | socket.SOCK_NONBLOCK, number)
 
     def _end_early(self, verdict: Verdict) -> None:
         self.close()
