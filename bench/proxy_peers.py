@@ -1,8 +1,9 @@
-"""The processes of the proxy benchmark: backend, HAProxy, nginx stream, riklet's proxy.
+"""The processes of the proxy benchmark: backend, UDP echo, HAProxy, nginx stream.
 
 Each is started pinned to a CPU with ``taskset`` (which execs, so the pid we hold is the
-server's own and its /proc times are the server's CPU), from configs written to a temp dir.
-nginx runs with ``master_process off``: one process that does all the work, measured as is.
+server's own: ``kill -9`` of it is the kill of that proxy), from configs written to a temp dir.
+nginx runs with ``master_process off``: one process that does all the work. riklet runs as a
+real agent (bench.riklet_agent).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 
 LOAD_CPU, PROXY_CPU = "0", "1"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -52,18 +52,6 @@ def _stream_module() -> str | None:
     return path if os.path.exists(path) else None
 
 
-def cpu_times(pid: int) -> tuple[float, float]:
-    """User and system CPU seconds of the whole process (all threads), from /proc."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU of the whole process (all threads), from /proc."""
-    return sum(cpu_times(pid))
-
-
 @dataclass
 class Peer:
     name: str
@@ -93,6 +81,12 @@ class Peer:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    def kill9(self) -> None:
+        """``kill -9`` of the server process, reaped."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -156,13 +150,6 @@ def nginx_stream(tmp: str, name: str, port: int, upstream: int, udp_port: int, u
         f" proxy_pass 127.0.0.1:{udp_upstream}; }}\n}}\n")
     path = _write(tmp, f"{name}.conf", conf)
     return Peer(name, ["nginx", "-p", tmp, "-c", path], PROXY_CPU, wait_tcp=port)
-
-
-def riklet(name: str, port: int, upstream: int, udp_port: int, udp_upstream: int,
-           extra: list[str] | None = None) -> Peer:
-    argv = [sys.executable, "-m", "bench.riklet_proxy", "--tcp", f"{port}=127.0.0.1:{upstream}",
-            "--udp", f"{udp_port}=127.0.0.1:{udp_upstream}", *(extra or [])]
-    return Peer(name, argv, PROXY_CPU, wait_tcp=port)
 
 
 def udp_echo(port: int) -> Peer:
