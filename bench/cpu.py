@@ -1,14 +1,15 @@
 """Machine-wide CPU accounting for the proxy benchmark, from /proc/stat.
 
 A proxy's own CPU time (/proc/PID/stat) misses the kernel work done for its sockets in softirq
-and kworkers, which is charged to whatever process is on the CPU; a kernel data path (nftables
-DNAT) has no process at all. So the benchmark counts the whole machine's busy time:
+and kworkers, which is not charged to it; a kernel data path (nftables DNAT) has no process at
+all. So the benchmark counts the whole machine's busy time:
 
-- busy: the aggregate ``cpu`` line's user + nice + system + irq + softirq + steal (all CPUs;
-  guest time is already inside user, idle and iowait are not busy), in seconds, minus the user
-  and system time of processes outside the benchmark's network namespace (anything else the
-  machine runs meanwhile: their own time plus that of the children they reaped; kernel threads
-  are never subtracted, softirq and irq time are not in any process's time);
+- busy: the aggregate ``cpu`` line's user + nice + system + irq + softirq (all CPUs; guest
+  time is already inside user; idle and iowait are not busy, nor is steal, time the hypervisor
+  gave to another machine), in seconds, minus the user and system time of processes outside
+  the benchmark's network namespace (whatever else the machine runs meanwhile: their own time
+  and that of the children they reaped; kernel threads are never subtracted, and softirq and
+  irq time are in no process's time);
 - idle rate: busy seconds per wall second while nothing is offered (the agents' timers),
   measured before a round of runs;
 - net cost of a run per unit of work: (busy - idle rate x the run's wall time) / units;
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # /proc/stat "cpu" columns: user nice system idle iowait irq softirq steal guest guest_nice
-_BUSY_COLUMNS = (0, 1, 2, 5, 6, 7)
+_BUSY_COLUMNS = (0, 1, 2, 5, 6)
 PF_KTHREAD = 0x00200000
 
 

@@ -27,14 +27,16 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
 
 def ensure_tools() -> None:
     """Install the Debian packages of the peers when one is missing (root only)."""
-    missing = [t for t in ("haproxy", "nginx", "wrk", "taskset") if shutil.which(t) is None]
+    tools = ("haproxy", "nginx", "wrk", "taskset", "nft", "conntrack")
+    missing = [t for t in tools if shutil.which(t) is None]
     if not _stream_module() and shutil.which("nginx"):
         missing.append("libnginx-mod-stream")
     if not missing:
         return
     if os.geteuid() != 0:
-        raise SystemExit(f"missing {missing}: apt-get install haproxy nginx libnginx-mod-stream wrk")
-    pkgs = ["haproxy", "nginx", "libnginx-mod-stream", "wrk"]
+        raise SystemExit(f"missing {missing}: apt-get install haproxy nginx libnginx-mod-stream wrk "
+                         "nftables conntrack")
+    pkgs = ["haproxy", "nginx", "libnginx-mod-stream", "wrk", "nftables", "conntrack"]
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
     subprocess.run(["apt-get", "install", "-y", "-qq", *pkgs], check=True, env=env)
@@ -113,8 +115,9 @@ def _nginx_head(tmp: str, name: str) -> str:
             "events { worker_connections 16384; multi_accept on; }\n")
 
 
-def backend(tmp: str, port: int) -> Peer:
-    """nginx serving /1k and /1m with keep-alive that outlasts any run."""
+def backend(tmp: str, port: int, *more: int) -> Peer:
+    """nginx serving /1k and /1m with keep-alive that outlasts any run, on ``port`` and any
+    ``more`` ports (one process, the same server on each)."""
     www = os.path.join(tmp, "www")
     os.makedirs(www, exist_ok=True)
     for name, size in (("1k", 1024), ("1m", 1024 * 1024)):
@@ -125,7 +128,8 @@ def backend(tmp: str, port: int) -> Peer:
         "  keepalive_timeout 300s; default_type application/octet-stream;\n"
         f"  client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/ptmp;\n"
         f"  fastcgi_temp_path {tmp}/f; uwsgi_temp_path {tmp}/u; scgi_temp_path {tmp}/s;\n"
-        f"  server {{ listen 127.0.0.1:{port} backlog=4096; root {www}; }} }}\n")
+        "  server { " + "".join(f"listen 127.0.0.1:{p} backlog=4096; " for p in (port, *more))
+        + f"root {www}; }} }}\n")
     path = _write(tmp, "backend.conf", conf)
     return Peer("backend", ["nginx", "-p", tmp, "-c", path], LOAD_CPU, wait_tcp=port)
 
@@ -153,4 +157,4 @@ def nginx_stream(tmp: str, name: str, port: int, upstream: int, udp_port: int, u
 
 
 def udp_echo(port: int) -> Peer:
-    return Peer("udp-echo", [sys.executable, "-m", "bench.udp_load", "echo", str(port)], LOAD_CPU)
+    return Peer(f"udp-echo-{port}", [sys.executable, "-m", "bench.udp_load", "echo", str(port)], LOAD_CPU)
