@@ -29,6 +29,24 @@ from common.pb import node_pb2_grpc as npb_grpc  # noqa: E402
 DEFAULT_ENDPOINT = "127.0.0.1:9091"
 
 
+def proxy_line(proxy: dict[str, Any] | None) -> str:
+    """``rikletctl node``'s line on the proxy: its mode (and why), host ports and endpoints."""
+    if proxy is None:
+        return "proxy: unknown (the agent does not say)"
+    if not proxy.get("up"):
+        return "proxy: not answering"
+    line = f"proxy: {proxy.get('mode', 'userspace')} mode"
+    if proxy.get("mode_reason"):
+        line += f" ({proxy['mode_reason']})"
+    ports = proxy.get("ports")
+    if isinstance(ports, list):
+        ready = sum(int(p.get("ready", 0)) for p in ports if isinstance(p, dict))
+        total = sum(int(p.get("endpoints", 0)) for p in ports if isinstance(p, dict))
+        line += (f", {len(ports)} host ports, {ready}/{total} endpoints ready, "
+                 f"{proxy.get('conntrack_entries', 0)} conntrack entries")
+    return line
+
+
 class Usage(Exception):
     pass
 
@@ -224,7 +242,8 @@ class Ctl:
 
     def node(self, args: argparse.Namespace) -> None:
         info = self.stub.NodeInfo(npb.NodeInfoRequest(), timeout=10)
-        data = {"resources": json.loads(info.resources_json), "realtime": json.loads(info.realtime_json)}
+        data = {"resources": json.loads(info.resources_json), "realtime": json.loads(info.realtime_json),
+                "proxy": json.loads(info.proxy_json) if info.proxy_json else None}
         if self.json:
             print(json.dumps(data, indent=2))
             return
@@ -233,6 +252,7 @@ class Ctl:
               f"{res.get('distrib')} {res.get('version')} {res.get('arch')}")
         cpu, mem = rt.get("cpu", {}), rt.get("memory", {})
         print(f"cpu {cpu.get('currentUsage')}%  memory {mem.get('currentUsage')}%")
+        print(proxy_line(data["proxy"]))
 
     def image(self, args: argparse.Namespace) -> None:
         {"ls": self._image_ls, "list": self._image_ls, "pull": self._image_pull,

@@ -9,6 +9,7 @@ value that does not parse is an error naming the file (or variable, or flag) and
 from __future__ import annotations
 
 import argparse
+import hashlib
 import ipaddress
 import os
 import socket
@@ -203,6 +204,13 @@ def _resolution(value: object, field: str) -> float:
     return secs
 
 
+def _proxy_mode(value: object, field: str) -> str:
+    text = _str(value, field).lower()
+    if text not in ("auto", "kernel", "userspace"):
+        raise InvalidArgument(f"unknown proxy mode {value!r} (auto, kernel, userspace)", field)
+    return text
+
+
 def _path(value: object, field: str) -> str:
     return os.path.abspath(_str(value, field))
 
@@ -310,6 +318,17 @@ SETTINGS: tuple[Setting, ...] = (
             "a RIK scheduler's HOST:PORT; unset, the agent runs stand-alone"),
     Setting("monitoring.metric_resolution", _resolution, lambda: 5.0, "RIKLET_METRIC_RESOLUTION",
             "--metric-resolution", "how often metrics are pushed to the scheduler (5s, 500ms, 1m)"),
+    Setting("proxy.mode", _proxy_mode, lambda: "auto", "RIKLET_PROXY_MODE", "--proxy-mode",
+            "kernel (nftables DNAT), userspace (the proxy forwards), or auto: kernel where nftables "
+            "works and the proxy has CAP_NET_ADMIN"),
+    Setting("proxy.health_interval", _positive, lambda: 2.0, None, None,
+            "kernel mode: how often each endpoint of a port with several is probed (TCP connect)"),
+    Setting("proxy.health_timeout", _positive, lambda: 1.0, None, None,
+            "kernel mode: a probe not connected within this long fails"),
+    Setting("proxy.health_fall", _count, lambda: 2, None, None,
+            "kernel mode: failed probes in a row that take an endpoint out of the kernel's maps"),
+    Setting("proxy.health_rise", _count, lambda: 1, None, None,
+            "kernel mode: passed probes in a row that put it back"),
     Setting("proxy.bind_address", _ip, lambda: "0.0.0.0", "RIKLET_PROXY_BIND_ADDRESS",
             "--bind-address", "address the host ports listen on"),
     Setting("proxy.connect_timeout", _positive, lambda: 3.0, None, "--connect-timeout",
@@ -376,6 +395,11 @@ class Config:
     logs_max_files: int
     scheduler_address: str | None
     monitoring_metric_resolution: float
+    proxy_mode: str
+    proxy_health_interval: float
+    proxy_health_timeout: float
+    proxy_health_fall: int
+    proxy_health_rise: int
     proxy_bind_address: str
     proxy_connect_timeout: float
     proxy_udp_max_flows: int
@@ -383,6 +407,12 @@ class Config:
     proxy_max_connections: int
     proxy_idle_timeout: float
     sources: Mapping[str, str]     # key -> where its value came from
+
+    @property
+    def agent_id(self) -> str:
+        """8 hex digits naming this agent's own things on a shared node (its cgroups, its
+        nftables table): agents side by side on one machine never share one."""
+        return hashlib.sha256(os.path.abspath(self.paths_state_dir).encode()).hexdigest()[:8]
 
     # IPC endpoints, all in the run directory.
     @property

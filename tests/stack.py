@@ -8,6 +8,7 @@ supervisord, then kills whatever a broken test left behind (by the pids it recor
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -147,8 +148,20 @@ class Agent:
             wait_for(lambda: not self.pods(), 30, what="all pods deleted")
         self.stop()
         self.kill_leftovers()
+        self.delete_kernel_table()
         self.channel.close()
         shutil.rmtree(self.base, ignore_errors=True)
+
+    @property
+    def kernel_table(self) -> str:
+        """The nftables table (family ip) this agent's proxy programs in kernel mode."""
+        return "riklet_" + hashlib.sha256(os.path.abspath(self.state_dir).encode()).hexdigest()[:8]
+
+    def delete_kernel_table(self) -> None:
+        """A stopped agent keeps its table (its workloads keep running); a test's must go."""
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(["nft", "delete", "table", "ip", self.kernel_table], capture_output=True,
+                           timeout=10)
 
     def dump_logs(self, lines: int = 60) -> None:
         """Print the tail of every service log (on failure, for the test report)."""

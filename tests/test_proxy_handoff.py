@@ -444,7 +444,7 @@ class WorkerProc:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "services.proxy", "--worker", "--run-dir", cfg.paths_run_dir,
                  "--state-dir", cfg.paths_state_dir, "--bind-address", "127.0.0.1",
-                 "--log-level", "DEBUG"], stderr=log_file, cwd=ROOT)
+                 "--proxy-mode", cfg.proxy_mode, "--log-level", "DEBUG"], stderr=log_file, cwd=ROOT)
 
     def logged(self, msg: str) -> list[dict[str, Any]]:
         out = []
@@ -464,7 +464,9 @@ class WorkerProc:
 
 @pytest.fixture
 def cfg(run_dir: str) -> config.Config:
-    return config.load(environ={"RIKLET_RUN_DIR": run_dir, "RIKLET_STATE_DIR": run_dir})
+    # The user-space data path's hand-off (listening sockets); the kernel's: test_proxy_kernel*.
+    return config.load(environ={"RIKLET_RUN_DIR": run_dir, "RIKLET_STATE_DIR": run_dir,
+                                "RIKLET_PROXY_MODE": "userspace"})
 
 
 @pytest.fixture
@@ -700,7 +702,18 @@ class Prober:
 
 
 @pytest.fixture
-def echo_agent(agent: Agent) -> tuple[Agent, int]:
+def uagent() -> Iterator[Agent]:
+    """An agent whose proxy forwards in user space: what these restarts hand over."""
+    a = Agent("proxy:\n  mode: userspace\n").start()
+    try:
+        yield a
+    finally:
+        a.close()
+
+
+@pytest.fixture
+def echo_agent(uagent: Agent) -> tuple[Agent, int]:
+    agent = uagent
     target, host = free_ports(2)
     agent.ctl("run", "echo", "--port", f"{host}:{target}", "--", sys.executable, "-c", ECHO_POD, str(target))
     agent.wait_phase("echo", "Running")

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -300,7 +301,18 @@ def scrape(agent: Agent) -> dict[str, float]:
     return out
 
 
-def test_proxy_counters_reach_the_metrics_endpoint(agent: Agent) -> None:
+@pytest.fixture
+def uagent() -> Iterator[Agent]:
+    """An agent forwarding in user space: the connect latency histogram is its proxy's."""
+    a = Agent("proxy:\n  mode: userspace\n").start()
+    try:
+        yield a
+    finally:
+        a.close()
+
+
+def test_proxy_counters_reach_the_metrics_endpoint(uagent: Agent) -> None:
+    agent = uagent
     target, host = free_ports(2)
     agent.ctl("run", "web", "--port", f"{host}:{target}", *serve_cmd(target))
     agent.wait_phase("web", "Running")

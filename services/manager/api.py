@@ -207,8 +207,12 @@ class NodeService(pb_grpc.NodeServicer):
         def run() -> pb.NodeInfoResponse:
             resources = self.monitor.call("node.resources")
             realtime = self.monitor.call("node.realtime")
+            try:
+                proxy = json.dumps(self.monitor.call("proxy.stats"))
+            except RikletError:     # an older monitor: the node's figures still answer
+                proxy = ""
             return pb.NodeInfoResponse(resources_json=json.dumps(resources),
-                                       realtime_json=json.dumps(realtime))
+                                       realtime_json=json.dumps(realtime), proxy_json=proxy)
         return self._call(context, run)
 
     # -- images ------------------------------------------------------------------------------

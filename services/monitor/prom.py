@@ -130,7 +130,21 @@ PROXY_SERIES: tuple[tuple[str, str, str, str], ...] = (
     ("datagrams_out", "riklet_proxy_datagrams_out_total", "counter", "UDP datagrams to clients."),
     ("datagrams_dropped", "riklet_proxy_datagrams_dropped_total", "counter",
      "UDP datagrams dropped (buffer full or upstream refused)."),
+    # Kernel mode only (nftables counters and conntrack).
+    ("packets_in", "riklet_proxy_packets_in_total", "counter", "Packets from clients to pods (kernel mode)."),
+    ("packets_out", "riklet_proxy_packets_out_total", "counter",
+     "Packets from pods to clients (kernel mode)."),
+    ("conntrack_entries", "riklet_proxy_conntrack_entries", "gauge",
+     "Conntrack entries of flows the proxy's table NATed (kernel mode)."),
+    ("conntrack_deleted", "riklet_proxy_conntrack_deleted_total", "counter",
+     "Conntrack entries deleted because their endpoint left (kernel mode)."),
+    ("syncs", "riklet_proxy_kernel_syncs_total", "counter", "nftables transactions applied (kernel mode)."),
+    ("sync_errors", "riklet_proxy_kernel_sync_errors_total", "counter",
+     "nftables transactions that failed (kernel mode)."),
+    ("last_sync_seconds", "riklet_proxy_kernel_last_sync_seconds", "gauge",
+     "Duration of the last nftables transaction (kernel mode)."),
 )
+PROXY_MODES = ("kernel", "userspace")
 
 
 def _number(value: object) -> float | None:
@@ -172,7 +186,41 @@ def proxy_families(stats: Mapping[str, Any] | None) -> list[Family]:
                  "Time to connect to the upstream endpoint (successful connects).")
     if add_histogram(fam, stats.get("connect_latency")):
         out.append(fam)
-    return out
+    if isinstance(stats.get("mode"), str):
+        mode = Family("riklet_proxy_mode", "gauge", "The proxy's data path: 1 for the mode in use.")
+        for name in PROXY_MODES:
+            mode.add(1 if stats["mode"] == name else 0, mode=name)
+        out.append(mode)
+    return out + _port_families(stats.get("ports"))
+
+
+def _port_families(ports: object) -> list[Family]:
+    """Per host port series of the kernel mode (``stats.ports``); malformed rows are skipped."""
+    if not isinstance(ports, list):
+        return []
+    packets = Family("riklet_proxy_port_packets_total", "counter",
+                     "Packets through a host port, by direction.")
+    octets = Family("riklet_proxy_port_bytes_total", "counter", "Bytes through a host port, by direction.")
+    tracked = Family("riklet_proxy_port_conntrack_entries", "gauge", "Conntrack entries of a host port.")
+    ready = Family("riklet_proxy_port_endpoints", "gauge", "Endpoints of a host port, by state.")
+    flows = Family("riklet_proxy_port_flows_total", "counter",
+                   "New flows (TCP connections, UDP flows) NATed on a host port.")
+    for p in ports:
+        if not isinstance(p, Mapping) or not all(_number(p.get(k)) is not None for k in _PORT_KEYS):
+            continue
+        labels = {"protocol": str(p.get("protocol")), "port": str(p.get("port"))}
+        for direction in ("in", "out"):
+            packets.add(float(p[f"packets_{direction}"]), **labels, direction=direction)
+            octets.add(float(p[f"bytes_{direction}"]), **labels, direction=direction)
+        tracked.add(float(p["conntrack"]), **labels)
+        if _number(p.get("flows")) is not None:
+            flows.add(float(p["flows"]), **labels)
+        ready.add(float(p["ready"]), **labels, state="ready")
+        ready.add(float(p["endpoints"]) - float(p["ready"]), **labels, state="unready")
+    return [packets, octets, tracked, ready, flows]
+
+
+_PORT_KEYS = ("port", "packets_in", "packets_out", "bytes_in", "bytes_out", "conntrack", "ready", "endpoints")
 
 
 def container_families(rows: Sequence[Any]) -> list[Family]:

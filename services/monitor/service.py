@@ -7,6 +7,7 @@ Ops (requests and replies in the :mod:`common.ipc` envelope)::
     node.realtime  {}        -> RealtimeNode
     pod.realtime   {name}    -> RealtimePod          NotFound (field args.name) if memory has no such pod
     pods.realtime  {}        -> {"pods": [RealtimePod, ...]}
+    proxy.stats    {}        -> {"up": bool, ...the proxy's ``stats`` answer (its mode, counters)}
 
 Pod ops answer ``Unavailable`` when memory cannot be reached; node ops never ask memory.
 """
@@ -103,6 +104,7 @@ class Monitor:
             "node.realtime": (frozenset(), lambda _: self.node_realtime()),
             "pod.realtime": (frozenset({"name"}), lambda a: self.pod_realtime(_pod_name(a))),
             "pods.realtime": (frozenset(), lambda _: {"pods": self.pods_realtime()}),
+            "proxy.stats": (frozenset(), lambda _: self.proxy_stats()),
         }
 
     def handle(self, req: ipc.Request) -> Any:
@@ -130,6 +132,17 @@ class Monitor:
 
     def pods_realtime(self) -> list[metrics.RealtimePod]:
         return metrics.realtime_pods(self._list_pods(), self.node_id, self.sampler, self._open_cgroup)
+
+    def proxy_stats(self) -> dict[str, Any]:
+        """The proxy's own ``stats`` (for ``rikletctl node``); ``up`` False when it is not
+        running or does not answer."""
+        if self._proxy_stats is None:
+            return {"up": False}
+        try:
+            stats = self._proxy_stats()
+        except Unavailable as exc:
+            return {"up": False, "error": exc.message}
+        return {"up": False} if stats is None else {**stats, "up": True}
 
     @property
     def scrape_errors(self) -> int:

@@ -132,6 +132,20 @@ def routes_from_pods(pods: Iterable[Mapping[str, Any]]) -> Routes:
     return {key: tuple(sorted(eps)) for key, eps in sorted(table.items())}
 
 
+def listed_endpoints(pods: Iterable[Mapping[str, Any]]) -> frozenset[tuple[RouteKey, Endpoint]]:
+    """Every endpoint some pod record lists, whatever its phase: a pod stopping still drains
+    its connections; one no longer listed is gone."""
+    found = set()
+    for pod in pods:
+        status = pod.get("status")
+        entries = status.get("endpoints") if isinstance(status, Mapping) else None
+        for raw in entries if isinstance(entries, list) else []:
+            parsed = _endpoint(str(pod.get("name", "?")), raw)
+            if parsed is not None:
+                found.add(parsed)
+    return frozenset(found)
+
+
 def balance_from_pods(pods: Iterable[Mapping[str, Any]]) -> dict[RouteKey, str]:
     """The balancing each host port asks for in its pods' specs (``spec.ports[].balance``);
     ports that do not ask are left out (round robin). Replicas share one spec, so they agree."""

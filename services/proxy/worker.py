@@ -1,5 +1,12 @@
 """riklet-proxy's worker: the data path, started and restarted by the keeper (services.proxy.keeper).
 
+Two data paths, by ``proxy.mode`` (services.proxy.kernel.mode): in kernel mode the worker binds
+no host port; it programs the agent's nftables table (services.proxy.kernel.forwarder) and the
+kernel DNATs the traffic, so the rules outlive any worker, keeper or agent restart. In
+userspace mode (and where the kernel path cannot work) it forwards the bytes itself
+(services.proxy.server). The life below is the same in both; in kernel mode a hand-off passes
+no socket and a worker handed over has no connection to drain.
+
 The data path runs on a uvloop event loop in the main thread; the pod feed (blocking ZeroMQ)
 runs on a thread of its own and hands each new route table to the loop, where only the newest
 one waiting is applied.
@@ -29,6 +36,7 @@ import resource
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,8 +50,16 @@ from common.zmqutil import ipc_path
 from services.proxy import handoff
 from services.proxy.balance import balances
 from services.proxy.feed import SNAPSHOT_TIMEOUT, watch_pods
-from services.proxy.routes import balance_from_pods, routes_from_pods
+from services.proxy.kernel import mode as proxy_mode
+from services.proxy.kernel.forwarder import KernelForwarder
+from services.proxy.kernel.forwarder import retire as retire_kernel_table
+from services.proxy.kernel.health import HealthChecker
+from services.proxy.kernel.ruleset import table_name
+from services.proxy.routes import balance_from_pods, listed_endpoints, routes_from_pods
 from services.proxy.server import ProxyServer, ProxySettings
+
+# The data path: the kernel's (nftables DNAT) or the user-space forwarder's; the same role.
+Forwarder = ProxyServer | KernelForwarder
 
 log = logging.getLogger("services.proxy")
 
@@ -67,7 +83,29 @@ def settings_from(cfg: config.Config) -> ProxySettings:
                          idle_timeout=cfg.proxy_idle_timeout)
 
 
-def start_stats(cfg: config.Config, server: ProxyServer, force: bool = False) -> StatsServer | None:
+def make_forwarder(cfg: config.Config, settings: ProxySettings) -> tuple[Forwarder, str, str]:
+    """The forwarder ``proxy.mode`` asks for (auto: the kernel's where it works), the mode in
+    use and why."""
+    mode, why = proxy_mode.choose(cfg.proxy_mode)
+    log.info("proxy mode", extra={"mode": mode, "reason": why})
+    if mode == "kernel":
+        def health(on_change: Callable[[], None]) -> HealthChecker:
+            return HealthChecker(on_change, interval=cfg.proxy_health_interval,
+                                 timeout=cfg.proxy_health_timeout, fall=cfg.proxy_health_fall,
+                                 rise=cfg.proxy_health_rise)
+        return KernelForwarder(settings, table_name(cfg.agent_id), health=health), mode, why
+    return ProxyServer(settings), mode, why
+
+
+def snapshot(server: Forwarder, mode: str, why: str) -> dict[str, Any]:
+    """The ``stats`` answer: the forwarder's counters and the mode in use."""
+    out = server.snapshot() if isinstance(server, KernelForwarder) else server.stats.as_dict()
+    out.update(mode=mode, mode_reason=why)
+    return out
+
+
+def start_stats(cfg: config.Config, server: Forwarder, force: bool = False,
+                mode: tuple[str, str] = ("userspace", "")) -> StatsServer | None:
     """The ``stats`` endpoint for the monitor. Forwarding matters more than being measured:
     if it cannot bind (a live twin, an unwritable run dir), log and forward without it.
     ``force``: a predecessor did not confirm it let go of the endpoint; take it regardless."""
@@ -75,7 +113,7 @@ def start_stats(cfg: config.Config, server: ProxyServer, force: bool = False) ->
     if force and path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-    stats = StatsServer(cfg.proxy_endpoint, server.stats.as_dict)
+    stats = StatsServer(cfg.proxy_endpoint, lambda: snapshot(server, *mode))
     try:
         stats.start()
     except (RikletError, OSError, zmq.ZMQError) as exc:
@@ -91,7 +129,7 @@ class Worker:
         self.times = times or Lifetimes()
         self.keeper_pid = keeper_pid
         self.handoff_path = handoff_path or handoff.socket_path(cfg.paths_run_dir)
-        self.server = ProxyServer(settings)
+        self.server, self.mode, self.mode_reason = make_forwarder(cfg, settings)
         self.stats: StatsServer | None = None
         self.handoff: handoff.HandoffServer | None = None
         self.feed_failed = False
@@ -106,6 +144,7 @@ class Worker:
         self._term_deadline: float | None = None
         self._orphan_deadline: float | None = None
         self._orphan_timer: asyncio.TimerHandle | None = None
+        self._kernel_table_checked = self.mode == "kernel"
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -140,11 +179,12 @@ class Worker:
             if since is not None:
                 since.add_to(self.server.stats)
         # Off the loop: a stale endpoint file costs a probe of 0.3 s, while routes arrive.
-        self.stats = await loop.run_in_executor(None, start_stats, self.cfg, self.server, not confirmed)
+        self.stats = await loop.run_in_executor(None, start_stats, self.cfg, self.server, not confirmed,
+                                                (self.mode, self.mode_reason))
         self._start_handoff_server()
         if self.keeper_pid is not None:
             self._orphan_timer = loop.call_later(self.times.orphan_check, self._check_orphan)
-        log.info("proxy started", extra={"bind": self.server.settings.bind_host,
+        log.info("proxy started", extra={"bind": self.server.settings.bind_host, "mode": self.mode,
                                          "took_over": takeover is not None,
                                          "keeper": self.keeper_pid})
         return await self._lifecycle()
@@ -251,8 +291,12 @@ class Worker:
 
         def on_pods(pods: list[dict[str, Any]]) -> None:
             # Routes are computed here, on the feed thread, to keep the data path's loop free.
-            loop.call_soon_threadsafe(server.update, routes_from_pods(pods),
-                                      balances(balance_from_pods(pods)))
+            routes, balance = routes_from_pods(pods), balances(balance_from_pods(pods))
+            if isinstance(server, KernelForwarder):
+                loop.call_soon_threadsafe(server.update, routes, balance, listed_endpoints(pods))
+            else:
+                loop.call_soon_threadsafe(server.update, routes, balance)
+                loop.call_soon_threadsafe(self._retire_kernel_table)
 
         def run_feed() -> None:
             try:
@@ -263,6 +307,27 @@ class Worker:
 
         self._feed = threading.Thread(target=run_feed, name="pod-feed", daemon=True)
         self._feed.start()
+
+    def _retire_kernel_table(self) -> None:
+        """User space, after a kernel-mode run (the mode changed): the old table would go on
+        DNATing past our listeners to endpoints it no longer follows. Emptied once, after the
+        listeners for memory's routes are up, so the ports never go unanswered."""
+        if self._kernel_table_checked:
+            return
+        self._kernel_table_checked = True
+        self.loop.create_task(self._empty_kernel_table())
+
+    async def _empty_kernel_table(self) -> None:
+        await self.server.settled()
+        table = table_name(self.cfg.agent_id)
+        try:
+            emptied = await self.loop.run_in_executor(None, retire_kernel_table, table,
+                                                      self.server.settings.bind_host)
+        except RikletError as exc:
+            log.debug("no kernel table to retire", extra={"table": table, "error": str(exc)})
+            return
+        if emptied:
+            log.info("user-space mode: the kernel mode's rules removed", extra={"table": table})
 
     def _on_feed_failed(self) -> None:
         self.feed_failed = True

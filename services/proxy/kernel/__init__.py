@@ -1,0 +1,1 @@
+"""The proxy's kernel data path: nftables rules, conntrack hygiene, endpoint health."""
