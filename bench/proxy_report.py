@@ -137,7 +137,18 @@ def render(results: dict[str, Any]) -> str:
                      "run made with its table loaded: the DNAT alone.")
     lines.append("")
     lines += context(got, floors)
+    lines += failed_requests(results["runs"])
     return "\n".join(lines)
+
+
+def failed_requests(records: list[dict[str, Any]]) -> list[str]:
+    """wrk's socket errors and non-2xx answers, where a run had any (none is the norm)."""
+    bad: dict[tuple[str, str], float] = defaultdict(float)
+    for r in records:
+        if r.get("errors"):
+            bad[(r["scenario"], r["name"])] += r["errors"]
+    return [f"failed requests under load: {name}, {scenario}: {n:.0f} in all runs"
+            for (scenario, name), n in sorted(bad.items())]
 
 
 def context(got: dict[str, dict[str, float]], floors: dict[str, list[float]]) -> list[str]:

@@ -116,3 +116,11 @@ def test_kernel_mode_also_shows_the_dnat_alone_over_direct_with_its_table_loaded
                                                 proxy_report.CT_DIRECT: 12e-6})
     assert "| 20 (8 NAT alone) |" in row
     assert "| 0.40x HAProxy 2.6 ✓ (0.16x NAT alone ✓) |" in row
+
+
+def test_failed_requests_under_load_are_reported() -> None:
+    records = [_run("direct", 1, 0, 1.5, 1e5) | {"errors": 0.0},
+               _run("haproxy", 1, 0, 2.5, 5e4) | {"errors": 3.0},
+               _run("haproxy", 1, 1, 2.5, 5e4) | {"errors": 2.0}]
+    assert proxy_report.failed_requests(records) == [
+        "failed requests under load: haproxy, keep-alive: 5 in all runs"]
