@@ -61,9 +61,12 @@ bench-spine: install
 bench-rik: install
 	$(BIN)/python -m bench.rik --metric-seconds 120 --resolution 0.5 --instances 100
 
+# Machine-wide CPU added over a direct connection, per request / GiB / new connection / UDP echo,
+# for HAProxy, nginx, riklet kernel and userspace modes side by side; failed requests during
+# kill -9 of every proxy process. About 8 minutes; --quick for a smoke run.
 .PHONY: bench-proxy
 bench-proxy: install
-	$(BIN)/python -m bench.proxy --reps 5
+	$(BIN)/python -m bench.proxy --reps 3
 
 .PHONY: bench-containerd
 bench-containerd: install

@@ -1,8 +1,9 @@
-"""The processes of the proxy benchmark: backend, HAProxy, nginx stream, riklet's proxy.
+"""The processes of the proxy benchmark: backend, UDP echo, HAProxy, nginx stream.
 
 Each is started pinned to a CPU with ``taskset`` (which execs, so the pid we hold is the
-server's own and its /proc times are the server's CPU), from configs written to a temp dir.
-nginx runs with ``master_process off``: one process that does all the work, measured as is.
+server's own: ``kill -9`` of it is the kill of that proxy), from configs written to a temp dir.
+nginx runs with ``master_process off``: one process that does all the work. riklet runs as a
+real agent (bench.riklet_agent).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 
 LOAD_CPU, PROXY_CPU = "0", "1"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -27,14 +27,16 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
 
 def ensure_tools() -> None:
     """Install the Debian packages of the peers when one is missing (root only)."""
-    missing = [t for t in ("haproxy", "nginx", "wrk", "taskset") if shutil.which(t) is None]
+    tools = ("haproxy", "nginx", "wrk", "taskset", "nft", "conntrack")
+    missing = [t for t in tools if shutil.which(t) is None]
     if not _stream_module() and shutil.which("nginx"):
         missing.append("libnginx-mod-stream")
     if not missing:
         return
     if os.geteuid() != 0:
-        raise SystemExit(f"missing {missing}: apt-get install haproxy nginx libnginx-mod-stream wrk")
-    pkgs = ["haproxy", "nginx", "libnginx-mod-stream", "wrk"]
+        raise SystemExit(f"missing {missing}: apt-get install haproxy nginx libnginx-mod-stream wrk "
+                         "nftables conntrack")
+    pkgs = ["haproxy", "nginx", "libnginx-mod-stream", "wrk", "nftables", "conntrack"]
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
     subprocess.run(["apt-get", "install", "-y", "-qq", *pkgs], check=True, env=env)
@@ -50,18 +52,6 @@ def _stream_module() -> str | None:
         return ""
     path = "/usr/lib/nginx/modules/ngx_stream_module.so"
     return path if os.path.exists(path) else None
-
-
-def cpu_times(pid: int) -> tuple[float, float]:
-    """User and system CPU seconds of the whole process (all threads), from /proc."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU of the whole process (all threads), from /proc."""
-    return sum(cpu_times(pid))
 
 
 @dataclass
@@ -94,6 +84,12 @@ class Peer:
         assert self.proc is not None
         return self.proc.pid
 
+    def kill9(self) -> None:
+        """``kill -9`` of the server process, reaped."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
@@ -119,8 +115,9 @@ def _nginx_head(tmp: str, name: str) -> str:
             "events { worker_connections 16384; multi_accept on; }\n")
 
 
-def backend(tmp: str, port: int) -> Peer:
-    """nginx serving /1k and /1m with keep-alive that outlasts any run."""
+def backend(tmp: str, port: int, *more: int) -> Peer:
+    """nginx serving /1k and /1m with keep-alive that outlasts any run, on ``port`` and any
+    ``more`` ports (one process, the same server on each)."""
     www = os.path.join(tmp, "www")
     os.makedirs(www, exist_ok=True)
     for name, size in (("1k", 1024), ("1m", 1024 * 1024)):
@@ -131,7 +128,8 @@ def backend(tmp: str, port: int) -> Peer:
         "  keepalive_timeout 300s; default_type application/octet-stream;\n"
         f"  client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/ptmp;\n"
         f"  fastcgi_temp_path {tmp}/f; uwsgi_temp_path {tmp}/u; scgi_temp_path {tmp}/s;\n"
-        f"  server {{ listen 127.0.0.1:{port} backlog=4096; root {www}; }} }}\n")
+        "  server { " + "".join(f"listen 127.0.0.1:{p} backlog=4096; " for p in (port, *more))
+        + f"root {www}; }} }}\n")
     path = _write(tmp, "backend.conf", conf)
     return Peer("backend", ["nginx", "-p", tmp, "-c", path], LOAD_CPU, wait_tcp=port)
 
@@ -158,12 +156,5 @@ def nginx_stream(tmp: str, name: str, port: int, upstream: int, udp_port: int, u
     return Peer(name, ["nginx", "-p", tmp, "-c", path], PROXY_CPU, wait_tcp=port)
 
 
-def riklet(name: str, port: int, upstream: int, udp_port: int, udp_upstream: int,
-           extra: list[str] | None = None) -> Peer:
-    argv = [sys.executable, "-m", "bench.riklet_proxy", "--tcp", f"{port}=127.0.0.1:{upstream}",
-            "--udp", f"{udp_port}=127.0.0.1:{udp_upstream}", *(extra or [])]
-    return Peer(name, argv, PROXY_CPU, wait_tcp=port)
-
-
 def udp_echo(port: int) -> Peer:
-    return Peer("udp-echo", [sys.executable, "-m", "bench.udp_load", "echo", str(port)], LOAD_CPU)
+    return Peer(f"udp-echo-{port}", [sys.executable, "-m", "bench.udp_load", "echo", str(port)], LOAD_CPU)

@@ -48,17 +48,18 @@ def answered(port: int) -> bool:
 
 
 def outage(port: int, action: Callable[[], None], settle: Callable[[], object],
-           timeout: float = 30.0) -> tuple[float, int]:
+           timeout: float = 30.0, probe: Callable[[int], bool] = answered) -> tuple[float, int]:
     """Seconds the port went unanswered around ``action`` (from the first failed request to
     the next answered one) and the number of failed requests, probing every 5 ms from a thread
-    started before the action and stopped once ``settle()`` returned after it."""
+    started before the action and stopped once ``settle()`` returned after it. ``probe`` sends
+    one request on a new connection (bench.proxy uses its own, for an nginx backend)."""
     failures: list[float] = []
     back: list[float] = []
     stop = threading.Event()
 
-    def probe() -> None:
+    def probing() -> None:
         while not stop.is_set():
-            ok = answered(port)
+            ok = probe(port)
             now = time.perf_counter()
             if not ok:
                 failures.append(now)
@@ -66,12 +67,12 @@ def outage(port: int, action: Callable[[], None], settle: Callable[[], object],
                 back.append(now)
             time.sleep(0.005)
 
-    t = threading.Thread(target=probe, daemon=True)
+    t = threading.Thread(target=probing, daemon=True)
     t.start()
     time.sleep(0.05)
     action()
     settle()
-    wait_for(lambda: answered(port), timeout, "the port answering again")
+    wait_for(lambda: probe(port), timeout, "the port answering again")
     time.sleep(0.1)
     stop.set()
     t.join(timeout)
