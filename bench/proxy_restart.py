@@ -92,9 +92,11 @@ def current_worker(agent: Agent) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--mode", choices=("userspace", "kernel"), default="userspace",
+                        help="the proxy's data path (the hand-off of listening sockets is userspace's)")
     args = parser.parse_args()
     target, host = free_ports(2)
-    agent = Agent().start()
+    agent = Agent(f"proxy:\n  mode: {args.mode}\n").start()
     try:
         agent.ctl("run", "web", "--port", f"{host}:{target}", "--",
                   sys.executable, "-m", "http.server", str(target), "--bind", "127.0.0.1")
@@ -121,7 +123,8 @@ def main() -> None:
             results["kill -9 worker"].append(outage(
                 host, lambda o=old: os.kill(o, signal.SIGKILL),
                 lambda o=old: wait_for(lambda: current_worker(agent) != o, 20, "the new worker")))
-        print(f"\nhost port unanswered around a proxy restart, {args.rounds} rounds ({os.cpu_count()} cores)")
+        print(f"\nhost port unanswered around a proxy restart, {args.mode} mode, {args.rounds} rounds "
+              f"({os.cpu_count()} cores)")
         print(f"{'':24} {'median ms':>10} {'max ms':>8} {'failed requests':>16}")
         for label, values in results.items():
             ms = [v[0] * 1000 for v in values]
