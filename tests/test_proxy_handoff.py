@@ -382,7 +382,8 @@ def test_handoff_server_and_takeover_end_to_end(run_dir: str) -> None:
         assert takeover is not None and list(takeover.state.sockets) == [key]
         assert takeover.state.counters.values["connections_total"] == 4
         since = takeover.release()
-        assert released.is_set() and since is not None and since.values["connections_total"] == 2
+        assert since is not None and since.values["connections_total"] == 2
+        assert released.wait(5)              # called once ``released`` has been sent
         assert not os.path.exists(path)      # gone before ``released``: the successor binds it
         adopted = takeover.state.sockets[key]
         with socket.create_connection(("127.0.0.1", key[1]), timeout=2):
