@@ -318,7 +318,9 @@ def test_the_proxy_process_follows_memory_and_stops_on_sigterm(cfg: config.Confi
     log_path = os.path.join(cfg.paths_run_dir, "proxy.log")
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", "services.proxy", "--run-dir", cfg.paths_run_dir,
-                                 "--bind-address", "127.0.0.1", "--log-level", "DEBUG"],
+                                 "--bind-address", "127.0.0.1", "--log-level", "DEBUG",
+                                 # the user-space path: no kernel table and no NATed flows outlive the test
+                                 "--proxy-mode", "userspace"],
                                 stderr=log_file, cwd=os.path.dirname(os.path.dirname(__file__)))
     try:
         wait_until(lambda: read_from(host_port) == b"hi", "the route to open")
