@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -104,3 +105,15 @@ def parse_prometheus(text: str) -> tuple[dict[str, str], dict[str, dict[str, flo
         assert family in types, f"{name} has no TYPE line"
         samples.setdefault(name, {})[m.group(2) or ""] = float(m.group(3))
     return types, samples
+
+
+def host_ports(count: int, kind: int = socket.SOCK_STREAM) -> list[int]:
+    """Free ports to serve as kernel-mode host ports. Such a port is never bound, so free_ports
+    may hand out one that an earlier test's DNATed flows still hold in conntrack (a reused
+    source port would then follow the old flow's NAT): those entries are deleted first."""
+    ports = free_ports(count, kind)
+    proto = "tcp" if kind == socket.SOCK_STREAM else "udp"
+    for port in ports:
+        subprocess.run(["conntrack", "-D", "-p", proto, "--orig-port-dst", str(port), "--dst-nat"],
+                       capture_output=True, check=False)
+    return ports

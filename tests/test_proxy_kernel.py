@@ -24,8 +24,14 @@ from services.proxy.kernel.forwarder import KernelForwarder
 from services.proxy.kernel.health import HealthChecker
 from services.proxy.routes import Endpoint, Routes
 from services.proxy.server import ProxySettings
-from tests.support import free_port, free_ports, need, wait_for
+from tests.support import host_ports, need, wait_for
 from tests.test_cni import CLIENT, Net, _restore_ip_forward, _setup, net
+
+free_ports = host_ports   # every port here is a host port the kernel DNATs
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    return host_ports(1, kind)[0]
 
 __all__ = ["_restore_ip_forward", "net"]    # the CNI tests' fixtures, used here
 

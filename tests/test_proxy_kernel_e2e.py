@@ -24,7 +24,12 @@ import yaml
 
 from services.proxy.kernel import nft
 from tests.stack import Agent, session_processes
-from tests.support import free_port, need, wait_for
+from tests.support import host_ports, need, wait_for
+
+
+def free_port() -> int:
+    return host_ports(1)[0]   # a host port the kernel DNATs, with no flows of earlier tests
+
 
 PY = sys.executable
 KERNEL = "proxy:\n  mode: kernel\n"
