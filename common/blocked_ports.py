@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 FILE_NAME = "proxy-blocked.json"
 MAX_BYTES = 1 << 20   # a bigger file is not the proxy's: ignored
@@ -39,6 +42,17 @@ def write(path: str, blocked: Mapping[Key, str]) -> None:
     with open(tmp, "w") as f:
         json.dump(body, f)
     os.replace(tmp, path)
+
+
+def tell(on_blocked: Callable[[dict[Key, str]], None] | None, blocked: Mapping[Key, str]) -> None:
+    """Hand the blocked ports to the data path's listener (the worker writes the file); a write
+    that fails is logged, never raised into the data path."""
+    if on_blocked is None:
+        return
+    try:
+        on_blocked(dict(blocked))
+    except OSError as exc:
+        log.error("cannot report blocked ports", extra={"error": str(exc)})
 
 
 def read(path: str) -> dict[Key, str]:

@@ -26,7 +26,7 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from common import holders
+from common import blocked_ports, holders
 from services.proxy.balance import Balance
 from services.proxy.routes import STREAMS, Endpoint, RouteKey, Routes, diff, family_of
 from services.proxy.stats import Stats
@@ -290,11 +290,7 @@ class ProxyServer:
             self._tell_blocked()
 
     def _tell_blocked(self) -> None:
-        if self.on_blocked is not None:
-            try:
-                self.on_blocked(dict(self._blocked))
-            except OSError as exc:
-                log.error("cannot report blocked ports", extra={"error": str(exc)})
+        blocked_ports.tell(self.on_blocked, self._blocked)
 
     def _free(self, key: RouteKey) -> bool:
         """Whether a blocked port with no route could be bound now (bound and closed at once)."""

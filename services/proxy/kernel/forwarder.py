@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from common import holders
+from common import blocked_ports, holders
 from services.manager.ports import bindable
 from services.proxy.balance import Balance
 from services.proxy.kernel import conntrack, nft, ruleset
@@ -284,11 +284,7 @@ class KernelForwarder:
             self._arm_retry()
 
     def _tell_blocked(self) -> None:
-        if self.on_blocked is not None:
-            try:
-                self.on_blocked(dict(self._blocked))
-            except OSError as exc:
-                log.error("cannot report blocked ports", extra={"error": str(exc)})
+        blocked_ports.tell(self.on_blocked, self._blocked)
 
     def _close_adopted(self, ready: Ready) -> None:
         for key in list(self._adopted):
