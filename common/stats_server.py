@@ -4,7 +4,7 @@ answers ``stats`` from a thread of its own, so a scrape never runs on a data pat
 Ops (requests and replies in the :mod:`common.ipc` envelope)::
 
     stats {}   -> the service's snapshot (the proxy: its counters and connect_latency histogram;
-                  the manager: services.manager.chas_stats.ChasStats.snapshot())
+                  the manager: services.manager.chas.stats.ChasStats.snapshot())
 
 The counters are plain ints written by the loop thread; reading them here may see a value one
 update old, which is fine for a scrape.

@@ -1,4 +1,4 @@
-"""The CHaS HTTP API (services/manager/chas_api.py) against a real agent, over real HTTP.
+"""The CHaS HTTP API (services/manager/chas/api.py) against a real agent, over real HTTP.
 
 Workloads run on the process runtime (no containerd needed); the agent's containerd socket
 points nowhere, so a deploy with an image shows what a node without containerd answers.
@@ -25,8 +25,8 @@ import pytest
 from common import auth, config
 from common.errors import InvalidArgument, NotFound, Unavailable
 from common.zmqutil import RequestClient
-from services.manager import chas_api
-from services.manager.chas_stats import ChasStats
+from services.manager.chas import api as chas_api
+from services.manager.chas.stats import ChasStats
 from tests.stack import Agent, chas_agent
 from tests.support import free_port, need, wait_for
 

@@ -1,4 +1,4 @@
-"""The manager's CHaS client (services/manager/chas_client.py) against tests/chas_server.py, a
+"""The manager's CHaS client (services/manager/chas/client.py) against tests/chas_server.py, a
 CHaS API server written from seed 003's contract. Intervals of 0.2 s, back-off of 0.05..0.4 s."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from services.manager.chas_client import ChasReporter, format_size, resources_from_monitor
-from services.manager.chas_stats import ChasStats
+from services.manager.chas.client import ChasReporter, format_size, resources_from_monitor
+from services.manager.chas.stats import ChasStats
 from tests.chas_server import ChasServer, Request
 from tests.support import wait_for
 

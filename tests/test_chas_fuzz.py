@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from services.manager import chas_api
+from services.manager.chas import api as chas_api
 from tests.stack import Agent, chas_agent
 
 pytestmark = pytest.mark.integration

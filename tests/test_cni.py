@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import InvalidArgument, RikletError
-from services.manager.cni import NETNS_DIR, NetworkError, PodNet, PodNetworks
+from services.manager.containerd.cni import NETNS_DIR, NetworkError, PodNet, PodNetworks
 from tests.support import need
 
 REAL_CNI = "/usr/lib/cni"

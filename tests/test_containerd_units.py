@@ -14,9 +14,9 @@ from common.errors import InvalidArgument
 from common.imageref import normalize_ref
 from common.model import parse_workload
 from common.pb.containerd import _rewrite
-from services.manager import ocispec
-from services.manager.containerd import classify, pull_args, should_restart
-from services.manager.ctrd import chain_id
+from services.manager.containerd import ocispec
+from services.manager.containerd.client import chain_id
+from services.manager.containerd.runtime import classify, pull_args, should_restart
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = {"config": {"Entrypoint": ["/entry"], "Cmd": ["serve", "--port", "80"],
@@ -130,7 +130,7 @@ def test_log_driver_writes_both_streams_and_signals_ready(tmp_path: object) -> N
               "high = [os.dup2(fd, 100 + i) for i, fd in enumerate(src)]; "
               "[os.close(fd) for fd in src]; "
               "[os.dup2(fd, 3 + i) for i, fd in enumerate(high)]; [os.close(fd) for fd in high]; "
-              "from services.manager.ctrlog import main; sys.exit(main(sys.argv[1:]))")
+              "from services.manager.containerd.logdriver import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", script, "max_files", "2", "path", log,
                              "max_size", "1000"], pass_fds=(out_r, err_r, ready_w))
     for fd in (out_r, err_r, ready_w):
@@ -148,7 +148,7 @@ def test_log_driver_writes_both_streams_and_signals_ready(tmp_path: object) -> N
 
 
 def test_log_driver_refuses_odd_arguments() -> None:
-    from services.manager.ctrlog import parse_args
+    from services.manager.containerd.logdriver import parse_args
     with pytest.raises(SystemExit):
         parse_args(["path"])
     assert parse_args(["path", "/x", "max_size", "5"]) == {"path": "/x", "max_size": "5"}

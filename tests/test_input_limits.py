@@ -20,8 +20,8 @@ import pytest
 
 from common.errors import MAX_FIELD_BYTES, MAX_MESSAGE_BYTES, InvalidArgument, bounded, excerpt
 from common.model import MAX_DEPTH
-from services.manager.api import MAX_GRPC_MESSAGE_BYTES, NodeService
-from services.manager.instances import instance_workload, load_definition
+from services.manager.api.node import MAX_GRPC_MESSAGE_BYTES, NodeService
+from services.manager.rik.instances import instance_workload, load_definition
 from tests.stack import BIN, Agent, chas_agent, npb
 from tests.test_model import alias_bomb
 

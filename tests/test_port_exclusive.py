@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from common import blocked_ports, holders
-from services.manager.ports import bindable
+from common.ports import bindable
 from services.proxy.routes import Endpoint
 from tests.stack import Agent
 from tests.support import free_port, wait_for

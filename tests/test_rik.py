@@ -15,7 +15,7 @@ import pytest
 
 from common.errors import InvalidArgument
 from common.rik import pod_name_for
-from services.manager.instances import MAX_DEFINITION_BYTES, instance_workload, load_definition
+from services.manager.rik.instances import MAX_DEFINITION_BYTES, instance_workload, load_definition
 from tests.rik_scheduler import Received, TestScheduler
 from tests.stack import Agent, pid_alive
 from tests.support import free_port, wait_for

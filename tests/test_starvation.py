@@ -19,8 +19,8 @@ import pytest
 from common import auth
 from common.pb import node_pb2 as npb
 from common.pb import node_pb2_grpc as npb_grpc
-from services.manager.chas_conn import Connections, body_deadline
-from services.manager.streams import StreamLimits, client_of
+from services.manager.api.streams import StreamLimits, client_of
+from services.manager.chas.conn import Connections, body_deadline
 from tests.stack import Agent, chas_agent
 from tests.support import wait_for
 

@@ -33,16 +33,16 @@ def main(argv: list[str] | None = None) -> None:
     pb.ensure()
     from common.pb import node_pb2, node_pb2_grpc  # generated: import after ensure()
     from common.stats_server import StatsServer
-    from services.manager.api import NodeService
-    from services.manager.chas_api import start_from_config
-    from services.manager.chas_stats import ChasStats
-    from services.manager.cni import PodNetworks
-    from services.manager.containerd import ContainerdRuntime
-    from services.manager.ctrd import Containerd
+    from services.manager.api.node import NodeService
+    from services.manager.api.streams import StreamLimits
+    from services.manager.chas.api import start_from_config
+    from services.manager.chas.stats import ChasStats
+    from services.manager.containerd.client import Containerd
+    from services.manager.containerd.cni import PodNetworks
+    from services.manager.containerd.runtime import ContainerdRuntime
     from services.manager.process import ProcessRuntime
-    from services.manager.reconcile import Reconciler
-    from services.manager.rik import SchedulerLink
-    from services.manager.streams import StreamLimits
+    from services.manager.reconcile.reconciler import Reconciler
+    from services.manager.rik.link import SchedulerLink
 
     make_run_dir(cfg.paths_run_dir)
     memory = MemoryClient(cfg)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
                             "api.address")
     except RikletError as exc:
         raise SystemExit(f"riklet-manager: {exc}") from None
-    # Streams get their own share of the pool (services/manager/streams.py): open watches and
+    # Streams get their own share of the pool (services/manager/api/streams.py): open watches and
     # log follows can never take the workers unary calls need.
     streams = StreamLimits(cfg.api_max_streams, cfg.api_max_streams_per_client)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=streams.workers, thread_name_prefix="grpc"),
@@ -176,8 +176,8 @@ def start_reporter(cfg: Any, service: Any, stats: Any, api: Any) -> Any:
     import shutil
 
     from common.auth import read_token
-    from services.manager.chas_api import ChasApi
-    from services.manager.chas_client import ChasReporter, resources_from_monitor
+    from services.manager.chas.api import ChasApi
+    from services.manager.chas.client import ChasReporter, resources_from_monitor
 
     if api is None:  # the HTTP API is off: the health figures still come from the same code
         api = ChasApi(service, stats, host=cfg.chas_bind_address, port=0, token=lambda: "",

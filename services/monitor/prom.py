@@ -239,7 +239,7 @@ def container_families(rows: Sequence[Any]) -> list[Family]:
 
 
 def chas_families(stats: Mapping[str, Any] | None) -> list[Family]:
-    """The CHaS API's counters from the manager (services.manager.chas_stats): requests and
+    """The CHaS API's counters from the manager (services.manager.chas.stats): requests and
     their latency per endpoint, deployments, errors by type, health and registration."""
     if not isinstance(stats, Mapping):
         return []

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from common import blocked_ports, holders
-from services.manager.ports import bindable
+from common.ports import bindable
 from services.proxy.balance import Balance
 from services.proxy.kernel import conntrack, nft, ruleset
 from services.proxy.kernel.conntrack import Stale

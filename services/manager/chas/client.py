@@ -33,7 +33,7 @@ from enum import StrEnum
 from typing import Any
 
 from common.rik import Backoff
-from services.manager.chas_stats import ChasStats
+from services.manager.chas.stats import ChasStats
 
 log = logging.getLogger("riklet.chas")
 

@@ -25,8 +25,8 @@ from typing import Any
 
 from common.errors import Conflict, NotFound, RikletError, Unavailable
 from common.memclient import MemoryClient
+from services.manager.reconcile.status import Phase, derive, same
 from services.manager.runtime import Observed, PodRecord, Runtime, spec_hash
-from services.manager.status import Phase, derive, same
 
 log = logging.getLogger(__name__)
 

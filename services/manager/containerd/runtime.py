@@ -41,8 +41,8 @@ from common.errors import (
     Unavailable,
 )
 from common.imageref import normalize_ref, registry_host
-from services.manager import ocispec
-from services.manager.ctrd import Containerd, ImageInfo, TaskState
+from services.manager.containerd import ocispec
+from services.manager.containerd.client import Containerd, ImageInfo, TaskState
 from services.manager.runtime import Observed, PodLayout, PodRecord, spec_hash
 from services.manager.shimctl import read_json, write_json
 
@@ -95,7 +95,7 @@ class ContainerdRuntime(PodLayout):
                  insecure_registries: tuple[str, ...] = (), user: tuple[int, int] = (0, 0)) -> None:
         super().__init__(state_dir)
         self.client = client
-        self.networks = networks          # services.manager.cni.PodNetworks
+        self.networks = networks          # services.manager.containerd.cni.PodNetworks
         self.grace_default = grace_default
         self.log_max_size = log_max_size
         self.log_max_files = log_max_files
@@ -487,7 +487,7 @@ class ContainerdRuntime(PodLayout):
         path = os.path.join(bindir, "riklet-log-driver")
         text = (f"#!{sys.executable} -sSE\n"
                 f"import sys; sys.path.insert(0, {ROOT!r})\n"
-                "from services.manager.ctrlog import main; sys.exit(main())\n")
+                "from services.manager.containerd.logdriver import main; sys.exit(main())\n")
         old = None
         with contextlib.suppress(OSError), open(path, encoding="utf-8") as fh:
             old = fh.read()

@@ -25,9 +25,9 @@ from common.model import Workload, dns_label, load_manifest, parse_workload
 from common.pb import node_pb2 as pb
 from common.pb import node_pb2_grpc as pb_grpc
 from common.policy import Policy
+from common.ports import check_ports
 from common.rik import instance_id_of
 from common.zmqutil import RequestClient
-from services.manager.ports import check_ports
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The CHaS HTTP API (seed 003, "Inbound API"): deploy, list, delete and read the logs of
 containers, and the node's health. A thin adapter over the Node API's core
-(:class:`services.manager.api.NodeService`): every write goes through ``apply_document`` or
+(:class:`services.manager.api.node.NodeService`): every write goes through ``apply_document`` or
 ``desire``, so the policy, the port checks and the apply lock are the same as for gRPC.
 
 A CHaS container is a pod of one container, both named after the request's ``name``; its id is
@@ -42,10 +42,11 @@ from common import auth, rotlog
 from common.errors import Conflict as ConflictError
 from common.errors import ErrorCode, InvalidArgument, NotFound, RikletError, Unavailable, excerpt
 from common.model import Workload, dns_label, host_ports, load_json
+from common.ports import bindable
 from common.rik import instance_id_of
 from common.units import parse_cpu, parse_memory
 from common.zmqutil import RequestClient
-from services.manager.chas_conn import (
+from services.manager.chas.conn import (
     HEADER_TIMEOUT,
     MAX_CONNECTIONS,
     WRITE_TIMEOUT,
@@ -53,11 +54,10 @@ from services.manager.chas_conn import (
     DeadlineReader,
     body_deadline,
 )
-from services.manager.chas_stats import ChasStats
-from services.manager.ports import bindable
+from services.manager.chas.stats import ChasStats
 
 if TYPE_CHECKING:
-    from services.manager.api import NodeService
+    from services.manager.api.node import NodeService
 
 log = logging.getLogger("riklet.chas")
 
@@ -71,7 +71,7 @@ MAX_MEMORY = 1 << 60
 DISK_LOW = 0.05                    # under this share of free disk the node is unhealthy
 FOLLOW_POLL = 0.25                 # seconds between the checks that end a log stream
 
-# The pod phase (services.manager.status.Phase) as a CHaS container status.
+# The pod phase (services.manager.reconcile.status.Phase) as a CHaS container status.
 STATUSES: Mapping[str, str] = {
     "Pending": "pending", "Creating": "creating", "Running": "running", "Error": "error",
     "Terminating": "terminating", "Terminated": "stopped",

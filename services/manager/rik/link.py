@@ -27,10 +27,10 @@ from common.pb import rik_common_pb2 as cpb
 from common.pb import rik_worker_pb2 as wpb
 from common.pb import rik_worker_pb2_grpc as wpb_grpc
 from common.policy import Policy
+from common.ports import check_ports
 from common.rik import CHANNEL_OPTIONS, Backoff, StatusSender, describe, instance_id_of, pod_name_for
-from services.manager import instances
-from services.manager.instances import Report
-from services.manager.ports import check_ports
+from services.manager.rik import instances
+from services.manager.rik.instances import Report
 
 log = logging.getLogger(__name__)
 
