@@ -13,6 +13,7 @@ import copy
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 
 PATIENCE = 10.0          # seconds a call keeps trying before raising Unavailable
 RESYNC_RETRY = 0.5       # seconds between snapshot attempts while memory is down
+SNAPSHOT_TIMEOUT = 2.0   # seconds a snapshot request may take
+POLL_MS = 200            # how long the mirror waits for an event before checking its health
+MAX_BATCH = 1000         # events applied before on_batch runs once for all of them
+SILENCE = 3.0            # no heartbeat for this long: say so (the last known pods stay)
 
 OnChange = Callable[[str, "dict[str, Any] | None"], None]
 
@@ -106,19 +111,48 @@ def diff_pods(old: dict[str, dict[str, Any]],
     return [(name, new.get(name)) for name in names if old.get(name) != new.get(name)]
 
 
-class PodMirror:
-    """A local, eventually consistent copy of memory's pods, kept by a background thread.
+class _Health:
+    """Says once when memory cannot be reached or goes quiet, and once when it is back."""
 
-    ``on_change(name, record_or_None)`` runs on that thread for every change it sees,
-    including each difference found by a resync. While memory is down the mirror keeps the
-    last known state and tries again every 0.5 s.
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.heard = time.monotonic()
+        self.down = False
+
+    def ok(self) -> None:
+        if self.down:
+            log.info("memory reachable again", extra={"endpoint": self.endpoint})
+        self.heard, self.down = time.monotonic(), False
+
+    def fail(self, what: str) -> None:
+        if not self.down:
+            log.warning(f"{what}; keeping the last known pods", extra={"endpoint": self.endpoint})
+        self.down = True
+
+    def quiet(self) -> None:
+        if time.monotonic() - self.heard > SILENCE:
+            self.fail("no heartbeat from memory")
+
+
+class PodMirror:
+    """A local, eventually consistent copy of memory's pods: the one subscriber to memory's
+    change stream, used by the manager (per-pod ``on_change``) and the proxy (``on_batch``).
+
+    ``on_change(name, record_or_None)`` runs on the mirror's thread for every change it sees,
+    including each difference found by a resync. ``on_batch(mirror)`` runs after each batch of
+    events that changed something (up to ``MAX_BATCH`` waiting events) and after each resync,
+    for consumers that recompute from every pod at once. While memory is down the mirror keeps
+    the last known state (losing the control plane must not stop workloads or cut traffic) and
+    tries again every 0.5 s.
     """
 
     def __init__(self, cfg: Config, on_change: OnChange | None = None,
-                 context: zmq.Context[Any] | None = None) -> None:
+                 context: zmq.Context[Any] | None = None,
+                 on_batch: Callable[[PodMirror], None] | None = None) -> None:
         self._endpoint = cfg.memory_endpoint
         self._events_endpoint = cfg.memory_events_endpoint
         self._on_change = on_change
+        self._on_batch = on_batch
         self._ctx = context or zmq.Context.instance()
         self._lock = threading.Lock()
         self._state = PodSequence()      # the ordering rules; read under the lock
@@ -129,7 +163,8 @@ class PodMirror:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("PodMirror already started")
-        self._thread = threading.Thread(target=self._run, name="pod-mirror", daemon=True)
+        self._thread = threading.Thread(target=self.run, args=(self._stop,), name="pod-mirror",
+                                        daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -151,6 +186,11 @@ class PodMirror:
         with self._lock:
             return copy.deepcopy(self._state.pods)
 
+    def records(self) -> list[dict[str, Any]]:
+        """Every pod's record as it stands (shared, not copied: read them, never change them)."""
+        with self._lock:
+            return self._state.records()
+
     @property
     def seq(self) -> int:
         return max(self._state.seq, 0)
@@ -165,34 +205,57 @@ class PodMirror:
 
     # -- the mirror thread ------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def run(self, stop: threading.Event) -> None:
+        """Mirror memory until ``stop`` is set; blocks (``start`` runs it on a thread)."""
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         # Subscribe before the snapshot: what happens in between arrives as events to skip.
         sub.connect(self._events_endpoint)
-        rpc = RequestClient(self._endpoint, timeout=2.0, retries=0, context=self._ctx)
+        rpc = RequestClient(self._endpoint, timeout=SNAPSHOT_TIMEOUT, retries=0, context=self._ctx)
+        health = _Health(self._endpoint)
         need_sync = True
         try:
-            while not self._stop.is_set():
+            while not stop.is_set():
                 if need_sync:
-                    need_sync = not self._resync(rpc)
-                    if need_sync:
-                        self._stop.wait(RESYNC_RETRY)
+                    if not self._resync(rpc):
+                        health.fail("memory unreachable")
+                        stop.wait(RESYNC_RETRY)
                         continue
-                if not sub.poll(200, zmq.POLLIN):
+                    need_sync = False
+                    health.ok()
+                    self._batch_done()
+                if not sub.poll(POLL_MS, zmq.POLLIN):
+                    health.quiet()
                     continue
-                try:
-                    ev = ipc.decode_event(sub.recv_multipart())
-                except BadFrame as exc:
-                    log.warning("ignored a malformed event", extra={"error": str(exc)})
-                    continue
-                if self._apply(ev):
-                    need_sync = True
+                health.ok()
+                changed, need_sync = self._drain(sub)
+                if need_sync:
                     self._synced.clear()
+                elif changed:
+                    self._batch_done()
         finally:
             sub.close(linger=0)
             rpc.close()
+
+    def _drain(self, sub: zmq.Socket[Any]) -> tuple[bool, bool]:
+        """Apply the events waiting (at most MAX_BATCH); returns (changed, resync needed)."""
+        changed = False
+        for _ in range(MAX_BATCH):
+            try:
+                frames = sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                ev = ipc.decode_event(frames)
+            except BadFrame as exc:
+                log.warning("ignored a malformed event", extra={"error": str(exc)})
+                continue
+            outcome = self._apply(ev)
+            if outcome is Outcome.RESYNC:
+                return changed, True
+            changed |= outcome is Outcome.CHANGED
+        return changed, False
 
     def _resync(self, rpc: RequestClient) -> bool:
         try:
@@ -211,18 +274,20 @@ class PodMirror:
         with self._lock:
             old, self._state = self._state.pods, fresh
         self._synced.set()
+        log.info("pods loaded from memory", extra={"pods": len(fresh.pods), "seq": fresh.seq,
+                                                   "epoch": fresh.epoch})
         for name, record in diff_pods(old, fresh.pods):
             self._notify(name, record)
         return True
 
-    def _apply(self, ev: ipc.Event) -> bool:
-        """Apply one event in order; True when a resync is needed instead."""
+    def _apply(self, ev: ipc.Event) -> Outcome:
+        """Apply one event in order."""
         with self._lock:
             outcome = self._state.apply(ev)
             change = self._state.last_change if outcome is Outcome.CHANGED else None
         if change is not None:
             self._notify(*change)
-        return outcome is Outcome.RESYNC
+        return outcome
 
     def _notify(self, name: str, record: dict[str, Any] | None) -> None:
         if self._on_change is None:
@@ -231,3 +296,7 @@ class PodMirror:
             self._on_change(name, copy.deepcopy(record))
         except Exception:  # a subscriber's bug must not stop the mirror for everyone else
             log.exception("on_change failed", extra={"pod": name})
+
+    def _batch_done(self) -> None:
+        if self._on_batch is not None:
+            self._on_batch(self)
