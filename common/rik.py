@@ -22,6 +22,7 @@ from typing import Any, cast
 import grpc
 
 from common import pb
+from common.pod import Desired, Phase, desired_of, phase_of
 
 pb.ensure()
 from common.pb import rik_common_pb2 as cpb  # noqa: E402
@@ -30,8 +31,8 @@ from common.pb import rik_worker_pb2_grpc as wpb_grpc  # noqa: E402
 log = logging.getLogger(__name__)
 
 PHASE_STATUS = {
-    "Pending": cpb.PENDING, "Creating": cpb.CREATING, "Running": cpb.RUNNING, "Error": cpb.FAILED,
-    "Terminating": cpb.DESTROYING, "Terminated": cpb.TERMINATED,
+    Phase.PENDING: cpb.PENDING, Phase.CREATING: cpb.CREATING, Phase.RUNNING: cpb.RUNNING,
+    Phase.ERROR: cpb.FAILED, Phase.TERMINATING: cpb.DESTROYING, Phase.TERMINATED: cpb.TERMINATED,
 }
 # A scheduler that vanishes without closing the connection (host down, network cut) is noticed
 # by keepalive pings: 5.5 min apart, because gRPC C-core servers count pings closer than 5 min on
@@ -48,10 +49,9 @@ def status_of(record: Mapping[str, Any]) -> int:
     """The ResourceStatus a pod record reports. A pod whose deletion is asked for is DESTROYING
     at once, not only when the reconciler next writes a phase: the scheduler hears about its
     DESTROY right away, and every reporter (manager, monitor) says the same thing."""
-    if record.get("desired") == "deleted":
+    if desired_of(record) is Desired.DELETED:
         return int(cpb.DESTROYING)
-    phase = (record.get("status") or {}).get("phase", "Pending")
-    return int(PHASE_STATUS.get(phase, cpb.UNKNOWN))
+    return int(PHASE_STATUS[phase_of(record)])
 
 
 def instance_id_of(record: Mapping[str, Any]) -> str | None:

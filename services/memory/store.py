@@ -33,6 +33,7 @@ from typing import Any
 
 from common.errors import Conflict, Internal, InvalidArgument, NotFound
 from common.ipc import Event
+from common.pod import Phase
 
 DB_NAME = "riklet.db"
 SCHEMA_VERSION = 2
@@ -234,8 +235,8 @@ class Store:
             if cur is None:
                 now = self._clock()
                 rec = {"name": name, "uid": uid or uuid.uuid4().hex, "version": 1, "generation": 1,
-                       "desired": "running",
-                       "spec": spec, "status": {"phase": "Pending"}, "created_at": now, "updated_at": now}
+                       "desired": "running", "spec": spec, "status": {"phase": Phase.PENDING.value},
+                       "created_at": now, "updated_at": now}
                 self._put(rec)
             elif uid is not None and uid != cur["uid"]:
                 # The old instance may still need cleaning up under its own uid: never overwrite it.

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from common.pod import serving
+
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("TCP", "UDP", "SCTP")
@@ -110,9 +112,7 @@ def _endpoint(pod: str, raw: object) -> tuple[RouteKey, Endpoint] | None:
 
 
 def _serving(pod: Mapping[str, Any]) -> bool:
-    status = pod.get("status")
-    return (pod.get("desired") == "running" and isinstance(status, Mapping)
-            and status.get("phase") == "Running")
+    return serving(pod)
 
 
 def routes_from_pods(pods: Iterable[Mapping[str, Any]]) -> Routes:

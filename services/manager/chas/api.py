@@ -42,6 +42,7 @@ from common import auth, rotlog
 from common.errors import Conflict as ConflictError
 from common.errors import ErrorCode, InvalidArgument, NotFound, RikletError, Unavailable, excerpt
 from common.model import Workload, dns_label, host_ports, load_json
+from common.pod import Desired, Phase, desired_of, phase_of
 from common.ports import bindable
 from common.rik import instance_id_of
 from common.units import parse_cpu, parse_memory
@@ -71,10 +72,10 @@ MAX_MEMORY = 1 << 60
 DISK_LOW = 0.05                    # under this share of free disk the node is unhealthy
 FOLLOW_POLL = 0.25                 # seconds between the checks that end a log stream
 
-# The pod phase (services.manager.reconcile.status.Phase) as a CHaS container status.
-STATUSES: Mapping[str, str] = {
-    "Pending": "pending", "Creating": "creating", "Running": "running", "Error": "error",
-    "Terminating": "terminating", "Terminated": "stopped",
+# The pod phase as a CHaS container status.
+STATUSES: Mapping[Phase, str] = {
+    Phase.PENDING: "pending", Phase.CREATING: "creating", Phase.RUNNING: "running",
+    Phase.ERROR: "error", Phase.TERMINATING: "terminating", Phase.TERMINATED: "stopped",
 }
 
 HTTP_STATUS: Mapping[ErrorCode, int] = {
@@ -121,10 +122,9 @@ def error_body(code: str, message: str, field: str | None = None) -> dict[str, A
 def container_status(record: Mapping[str, Any]) -> str:
     """A pod's CHaS status: its phase in lower case (Terminated is "stopped"); a pod being
     deleted is "terminating" until it is gone."""
-    phase = (record.get("status") or {}).get("phase") or "Pending"
-    if record.get("desired") == "deleted":
+    if desired_of(record) is Desired.DELETED:
         return "terminating"
-    return STATUSES.get(str(phase), "unknown")
+    return STATUSES[phase_of(record)]
 
 
 def container_summary(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -533,7 +533,7 @@ class ChasApi:
             mirror = getattr(self.service, "mirror", None)
             records = list(mirror.pods().values()) if mirror is not None else []
         running = sum(1 for r in records if isinstance(r, dict) and r.get("desired") == "running"
-                      and (r.get("status") or {}).get("phase") == "Running")
+                      and phase_of(r) is Phase.RUNNING)
         free = total = 0
         path = self.disk_path
         while not os.path.exists(path) and path != os.path.dirname(path):

@@ -7,20 +7,13 @@ with reason and exit code), Terminating, Terminated.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from enum import StrEnum
 from typing import Any
 
 from common.blocked_ports import REASON as BLOCKED_REASON
+from common.pod import Phase
 from services.manager.runtime import Observed
 
-
-class Phase(StrEnum):
-    PENDING = "Pending"
-    CREATING = "Creating"
-    RUNNING = "Running"
-    ERROR = "Error"
-    TERMINATING = "Terminating"
-    TERMINATED = "Terminated"
+__all__ = ["Phase", "derive", "same"]
 
 
 _CONTAINER_FIELDS = ("name", "state", "pid", "restartCount", "exitCode", "signal", "reason",

@@ -16,6 +16,7 @@ from typing import Any
 from common.errors import InvalidArgument
 from common.model import MAX_MANIFEST_BYTES, Workload, load_json, parse_workload
 from common.pb import rik_common_pb2 as cpb
+from common.pod import Desired, Phase, desired_of, phase_of
 from common.rik import pod_name_for, status_of
 
 MAX_DEFINITION_BYTES = MAX_MANIFEST_BYTES
@@ -81,7 +82,7 @@ def pod_report(instance_id: str, record: Mapping[str, Any]) -> Report:
     status = record.get("status") or {}
     return Report(instance_id, status_of(record), _metrics(
         pod=record.get("name"), workload=(record.get("spec") or {}).get("workload"),
-        phase=status.get("phase", "Pending"), desired=record.get("desired", "running"),
+        phase=phase_of(record).value, desired=desired_of(record).value,
         reason=status.get("reason"), message=status.get("message"), exitCode=status.get("exitCode"),
         restartCount=int(status.get("restartCount") or 0)))
 
@@ -90,14 +91,15 @@ def removed_report(instance_id: str, record: Mapping[str, Any] | None) -> Report
     """The pod is gone from the node: the final word on the instance."""
     status = (record or {}).get("status") or {}
     return Report(instance_id, int(cpb.TERMINATED), _metrics(
-        pod=(record or {}).get("name"), phase="Terminated", desired="deleted", reason="Deleted",
+        pod=(record or {}).get("name"), phase=Phase.TERMINATED.value, desired=Desired.DELETED.value,
+        reason="Deleted",
         message=None, exitCode=status.get("exitCode"), restartCount=int(status.get("restartCount") or 0)))
 
 
 def unknown_report(instance_id: str) -> Report:
     """DESTROY of an instance this node does not run: it is as terminated as it gets."""
     return Report(instance_id, int(cpb.TERMINATED), _metrics(
-        pod=None, phase="Terminated", reason="NotFound", message="no such instance on this node",
+        pod=None, phase=Phase.TERMINATED.value, reason="NotFound", message="no such instance on this node",
         exitCode=None, restartCount=0))
 
 
