@@ -16,7 +16,8 @@ from common.model import parse_workload
 from common.pb.containerd import _rewrite
 from services.manager.containerd import ocispec
 from services.manager.containerd.client import chain_id
-from services.manager.containerd.runtime import classify, pull_args, should_restart
+from services.manager.containerd.exits import classify, should_restart
+from services.manager.containerd.images import pull_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = {"config": {"Entrypoint": ["/entry"], "Cmd": ["serve", "--port", "80"],

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,6 +28,9 @@ INDEX_TYPES = {"application/vnd.oci.image.index.v1+json",
                "application/vnd.docker.distribution.manifest.list.v2+json"}
 SPEC_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
 RUNTIME = "io.containerd.runc.v2"
+# The labels riklet puts on its containers: which agent, pod (name, uid) and container.
+LABEL_AGENT, LABEL_POD, LABEL_UID, LABEL_CONTAINER = (
+    "riklet.agent", "riklet.pod", "riklet.uid", "riklet.container")
 ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}.get(platform.machine(), platform.machine())
 
 
@@ -62,20 +66,22 @@ class Containerd:
         self.timeout = timeout
         self._channel: grpc.Channel | None = None
         self._stubs: dict[str, Any] = {}
+        self._stub_lock = threading.Lock()   # the reconciler's workers share one channel
 
     # -- plumbing ----------------------------------------------------------------------------
 
     def _stub(self, service: str) -> Any:
         stub = self._stubs.get(service)
-        if stub is None:
+        if stub is not None:
+            return stub
+        with self._stub_lock:
             if self._channel is None:
                 self._channel = grpc.insecure_channel(
                     f"unix://{self.address}",
                     options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
-            mods = _modules()
-            stub = getattr(mods[service][1], f"{service.capitalize()}Stub")(self._channel)
+            stub = getattr(_modules()[service][1], f"{service.capitalize()}Stub")(self._channel)
             self._stubs[service] = stub
-        return stub
+            return stub
 
     def _msg(self, service: str, message: str, /, **fields: Any) -> Any:
         return getattr(_modules()[service][0], message)(**fields)
@@ -311,20 +317,25 @@ def chain_id(diff_ids: list[str]) -> str:
 
 
 _MODULES: dict[str, tuple[Any, Any]] = {}
+_MODULES_LOCK = threading.Lock()
 
 
 def _modules() -> dict[str, tuple[Any, Any]]:
-    """The generated stubs, imported on first use (they exist only after `make containerd-api`)."""
-    if not _MODULES:
-        missing = stubs_missing()
-        if missing:
-            raise Unavailable(missing, "containerd")
-        import importlib
-        base = "common.pb.ctrd.services"
-        for service, mod in (("version", "version"), ("leases", "leases"), ("images", "images"),
-                             ("content", "content"), ("snapshots", "snapshots"),
-                             ("containers", "containers"), ("tasks", "tasks")):
-            _MODULES[service] = (importlib.import_module(f"{base}.{service}.v1.{mod}_pb2"),
-                                 importlib.import_module(f"{base}.{service}.v1.{mod}_pb2_grpc"))
+    """The generated stubs, imported on first use (they exist only after `make containerd-api`).
+    Filled whole under a lock: a thread must never see the table half imported by another."""
+    with _MODULES_LOCK:
+        if not _MODULES:
+            missing = stubs_missing()
+            if missing:
+                raise Unavailable(missing, "containerd")
+            import importlib
+            base = "common.pb.ctrd.services"
+            loaded = {}
+            for service, mod in (("version", "version"), ("leases", "leases"), ("images", "images"),
+                                 ("content", "content"), ("snapshots", "snapshots"),
+                                 ("containers", "containers"), ("tasks", "tasks")):
+                loaded[service] = (importlib.import_module(f"{base}.{service}.v1.{mod}_pb2"),
+                                   importlib.import_module(f"{base}.{service}.v1.{mod}_pb2_grpc"))
+            _MODULES.update(loaded)
     return _MODULES
 

@@ -16,10 +16,41 @@ import contextlib
 import os
 import selectors
 import sys
+import urllib.parse
 
 from common.rotlog import RotatingWriter
 
 _READ = 256 * 1024
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def uri(driver: str, path: str, max_size: int, max_files: int) -> str:
+    """The ``binary://`` log URI that makes containerd's shim run this driver for one task."""
+    query = urllib.parse.urlencode({"path": path, "max_size": max_size, "max_files": max_files})
+    return f"binary://{driver}?{query}"
+
+
+def install(state_dir: str) -> str:
+    """Write the launcher containerd's shim runs: two lines starting :func:`main` with this
+    interpreter and checkout (the shim gives it no environment, so no PYTHONPATH)."""
+    bindir = os.path.join(state_dir, "bin")
+    os.makedirs(bindir, mode=0o755, exist_ok=True)
+    path = os.path.join(bindir, "riklet-log-driver")
+    text = (f"#!{sys.executable} -sSE\n"
+            f"import sys; sys.path.insert(0, {ROOT!r})\n"
+            "from services.manager.containerd.logdriver import main; sys.exit(main())\n")
+    old = None
+    with contextlib.suppress(OSError), open(path, encoding="utf-8") as fh:
+        old = fh.read()
+    if old != text:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)
+    return path
 
 
 def parse_args(argv: list[str]) -> dict[str, str]:

@@ -8,7 +8,7 @@ the container's cgroup), and the pod's network. Those live in the pod's director
 it) and ``containers.json`` (per container: restarts, last termination, next restart). A
 restarted manager reads them and finds the tasks where it left them.
 
-Logs: each task's stdout and stderr go to ``riklet``'s log driver (``ctrlog``), run by
+Logs: each task's stdout and stderr go to ``riklet``'s log driver (``logdriver.py``), run by
 containerd's shim, into the same rotated files as process pods.
 
 Containers that carry this agent's label but belong to no pod in memory are reported in the
@@ -23,89 +23,56 @@ import logging
 import os
 import shutil
 import signal
-import sys
-import threading
 import time
-import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
 from common import cgroups
 from common.errors import (
     AlreadyExists,
-    Conflict,
     Internal,
     InvalidArgument,
     NotFound,
     RikletError,
     Unavailable,
 )
-from common.imageref import normalize_ref, registry_host
-from services.manager.containerd import ocispec
-from services.manager.containerd.client import Containerd, ImageInfo, TaskState
+from common.imageref import normalize_ref
+from services.manager.containerd import logdriver, ocispec
+from services.manager.containerd.client import (
+    LABEL_AGENT,
+    LABEL_CONTAINER,
+    LABEL_POD,
+    LABEL_UID,
+    Containerd,
+    TaskState,
+)
+from services.manager.containerd.exits import StartFailure, classify, should_restart
+from services.manager.containerd.images import Images
 from services.manager.runtime import Observed, PodLayout, PodRecord, spec_hash
 from services.manager.shimctl import read_json, write_json
 
 log = logging.getLogger(__name__)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-LABEL_AGENT, LABEL_POD, LABEL_UID, LABEL_CONTAINER = (
-    "riklet.agent", "riklet.pod", "riklet.uid", "riklet.container")
 START_SETTLE = 2.0
 Progress = Callable[[PodRecord, str], None]
 
 
-def classify(exit_status: int, oom_killed: bool) -> dict[str, Any]:
-    """How a task ended: runc reports a signal death as 128 + the signal's number."""
-    if 128 < exit_status <= 128 + 64:
-        number = exit_status - 128
-        try:
-            name = signal.Signals(number).name
-        except ValueError:
-            name = f"SIG{number}"
-        if number == signal.SIGKILL and oom_killed:
-            return {"exitCode": exit_status, "signal": name, "reason": "OOMKilled",
-                    "message": "killed for exceeding its memory limit"}
-        return {"exitCode": exit_status, "signal": name, "reason": "Signaled",
-                "message": f"killed by {name}"}
-    return {"exitCode": exit_status, "signal": None,
-            "reason": "Completed" if exit_status == 0 else "Error", "message": None}
-
-
-def should_restart(policy: str, end: dict[str, Any]) -> bool:
-    if policy == "OnFailure":
-        return (end.get("exitCode") or 0) != 0 or end.get("reason") not in (None, "Completed")
-    return policy == "Always"
-
-
-def pull_args(ref: str, snapshotter: str, insecure: set[str]) -> list[str]:
-    """``ctr images pull`` arguments: plain HTTP only for registries configured as insecure
-    (containerd, like Docker, also allows it for loopback registries on its own)."""
-    args = ["images", "pull", "--snapshotter", snapshotter]
-    if registry_host(ref) in insecure:
-        args.append("--plain-http")
-    return args
-
-
-class ContainerdRuntime(PodLayout):
+class ContainerdRuntime(PodLayout, Images):
     name = "containerd"
 
     def __init__(self, state_dir: str, client: Containerd, networks: Any, *, grace_default: float,
                  log_max_size: int, log_max_files: int, backoff: dict[str, float],
                  insecure_registries: tuple[str, ...] = (), user: tuple[int, int] = (0, 0)) -> None:
-        super().__init__(state_dir)
-        self.client = client
+        PodLayout.__init__(self, state_dir)
+        Images.__init__(self, client, insecure_registries)
         self.networks = networks          # services.manager.containerd.cni.PodNetworks
         self.grace_default = grace_default
         self.log_max_size = log_max_size
         self.log_max_files = log_max_files
         self.backoff = backoff
-        self.insecure = set(insecure_registries)
         self.user = user
         self.on_progress: Progress | None = None
-        self._pull_locks: dict[str, threading.Lock] = {}
-        self._pull_guard = threading.Lock()
-        self.logger = self._install_logger(state_dir)
+        self.logger = logdriver.install(state_dir)
 
     # -- names -------------------------------------------------------------------------------
 
@@ -264,7 +231,8 @@ class ContainerdRuntime(PodLayout):
             self.ensure_image(image, lambda msg: self._progress(pod, msg))
             self._create_container(pod, c, cid, image, driver)
             self.client.delete_task(cid)  # a stopped task left by an interrupted restart
-            pid = self.client.create_task(cid, self._log_uri(pod["name"], c["name"]))
+            pid = self.client.create_task(cid, logdriver.uri(
+                self.logger, self.log_path(pod["name"], c["name"]), self.log_max_size, self.log_max_files))
             self.client.start_task(cid)
         except Unavailable:
             raise
@@ -294,7 +262,7 @@ class ContainerdRuntime(PodLayout):
         try:
             argv = ocispec.argv_of(config, c.get("command") or [], c.get("args") or [])
         except InvalidArgument as exc:
-            raise _Failure("InvalidImageConfig", exc.message) from None
+            raise StartFailure("InvalidImageConfig", exc.message) from None
         spec = ocispec.build(
             argv=argv, env=ocispec.env_of(config, c.get("env") or {}),
             cwd=c.get("workingDir") or (config.get("config") or {}).get("WorkingDir") or "/",
@@ -310,7 +278,7 @@ class ContainerdRuntime(PodLayout):
             except AlreadyExists:
                 pass  # kept from an earlier run of this container: its filesystem survives restarts
             except NotFound as exc:
-                raise _Failure("ImageNotUnpacked", f"image {image} has no unpacked rootfs: {exc.message}"
+                raise StartFailure("ImageNotUnpacked", f"image {image} has no unpacked rootfs: {exc.message}"
                                ) from None
             with contextlib.suppress(AlreadyExists):
                 self.client.create_container(cid, image, spec, labels, lease)
@@ -376,65 +344,6 @@ class ContainerdRuntime(PodLayout):
         self.client.remove_snapshot(cid)
         self.client.delete_container(cid)
 
-    # -- images ------------------------------------------------------------------------------
-
-    def ensure_image(self, image: str, progress: Callable[[str], None] | None = None) -> None:
-        if self.client.has_image(image):
-            return
-        with self._pull_guard:
-            lock = self._pull_locks.setdefault(image, threading.Lock())
-        with lock:  # one pull per image at a time; the others wait for it
-            if not self.client.has_image(image):
-                self.pull(image, progress)
-
-    def pull(self, image: str, progress: Callable[[str], None] | None = None) -> str:
-        ref = normalize_ref(image)
-        args = pull_args(ref, self.client.snapshotter, self.insecure)
-        done = threading.Event()
-
-        def report() -> None:
-            while not done.wait(0.5):
-                with contextlib.suppress(RikletError):
-                    got, total = self.client.ingest_progress()
-                    if progress is not None and total:
-                        progress(f"pulling image {ref}: {got / 2**20:.1f} of {total / 2**20:.1f} MiB")
-
-        reporter = threading.Thread(target=report, daemon=True)
-        reporter.start()
-        try:
-            self.client.ctr(*args, ref)
-        except Internal as exc:
-            raise _Failure("ErrImagePull", f"cannot pull image {ref}: {exc.message.split(': ', 1)[-1]}"
-                           ) from None
-        finally:
-            done.set()
-        if progress is not None:
-            progress(f"pulled image {ref}")
-        return ref
-
-    def import_archive(self, path: str) -> list[str]:
-        before = {i.name for i in self.client.images()}
-        out = self.client.ctr("images", "import", "--snapshotter", self.client.snapshotter, path)
-        names = [line.split()[1] for line in out.splitlines() if line.startswith("unpacking ")
-                 and len(line.split()) > 1]
-        after = {i.name for i in self.client.images()}
-        return sorted(set(names) | (after - before))
-
-    def images(self) -> list[ImageInfo]:
-        return self.client.images()
-
-    def remove_image(self, image: str) -> str:
-        ref = image if self.client.has_image(image) else normalize_ref(image)
-        users = [labels.get(LABEL_POD, cid) for cid, labels, used in self.client.containers_with_images()
-                 if used == ref]
-        if users:
-            raise Conflict(f"image {ref} is used by pod(s) {', '.join(sorted(set(users)))}", "image")
-        try:
-            self.client.remove_image(ref)
-        except NotFound:
-            raise NotFound(f"no image {image} on this node", "image") from None
-        return ref
-
     # -- re-attaching ------------------------------------------------------------------------
 
     def orphans(self, known: set[str]) -> list[dict[str, str]]:
@@ -472,39 +381,3 @@ class ContainerdRuntime(PodLayout):
             files["/etc/resolv.conf"] = os.path.join(etc, "resolv.conf")
             shutil.copyfile("/etc/resolv.conf", files["/etc/resolv.conf"])
         return files
-
-    def _log_uri(self, pod: str, container: str) -> str:
-        query = urllib.parse.urlencode({"path": self.log_path(pod, container),
-                                        "max_size": self.log_max_size, "max_files": self.log_max_files})
-        return f"binary://{self.logger}?{query}"
-
-    @staticmethod
-    def _install_logger(state_dir: str) -> str:
-        """The log driver containerd's shim runs: a two-line launcher of :mod:`ctrlog` for this
-        interpreter and checkout (the shim gives it no environment, so no PYTHONPATH)."""
-        bindir = os.path.join(state_dir, "bin")
-        os.makedirs(bindir, mode=0o755, exist_ok=True)
-        path = os.path.join(bindir, "riklet-log-driver")
-        text = (f"#!{sys.executable} -sSE\n"
-                f"import sys; sys.path.insert(0, {ROOT!r})\n"
-                "from services.manager.containerd.logdriver import main; sys.exit(main())\n")
-        old = None
-        with contextlib.suppress(OSError), open(path, encoding="utf-8") as fh:
-            old = fh.read()
-        if old != text:
-            tmp = f"{path}.tmp"
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.chmod(tmp, 0o755)
-            os.replace(tmp, path)
-        return path
-
-
-class _Failure(RikletError):
-    """A container could not start, with a Kubernetes-style reason (ErrImagePull...)."""
-
-    code = Unavailable.code
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message, "image")
-        self.reason = reason
