@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,9 +22,11 @@ import zmq
 
 from common import config, ipc
 from common.errors import BadFrame, NotFound
+from common.memclient import MemoryClient
 from common.podsync import Outcome, PodSequence
 from common.zmqutil import make_run_dir, route_one
 from services.proxy.feed import watch_pods
+from tests.test_memory_service import Memory
 
 Pod = dict[str, Any]
 
@@ -362,3 +365,73 @@ def wait_until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> No
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+# -- the fake checked against the real contract ------------------------------------------------
+
+def _shape(frames: list[bytes]) -> tuple[str, tuple[str, ...]]:
+    """An event's kind of topic and the keys of its data: what a subscriber relies on."""
+    ev = ipc.decode_event(frames)
+    kind = "hb" if ev.topic == "hb" else "pod.*." + ev.topic.rsplit(".", 1)[-1]
+    return kind, tuple(sorted(ev.data))
+
+
+def _events(sub: zmq.Socket[Any], count: int) -> list[list[bytes]]:
+    got: list[list[bytes]] = []
+    deadline = time.monotonic() + 5
+    while len(got) < count:
+        assert sub.poll(max(1, int((deadline - time.monotonic()) * 1000))), f"only {len(got)} events"
+        frames = sub.recv_multipart()
+        if ipc.decode_event(frames).topic != "hb":
+            got.append(frames)
+    return got
+
+
+def test_the_fake_memory_speaks_the_real_memorys_contract(cfg: config.Config, fakes: Any) -> None:
+    """FakeMemory stands in for memory in the tests above: it must send what the real memory
+    sends (snapshot keys, event topics and data keys, record fields), or those tests prove
+    nothing. The real service is started and driven through MemoryClient."""
+    base = tempfile.mkdtemp(prefix="rkc", dir="/tmp")
+    real = Memory(Path(base))
+    try:
+        real.start()
+        rcfg = real.config()
+        sub = zmq.Context.instance().socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(rcfg.memory_events_endpoint)
+        client = MemoryClient(rcfg)
+        wait_until(lambda: bool(sub.poll(100)), "the real memory's heartbeat", timeout=5)
+        hb = ipc.decode_event(sub.recv_multipart())
+        rec = client.apply("web-0", pod("web-0")["spec"])["pod"]
+        client.set_status("web-0", rec["uid"], pod("web-0")["status"], generation=rec["generation"])
+        reply = client.set_desired("web-0", "deleted")
+        done = reply.get("pod", reply)
+        client.remove("web-0", done["uid"], done["generation"])
+        real_events = _events(sub, 4)
+        client.apply("web-1", pod("web-1")["spec"])
+        snapshot = client.snapshot()
+        sub.close(linger=0)
+        client.close()
+    finally:
+        real.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+    mem = fakes([pod("web-9")], heartbeat=None)
+    fake_sub = zmq.Context.instance().socket(zmq.SUB)
+    fake_sub.setsockopt(zmq.SUBSCRIBE, b"")
+    fake_sub.connect(cfg.memory_events_endpoint)
+    mem.wait_subscribed()
+    for kind in ("applied", "status", "desired", "removed"):
+        mem.publish(kind, pod("web-0"))
+    fake_events = _events(fake_sub, 4)
+    mem.heartbeat()
+    assert fake_sub.poll(5000)
+    fake_hb = ipc.decode_event(fake_sub.recv_multipart())
+    fake_sub.close(linger=0)
+
+    assert [_shape(f) for f in fake_events] == [_shape(f) for f in real_events]
+    assert sorted(fake_hb.data) == sorted(hb.data)
+    assert sorted(mem._handle(ipc.Request("snapshot", {}, "id"))) == sorted(snapshot)
+    real_record = snapshot["pods"][0]
+    assert set(pod("web-9")) <= set(real_record), "the fake's records carry fields memory has not"
+    assert real_record["status"]["phase"] == "Pending" and real_record["desired"] == "running"
