@@ -151,6 +151,7 @@ def measure(agent: Agent, watcher: pods.Watcher, n: int, have: int, args: argpar
     bulk = pods.bulk_create(agent, watcher, [f"scale-{i:05d}" for i in range(have, n)])
     time.sleep(min(5.0, args.idle_seconds / 4))   # let the last status writes settle
     cpu_svc, cpu_shims = idle_cpu(agent, pods_root, args.idle_seconds)
+    load = os.getloadavg()[0]   # other work on the machine skews every latency here
     now = look(agent, pods_root)
     svc_mib = proc.pss_total_kib(now.services) / MIB
     shim_mib = proc.pss_total_kib(now.shims) / MIB
@@ -171,6 +172,7 @@ def measure(agent: Agent, watcher: pods.Watcher, n: int, have: int, args: argpar
             GOALS["apply_running"]),
         Row("List RPC, median of 10", pods.list_ms(agent), "ms", GOALS["list"]),
         Row("/metrics scrape, median of 10", pods.metrics_ms(agent), "ms", GOALS["metrics"]),
+        Row("machine load average, 1 min (after the idle window)", load),
         Row("pod processes found: shims", len(now.shims)),
         Row("pod processes found: workloads", len(now.workloads)),
         Row(f"manager open files (limit {fds[1] if fds else '?'})", fds[0] if fds else None),
