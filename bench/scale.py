@@ -183,8 +183,9 @@ def teardown(agent: Agent, watcher: pods.Watcher, n: int) -> Table:
     """Delete everything, then count what is left (polled for a few seconds to settle)."""
     pods_root = os.path.join(agent.state_dir, "pods")
     before = look(agent, pods_root)
-    shim_keys = [before.keys[p] for p in before.shims]
-    work_keys = [before.keys[p] for p in before.workloads]
+    shims, workloads = proc.recorded(pods_root)
+    shim_keys = sorted(shims.union(before.keys[p] for p in before.shims))
+    work_keys = sorted(workloads.union(before.keys[p] for p in before.workloads))
     seconds = pods.delete_all(agent, watcher, lambda: not proc.alive(shim_keys))
     group = PodLayout(agent.state_dir).agent_cgroup()
 

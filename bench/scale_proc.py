@@ -155,6 +155,22 @@ def pod_statuses(pods_root: str) -> list[dict[str, object]]:
     return out
 
 
+def recorded(pods_root: str) -> tuple[set[Key], set[Key]]:
+    """(shims, workloads) as the pods' status.json files name them, pid with start time: a
+    workload whose shim died is no shim's descendant any more, but is still the pod's."""
+    shims, workloads = set(), set()
+    for status in pod_statuses(pods_root):
+        shims |= _keys([(status.get("shim_pid"), status.get("shim_start"))])
+        containers = status.get("containers")
+        if isinstance(containers, list):
+            workloads |= _keys((c.get("pid"), c.get("pid_start")) for c in containers if isinstance(c, dict))
+    return shims, workloads
+
+
+def _keys(pairs: Iterable[tuple[object, object]]) -> set[Key]:
+    return {(pid, start) for pid, start in pairs if isinstance(pid, int) and isinstance(start, int)}
+
+
 def pod_dirs(pods_root: str) -> list[str]:
     with contextlib.suppress(FileNotFoundError):
         return sorted(n for n in os.listdir(pods_root) if os.path.isdir(os.path.join(pods_root, n)))

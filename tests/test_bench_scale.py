@@ -158,3 +158,19 @@ def test_a_small_run_prints_every_figure_and_leaves_nothing(tmp_path: Path,
         assert re.search(rf"^  left over: {what}.* 0 +0 +✓$", deleted, re.M), f"{what}\n{out}"
     text = md.read_text(encoding="utf-8")
     assert "**3 pods**" in text and "| left over: shim processes | 0 | 0 | ✓ |" in text
+
+
+def test_shims_and_workloads_are_also_taken_from_the_pods_status_files(tmp_path: Path) -> None:
+    import json
+
+    for name, status in (("a", {"shim_pid": 10, "shim_start": 100,
+                                "containers": [{"pid": 11, "pid_start": 101}, {"pid": None}]}),
+                         ("b", {"shim_pid": 20, "shim_start": 200, "containers": []}),
+                         ("c", {"shim_pid": "x"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "status.json").write_text(json.dumps(status), encoding="utf-8")
+    (tmp_path / "d").mkdir()   # no status yet
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "status.json").write_text("{half", encoding="utf-8")
+    assert scale_proc.recorded(str(tmp_path)) == ({(10, 100), (20, 200)}, {(11, 101)})
+    assert scale_proc.pod_dirs(str(tmp_path)) == ["a", "b", "c", "d", "e"]
