@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     agent.start()
     watcher = pods.Watcher(agent).start()
     tables: list[Table] = []
+    notes: list[str] = []
     status, have, estimate = 0, 0, None
     try:
         for n in args.pods:
@@ -258,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 estimate = estimate or per_pod_kib(agent, watcher, os.path.join(agent.state_dir, "pods"))
                 if (why := fits(n - have, estimate)) is not None:
                     print(why)
+                    notes.append(f"Not measured at {n} pods and above: {why}.")
                     status = STOPPED_FOR_MEMORY
                     break
             tables.append(measure(agent, watcher, n, have, args))
@@ -271,20 +273,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         watcher.close()
         agent.close()
-    write_markdown(args, tables)
+    write_markdown(args, tables, notes)
     misses = failed(tables)
-    print(f"{len(misses)} figures miss their goal" + (": " + "; ".join(misses) if misses else ""))
+    print(f"figures that miss their goal: {len(misses)}" + (" (" + "; ".join(misses) + ")" if misses else ""))
     return status
 
 
-def write_markdown(args: argparse.Namespace, tables: list[Table]) -> None:
+def write_markdown(args: argparse.Namespace, tables: list[Table], notes: list[str]) -> None:
     with open("/proc/meminfo", encoding="ascii") as fh:
         total = int(fh.readline().split()[1])
     preamble = (f"`make bench-scale` ({time.strftime('%Y-%m-%d')}; {os.cpu_count()} cores, "
                 f"{total / MIB / 1024:.0f} GiB, Linux {platform.release()}; pods {args.pods}, "
                 f"idle windows {args.idle_seconds:g} s, {args.probes} probes)")
     with open(args.markdown, "w", encoding="utf-8") as fh:
-        fh.write(render_markdown(tables, preamble))
+        fh.write(render_markdown(tables, preamble) + "".join(f"{note}\n" for note in notes))
 
 
 if __name__ == "__main__":

@@ -174,3 +174,18 @@ def test_shims_and_workloads_are_also_taken_from_the_pods_status_files(tmp_path:
     (tmp_path / "e" / "status.json").write_text("{half", encoding="utf-8")
     assert scale_proc.recorded(str(tmp_path)) == ({(10, 100), (20, 200)}, {(11, 101)})
     assert scale_proc.pod_dirs(str(tmp_path)) == ["a", "b", "c", "d", "e"]
+
+
+@pytest.mark.integration
+def test_a_run_whose_pods_would_not_fit_stops_before_creating_them(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    md = tmp_path / "scale.md"
+    status = scale.main(["--pods", "10000000", "--idle-seconds", "1", "--probes", "0", "--markdown", str(md)])
+    out = capsys.readouterr().out
+    assert status == scale.STOPPED_FOR_MEMORY, out
+    assert re.search(r"^stopping: 10000000 more pods at [0-9.]+ MiB PSS each .* MemAvailable", out, re.M), out
+    assert "\n10000000 pods\n" not in out       # nothing measured at that N
+    deleted = out.split("\ndelete all (0 pods)\n", 1)[1]
+    for what in LEFTOVERS:                     # the pod that sized one pod is gone too
+        assert re.search(rf"^  left over: {what}.* 0 +0 +✓$", deleted, re.M), f"{what}\n{out}"
+    assert "Not measured at 10000000 pods and above: stopping:" in md.read_text(encoding="utf-8")
