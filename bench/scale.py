@@ -3,12 +3,13 @@
 Starts a private agent (supervisord and the four services), then for each N of ``--pods``:
 creates pods up to N from 8 concurrent Apply callers (pods/s from the first Apply to the last
 pod Running; median Apply call), leaves the agent idle for ``--idle-seconds`` (CPU as % of one
-core from /proc/PID/stat utime+stime of the agent's processes and of the pods' shims), reads
-PSS from /proc/PID/smaps_rollup (the agent's processes; the shims, per pod), times ``--probes``
-single pods from Apply to Running, and the medians of 10 List calls and 10 /metrics scrapes.
-After the largest N it deletes every pod (seconds until List is empty and every shim gone) and
-counts what is left: shims, workloads, pod directories, cgroup directories. Prints a table per N
-against the issue's goals and writes the same as markdown (``--markdown``).
+core from /proc/PID/stat: utime+stime of the pods' shims, and of the agent's processes plus the
+cutime+cstime of helpers they reaped), reads PSS from /proc/PID/smaps_rollup (the agent's
+processes; the shims, per pod), times ``--probes`` single pods from Apply to Running, and the
+medians of 10 List calls and 10 /metrics scrapes. After the largest N it deletes every pod
+(seconds until List is empty and every shim gone) and counts what is left: shims, workloads,
+pod directories, cgroup directories. Prints a table per N against the issue's goals and writes
+the same as markdown (``--markdown``).
 
 Before each N it checks that the pods fit in MemAvailable at the per-pod PSS (shim and
 workload) measured so far, and stops with a message when they would not.
@@ -80,20 +81,16 @@ def mem_available_kib() -> int:
 
 
 def limits(max_pods: int) -> list[str]:
-    """The machine's process limits and this process's open-file limit (the agent inherits it)
-    against a shim and a workload per pod; lines to print."""
+    """The machine's task limits and this process's open-file limit (the agent inherits it)
+    against a shim and a workload per pod (a pidfd and a file per pod in the manager, at
+    most); lines to print."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need_procs = 2 * max_pods
-    tasks = len(os.listdir("/proc/self/task")) + sum(_threads(pid) for pid in proc.all_stats())
-    out = []
-    for name, value, need in (
-            ("kernel.pid_max", _int_file("/proc/sys/kernel/pid_max"), need_procs + tasks),
-            ("kernel.threads-max", _int_file("/proc/sys/kernel/threads-max"), need_procs + tasks),
-            ("RLIMIT_NOFILE (soft; the agent inherits it)", soft, 2 * max_pods + 1024)):
-        verdict = "fits" if value >= need else "TOO LOW"
-        out.append(f"  {name}: {value} (hard {hard})" if "RLIMIT" in name else f"  {name}: {value}")
-        out[-1] += f"; needs about {need} for {max_pods} pods: {verdict}"
-    return out
+    tasks = sum(_threads(pid) for pid in proc.all_stats()) + 2 * max_pods   # a thread takes a pid
+    checks = (("kernel.pid_max", _int_file("/proc/sys/kernel/pid_max"), tasks),
+              ("kernel.threads-max", _int_file("/proc/sys/kernel/threads-max"), tasks),
+              (f"RLIMIT_NOFILE soft (hard {hard}; the agent inherits it)", soft, 2 * max_pods + 1024))
+    return [f"  {name}: {value}; needs about {need} for {max_pods} pods: "
+            f"{'fits' if value >= need else 'TOO LOW'}" for name, value, need in checks]
 
 
 def _threads(pid: int) -> int:
@@ -136,11 +133,11 @@ def per_pod_kib(agent: Agent, watcher: pods.Watcher, pods_root: str) -> float:
 def idle_cpu(agent: Agent, pods_root: str, seconds: float) -> tuple[float, float]:
     """(agent's processes, shims) CPU as % of one core over an idle window."""
     before = look(agent, pods_root)
-    svc0, shim0 = proc.ticks_of(before.services), proc.ticks_of(before.shims)
+    svc0, shim0 = proc.ticks_of(before.services, reaped=True), proc.ticks_of(before.shims)
     t0 = time.monotonic()
     time.sleep(seconds)
     after = look(agent, pods_root)
-    svc1, shim1 = proc.ticks_of(after.services), proc.ticks_of(after.shims)
+    svc1, shim1 = proc.ticks_of(after.services, reaped=True), proc.ticks_of(after.shims)
     wall = time.monotonic() - t0
     return (100 * proc.cpu_seconds(svc0, svc1) / wall, 100 * proc.cpu_seconds(shim0, shim1) / wall)
 

@@ -24,7 +24,8 @@ class Stat:
     state: str
     ppid: int
     session: int
-    ticks: int       # utime + stime, this process's own (all its threads), not its reaped children
+    ticks: int       # utime + stime, this process's own (all its threads)
+    child_ticks: int  # cutime + cstime: of the children it reaped
     start: int       # starttime in clock ticks since boot: a pid plus this names one process
 
 
@@ -37,7 +38,7 @@ def parse_stat(pid: int, text: str) -> Stat:
     if len(fields) < 20:
         raise ValueError(f"/proc/{pid}/stat has {len(fields) + 2} fields, expected 22 or more")
     return Stat(pid, fields[0], int(fields[1]), int(fields[3]), int(fields[11]) + int(fields[12]),
-                int(fields[19]))
+                int(fields[13]) + int(fields[14]), int(fields[19]))
 
 
 def pss_kib(smaps_rollup: str) -> int:
@@ -94,11 +95,14 @@ def all_stats() -> dict[int, Stat]:
     return out
 
 
-def ticks_of(pids: Iterable[int]) -> dict[Key, int]:
+def ticks_of(pids: Iterable[int], reaped: bool = False) -> dict[Key, int]:
+    """CPU ticks of each process; with ``reaped``, plus those of the children it reaped (the
+    agent's short-lived helpers, nft or a CNI plugin, are its work; a shim's children are the
+    workloads, which are not)."""
     out = {}
     for pid in pids:
         if (st := read_stat(pid)) is not None:
-            out[(pid, st.start)] = st.ticks
+            out[(pid, st.start)] = st.ticks + (st.child_ticks if reaped else 0)
     return out
 
 

@@ -31,8 +31,9 @@ def stat_line(pid: int, comm: str, ppid: int, sid: int, utime: int, stime: int, 
 
 def test_stat_reads_own_cpu_ticks_session_and_start_even_with_a_tricky_command_name() -> None:
     st = scale_proc.parse_stat(42, stat_line(42, "riklet (shim) x", 7, 40, 5, 3, 12345))
-    # the reaped children's time (cutime 77, cstime 88) is not this process's
-    assert (st.pid, st.state, st.ppid, st.session, st.ticks, st.start) == (42, "S", 7, 40, 8, 12345)
+    # the reaped children's time (cutime 77, cstime 88) is kept apart from the process's own
+    assert (st.pid, st.state, st.ppid, st.session, st.ticks, st.child_ticks, st.start) == \
+        (42, "S", 7, 40, 8, 77 + 88, 12345)
 
 
 def test_stat_refuses_a_truncated_line() -> None:
@@ -177,8 +178,8 @@ def test_shims_and_workloads_are_also_taken_from_the_pods_status_files(tmp_path:
 
 
 @pytest.mark.integration
-def test_a_run_whose_pods_would_not_fit_stops_before_creating_them(tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_whose_pods_would_not_fit_stops_before_creating_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     md = tmp_path / "scale.md"
     status = scale.main(["--pods", "10000000", "--idle-seconds", "1", "--probes", "0", "--markdown", str(md)])
     out = capsys.readouterr().out
