@@ -183,7 +183,7 @@ def teardown(agent: Agent, watcher: pods.Watcher, n: int) -> Table:
     shims, workloads = proc.recorded(pods_root)
     shim_keys = sorted(shims.union(before.keys[p] for p in before.shims))
     work_keys = sorted(workloads.union(before.keys[p] for p in before.workloads))
-    seconds = pods.delete_all(agent, watcher, lambda: not proc.alive(shim_keys))
+    seconds = pods.delete_all(agent, watcher, lambda: not proc.any_alive(shim_keys))
     group = PodLayout(agent.state_dir).agent_cgroup()
 
     def left() -> tuple[int, int, int, int]:

@@ -120,6 +120,11 @@ def alive(keys: Iterable[Key]) -> list[Key]:
     return [key for key in keys if (st := read_stat(key[0])) is not None and st.start == key[1]]
 
 
+def any_alive(keys: Iterable[Key]) -> bool:
+    """Whether one of ``keys`` still runs; stops at the first (cheap to poll over thousands)."""
+    return any((st := read_stat(pid)) is not None and st.start == start for pid, start in keys)
+
+
 def session_pids(sid: int, stats: Mapping[int, Stat]) -> list[int]:
     """The agent: supervisord leads its own session, which its services and the proxy's
     workers share; shims and workloads each have their own session."""

@@ -74,6 +74,8 @@ def test_live_process_helpers_see_this_process() -> None:
     assert me is not None and me.session == os.getsid(0)
     assert scale_proc.alive([(me.pid, me.start)]) == [(me.pid, me.start)]
     assert scale_proc.alive([(me.pid, me.start + 1)]) == []       # same pid, another process
+    assert scale_proc.any_alive([(me.pid, me.start + 1), (me.pid, me.start)])
+    assert not scale_proc.any_alive([(me.pid, me.start + 1)])
     assert scale_proc.pss_total_kib([os.getpid()]) > 0
 
 
