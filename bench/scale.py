@@ -41,6 +41,7 @@ from bench.scale_report import (
     idle_cpu_goal,
     render_markdown,
     render_text,
+    summary_markdown,
 )
 from common import cgroups
 from common.errors import InvalidArgument
@@ -155,14 +156,14 @@ def measure(agent: Agent, watcher: pods.Watcher, n: int, have: int, args: argpar
     probes = [pods.probe(agent, watcher, f"probe-{n}-{k}") for k in range(args.probes)]
     fds = proc.fd_usage(agent.service_pid("manager"))
     return Table(f"{n} pods", [
-        Row(f"bulk creation ({bulk.created} new pods, {pods.CALLERS} callers)", bulk.rate, "pods/s",
-            GOALS["bulk"], note="no new pods"),
+        Row("new pods created", bulk.created),
+        Row(f"bulk creation, {pods.CALLERS} callers", bulk.rate, "pods/s", GOALS["bulk"], note="no new pods"),
         Row("Apply call, median", statistics.median(bulk.apply_ms) if bulk.apply_ms else None, "ms",
             GOALS["apply_call"], note="no new pods"),
         Row(f"idle CPU, agent services ({args.idle_seconds:g} s)", cpu_svc, "%"),
-        Row(f"idle CPU, shims ({len(now.shims)})", cpu_shims, "%"),
+        Row("idle CPU, shims", cpu_shims, "%"),
         Row("idle CPU, total (% of one core)", cpu_svc + cpu_shims, "%", idle_cpu_goal(n)),
-        Row(f"PSS, agent services ({len(now.services)} processes)", svc_mib, "MiB", GOALS["pss_services"]),
+        Row("PSS, agent services", svc_mib, "MiB", GOALS["pss_services"]),
         Row("PSS per pod (shims / N)", shim_mib / n if n else None, "MiB", GOALS["pss_per_pod"],
             note="no pods"),
         Row(f"Apply->Running, p50 of {len(probes)}", statistics.median(probes) if probes else None, "ms",
@@ -170,6 +171,7 @@ def measure(agent: Agent, watcher: pods.Watcher, n: int, have: int, args: argpar
         Row("List RPC, median of 10", pods.list_ms(agent), "ms", GOALS["list"]),
         Row("/metrics scrape, median of 10", pods.metrics_ms(agent), "ms", GOALS["metrics"]),
         Row("machine load average, 1 min (after the idle window)", load),
+        Row("agent processes (supervisord, services, proxy workers)", len(now.services)),
         Row("pod processes found: shims", len(now.shims)),
         Row("pod processes found: workloads", len(now.workloads)),
         Row(f"manager open files (limit {fds[1] if fds else '?'})", fds[0] if fds else None),
@@ -270,20 +272,23 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         watcher.close()
         agent.close()
-    write_markdown(args, tables, notes)
+    write_markdown(args, tables[:-1], tables[-1:], notes)
     misses = failed(tables)
     print(f"figures that miss their goal: {len(misses)}" + (" (" + "; ".join(misses) + ")" if misses else ""))
     return status
 
 
-def write_markdown(args: argparse.Namespace, tables: list[Table], notes: list[str]) -> None:
+def write_markdown(args: argparse.Namespace, per_n: list[Table], final: list[Table],
+                   notes: list[str]) -> None:
+    """One table with a column per N, then the delete-all table and any note."""
     with open("/proc/meminfo", encoding="ascii") as fh:
         total = int(fh.readline().split()[1])
     preamble = (f"`make bench-scale` ({time.strftime('%Y-%m-%d')}; {os.cpu_count()} cores, "
                 f"{total / MIB / 1024:.0f} GiB, Linux {platform.release()}; pods {args.pods}, "
-                f"idle windows {args.idle_seconds:g} s, {args.probes} probes)")
+                f"idle windows {args.idle_seconds:g} s, probes {args.probes})")
     with open(args.markdown, "w", encoding="utf-8") as fh:
-        fh.write(render_markdown(tables, preamble) + "".join(f"{note}\n" for note in notes))
+        fh.write(f"{preamble}\n\n{summary_markdown(per_n)}\n{render_markdown(final)}"
+                 + "".join(f"{note}\n" for note in notes))
 
 
 if __name__ == "__main__":

@@ -90,6 +90,28 @@ def render_markdown(tables: Sequence[Table], preamble: str = "") -> str:
     return "\n".join(out)
 
 
+def summary_markdown(tables: Sequence[Table]) -> str:
+    """The tables of several N side by side: a row per figure (by label, in first-seen order),
+    a column per N; the goal column is the first N's, and a cell whose goal differs names its
+    own."""
+    labels = list(dict.fromkeys(row.label for t in tables for row in t.rows))
+    by_n = [{row.label: row for row in t.rows} for t in tables]
+    out = ["| figure | goal | " + " | ".join(t.title for t in tables) + " |",
+           "|---|---|" + "---:|" * len(tables)]
+    for label in labels:
+        goals = [cols[label].cells()[2] for cols in by_n if label in cols]
+        cells = []
+        for cols in by_n:
+            row = cols.get(label)
+            if row is None:
+                cells.append("")
+                continue
+            _, value, goal, mark = row.cells()
+            cells.append(f"{value} {mark}".strip() + (f" ({goal})" if goal != goals[0] else ""))
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in [label, goals[0], *cells]) + " |")
+    return "\n".join(out) + "\n"
+
+
 def failed(tables: Sequence[Table]) -> list[str]:
     """Labels of the figures that miss their goal."""
     return [f"{t.title}: {r.label}" for t in tables for r in t.rows if r.cells()[3] == FAIL]

@@ -107,6 +107,17 @@ def test_markdown_has_one_table_row_per_figure() -> None:
     assert "| a \\| b | 60 ms | ≤ 50 ms | ✗ |" in md
 
 
+def test_a_summary_sets_the_n_side_by_side_naming_a_goal_where_it_differs() -> None:
+    tables = [Table(f"{n} pods", [Row("idle CPU", cpu, "%", scale_report.idle_cpu_goal(n)), Row("info", n)])
+              for n, cpu in ((1000, 1.5), (5000, 4.5))]
+    assert scale_report.summary_markdown(tables).splitlines() == [
+        "| figure | goal | 1000 pods | 5000 pods |",
+        "|---|---|---:|---:|",
+        "| idle CPU | ≤ 2% | 1.5% ✓ | 4.5% ✓ (≤ 5%) |",
+        "| info |  | 1000 | 5000 |",
+    ]
+
+
 def test_delete_goal_is_3_s_up_to_1000_pods_then_proportional() -> None:
     assert scale_report.delete_goal(500).bound == 3.0
     assert scale_report.delete_goal(5000).bound == 15.0
@@ -132,10 +143,10 @@ def test_pods_that_would_not_fit_in_memory_are_refused_with_the_figures() -> Non
 
 
 EVERY_ROW = [
-    "bulk creation", "Apply call, median", "idle CPU, agent services", "idle CPU, shims",
+    "new pods created", "bulk creation", "Apply call, median", "idle CPU, agent services", "idle CPU, shims",
     "idle CPU, total", "PSS, agent services", "PSS per pod", "Apply->Running, p50",
     "List RPC, median", "/metrics scrape, median", "machine load average", "pod processes found: shims",
-    "pod processes found: workloads", "manager open files",
+    "agent processes", "pod processes found: workloads", "manager open files",
 ]
 LEFTOVERS = ["shim processes", "workload processes", "pod directories", "cgroup directories"]
 
@@ -160,7 +171,9 @@ def test_a_small_run_prints_every_figure_and_leaves_nothing(tmp_path: Path,
     for what in LEFTOVERS:
         assert re.search(rf"^  left over: {what}.* 0 +0 +✓$", deleted, re.M), f"{what}\n{out}"
     text = md.read_text(encoding="utf-8")
-    assert "**3 pods**" in text and "| left over: shim processes | 0 | 0 | ✓ |" in text
+    assert "| figure | goal | 0 pods | 3 pods |" in text, text
+    assert re.search(r"^\| pod processes found: shims \|  \| 0 \| 3 \|$", text, re.M), text
+    assert "| left over: shim processes | 0 | 0 | ✓ |" in text, text
 
 
 def test_shims_and_workloads_are_also_taken_from_the_pods_status_files(tmp_path: Path) -> None:
