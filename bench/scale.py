@@ -117,13 +117,11 @@ def fits(new_pods: int, per_pod_kib: float) -> str | None:
             f"{MEMORY_RESERVE_KIB // MIB} MiB reserve is {max(0, free) / MIB / 1024:.1f} GiB")
 
 
-def per_pod_kib(agent: Agent, watcher: pods.Watcher, pods_root: str) -> float:
-    """PSS of one pod's shim and workload, from a pod started alone (a pessimistic figure: no
-    other shim shares its pages) when there are no pods to average over."""
-    now = look(agent, pods_root)
-    if now.shims:
-        return proc.pss_total_kib([*now.shims, *now.workloads]) / len(now.shims)
-    pods.probe_hold(agent, watcher, "scale-sizer")
+def size_one_pod(agent: Agent, watcher: pods.Watcher, pods_root: str) -> float:
+    """PSS (KiB) of a pod's shim and workload, from one pod started alone: a pessimistic
+    figure (no other shim shares its pages) for the memory check before the first N. Seeing it
+    Running on the Watch stream also proves the stream open before anything is timed by it."""
+    pods.probe_hold(agent, watcher, "scale-sizer", resync=False)
     try:
         held = look(agent, pods_root)
         return float(proc.pss_total_kib([*held.shims, *held.workloads]))
@@ -178,14 +176,14 @@ def measure(agent: Agent, watcher: pods.Watcher, n: int, have: int, args: argpar
     ])
 
 
-def teardown(agent: Agent, watcher: pods.Watcher, n: int) -> Table:
+def teardown(agent: Agent, watcher: pods.Watcher) -> Table:
     """Delete everything, then count what is left (polled for a few seconds to settle)."""
     pods_root = os.path.join(agent.state_dir, "pods")
     before = look(agent, pods_root)
     shims, workloads = proc.recorded(pods_root)
     shim_keys = sorted(shims.union(before.keys[p] for p in before.shims))
     work_keys = sorted(workloads.union(before.keys[p] for p in before.workloads))
-    seconds = pods.delete_all(agent, watcher, lambda: not proc.any_alive(shim_keys))
+    n, seconds = pods.delete_all(agent, watcher, lambda: not proc.any_alive(shim_keys))
     group = PodLayout(agent.state_dir).agent_cgroup()
 
     def left() -> tuple[int, int, int, int]:
@@ -249,33 +247,38 @@ def main(argv: list[str] | None = None) -> int:
     agent.env["LOG_LEVEL"] = "INFO"   # the default; the test stack's DEBUG would cost CPU per pod
     agent.start()
     watcher = pods.Watcher(agent).start()
-    tables: list[Table] = []
-    notes: list[str] = []
-    status, have, estimate = 0, 0, None
     try:
-        for n in args.pods:
-            if n > have:
-                estimate = estimate or per_pod_kib(agent, watcher, os.path.join(agent.state_dir, "pods"))
-                if (why := fits(n - have, estimate)) is not None:
-                    print(why)
-                    notes.append(f"Not measured at {n} pods and above: {why}.")
-                    status = STOPPED_FOR_MEMORY
-                    break
-            tables.append(measure(agent, watcher, n, have, args))
-            print(render_text(tables[-1:]), flush=True)
-            have = n
-            now = look(agent, os.path.join(agent.state_dir, "pods"))
-            if now.shims:
-                estimate = proc.pss_total_kib([*now.shims, *now.workloads]) / len(now.shims)
-        tables.append(teardown(agent, watcher, have))
-        print(render_text(tables[-1:]))
+        per_n, notes = measure_all(agent, watcher, args)
+        final = teardown(agent, watcher)
+        print(render_text([final]))
     finally:
         watcher.close()
         agent.close()
-    write_markdown(args, tables[:-1], tables[-1:], notes)
-    misses = failed(tables)
+    write_markdown(args, per_n, [final], notes)
+    misses = failed([*per_n, final])
     print(f"figures that miss their goal: {len(misses)}" + (" (" + "; ".join(misses) + ")" if misses else ""))
-    return status
+    return STOPPED_FOR_MEMORY if notes else 0
+
+
+def measure_all(agent: Agent, watcher: pods.Watcher,
+                args: argparse.Namespace) -> tuple[list[Table], list[str]]:
+    """A table per N, printed as it is done; stops (with a note) before an N that would not
+    fit in memory at the per-pod PSS measured last."""
+    pods_root = os.path.join(agent.state_dir, "pods")
+    estimate = size_one_pod(agent, watcher, pods_root)
+    tables: list[Table] = []
+    have = 0
+    for n in args.pods:
+        if n > have and (why := fits(n - have, estimate)) is not None:
+            print(why)
+            return tables, [f"Not measured at {n} pods and above: {why}."]
+        tables.append(measure(agent, watcher, n, have, args))
+        print(render_text(tables[-1:]), flush=True)
+        have = n
+        now = look(agent, pods_root)
+        if now.shims:
+            estimate = proc.pss_total_kib([*now.shims, *now.workloads]) / len(now.shims)
+    return tables, []
 
 
 def write_markdown(args: argparse.Namespace, per_n: list[Table], final: list[Table],

@@ -94,9 +94,10 @@ class Watcher:
         for name in gone:
             self.see(name, "", True)
 
-    def wait(self, done: Callable[[], int], total: int, what: str) -> None:
+    def wait(self, done: Callable[[], int], total: int, what: str, resync: bool = True) -> None:
         """Until ``done()`` (counted under the lock) reaches ``total``; fails after STALL
-        seconds without progress, or at once when a pod is in Error."""
+        seconds without progress, or at once when a pod is in Error. ``resync=False`` waits for
+        the stream alone (to know that it is open)."""
         progress_at, last = time.monotonic(), -1
         while True:
             with self.changed:
@@ -112,7 +113,7 @@ class Watcher:
                 quiet = time.monotonic() - progress_at
             if quiet >= STALL:
                 raise Timeout(f"{what}: {count} of {total} after {STALL:.0f} s without progress", "pods")
-            if quiet >= RESYNC_AFTER:
+            if resync and quiet >= RESYNC_AFTER:
                 self.resync()
 
 
@@ -155,11 +156,11 @@ def probe(agent: Agent, watcher: Watcher, name: str) -> float:
     return ms
 
 
-def probe_hold(agent: Agent, watcher: Watcher, name: str) -> float:
+def probe_hold(agent: Agent, watcher: Watcher, name: str, resync: bool = True) -> float:
     """Milliseconds from the Apply call to the pod seen Running; the pod stays."""
     t0 = time.perf_counter()
     agent.stub.Apply(npb.ApplyRequest(manifest=manifest(name)), timeout=RPC_TIMEOUT)
-    watcher.wait(lambda: int(name in watcher.running), 1, f"waiting for {name} to be Running")
+    watcher.wait(lambda: int(name in watcher.running), 1, f"waiting for {name} to be Running", resync)
     return (watcher.running[name] - t0) * 1000
 
 
@@ -197,9 +198,9 @@ def metrics_ms(agent: Agent, calls: int = 10) -> float:
     return statistics.median(times)
 
 
-def delete_all(agent: Agent, watcher: Watcher, gone: Callable[[], bool]) -> float:
-    """Seconds from the first Delete call until List is empty and ``gone()`` holds (every
-    shim exited)."""
+def delete_all(agent: Agent, watcher: Watcher, gone: Callable[[], bool]) -> tuple[int, float]:
+    """How many pods there were, and the seconds from the first Delete call until List is
+    empty and ``gone()`` holds (every shim exited)."""
     names = [p.name for p in agent.stub.List(npb.ListRequest(), timeout=RPC_TIMEOUT).pods]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(CALLERS) as pool:
@@ -211,7 +212,7 @@ def delete_all(agent: Agent, watcher: Watcher, gone: Callable[[], bool]) -> floa
         if time.monotonic() > deadline:
             raise Timeout(f"pods or shims still there {STALL:.0f} s after every pod was removed", "pods")
         time.sleep(0.01)
-    return time.perf_counter() - t0
+    return len(names), time.perf_counter() - t0
 
 
 def _delete(agent: Agent, name: str) -> None:
