@@ -4,6 +4,8 @@ through main() against a real agent that must print every figure and leave nothi
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from pathlib import Path
 
@@ -68,8 +70,6 @@ def test_descendants_are_every_process_below_the_roots() -> None:
 
 
 def test_live_process_helpers_see_this_process() -> None:
-    import os
-
     me = scale_proc.read_stat(os.getpid())
     assert me is not None and me.session == os.getsid(0)
     assert scale_proc.alive([(me.pid, me.start)]) == [(me.pid, me.start)]
@@ -177,8 +177,6 @@ def test_a_small_run_prints_every_figure_and_leaves_nothing(tmp_path: Path,
 
 
 def test_shims_and_workloads_are_also_taken_from_the_pods_status_files(tmp_path: Path) -> None:
-    import json
-
     for name, status in (("a", {"shim_pid": 10, "shim_start": 100,
                                 "containers": [{"pid": 11, "pid_start": 101}, {"pid": None}]}),
                          ("b", {"shim_pid": 20, "shim_start": 200, "containers": []}),
