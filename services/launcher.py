@@ -22,7 +22,7 @@ from common import config
 from common.errors import InvalidArgument, Unavailable
 from common.parentwatch import SUPERVISOR_PID_ENV
 from services import takeover
-from services.manager.procs import become_subreaper
+from common.subreaper import become_subreaper
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

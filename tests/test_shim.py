@@ -19,8 +19,8 @@ import pytest
 from common.cgroups import Cgroup, Layout
 from common.errors import InvalidArgument
 from common.rotlog import rotated_files, tail
-from services.manager import shim, shimctl
-from services.manager.shimctl import BackoffSpec, Reason
+from services.manager.process import shim, shimctl
+from services.manager.process.shimctl import BackoffSpec, Reason
 from tests.support import cgroup_layout, wait_for
 
 TEST_ROOT = "riklet-test"
@@ -144,7 +144,7 @@ def test_container_runs_in_its_cgroup_and_group_with_its_env(pods: Pods) -> None
 
 def test_shim_survives_its_spawner(pods: Pods) -> None:
     pod = pods.write([{"command": ["sleep", "60"]}])
-    code = "import sys; from services.manager.shim import spawn; print(spawn(sys.argv[1]))"
+    code = "import sys; from services.manager.process.shim import spawn; print(spawn(sys.argv[1]))"
     argv = [sys.executable, "-c", code, pod.dir]
     spawner = subprocess.run(argv, capture_output=True, check=True, timeout=10)
     pod.pid = int(spawner.stdout)
@@ -306,7 +306,7 @@ def test_a_bad_spec_is_refused_by_spawn_and_by_the_shim(pods: Pods) -> None:
     with pytest.raises(InvalidArgument) as err:
         shim.spawn(pod.dir)
     assert err.value.field == "containers[0].command"
-    argv = [sys.executable, "-m", "services.manager.shim", pod.dir]
+    argv = [sys.executable, "-m", "services.manager.process.shim", pod.dir]
     run = subprocess.run(argv, capture_output=True, timeout=10)
     assert run.returncode == 2 and b"containers[0].command" in run.stderr
 

@@ -19,9 +19,9 @@ from typing import Any
 
 from common import cgroups
 from common.errors import RikletError, Unavailable
-from services.manager import shim
+from services.manager.process import shim
 from services.manager.runtime import Observed, PodLayout, PodRecord, spec_hash
-from services.manager.shimctl import read_json, write_json
+from services.manager.process.shimctl import read_json, write_json
 
 log = logging.getLogger(__name__)
 

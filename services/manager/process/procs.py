@@ -14,8 +14,8 @@ from typing import NoReturn
 
 from common.cgroups import Cgroup
 from common.errors import Unavailable
-from services.manager import shimctl
-from services.manager.shimctl import ContainerSpec, Reason, Termination
+from services.manager.process import shimctl
+from services.manager.process.shimctl import ContainerSpec, Reason, Termination
 
 _PR_SET_CHILD_SUBREAPER = 36
 _CLONE_NEWNS = 0x00020000

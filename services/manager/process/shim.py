@@ -26,8 +26,8 @@ from common import log
 from common.cgroups import Cgroup, Layout, detect
 from common.errors import RikletError, Unavailable
 from common.rotlog import RotatingWriter
-from services.manager import procs, shimctl
-from services.manager.shimctl import ContainerSpec, PodSpec, Reason, Termination, pid_alive, read_status, stop
+from services.manager.process import procs, shimctl
+from services.manager.process.shimctl import ContainerSpec, PodSpec, Reason, Termination, pid_alive, read_status, stop
 
 __all__ = ["SPAWN_DEADLINE", "Shim", "main", "pid_alive", "read_status", "spawn", "stop"]
 
@@ -48,7 +48,7 @@ def spawn(pod_dir: str, python: str = sys.executable) -> int:
     shimctl.load_spec(pod_dir)  # a bad spec fails here, in the caller, not in a detached process
     with open(os.path.join(pod_dir, shimctl.SHIM_LOG), "ab") as err:
         middle = subprocess.Popen(
-            [python, "-m", "services.manager.shim", "--detach", pod_dir], stdin=subprocess.DEVNULL,
+            [python, "-m", "services.manager.process.shim", "--detach", pod_dir], stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=err, start_new_session=True, close_fds=True)
     try:
         out, _ = middle.communicate(timeout=SPAWN_DEADLINE)
