@@ -43,8 +43,8 @@ from common.errors import (
 from common.imageref import normalize_ref, registry_host
 from services.manager import ocispec
 from services.manager.ctrd import Containerd, ImageInfo, TaskState
-from services.manager.runtime import Observed, PodLayout, PodRecord, spec_hash
 from services.manager.process.shimctl import read_json, write_json
+from services.manager.runtime import Observed, PodLayout, PodRecord, spec_hash
 
 log = logging.getLogger(__name__)
 

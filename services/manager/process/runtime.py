@@ -20,8 +20,8 @@ from typing import Any
 from common import cgroups
 from common.errors import RikletError, Unavailable
 from services.manager.process import shim
-from services.manager.runtime import Observed, PodLayout, PodRecord, spec_hash
 from services.manager.process.shimctl import read_json, write_json
+from services.manager.runtime import Observed, PodLayout, PodRecord, spec_hash
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,15 @@ from common.cgroups import Cgroup, Layout, detect
 from common.errors import RikletError, Unavailable
 from common.rotlog import RotatingWriter
 from services.manager.process import procs, shimctl
-from services.manager.process.shimctl import ContainerSpec, PodSpec, Reason, Termination, pid_alive, read_status, stop
+from services.manager.process.shimctl import (
+    ContainerSpec,
+    PodSpec,
+    Reason,
+    Termination,
+    pid_alive,
+    read_status,
+    stop,
+)
 
 __all__ = ["SPAWN_DEADLINE", "Shim", "main", "pid_alive", "read_status", "spawn", "stop"]
 
