@@ -59,8 +59,6 @@
 #include <time.h>
 #include <unistd.h>
 
-extern char **environ;
-
 #define READ_CHUNK (64 * 1024)
 #define READS_PER_TURN 16 /* bounded so that one chatty container cannot starve the others */
 #define PIPE_SIZE (1 << 20) /* a burst of output fits while the shim is busy elsewhere */
@@ -327,7 +325,7 @@ static int parse_records(char *buf, size_t len, struct rec **out) {
         *sp = 0;
         char *digits_end;
         unsigned long long vlen = strtoull(sp + 1, &digits_end, 10);
-        if (digits_end != colon || vlen >= (unsigned long long)(end - colon) || colon[1 + vlen] != '\n' ||
+        if (digits_end != colon || vlen + 1 >= (unsigned long long)(end - colon) || colon[1 + vlen] != '\n' ||
             memchr(colon + 1, 0, vlen)) {
             spec_error = "a record's length does not match its bytes";
             free(r);
@@ -413,11 +411,13 @@ static int parse_container(struct ctr *c, struct rec *r, int from, int to) {
 static int number(struct rec *r, int n, const char *key, double *out) {
     const char *v = find(r, 0, n, key);
     char *e;
+    static char error[64];
+    snprintf(error, sizeof error, "%s: missing, or not a number >= 0", key);
     if (!v)
-        return spec_error = key, -1;
+        return spec_error = error, -1;
     *out = strtod(v, &e);
     if (e == v || *e || !(*out >= 0) || *out > 1e15)
-        return spec_error = key, -1;
+        return spec_error = error, -1;
     return 0;
 }
 
@@ -877,7 +877,7 @@ static void exec_child(struct ctr *c, int out, int go, int err) {
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
-    int null = open("/dev/null", O_RDONLY);
+    int null = open("/dev/null", O_RDONLY | O_CLOEXEC); /* dup2 makes fd 0 inheritable */
     if (null < 0 || dup2(null, 0) < 0 || dup2(out, 1) < 0 || dup2(out, 2) < 0)
         goto fail;
     if (c->has_user && getuid() == 0 && (c->uid != 0 || c->gid != 0)) {
@@ -932,24 +932,30 @@ static void ended(struct ctr *c, const struct term *end) {
     g.dirty = 1;
 }
 
+/* How a run ended, from its wait status and whether its memory cgroup counted an OOM kill. */
+static void classify(struct term *end, int status, int oom_killed) {
+    if (!WIFSIGNALED(status)) {
+        int code = WEXITSTATUS(status);
+        set_term(end, 1, code, 0, code == 0 ? COMPLETED : ERROR, NULL);
+        return;
+    }
+    int sig = WTERMSIG(status);
+    char msg[64], name[16];
+    if (sig == SIGKILL && oom_killed) {
+        set_term(end, 1, 128 + sig, sig, OOM_KILLED, "killed for exceeding its memory limit");
+        return;
+    }
+    snprintf(msg, sizeof msg, "killed by %s", sig_name(sig, name, sizeof name));
+    set_term(end, 1, 128 + sig, sig, SIGNALED, msg);
+}
+
 static void exited(struct ctr *c, pid_t pid, int status) {
     struct term end;
-    long long oom = c->oom_file ? read_oom(c) : -1;
     if (c->has_start_err) {
         end = c->start_err;
-    } else if (WIFSIGNALED(status)) {
-        int sig = WTERMSIG(status);
-        char msg[64];
-        if (sig == SIGKILL && oom > c->oom_before && c->oom_before >= 0) {
-            set_term(&end, 1, 128 + sig, sig, OOM_KILLED, "killed for exceeding its memory limit");
-        } else {
-            char name[16];
-            snprintf(msg, sizeof msg, "killed by %s", sig_name(sig, name, sizeof name));
-            set_term(&end, 1, 128 + sig, sig, SIGNALED, msg);
-        }
     } else {
-        int code = WEXITSTATUS(status);
-        set_term(&end, 1, code, 0, code == 0 ? COMPLETED : ERROR, NULL);
+        long long oom = read_oom(c);
+        classify(&end, status, c->oom_before >= 0 && oom > c->oom_before);
     }
     if (c->out >= 0)
         pump(c->out, c); /* what it wrote before it died is in the pipe: logged before the exit */
