@@ -19,7 +19,8 @@ import tempfile
 import time
 import uuid
 
-from common.cgroups import Cgroup, detect
+from common.cgroups import Cgroup, detect, prune
+from common.errors import RikletError
 from services.manager.process import shim, shimctl
 
 
@@ -60,9 +61,10 @@ def run(spawns: int) -> dict[str, float]:
                 shimctl.stop(d, 5)
             group = Cgroup(parent, layout) if layout.available else None
             if group is not None and group.exists():
-                with contextlib.suppress(Exception):
-                    group.kill_all(signal.SIGKILL)
+                with contextlib.suppress(RikletError):
+                    group.kill_all(signal.SIGKILL)  # only when a stop above failed
                     group.remove()
+                    prune("riklet-bench")  # the shared parent, when no other run uses it
     return {"spawns": spawns, "spawn_ms_median": statistics.median(times),
             "spawn_ms_p90": sorted(times)[int(len(times) * 0.9) - 1], "spawn_ms_max": max(times),
             "pss_kib_median": statistics.median(pss), "pss_kib_max": max(pss)}
