@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 from common.errors import Unavailable
 
@@ -16,6 +17,7 @@ SOURCE = os.path.join(HERE, "shim.c")
 BINARY = os.path.join(HERE, "riklet-shim")
 CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror")
 _COMPILE_DEADLINE = 120.0
+_LOCK = threading.Lock()  # the manager's threads spawn concurrently; one compiles, the others wait
 
 
 def stale(source: str = SOURCE, binary: str = BINARY) -> bool:
@@ -35,7 +37,7 @@ def build(source: str = SOURCE, binary: str = BINARY) -> str:
     if compiler is None:
         raise Unavailable(f"{binary} is missing and there is no C compiler (cc) to build it: install "
                           "gcc and libc6-dev, then run `make install`", "shim")
-    tmp = f"{binary}.{os.getpid()}.tmp"
+    tmp = f"{binary}.{os.getpid()}.tmp"  # other processes building at once use other names
     try:
         run = subprocess.run([compiler, *CFLAGS, "-o", tmp, source], capture_output=True, text=True,
                              timeout=_COMPILE_DEADLINE, check=False)
@@ -50,7 +52,10 @@ def build(source: str = SOURCE, binary: str = BINARY) -> str:
 
 def ensure(source: str = SOURCE, binary: str = BINARY) -> str:
     """The shim's path, built first when missing or older than its source."""
-    return build(source, binary) if stale(source, binary) else binary
+    if not stale(source, binary):
+        return binary
+    with _LOCK:
+        return build(source, binary) if stale(source, binary) else binary
 
 
 def main() -> int:
