@@ -659,11 +659,10 @@ static int log_write(struct ctr *c, const char *data, long long len) {
         long long lim = start + g.log_max - c->log_size, end = 0;
         if (lim < 0)
             lim = lim + len < 0 ? 0 : lim + len;
-        for (long long i = (lim < len ? lim : len) - 1; i >= start; i--)
-            if (data[i] == '\n') {
-                end = i + 1;
-                break;
-            }
+        long long hi = lim < len ? lim : len;
+        const char *nl = hi > start ? memrchr(data + start, '\n', (size_t)(hi - start)) : NULL;
+        if (nl)
+            end = nl - data + 1;
         if (end == 0 && c->log_size == 0)
             end = start + g.log_max;
         if (end > start && log_put(c, data + start, end - start) < 0)
