@@ -492,3 +492,13 @@ def test_without_a_compiler_a_missing_shim_names_make_install(
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(Unavailable, match="make install"):
         build.ensure(str(source), str(tmp_path / "riklet-shim"))
+
+
+def test_without_cgroups_stop_kills_a_descendant_that_left_the_group(pods: Pods) -> None:
+    script = "setsid sleep 600 & echo $!; exec sleep 600"
+    pod = pods.write([{"command": ["sh", "-c", script]}])
+    pod.pid = shim.spawn(pod.dir, Layout(0, "/nonexistent"))
+    escaped = int(wait_for(lambda: Path(pod.log()).read_text().split(), what="the pid")[0])
+    wait_for(lambda: os.getsid(escaped) == escaped, what="it to leave for a session of its own")
+    assert shimctl.stop(pod.dir, 5)  # SIGTERM misses it; after the 1 s grace, SIGKILL does not
+    assert pod.status()["state"] == "exited" and not alive(escaped)

@@ -830,6 +830,24 @@ static void kill_descendants(pid_t pid, int depth) {
         closedir(d);
 }
 
+/* Without CONFIG_PROC_CHILDREN: the shim's direct children, from every process's stat; deeper
+ * ones are re-parented to the shim (a subreaper) when their parent dies, and met next sweep. */
+static void kill_children_by_scan(void) {
+    char path[64], buf[512];
+    DIR *d = opendir("/proc");
+    for (struct dirent *e; d && (e = readdir(d));) {
+        if (e->d_name[0] < '1' || e->d_name[0] > '9')
+            continue;
+        snprintf(path, sizeof path, "/proc/%.20s/stat", e->d_name);
+        char *p = read_small(path, buf, sizeof buf) > 0 ? strrchr(buf, ')') : NULL;
+        int ppid;
+        if (p && sscanf(p + 1, " %*c %d", &ppid) == 1 && ppid == (int)g.self)
+            kill((pid_t)atoi(e->d_name), SIGKILL);
+    }
+    if (d)
+        closedir(d);
+}
+
 /* ---- running a container ------------------------------------------------------------------- */
 
 /* os.execvpe's search: the first error other than ENOENT/ENOTDIR wins, else the last one. */
@@ -1085,7 +1103,12 @@ static void kill_everything(void) {
             killpg(g.ctrs[i].pid, SIGKILL);
         kill_cgroup(&g.ctrs[i]);
     }
-    kill_descendants(g.self, 0);
+    char children[64];
+    snprintf(children, sizeof children, "/proc/%d/task/%d/children", (int)g.self, (int)g.self);
+    if (access(children, R_OK) == 0)
+        kill_descendants(g.self, 0);
+    else
+        kill_children_by_scan();
 }
 
 static void finish(void) {
