@@ -14,7 +14,13 @@ test: install
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
-install: $(STAMP) common/pb/node_pb2.py common/pb/ctrd/__init__.py
+SHIM := services/manager/process/riklet-shim
+
+install: $(STAMP) common/pb/node_pb2.py common/pb/ctrd/__init__.py $(SHIM)
+
+# The per-pod shim, a small C program (gcc and libc6-dev); rebuilt when its source changes.
+$(SHIM): services/manager/process/shim.c | $(STAMP)
+	$(BIN)/python -m services.manager.process.build
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,7 +57,7 @@ lint: install
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) common/pb/*_pb2*.py* common/pb/ctrd .cache .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) common/pb/*_pb2*.py* common/pb/ctrd .cache .mypy_cache .ruff_cache .pytest_cache $(SHIM)
 
 .PHONY: bench-spine
 bench-spine: install
@@ -67,6 +73,11 @@ bench-rik: install
 .PHONY: bench-proxy
 bench-proxy: install
 	$(BIN)/python -m bench.proxy --reps 3
+
+# The per-pod shim alone: median spawn-to-running of a `sleep` pod, and its PSS.
+.PHONY: bench-shim
+bench-shim: install
+	$(BIN)/python -m bench.shim --spawns 50
 
 .PHONY: bench-containerd
 bench-containerd: install

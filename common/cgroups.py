@@ -102,6 +102,23 @@ class Cgroup:
             quota = None if cpu_millis is None else max(_MIN_QUOTA_US, cpu_millis * CFS_PERIOD_US // 1000)
             (_cpu_v2 if v2 else _cpu_v1)(cpu, quota)
 
+    def dirs(self) -> list[str]:
+        """The group's directory in each hierarchy (one on v2)."""
+        return self._dirs()
+
+    def oom_counter(self) -> tuple[str, str] | None:
+        """The file and the key of the group's cumulative OOM-kill count, if memory is managed."""
+        memory = self._dir("memory")
+        if memory is None:
+            return None
+        events = "memory.events" if self.layout.version == 2 else "memory.oom_control"
+        return os.path.join(memory, events), "oom_kill"
+
+    def freezer_state(self) -> str | None:
+        """v1's freezer.state of the group (v2 kills a group whole through cgroup.kill)."""
+        freezer = self._dir("freezer") if self.layout.version == 1 else None
+        return None if freezer is None else os.path.join(freezer, "freezer.state")
+
     def add(self, pid: int) -> None:
         for path in self._dirs():
             _write(os.path.join(path, "cgroup.procs"), str(pid))

@@ -128,6 +128,11 @@ rm -rf "$STAGE"/common/pb/*_pb2*.py* "$STAGE/common/pb/ctrd"
 say "installing riklet into $VENV (pip)"
 "$VENV/bin/python" -m pip install --quiet --upgrade "$STAGE"
 
+# The per-pod shim of the process runtime, compiled into the installed package (gcc, libc6-dev).
+say "building the process runtime's shim"
+"$VENV/bin/python" -I -m services.manager.process.build >/dev/null \
+    || say "note: the shim was not built; process pods fail until a C compiler is installed"
+
 # 3. The gRPC code, generated into the installed package (what `make proto` does in the checkout).
 # -I: import the installed riklet, never a checkout in the current directory.
 say "generating the gRPC code"

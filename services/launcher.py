@@ -21,8 +21,8 @@ from typing import Any
 from common import config
 from common.errors import InvalidArgument, Unavailable
 from common.parentwatch import SUPERVISOR_PID_ENV
+from common.subreaper import become_subreaper
 from services import takeover
-from services.manager.procs import become_subreaper
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -309,6 +309,9 @@ def test_the_installed_package_works(staged: Staged) -> None:
     assert show.returncode == 0, show.stderr
     assert json.loads(show.stdout)["logs.max_files"] == {"value": 7,
                                                          "source": f"{staged.yaml}: logs.max_files"}
+    shim = staged.installed("-c", "from services.manager.process import build; print(build.BINARY)")
+    assert shim.returncode == 0 and shim.stdout.startswith(str(staged.prefix / "venv")), shim.stderr
+    assert os.access(shim.stdout.strip(), os.X_OK)  # compiled at install, not at the first pod
 
 
 def test_installing_twice_keeps_the_operators_file(staged: Staged) -> None:

@@ -202,7 +202,7 @@ def test_a_service_whose_supervisor_died_before_it_armed_exits_at_once() -> None
      "proxy-worker"),
     (["/v/bin/python3", "/v/bin/supervisord", "-n", "-c", "x.conf"], {}, "supervisord"),
     # Shims inherit the manager's environment: their command line sets them apart.
-    (["python", "-m", "services.manager.shim", "--detach", "/s/pods/p"], {"SUPERVISOR_ENABLED": "1"}, None),
+    (["/v/services/manager/process/riklet-shim", "/s/pods/p"], {"SUPERVISOR_ENABLED": "1"}, None),
     (["/v/bin/python3", "/v/bin/supervisorctl", "status"], {}, None),
     (["sleep", "3600"], {"SUPERVISOR_ENABLED": "1"}, None),
     # A service started by hand, not by an agent's supervisord.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,10 +18,10 @@ from typing import Any
 import pytest
 
 from common.cgroups import Cgroup, Layout
-from common.errors import InvalidArgument
-from common.rotlog import rotated_files, tail
-from services.manager import shim, shimctl
-from services.manager.shimctl import BackoffSpec, Reason
+from common.errors import InvalidArgument, Unavailable
+from common.rotlog import RotatingWriter, rotated_files, tail
+from services.manager.process import build, shim, shimctl
+from services.manager.process.shimctl import BackoffSpec, Reason
 from tests.support import cgroup_layout, wait_for
 
 TEST_ROOT = "riklet-test"
@@ -144,7 +145,7 @@ def test_container_runs_in_its_cgroup_and_group_with_its_env(pods: Pods) -> None
 
 def test_shim_survives_its_spawner(pods: Pods) -> None:
     pod = pods.write([{"command": ["sleep", "60"]}])
-    code = "import sys; from services.manager.shim import spawn; print(spawn(sys.argv[1]))"
+    code = "import sys; from services.manager.process.shim import spawn; print(spawn(sys.argv[1]))"
     argv = [sys.executable, "-c", code, pod.dir]
     spawner = subprocess.run(argv, capture_output=True, check=True, timeout=10)
     pod.pid = int(spawner.stdout)
@@ -306,9 +307,12 @@ def test_a_bad_spec_is_refused_by_spawn_and_by_the_shim(pods: Pods) -> None:
     with pytest.raises(InvalidArgument) as err:
         shim.spawn(pod.dir)
     assert err.value.field == "containers[0].command"
-    argv = [sys.executable, "-m", "services.manager.shim", pod.dir]
-    run = subprocess.run(argv, capture_output=True, timeout=10)
-    assert run.returncode == 2 and b"containers[0].command" in run.stderr
+    assert not os.path.exists(os.path.join(pod.dir, "shim.spec")) and pod.status() == {}
+    # the binary refuses a shim.spec it cannot parse, before it forks anything
+    Path(pod.dir, "shim.spec").write_bytes(b"pod 3:web\nuid 99:short\n")
+    run = subprocess.run([build.ensure(), pod.dir], capture_output=True, timeout=10)
+    assert run.returncode == 2 and b"length does not match" in run.stderr and not run.stdout
+    assert pod.status() == {}
 
 
 @pytest.mark.parametrize(
@@ -322,6 +326,8 @@ def test_a_bad_spec_is_refused_by_spawn_and_by_the_shim(pods: Pods) -> None:
         ({"grace_period": "soon"}, "grace_period"),
         ({"log": {"dir": "relative"}}, "log.dir"),
         ({"surprise": 1}, "spec"),
+        ({"notify": "relative.sock"}, "notify"),
+        ({"notify": "/" + "n" * 107}, "notify"),
     ],
 )
 def test_parse_spec_names_the_field_at_fault(change: dict[str, Any], field: str) -> None:
@@ -380,3 +386,119 @@ def test_read_status_ignores_missing_and_corrupt_files(tmp_path: Path) -> None:
     assert shimctl.read_status(str(tmp_path)) is None
     (tmp_path / "status.json").write_text('{"state": "running"}')
     assert shimctl.read_status(str(tmp_path)) is None
+
+
+# -- the compiled shim: cost, events, logs, building ---------------------------------------
+
+
+def test_spawn_returns_with_every_container_started(pods: Pods) -> None:
+    pod = pods.start([{"name": "app", "command": ["sleep", "60"]},
+                      {"name": "bad", "command": ["/nonexistent/riklet-test-binary"]}])
+    # no waiting: the first status already has each container running or failed
+    app, bad = pod.status()["containers"]
+    assert app["state"] == "running" and shimctl.pid_alive(app["pid"], app["pid_start"])
+    assert (bad["state"], bad["reason"], bad["exitCode"]) == ("terminated", "StartError", 127)
+
+
+def test_a_running_shim_costs_under_1_5_mib_pss(pods: Pods) -> None:
+    pod = pods.start([{"command": ["sleep", "60"]}])
+    with open(f"/proc/{pod.pid}/smaps_rollup") as f:
+        pss_kib = next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+    assert pss_kib < 1536, f"shim PSS {pss_kib} KiB"
+
+
+def test_every_status_write_is_announced_on_the_notify_socket(pods: Pods, tmp_path: Path) -> None:
+    path = str(tmp_path / "n.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(10)
+        pod = pods.start([{"command": ["sleep", "60"]}], notify=path)
+        assert sock.recv(256) == b"web"  # the first status
+        os.kill(pod.pid, signal.SIGTERM)
+        while pod.status().get("state") != "exited":
+            assert sock.recv(256) == b"web"  # stopping, the container's end, exited
+
+
+def test_nobody_listening_on_the_notify_socket_is_harmless(pods: Pods, tmp_path: Path) -> None:
+    pod = pods.start([{"command": ["sh", "-c", "exit 3"], "restart_policy": "OnFailure"}],
+                     notify=str(tmp_path / "nobody.sock"))
+    pod.wait_container(lambda c: c["restartCount"] >= 2, "two restarts")
+
+
+def test_limits_without_cgroups_end_as_cgroups_unavailable(pods: Pods) -> None:
+    pod = pods.write([{"command": ["sleep", "60"], "memory_bytes": 64 << 20, "restart_policy": "Always"}])
+    pod.pid = shim.spawn(pod.dir, Layout(0, "/nonexistent"))
+    c = pod.container()
+    assert (c["state"], c["reason"], c["exitCode"], c["nextRestartAt"]) == (
+        "terminated", "CgroupsUnavailable", None, None)
+    assert "no writable cgroup hierarchy" in c["message"] and c["cgroup"] is None
+
+
+def test_messages_are_escaped_json(pods: Pods) -> None:
+    name = '/nonexistent/"q"\\\\\nline\tx\u00e9\U0001f600'
+    pod = pods.start([{"command": [name]}])
+    c = pod.container()
+    assert c["message"] == f"{name}: No such file or directory"
+
+
+def test_log_rotation_matches_the_python_writer_byte_for_byte(pods: Pods, tmp_path: Path) -> None:
+    # Each chunk reaches the shim in one read (the workload waits until it is logged), so the
+    # Python writer fed the same chunks must leave the same files.
+    chunks = [b"a" * 300 + b"\n" + b"b" * 300 + b"\n", b"c" * 2500, b"d\n" * 700, b"\n" * 5,
+              b"e" * 999 + b"\n", b"f" * 1000, b"g\n", b"h" * 10 + b"\n" + b"i" * 1200 + b"\n"]
+    script = (
+        "import glob, os, sys, time\n"
+        "chunks = eval(sys.argv[1]); logged = 0\n"
+        "for chunk in chunks:\n"
+        "    os.write(1, chunk); logged += len(chunk); deadline = time.monotonic() + 10\n"
+        "    while sum(os.path.getsize(f) for f in glob.glob(sys.argv[2] + '*')) < logged:\n"
+        "        assert time.monotonic() < deadline\n"
+        "        time.sleep(0.002)\n"
+    )
+    pod = pods.write([{"command": ["python3", "-c", script, repr(chunks), "LOG"]}])
+    spec = json.loads(Path(pod.dir, "spec.json").read_text())
+    spec["log"].update(max_size=1000, max_files=20)
+    spec["containers"][0]["command"][-1] = pod.log()
+    Path(pod.dir, "spec.json").write_text(json.dumps(spec))
+    pod.pid = shim.spawn(pod.dir)
+    assert pod.wait_container(terminated, "the writer to finish")["reason"] == "Completed"
+    writer = RotatingWriter(str(tmp_path / "app.log"), 1000, 20)
+    for chunk in chunks:
+        writer.write(chunk)
+    writer.close()
+    expected = {Path(f).name: Path(f).read_bytes() for f in rotated_files(str(tmp_path / "app.log"))}
+    assert {Path(f).name: Path(f).read_bytes() for f in rotated_files(pod.log())} == expected
+    assert len(expected) > 5
+
+
+def test_build_rebuilds_a_stale_binary(tmp_path: Path) -> None:
+    source, binary = tmp_path / "shim.c", str(tmp_path / "riklet-shim")
+    source.write_bytes(Path(build.SOURCE).read_bytes())
+    assert build.stale(str(source), binary)
+    assert build.ensure(str(source), binary) == binary and not build.stale(str(source), binary)
+    built = os.stat(binary).st_mtime_ns
+    os.utime(source, ns=(built + 10**9, built + 10**9))
+    assert build.stale(str(source), binary)
+    build.ensure(str(source), binary)
+    assert os.stat(binary).st_mtime_ns > built
+    run = subprocess.run([binary], capture_output=True, timeout=10)
+    assert run.returncode == 2 and b"usage: riklet-shim POD_DIR" in run.stderr
+
+
+def test_without_a_compiler_a_missing_shim_names_make_install(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "shim.c"
+    source.write_text("int main(void) { return 0; }\n")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(Unavailable, match="make install"):
+        build.ensure(str(source), str(tmp_path / "riklet-shim"))
+
+
+def test_without_cgroups_stop_kills_a_descendant_that_left_the_group(pods: Pods) -> None:
+    script = "setsid sleep 600 & echo $!; exec sleep 600"
+    pod = pods.write([{"command": ["sh", "-c", script]}])
+    pod.pid = shim.spawn(pod.dir, Layout(0, "/nonexistent"))
+    escaped = int(wait_for(lambda: Path(pod.log()).read_text().split(), what="the pid")[0])
+    wait_for(lambda: os.getsid(escaped) == escaped, what="it to leave for a session of its own")
+    assert shimctl.stop(pod.dir, 5)  # SIGTERM misses it; after the 1 s grace, SIGKILL does not
+    assert pod.status()["state"] == "exited" and not alive(escaped)

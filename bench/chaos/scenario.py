@@ -4,6 +4,7 @@ clean up. A fault is a function of the Context; it adds notes and failed checks 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -124,7 +125,7 @@ def shim_of(pid: int) -> int | None:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
             ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
         with open(f"/proc/{ppid}/cmdline", "rb") as fh:
-            if b"services.manager.shim" in fh.read():
+            if os.path.basename(fh.read().split(b"\0", 1)[0]) == b"riklet-shim":
                 return ppid
     return None
 

@@ -48,8 +48,8 @@ from services.manager.containerd.client import (
 )
 from services.manager.containerd.exits import StartFailure, classify, should_restart
 from services.manager.containerd.images import Images
+from services.manager.process.shimctl import read_json, write_json
 from services.manager.runtime import Observed, PodLayout, PodRecord, spec_hash
-from services.manager.shimctl import read_json, write_json
 
 log = logging.getLogger(__name__)
 

@@ -14,18 +14,15 @@ import os
 import shutil
 import signal
 import socket
-import time
 from typing import Any
 
 from common import cgroups
 from common.errors import RikletError, Unavailable
-from services.manager import shim
+from services.manager.process import shim
+from services.manager.process.shimctl import read_json, write_json
 from services.manager.runtime import Observed, PodLayout, PodRecord, spec_hash
-from services.manager.shimctl import read_json, write_json
 
 log = logging.getLogger(__name__)
-
-START_SETTLE = 2.0  # seconds start() waits for the containers' first state
 
 
 def free_port(protocol: str) -> int:
@@ -39,13 +36,15 @@ class ProcessRuntime(PodLayout):
     name = "process"
 
     def __init__(self, state_dir: str, grace_default: float, log_max_size: int, log_max_files: int,
-                 backoff: dict[str, float], user: tuple[int, int] | None = None) -> None:
+                 backoff: dict[str, float], user: tuple[int, int] | None = None,
+                 notify_socket: str | None = None) -> None:
         super().__init__(state_dir)
         self.grace_default = grace_default
         self.log_max_size = log_max_size
         self.log_max_files = log_max_files
         self.backoff = backoff
         self.user = user
+        self.notify_socket = notify_socket  # where each shim announces a new status of its pod
 
 
     # -- observing ---------------------------------------------------------------------------
@@ -83,18 +82,11 @@ class ProcessRuntime(PodLayout):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(pdir, "status.json"))
         write_json(os.path.join(pdir, "spec.json"), self._shim_spec(pod, env_ports))
-        shim.spawn(pdir)
-        # The shim reports before its containers run: wait briefly for their first state, so
-        # that the first status published is Running rather than one tick later.
-        deadline = time.monotonic() + START_SETTLE
-        while True:
-            obs = self.observe(pod)
-            if obs is None:
-                raise Unavailable(f"the shim of pod {name} did not report", "pod")
-            settled = all(c.get("state") != "waiting" or c.get("finishedAt") for c in obs.containers)
-            if (obs.containers and settled) or not obs.alive or time.monotonic() > deadline:
-                return obs
-            time.sleep(0.005)
+        shim.spawn(pdir)  # returns once every container has started (or failed to) once
+        obs = self.observe(pod)
+        if obs is None:
+            raise Unavailable(f"the shim of pod {name} did not report", "pod")
+        return obs
 
     def stop(self, pod: PodRecord) -> None:
         pdir = self.pod_dir(pod["name"])
@@ -164,6 +156,7 @@ class ProcessRuntime(PodLayout):
             "log": {"dir": os.path.join(pdir, "logs"), "max_size": self.log_max_size,
                     "max_files": self.log_max_files},
             "backoff": self.backoff,
+            "notify": self.notify_socket,
             "containers": [{
                 "name": c["name"], "command": list(c["command"]) + list(c.get("args") or []),
                 "env": {**c.get("env", {}), **env_ports.get(c["name"], {})},

@@ -3,6 +3,15 @@
 ``POD_DIR/spec.json`` is defined here (:class:`PodSpec`, :func:`parse_spec`); the shim rewrites
 ``POD_DIR/status.json`` atomically on every change, and :func:`read_status` reads it. A pid alone
 names nothing once the process is gone, so liveness always pairs it with its start time.
+
+The compiled shim (``shim.c``) does not read JSON: the manager turns the validated spec, with
+the cgroups prepared for it, into ``POD_DIR/shim.spec`` (:mod:`.shimspec`), a sequence of
+``KEY LEN:BYTES\n`` records (LEN the decimal byte length of BYTES, which hold no NUL): pod
+records (``pod``, ``uid``, ``grace``, ``notify``, ``log_max``, ``log_files``, ``backoff_*``,
+``shm_size``, ``pod_cgroup``...), then per container a ``container NAME`` record followed by its
+own (``argv``..., ``env``..., ``cwd``, ``user``, ``policy``, ``log``, ``cgroup``,
+``cgroup_dir``..., ``freezer``, ``oom_file``, ``oom_key``, ``cgroup_error``). The list with
+meanings is at the top of shim.c.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from common.errors import InvalidArgument, NotFound
 SPEC_FILE = "spec.json"
 STATUS_FILE = "status.json"
 SHIM_LOG = "shim.log"
+_SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes, the last one a NUL
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _MISSING = object()
 
@@ -68,6 +78,7 @@ class PodSpec:
     containers: tuple[ContainerSpec, ...]
     grace_period: float = 30.0
     backoff: BackoffSpec = BackoffSpec()
+    notify: str | None = None  # a unix datagram socket told the pod's name after each status write
 
 
 class Reason(StrEnum):
@@ -149,7 +160,14 @@ def parse_spec(data: object) -> PodSpec:
         containers=parsed,
         grace_period=_number(obj, "grace_period", "", 30.0),
         backoff=_backoff(_get(obj, "backoff", "", dict, {})),
+        notify=_notify(_get(obj, "notify", "", (str, type(None)), None)),
     )
+
+
+def _notify(path: str | None) -> str | None:
+    if path is not None and (not os.path.isabs(path) or len(path.encode()) > _SUN_PATH_MAX):
+        raise InvalidArgument(f"must be an absolute path of at most {_SUN_PATH_MAX} bytes", "notify")
+    return path
 
 
 def spec_to_json(spec: PodSpec) -> dict[str, Any]:
