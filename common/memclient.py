@@ -13,7 +13,7 @@ import copy
 import logging
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import zmq
@@ -87,8 +87,36 @@ class MemoryClient:
         record: dict[str, Any] = self._call("pod.get", name=name)
         return record
 
-    def list(self) -> list[dict[str, Any]]:
-        records: list[dict[str, Any]] = self._call("pod.list")
+    def query(self, names: Iterable[str], workload: str | None = None,
+              ports: Iterable[tuple[str, int]] = ()) -> list[dict[str, Any]]:
+        """The pods named, the pods of ``workload`` and the pods claiming any of ``ports``
+        (whatever their desired state), in name order: what an apply must check, by index."""
+        args: dict[str, Any] = {"names": list(names), "ports": [list(p) for p in ports]}
+        if workload is not None:
+            args["workload"] = workload
+        records: list[dict[str, Any]] = self._call("pod.query", **args)
+        return records
+
+    def claimed(self, low: int, high: int) -> set[tuple[str, int]]:
+        """Every (protocol, port) that some pod's spec claims in ``low``-``high``."""
+        return {(str(p), int(n)) for p, n in self._call("pod.claimed", low=low, high=high)}
+
+    def find(self, uid: str) -> dict[str, Any]:
+        """A pod by uid (NotFound naming ``uid``)."""
+        record: dict[str, Any] = self._call("pod.find", uid=uid)
+        return record
+
+    def list(self, after: str | None = None, limit: int | None = None,
+             workload: str | None = None) -> list[dict[str, Any]]:
+        """Pods in name order: every one, or a page of at most ``limit`` named after ``after``."""
+        args: dict[str, Any] = {}
+        if after is not None:
+            args["after"] = after
+        if limit is not None:
+            args["limit"] = limit
+        if workload is not None:
+            args["workload"] = workload
+        records: list[dict[str, Any]] = self._call("pod.list", **args)
         return records
 
     def snapshot(self) -> dict[str, Any]:
