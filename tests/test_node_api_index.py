@@ -1,0 +1,186 @@
+"""The Node API over a real memory process and a real gRPC server (no workloads run): Apply
+reads memory's indexes, not every pod, with the same Conflicts as before; List pages; a node
+holding thousands of pods still answers Apply quickly and ``rikletctl get pods`` in full."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from cli import rikletctl
+from common.memclient import MemoryClient
+from common.pb import node_pb2 as npb
+from common.pb import node_pb2_grpc as npb_grpc
+from services.manager.api.node import NodeService
+from tests.support import free_port
+from tests.test_memory_service import Memory
+
+
+class Node:
+    def __init__(self, memory: MemoryClient, stub: npb_grpc.NodeStub, address: str) -> None:
+        self.memory, self.stub, self.address = memory, stub, address
+
+    def apply(self, doc: dict[str, Any]) -> npb.ApplyResponse:
+        reply: npb.ApplyResponse = self.stub.Apply(npb.ApplyRequest(manifest=json.dumps(doc)), timeout=30)
+        return reply
+
+    def refused(self, doc: dict[str, Any]) -> grpc.RpcError:
+        with pytest.raises(grpc.RpcError) as exc:
+            self.apply(doc)
+        return exc.value
+
+    def names(self) -> list[str]:
+        return [p["name"] for p in self.memory.list()]
+
+
+@pytest.fixture
+def node() -> Iterator[Node]:
+    base = Path(tempfile.mkdtemp(dir="/tmp", prefix="napi"))  # short: unix socket paths
+    memory = Memory(base)
+    client = MemoryClient(memory.config())
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    try:
+        memory.start()
+        service = NodeService(client, mirror=None, monitor=None,  # type: ignore[arg-type]
+                              log_path=lambda pod, container: "", grace_default=5.0, poke=lambda name: None)
+        npb_grpc.add_NodeServicer_to_server(service, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        address = f"127.0.0.1:{port}"
+        with grpc.insecure_channel(address) as channel:
+            yield Node(client, npb_grpc.NodeStub(channel), address)
+    finally:
+        server.stop(0)
+        client.close()
+        memory.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def pod(name: str, port: int = 0, replicas: int = 1, env: dict[str, str] | None = None) -> dict[str, Any]:
+    container: dict[str, Any] = {"name": "c", "command": ["sleep", "3600"]}
+    if port:
+        container["ports"] = [{"port": port, "target_port": 80}]
+    if env:
+        container["env"] = env
+    return {"apiVersion": "v1", "kind": "Pod", "name": name, "replicas": replicas,
+            "spec": {"containers": [container]}}
+
+
+def test_a_port_another_workload_holds_is_the_same_conflict_naming_its_first_pod(node: Node) -> None:
+    for i in range(50):                     # pods that have nothing to do with it
+        node.apply(pod(f"other-{i:02d}"))
+    port = free_port()
+    node.apply(pod("web", port, replicas=3))
+    err = node.refused(pod("alpha", port))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.details() == f"spec.containers.ports.port: port {port}/TCP is already taken by pod web-0"
+    assert "alpha" not in node.names()
+    node.apply(pod("web", port, replicas=2))   # its own workload keeps the port
+    for name in ("web-0", "web-1"):
+        node.memory.set_desired(name, "deleted")
+    assert node.memory.get("web-2")["desired"] == "deleted"
+    node.apply(pod("alpha", port))             # pods being deleted hold it no more
+    assert node.memory.get("alpha")["desired"] == "running"
+
+
+def test_a_name_the_scheduler_or_another_workload_holds_stays_theirs(node: Node) -> None:
+    node.memory.apply("job", {"workload": "job", "instance_id": "i-1", "containers": [], "ports": []})
+    node.apply(pod("x", replicas=2))
+    err = node.refused(pod("job"))
+    assert (err.code(), err.details()) == (grpc.StatusCode.FAILED_PRECONDITION,
+                                           "name: pod job is instance i-1 of the RIK scheduler")
+    err = node.refused(pod("x-1"))
+    assert err.details() == "name: pod x-1 belongs to workload x"
+    assert node.memory.get("x-1")["spec"]["workload"] == "x"
+
+
+def test_fewer_replicas_delete_the_extra_pods_not_the_schedulers(node: Node) -> None:
+    node.memory.apply("web-9", {"workload": "web", "instance_id": "i-9", "containers": [], "ports": []})
+    node.apply(pod("web", replicas=4))
+    node.apply(pod("web", replicas=2))
+    desired = {p["name"]: p["desired"] for p in node.memory.list()}
+    assert desired == {"web-0": "running", "web-1": "running", "web-2": "deleted", "web-3": "deleted",
+                       "web-9": "running"}
+
+
+def list_pages(stub: npb_grpc.NodeStub, limit: int, **kw: Any) -> list[list[str]]:
+    pages, token = [], ""
+    while True:
+        reply = stub.List(npb.ListRequest(limit=limit, continue_token=token, **kw), timeout=30)
+        pages.append([p.name for p in reply.pods])
+        token = reply.continue_token
+        if not token:
+            return pages
+
+
+def test_list_pages_give_every_pod_once_while_others_come_and_go(node: Node) -> None:
+    for i in range(40):
+        node.apply(pod(f"p{i:02d}"))
+    stop = threading.Event()
+
+    def churn() -> None:  # pods created and deleted between and during the pages
+        i = 0
+        while not stop.is_set():
+            name = f"p{i % 40:02d}x{i}"
+            node.apply(pod(name))
+            node.memory.set_desired(name, "deleted")
+            i += 1
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        pages = [list_pages(node.stub, 7) for _ in range(3)]
+    finally:
+        stop.set()
+        thread.join(30)
+    for run in pages:
+        assert all(0 < len(page) <= 7 for page in run)
+        seen = [name for page in run for name in page]
+        assert seen == sorted(set(seen))            # in order, none twice
+        assert [n for n in seen if "x" not in n] == [f"p{i:02d}" for i in range(40)]
+
+
+def test_list_pages_a_workload_and_refuses_a_bad_token(node: Node) -> None:
+    node.apply(pod("a", replicas=5))
+    node.apply(pod("b", replicas=3))
+    assert list_pages(node.stub, 2, workload="a") == [["a-0", "a-1"], ["a-2", "a-3"], ["a-4"]]
+    assert list_pages(node.stub, 3, workload="b") == [["b-0", "b-1", "b-2"]]
+    unpaged = node.stub.List(npb.ListRequest(), timeout=30)
+    assert [p.name for p in unpaged.pods] == [f"a-{i}" for i in range(5)] + ["b-0", "b-1", "b-2"]
+    assert not unpaged.continue_token
+    with pytest.raises(grpc.RpcError) as exc:
+        node.stub.List(npb.ListRequest(limit=2, continue_token="../etc"), timeout=30)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert exc.value.details().startswith("continue_token: ")
+
+
+def test_a_full_node_applies_fast_and_lists_in_full(node: Node, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # 3000 pods of ~2 KiB each: one reply holding them all passes gRPC's 4 MiB limit, and
+    # reading them all per Apply costs far more than the apply itself.
+    env = {"PAD": "x" * 2000}
+    for i in range(3000):
+        node.memory.apply(f"big-{i:04d}", {"workload": f"big-{i:04d}", "containers": [{"name": "c", "env": env}],
+                                           "ports": []})
+    times = []
+    for i in range(15):
+        start = time.perf_counter()
+        node.apply(pod(f"new-{i}", free_port()))
+        times.append(time.perf_counter() - start)
+    assert statistics.median(times) < 0.025, f"apply took {statistics.median(times) * 1000:.1f} ms"
+    monkeypatch.setenv("RIKLET_TOKEN", "unused")
+    capsys.readouterr()
+    assert rikletctl.main(["--endpoint", node.address, "get", "pods", "-o", "json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert len(listed) == 3015 and listed[0]["name"] == "big-0000" and listed[-1]["name"] == "new-9"
