@@ -107,9 +107,10 @@ class MemoryClient:
         return record
 
     def list(self, after: str | None = None, limit: int | None = None,
-             workload: str | None = None) -> list[dict[str, Any]]:
-        """Pods in name order: every one, or a page of at most ``limit`` named after ``after``."""
-        args: dict[str, Any] = {}
+             workload: str | None = None, encoded: bool = False) -> list[dict[str, Any]]:
+        """Pods in name order: every one, or a page of at most ``limit`` named after ``after``.
+        ``encoded``: spec and status as JSON text (``spec_json``, ``status_json``), and ``workload``."""
+        args: dict[str, Any] = {"encoded": True} if encoded else {}
         if after is not None:
             args["after"] = after
         if limit is not None:

@@ -395,3 +395,14 @@ def test_a_schema_2_database_gains_its_indexes(tmp_path: Path) -> None:
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == 3
     db.close()
+
+
+def test_an_encoded_list_carries_the_stored_documents_as_text(store: Store) -> None:
+    store.apply("web", web("shop", ("TCP", 8080)))
+    [plain], [encoded] = store.list(), store.list(encoded=True)
+    assert json.loads(encoded.pop("spec_json")) == plain.pop("spec")
+    assert json.loads(encoded.pop("status_json")) == plain.pop("status")
+    assert encoded.pop("workload") == "shop" and encoded == plain
+    with pytest.raises(InvalidArgument) as exc:
+        store.list(encoded="yes")
+    assert exc.value.field == "args.encoded"

@@ -171,8 +171,8 @@ def test_a_full_node_applies_fast_and_lists_in_full(node: Node, monkeypatch: pyt
     # reading them all per Apply costs far more than the apply itself.
     env = {"PAD": "x" * 2000}
     for i in range(3000):
-        node.memory.apply(f"big-{i:04d}", {"workload": f"big-{i:04d}", "containers": [{"name": "c", "env": env}],
-                                           "ports": []})
+        name = f"big-{i:04d}"
+        node.memory.apply(name, {"workload": name, "containers": [{"name": "c", "env": env}], "ports": []})
     times = []
     for i in range(15):
         start = time.perf_counter()

@@ -11,7 +11,7 @@ Ops (each declares its arguments; an unknown one is rejected naming ``args.<key>
 
 ``uid`` and ``generation`` fence a write to the record the caller read (see the store).
     pod.get         {name}                               -> record
-    pod.list        {after?, limit?, workload?}          -> [record] by name (a page: after ``after``)
+    pod.list        {after?, limit?, workload?, encoded?} -> [record] by name (a page: after ``after``)
     pod.query       {names, workload?, ports?}           -> [record] named, of workload, claiming a port
     pod.claimed     {low, high}                          -> [[protocol, port]] claimed in the range
     pod.find        {uid}                                -> record
@@ -71,8 +71,9 @@ OPS: dict[str, Op] = {
     "pod.remove": Op(("name", "uid", "generation"), (),
                      lambda s, a, rid: s.remove(a["name"], a["uid"], a["generation"], request_id=rid)),
     "pod.get": Op(("name",), (), lambda s, a, rid: s.get(a["name"])),
-    "pod.list": Op((), ("after", "limit", "workload"),
-                   lambda s, a, rid: s.list(a.get("after"), a.get("limit"), a.get("workload"))),
+    "pod.list": Op((), ("after", "limit", "workload", "encoded"),
+                   lambda s, a, rid: s.list(a.get("after"), a.get("limit"), a.get("workload"),
+                                            a.get("encoded", False))),
     "pod.query": Op(("names",), ("workload", "ports"),
                     lambda s, a, rid: s.query(a["names"], a.get("workload"), a.get("ports", []))),
     "pod.claimed": Op(("low", "high"), (), lambda s, a, rid: s.claimed(a["low"], a["high"])),

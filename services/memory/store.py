@@ -166,6 +166,13 @@ def _record(row: tuple[Any, ...]) -> dict[str, Any]:
             "created_at": created_at, "updated_at": updated_at}
 
 
+def _encoded(row: tuple[Any, ...]) -> dict[str, Any]:
+    name, uid, version, desired, spec, status, created_at, updated_at, generation, workload = row
+    return {"name": name, "uid": uid, "version": version, "generation": generation,
+            "desired": desired, "spec_json": spec, "status_json": status, "workload": workload,
+            "created_at": created_at, "updated_at": updated_at}
+
+
 def _fence(cur: dict[str, Any], uid: str | None, generation: int | None) -> None:
     """Refuse a write based on a copy of the record that is no longer current."""
     if uid is not None and cur["uid"] != uid:
@@ -421,10 +428,12 @@ class Store:
             raise NotFound(f"no pod with uid {uid[:64]!r}", "uid")
         return _record(row)
 
-    def list(self, after: object = None, limit: object = None,
-             workload: object = None) -> list[dict[str, Any]]:
+    def list(self, after: object = None, limit: object = None, workload: object = None,
+             encoded: object = False) -> list[dict[str, Any]]:
         """Pods in name order: all of them, or a page (names after ``after``, at most ``limit``),
-        optionally only ``workload``'s."""
+        optionally only ``workload``'s. ``encoded``: each record carries its spec and status as
+        the stored JSON text (``spec_json``, ``status_json``) and its ``workload``, the form the
+        Node API's List sends on: no document is decoded and encoded again on the way."""
         where, params = [], []
         if after is not None:
             where.append("name > ?")
@@ -432,7 +441,9 @@ class Store:
         if workload is not None:
             where.append("workload = ?")
             params.append(check_workload(workload))
-        sql = f"SELECT {_COLUMNS} FROM pods"
+        if not isinstance(encoded, bool):
+            raise InvalidArgument("must be true or false", "args.encoded")
+        sql = f"SELECT {_COLUMNS}, workload FROM pods"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY name"
@@ -440,7 +451,8 @@ class Store:
             if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= MAX_PAGE:
                 raise InvalidArgument(f"must be an integer in 1-{MAX_PAGE}", "args.limit")
             sql += f" LIMIT {limit}"
-        return [_record(row) for row in self._db.execute(sql, params)]
+        rows = self._db.execute(sql, params)
+        return [_encoded(row) for row in rows] if encoded else [_record(row[:-1]) for row in rows]
 
     def snapshot(self) -> dict[str, Any]:
         with self._tx():  # one consistent read: seq matches the pods exactly

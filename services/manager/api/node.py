@@ -59,8 +59,14 @@ T = TypeVar("T")
 
 
 def pod_message(record: Mapping[str, Any]) -> pb.Pod:
-    status = record.get("status") or {}
-    spec = record.get("spec") or {}
+    """A record as the API shows it; memory's ``encoded`` form (List) keeps the documents as the
+    JSON text memory stored, so the spec is never decoded nor encoded again."""
+    if "status_json" in record:
+        status_json, spec_json, workload = record["status_json"], record["spec_json"], record["workload"]
+        status = json.loads(status_json)
+    else:
+        status, spec = record.get("status") or {}, record.get("spec") or {}
+        status_json, spec_json, workload = json.dumps(status), json.dumps(spec), spec.get("workload", "")
     containers = []
     for c in status.get("containers") or []:
         code = c.get("exitCode")
@@ -73,13 +79,13 @@ def pod_message(record: Mapping[str, Any]) -> pb.Pod:
                              address=e.get("address", ""), port=int(e.get("port") or 0))
                  for e in status.get("endpoints") or []]
     return pb.Pod(
-        name=record["name"], uid=record.get("uid", ""), workload=spec.get("workload", ""),
+        name=record["name"], uid=record.get("uid", ""), workload=workload,
         phase=status.get("phase", ""), reason=status.get("reason") or "",
         message=status.get("message") or "", desired=record.get("desired", ""),
         version=int(record.get("version", 0)), generation=int(record.get("generation", 0)),
         created_at=float(record.get("created_at", 0)),
         restart_count=int(status.get("restartCount") or 0), containers=containers,
-        endpoints=endpoints, spec_json=json.dumps(spec), status_json=json.dumps(status))
+        endpoints=endpoints, spec_json=spec_json, status_json=status_json)
 
 
 MAX_IMPORT = 16 << 30
@@ -230,12 +236,13 @@ class NodeService(pb_grpc.NodeServicer):
         workload = request.workload or None
         if request.limit:
             limit = min(request.limit, MAX_LIST_PAGE)
-            page = self.memory.list(after=after, limit=limit + 1, workload=workload)  # +1: is there more?
+            # One more than asked for: is there another page?
+            page = self.memory.list(after=after, limit=limit + 1, workload=workload, encoded=True)
             pods = [pod_message(p) for p in page[:limit]]
             return pb.ListResponse(pods=pods, continue_token=pods[-1].name if len(page) > limit else "")
         pods = []
         while True:
-            page = self.memory.list(after=after, limit=MEMORY_PAGE, workload=workload)
+            page = self.memory.list(after=after, limit=MEMORY_PAGE, workload=workload, encoded=True)
             pods.extend(pod_message(p) for p in page)
             if len(page) < MEMORY_PAGE:
                 return pb.ListResponse(pods=pods)
