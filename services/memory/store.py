@@ -3,7 +3,8 @@
 The store is the only owner of state. Each write is one transaction that also advances the
 event sequence number (``meta.seq``), so the events a write returns carry exactly the numbers
 that a later snapshot reports. ``synchronous=FULL`` with WAL: once a write has returned, a
-``kill -9`` (or a power cut) loses nothing.
+``kill -9`` (or a power cut) loses nothing. The server may run the requests waiting at once in
+one :meth:`Store.batch` (group commit: one fsync for them all, each write still on its own).
 
 Writes may carry a request key (the server derives it from the IPC request id, op and args).
 It is remembered, in the same transaction, together with the result, so that a client retrying
@@ -238,6 +239,16 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[None]:
+        if self._db.in_transaction:  # inside batch(): this write still succeeds or fails alone
+            self._db.execute("SAVEPOINT one")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK TO one")
+                self._db.execute("RELEASE one")
+                raise
+            self._db.execute("RELEASE one")
+            return
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -245,6 +256,21 @@ class Store:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group commit: the writes made inside share one transaction, so that one commit (one
+        fsync) makes them all durable, while each still succeeds or fails alone (a savepoint).
+        The caller acknowledges none of them, nor publishes their events, before this returns;
+        if it raises, none of them happened."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
 
     def _meta(self, key: str) -> str:
         return str(self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
