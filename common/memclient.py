@@ -32,6 +32,11 @@ RESYNC_RETRY = 0.5       # seconds between snapshot attempts while memory is dow
 OnChange = Callable[[str, "dict[str, Any] | None"], None]
 
 
+def _page_args(after: str | None, limit: int | None, workload: str | None) -> dict[str, Any]:
+    given = {"after": after, "limit": limit, "workload": workload}
+    return {key: value for key, value in given.items() if value is not None}
+
+
 class MemoryClient:
     """Typed requests to memory. Thread-safe: one request at a time per client."""
 
@@ -106,17 +111,22 @@ class MemoryClient:
         record: dict[str, Any] = self._call("pod.find", uid=uid)
         return record
 
-    def list(self, after: str | None = None, limit: int | None = None,
-             workload: str | None = None, encoded: bool = False) -> list[dict[str, Any]]:
-        """Pods in name order: every one, or a page of at most ``limit`` named after ``after``.
-        ``encoded``: spec and status as JSON text (``spec_json``, ``status_json``), and ``workload``."""
-        args: dict[str, Any] = {"encoded": True} if encoded else {}
-        if after is not None:
-            args["after"] = after
-        if limit is not None:
-            args["limit"] = limit
-        if workload is not None:
-            args["workload"] = workload
+    def stamps(self, after: str | None = None, limit: int | None = None,
+               workload: str | None = None) -> list[tuple[str, str, int]]:
+        """A page of pods as (name, uid, version) only."""
+        rows = self._call("pod.stamps", **_page_args(after, limit, workload))
+        return [(str(n), str(u), int(v)) for n, u, v in rows]
+
+    def list(self, after: str | None = None, limit: int | None = None, workload: str | None = None,
+             encoded: bool = False, names: list[str] | None = None) -> list[dict[str, Any]]:
+        """Pods in name order: every one, or a page of at most ``limit`` named after ``after``,
+        or those of ``names``. ``encoded``: spec and status as JSON text (``spec_json``,
+        ``status_json``), and ``workload``."""
+        args = _page_args(after, limit, workload)
+        if encoded:
+            args["encoded"] = True
+        if names is not None:
+            args["names"] = names
         records: list[dict[str, Any]] = self._call("pod.list", **args)
         return records
 

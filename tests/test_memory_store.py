@@ -406,3 +406,18 @@ def test_an_encoded_list_carries_the_stored_documents_as_text(store: Store) -> N
     with pytest.raises(InvalidArgument) as exc:
         store.list(encoded="yes")
     assert exc.value.field == "args.encoded"
+
+
+def test_stamps_page_like_list_and_names_pick_records(store: Store) -> None:
+    for name in ("c", "a", "b"):
+        store.apply(name, web("w" if name != "b" else "v"))
+    uid = store.get("a")["uid"]
+    store.set_status("a", uid, {"phase": "Running"})
+    assert store.stamps() == [("a", uid, 2), ("b", store.get("b")["uid"], 1), ("c", store.get("c")["uid"], 1)]
+    assert [s[0] for s in store.stamps(after="a", limit=1)] == ["b"]
+    assert [s[0] for s in store.stamps(workload="w")] == ["a", "c"]
+    assert names(store.list(names=["c", "a", "zz"])) == ["a", "c"]
+    assert store.list(names=[]) == []
+    with pytest.raises(InvalidArgument) as exc:
+        store.list(names=["a", "B"])
+    assert exc.value.field == "args.names[1]"

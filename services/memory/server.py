@@ -15,7 +15,8 @@ Ops (each declares its arguments; an unknown one is rejected naming ``args.<key>
 
 ``uid`` and ``generation`` fence a write to the record the caller read (see the store).
     pod.get         {name}                               -> record
-    pod.list        {after?, limit?, workload?, encoded?} -> [record] by name (a page: after ``after``)
+    pod.list        {after?, limit?, workload?, encoded?, names?} -> [record] by name (a page)
+    pod.stamps      {after?, limit?, workload?}          -> [[name, uid, version]] (a page)
     pod.query       {names, workload?, ports?}           -> [record] named, of workload, claiming a port
     pod.claimed     {low, high}                          -> [[protocol, port]] claimed in the range
     pod.find        {uid}                                -> record
@@ -77,9 +78,11 @@ OPS: dict[str, Op] = {
     "pod.remove": Op(("name", "uid", "generation"), (),
                      lambda s, a, rid: s.remove(a["name"], a["uid"], a["generation"], request_id=rid)),
     "pod.get": Op(("name",), (), lambda s, a, rid: s.get(a["name"])),
-    "pod.list": Op((), ("after", "limit", "workload", "encoded"),
+    "pod.list": Op((), ("after", "limit", "workload", "encoded", "names"),
                    lambda s, a, rid: s.list(a.get("after"), a.get("limit"), a.get("workload"),
-                                            a.get("encoded", False))),
+                                            a.get("encoded", False), a.get("names"))),
+    "pod.stamps": Op((), ("after", "limit", "workload"),
+                     lambda s, a, rid: s.stamps(a.get("after"), a.get("limit"), a.get("workload"))),
     "pod.query": Op(("names",), ("workload", "ports"),
                     lambda s, a, rid: s.query(a["names"], a.get("workload"), a.get("ports", []))),
     "pod.claimed": Op(("low", "high"), (), lambda s, a, rid: s.claimed(a["low"], a["high"])),

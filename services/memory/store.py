@@ -454,12 +454,9 @@ class Store:
             raise NotFound(f"no pod with uid {uid[:64]!r}", "uid")
         return _record(row)
 
-    def list(self, after: object = None, limit: object = None, workload: object = None,
-             encoded: object = False) -> list[dict[str, Any]]:
-        """Pods in name order: all of them, or a page (names after ``after``, at most ``limit``),
-        optionally only ``workload``'s. ``encoded``: each record carries its spec and status as
-        the stored JSON text (``spec_json``, ``status_json``) and its ``workload``, the form the
-        Node API's List sends on: no document is decoded and encoded again on the way."""
+    def _page(self, columns: str, after: object, limit: object, workload: object,
+              names: object = None) -> sqlite3.Cursor:
+        """Rows in name order: after ``after``, at most ``limit``, of ``workload``, among ``names``."""
         where, params = [], []
         if after is not None:
             where.append("name > ?")
@@ -467,9 +464,12 @@ class Store:
         if workload is not None:
             where.append("workload = ?")
             params.append(check_workload(workload))
-        if not isinstance(encoded, bool):
-            raise InvalidArgument("must be true or false", "args.encoded")
-        sql = f"SELECT {_COLUMNS}, workload FROM pods"
+        if names is not None:
+            wanted = [check_name(n, f"args.names[{i}]")
+                      for i, n in enumerate(check_items(names, "args.names"))]
+            where.append(f"name IN ({', '.join('?' * len(wanted))})")
+            params.extend(wanted)
+        sql = f"SELECT {columns} FROM pods"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY name"
@@ -477,7 +477,24 @@ class Store:
             if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= MAX_PAGE:
                 raise InvalidArgument(f"must be an integer in 1-{MAX_PAGE}", "args.limit")
             sql += f" LIMIT {limit}"
-        rows = self._db.execute(sql, params)
+        return self._db.execute(sql, params)
+
+    def stamps(self, after: object = None, limit: object = None,
+               workload: object = None) -> list[tuple[str, str, int]]:
+        """A page of pods as (name, uid, version) only: a reader holding the records it saw
+        fetches just those that changed (``list(names=...)``)."""
+        return [tuple(row) for row in self._page("name, uid, version", after, limit, workload)]
+
+    def list(self, after: object = None, limit: object = None, workload: object = None,
+             encoded: object = False, names: object = None) -> list[dict[str, Any]]:
+        """Pods in name order: all of them, or a page (names after ``after``, at most ``limit``),
+        optionally only ``workload``'s, or only those of ``names``. ``encoded``: each record
+        carries its spec and status as the stored JSON text (``spec_json``, ``status_json``) and
+        its ``workload``, the form the Node API's List sends on: no document is decoded and
+        encoded again on the way."""
+        if not isinstance(encoded, bool):
+            raise InvalidArgument("must be true or false", "args.encoded")
+        rows = self._page(f"{_COLUMNS}, workload", after, limit, workload, names)
         return [_encoded(row) for row in rows] if encoded else [_record(row[:-1]) for row in rows]
 
     def snapshot(self) -> dict[str, Any]:

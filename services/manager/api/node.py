@@ -88,6 +88,31 @@ def pod_message(record: Mapping[str, Any]) -> pb.Pod:
         endpoints=endpoints, spec_json=spec_json, status_json=status_json)
 
 
+class PodMessages:
+    """The API message of each pod at its (uid, version), so that a List converts and fetches
+    only the pods that changed since the one before (the conversion is most of a List's cost).
+    Bounded: the oldest entries go beyond ``limit`` (pods long removed, or past a node's worth)."""
+
+    def __init__(self, limit: int = 10000) -> None:
+        self._limit = limit
+        self._messages: dict[str, tuple[tuple[str, int], pb.Pod]] = {}
+        self._lock = threading.Lock()
+
+    def cached(self, name: str, uid: str, version: int) -> pb.Pod | None:
+        with self._lock:
+            hit = self._messages.get(name)
+        return hit[1] if hit is not None and hit[0] == (uid, version) else None
+
+    def put(self, record: Mapping[str, Any]) -> pb.Pod:
+        message = pod_message(record)
+        with self._lock:
+            self._messages.pop(record["name"], None)  # re-inserted last: the newest
+            self._messages[record["name"]] = ((record["uid"], record["version"]), message)
+            while len(self._messages) > self._limit:
+                del self._messages[next(iter(self._messages))]
+        return message
+
+
 MAX_IMPORT = 16 << 30
 
 
@@ -121,6 +146,7 @@ class NodeService(pb_grpc.NodeServicer):
         self.poke = poke
         # Port checks and writes must not interleave (shared with the RIK scheduler link).
         self.apply_lock = threading.Lock()
+        self._messages = PodMessages()
         self._watchers: list[queue.Queue[tuple[str, dict[str, Any]] | None]] = []
         self._watch_lock = threading.Lock()
 
@@ -228,25 +254,35 @@ class NodeService(pb_grpc.NodeServicer):
         return self._call(context, lambda: self._list(request))
 
     def _list(self, request: pb.ListRequest) -> pb.ListResponse:
-        """Pods in name order, read from memory a page at a time (bounded IPC frames); a pod
-        name as the continue token, so a page starts after it whatever changed meanwhile."""
+        """Pods in name order, read from memory a page at a time (bounded IPC frames): first each
+        pod's (name, uid, version), then only the records not already converted. A pod name is
+        the continue token, so a page starts after it whatever changed meanwhile."""
         after = _continue_from(request.continue_token) if request.continue_token else None
         if len(request.workload) > 253:  # no workload has such a name
             return pb.ListResponse()
         workload = request.workload or None
         if request.limit:
             limit = min(request.limit, MAX_LIST_PAGE)
-            # One more than asked for: is there another page?
-            page = self.memory.list(after=after, limit=limit + 1, workload=workload, encoded=True)
-            pods = [pod_message(p) for p in page[:limit]]
-            return pb.ListResponse(pods=pods, continue_token=pods[-1].name if len(page) > limit else "")
+            stamps = self.memory.stamps(after=after, limit=limit + 1, workload=workload)  # +1: more?
+            token = stamps[limit - 1][0] if len(stamps) > limit else ""
+            return pb.ListResponse(pods=self._pods(stamps[:limit]), continue_token=token)
         pods = []
         while True:
-            page = self.memory.list(after=after, limit=MEMORY_PAGE, workload=workload, encoded=True)
-            pods.extend(pod_message(p) for p in page)
-            if len(page) < MEMORY_PAGE:
+            stamps = self.memory.stamps(after=after, limit=MEMORY_PAGE, workload=workload)
+            pods.extend(self._pods(stamps))
+            if len(stamps) < MEMORY_PAGE:
                 return pb.ListResponse(pods=pods)
-            after = page[-1]["name"]
+            after = stamps[-1][0]
+
+    def _pods(self, stamps: list[tuple[str, str, int]]) -> list[pb.Pod]:
+        """The messages of the pods stamped (name, uid, version), in that order: from the cache,
+        else read from memory (a pod removed since it was stamped is left out)."""
+        found = {name: self._messages.cached(name, uid, version) for name, uid, version in stamps}
+        missing = [name for name, message in found.items() if message is None]
+        if missing:
+            for record in self.memory.list(names=missing, encoded=True):
+                found[record["name"]] = self._messages.put(record)
+        return [message for message in found.values() if message is not None]
 
     def NodeInfo(self, request: pb.NodeInfoRequest, context: grpc.ServicerContext) -> pb.NodeInfoResponse:
         def run() -> pb.NodeInfoResponse:
