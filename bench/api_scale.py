@@ -31,18 +31,29 @@ def timed(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def list_all(agent: Agent, page: int) -> int:
+def list_all(agent: Agent, page: int) -> list[npb.Pod]:
     """Every pod, fetched in pages of ``page`` when the API offers paging (0: one call)."""
-    count, token = 0, ""
+    pods: list[npb.Pod] = []
+    token = ""
     while True:
         request = npb.ListRequest()
-        if page and hasattr(request, "limit"):
+        if page and "limit" in npb.ListRequest.DESCRIPTOR.fields_by_name:
             request = npb.ListRequest(limit=page, continue_token=token)
         reply = agent.stub.List(request, timeout=60)
-        count += len(reply.pods)
+        pods.extend(reply.pods)
         token = getattr(reply, "continue_token", "")
         if not token:
-            return count
+            return pods
+
+
+def settle(agent: Agent, count: int, page: int, deadline: float = 600) -> float:
+    """Wait until ``count`` pods run (the node at rest, as a user would measure it)."""
+    start = time.monotonic()
+    while sum(p.phase == "Running" for p in list_all(agent, page)) < count:
+        if time.monotonic() - start > deadline:
+            raise SystemExit(f"fewer than {count} pods running after {deadline} s")
+        time.sleep(1)
+    return time.monotonic() - start
 
 
 def fill(agent: Agent, names: list[str], clients: int) -> float:
@@ -83,6 +94,7 @@ def main() -> None:
                 rate = fill(agent, [f"fill-{i}" for i in range(made, target)], args.clients)
                 print(f"filled {made}->{target} pods at {rate:.0f} applies/s", flush=True)
                 made = target
+            waited = settle(agent, made, args.page)
             applies = []
             for i in range(args.samples):
                 name = f"probe-{target}-{i}"
@@ -93,7 +105,8 @@ def main() -> None:
             probe = npb.GetRequest(name=f"probe-{target}-0")
             gets = [timed(lambda p=probe: agent.stub.Get(p, timeout=30))  # type: ignore[misc]
                     for _ in range(args.samples)]
-            print(f"pods={made:5d} apply median {statistics.median(applies):6.1f} ms "
+            print(f"pods={made:5d} (settled in {waited:4.0f} s) "
+                  f"apply median {statistics.median(applies):6.1f} ms "
                   f"max {max(applies):6.1f} | list median {statistics.median(lists):6.1f} ms "
                   f"| get median {statistics.median(gets):5.1f} ms", flush=True)
     finally:
