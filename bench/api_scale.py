@@ -101,13 +101,17 @@ def main() -> None:
                 applies.append(timed(lambda n=name: agent.stub.Apply(  # type: ignore[misc]
                     npb.ApplyRequest(manifest=manifest(n)), timeout=30)))
             made += args.samples
+            # The same manifest again: the whole apply path, but no pod to start meanwhile.
+            reapplies = [timed(lambda n=f"probe-{target}-{i}": agent.stub.Apply(  # type: ignore[misc]
+                npb.ApplyRequest(manifest=manifest(n)), timeout=30)) for i in range(args.samples)]
             lists = [timed(lambda: list_all(agent, args.page)) for _ in range(5)]
             probe = npb.GetRequest(name=f"probe-{target}-0")
             gets = [timed(lambda p=probe: agent.stub.Get(p, timeout=30))  # type: ignore[misc]
                     for _ in range(args.samples)]
             print(f"pods={made:5d} (settled in {waited:4.0f} s) "
                   f"apply median {statistics.median(applies):6.1f} ms "
-                  f"max {max(applies):6.1f} | list median {statistics.median(lists):6.1f} ms "
+                  f"max {max(applies):6.1f} | unchanged apply median {statistics.median(reapplies):5.1f} ms "
+                  f"| list median {statistics.median(lists):6.1f} ms "
                   f"| get median {statistics.median(gets):5.1f} ms", flush=True)
     finally:
         agent.close()
