@@ -1,6 +1,7 @@
 """The Node API over a real memory process and a real gRPC server (no workloads run): Apply
 reads memory's indexes, not every pod, with the same Conflicts as before; List pages; a node
-holding thousands of pods still answers Apply quickly and ``rikletctl get pods`` in full."""
+holding thousands of pods still answers Apply quickly and ``rikletctl get pods`` in full.
+Last, the same through a real agent."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from common.memclient import MemoryClient
 from common.pb import node_pb2 as npb
 from common.pb import node_pb2_grpc as npb_grpc
 from services.manager.api.node import NodeService
-from tests.support import free_port
+from tests.stack import Agent
+from tests.support import free_port, wait_for
 from tests.test_memory_service import Memory
 
 
@@ -221,3 +223,21 @@ def test_list_shows_every_change_of_a_pod_it_listed_before(node: Node) -> None:
     node.apply(pod("web"))                      # the same name again: a new pod at version 1
     again = listed()["web"]
     assert again[0] != uid and again[1:] == ("Pending", "running")
+
+
+def test_a_real_agent_pages_lists_and_refuses_a_taken_port_as_before(agent: Agent) -> None:
+    port = free_port()
+    for i in range(11):
+        agent.stub.Apply(npb.ApplyRequest(manifest=json.dumps(pod(f"e2e-{i:02d}"))), timeout=30)
+    agent.stub.Apply(npb.ApplyRequest(manifest=json.dumps(pod("holder", port, replicas=2))), timeout=30)
+    wait_for(lambda: all(p["phase"] == "Running" for p in agent.pods()), timeout=60, what="13 pods running")
+    pages = list_pages(agent.stub, 5)
+    assert [len(p) for p in pages] == [5, 5, 3]
+    assert [n for p in pages for n in p] == [f"e2e-{i:02d}" for i in range(11)] + ["holder-0", "holder-1"]
+    assert len(agent.pods()) == 13      # rikletctl get pods: every page
+    with pytest.raises(grpc.RpcError) as exc:
+        agent.stub.Apply(npb.ApplyRequest(manifest=json.dumps(pod("taker", port))), timeout=30)
+    assert (exc.value.code(), exc.value.details()) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"spec.containers.ports.port: port {port}/TCP is already taken by pod holder-0")
+    assert "taker" not in {p["name"] for p in agent.pods()}
