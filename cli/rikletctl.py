@@ -27,6 +27,7 @@ from common.pb import node_pb2 as npb  # noqa: E402  (generated just above when 
 from common.pb import node_pb2_grpc as npb_grpc  # noqa: E402
 
 DEFAULT_ENDPOINT = "127.0.0.1:9091"
+LIST_PAGE = 500          # pods per List call: `get pods` fetches page after page
 
 
 def proxy_line(proxy: dict[str, Any] | None) -> str:
@@ -220,7 +221,18 @@ class Ctl:
         if args.name:
             self.show([self.stub.Get(npb.GetRequest(name=args.name), timeout=10)], single=True)
         else:
-            self.show(self.stub.List(npb.ListRequest(), timeout=10).pods)
+            self.show(self.list_all())
+
+    def list_all(self) -> list[npb.Pod]:
+        """Every pod, a page at a time (each reply stays small whatever the node holds)."""
+        pods: list[npb.Pod] = []
+        token = ""
+        while True:
+            reply = self.stub.List(npb.ListRequest(limit=LIST_PAGE, continue_token=token), timeout=10)
+            pods.extend(reply.pods)
+            token = reply.continue_token
+            if not token:
+                return pods
 
     def delete(self, args: argparse.Namespace) -> None:
         for name in args.names:

@@ -14,7 +14,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import zmq
@@ -35,6 +35,11 @@ MAX_BATCH = 1000         # events applied before on_batch runs once for all of t
 SILENCE = 3.0            # no heartbeat for this long: say so (the last known pods stay)
 
 OnChange = Callable[[str, "dict[str, Any] | None"], None]
+
+
+def _page_args(after: str | None, limit: int | None, workload: str | None) -> dict[str, Any]:
+    given = {"after": after, "limit": limit, "workload": workload}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 class MemoryClient:
@@ -92,8 +97,42 @@ class MemoryClient:
         record: dict[str, Any] = self._call("pod.get", name=name)
         return record
 
-    def list(self) -> list[dict[str, Any]]:
-        records: list[dict[str, Any]] = self._call("pod.list")
+    def query(self, names: Iterable[str], workload: str | None = None,
+              ports: Iterable[tuple[str, int]] = ()) -> list[dict[str, Any]]:
+        """The pods named, the pods of ``workload`` and the pods claiming any of ``ports``
+        (whatever their desired state), in name order: what an apply must check, by index."""
+        args: dict[str, Any] = {"names": list(names), "ports": [list(p) for p in ports]}
+        if workload is not None:
+            args["workload"] = workload
+        records: list[dict[str, Any]] = self._call("pod.query", **args)
+        return records
+
+    def claimed(self, low: int, high: int) -> set[tuple[str, int]]:
+        """Every (protocol, port) that some pod's spec claims in ``low``-``high``."""
+        return {(str(p), int(n)) for p, n in self._call("pod.claimed", low=low, high=high)}
+
+    def find(self, uid: str) -> dict[str, Any]:
+        """A pod by uid (NotFound naming ``uid``)."""
+        record: dict[str, Any] = self._call("pod.find", uid=uid)
+        return record
+
+    def stamps(self, after: str | None = None, limit: int | None = None,
+               workload: str | None = None) -> list[tuple[str, str, int]]:
+        """A page of pods as (name, uid, version) only."""
+        rows = self._call("pod.stamps", **_page_args(after, limit, workload))
+        return [(str(n), str(u), int(v)) for n, u, v in rows]
+
+    def list(self, after: str | None = None, limit: int | None = None, workload: str | None = None,
+             encoded: bool = False, names: list[str] | None = None) -> list[dict[str, Any]]:
+        """Pods in name order: every one, or a page of at most ``limit`` named after ``after``,
+        or those of ``names``. ``encoded``: spec and status as JSON text (``spec_json``,
+        ``status_json``), and ``workload``."""
+        args = _page_args(after, limit, workload)
+        if encoded:
+            args["encoded"] = True
+        if names is not None:
+            args["names"] = names
+        records: list[dict[str, Any]] = self._call("pod.list", **args)
         return records
 
     def snapshot(self) -> dict[str, Any]:

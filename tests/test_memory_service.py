@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +184,85 @@ def test_a_reply_means_durable_even_under_kill_9(memory: Memory, client: MemoryC
     memory.start()
     assert client.get("web") == pod
     assert client.snapshot()["seq"] == 1
+
+
+def test_concurrent_writes_each_succeed_or_fail_alone_with_events_in_order(memory: Memory,
+                                                                         client: MemoryClient) -> None:
+    # Eight writers at once: memory answers what is waiting with one commit (group commit);
+    # a refused write among them changes nothing and takes no other write down with it.
+    memory.start()
+    sub = socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(memory.config().memory_events_endpoint)
+
+    def work(k: int) -> None:
+        c = MemoryClient(memory.config())
+        try:
+            for i in range(40):
+                name = f"w{k}-{i}"
+                uid = c.apply(name, SPEC)["pod"]["uid"]
+                with pytest.raises(Conflict):
+                    c.set_status(name, "not-" + uid, {"phase": "Failed"})
+                c.set_status(name, uid, {"phase": "Running", "n": i}, generation=1)
+        finally:
+            c.close()
+
+    try:
+        assert sub.poll(5000), "no heartbeat within 5 s"  # the subscription has landed
+        sub.recv_multipart()
+        with futures.ThreadPoolExecutor(8) as pool:
+            for done in [pool.submit(work, k) for k in range(8)]:
+                done.result()
+        pods = client.list()
+        assert len(pods) == 320
+        assert all(p["version"] == 2 and p["status"]["phase"] == "Running" for p in pods)
+        assert client.snapshot()["seq"] == 640
+        seqs: list[int] = []
+        while len(seqs) < 640:
+            assert sub.poll(5000), f"only {len(seqs)} events of 640"
+            ev = ipc.decode_event(sub.recv_multipart())
+            if ev.topic != "hb":
+                seqs.append(ev.seq)
+        assert seqs == list(range(1, 641))
+    finally:
+        sub.close(linger=0)
+
+
+def test_every_acknowledged_write_survives_kill_9_amid_concurrent_writes(memory: Memory,
+                                                                          client: MemoryClient) -> None:
+    proc = memory.start()
+    acked: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def work(k: int) -> None:
+        c = MemoryClient(memory.config(), timeout=0.5, retries=0)
+        try:
+            for i in itertools.count():
+                if stop.is_set():
+                    return
+                try:
+                    c.apply(f"k{k}-{i}", SPEC)
+                except Unavailable:
+                    return
+                with lock:
+                    acked.append(f"k{k}-{i}")
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: len(acked) >= 300, what="300 acknowledged writes")
+        memory.kill9(proc)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    memory.start()
+    stored = {p["name"] for p in client.list()}
+    assert set(acked) <= stored and len(acked) >= 300
 
 
 def test_a_retried_request_is_answered_not_applied_twice(memory: Memory, client: MemoryClient) -> None:

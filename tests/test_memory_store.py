@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import stat
@@ -280,3 +281,143 @@ def test_a_failed_write_is_not_remembered(store: Store) -> None:
         store.set_desired("web", "stopped", request_id="r1")
     store.apply("web", SPEC)
     assert store.set_desired("web", "stopped", request_id="r1").result["desired"] == "stopped"
+
+
+# -- the indexes an apply reads instead of every pod (schema 3) -------------------------------
+
+def web(workload: str, *ports: tuple[str, int]) -> dict[str, Any]:
+    return {"workload": workload, "containers": [{"name": "app"}],
+            "ports": [{"protocol": p, "port": n, "target_port": 80} for p, n in ports]}
+
+
+def names(records: list[dict[str, Any]]) -> list[str]:
+    return [r["name"] for r in records]
+
+
+def test_query_returns_the_named_the_workload_and_the_port_holders_once(store: Store) -> None:
+    store.apply("a-0", web("a", ("TCP", 8080)))
+    store.apply("a-1", web("a", ("TCP", 8080)))
+    store.apply("b", web("b", ("TCP", 9090), ("UDP", 53)))
+    store.apply("c", web("c", ("UDP", 9090)))
+    store.apply("d", web("d"))
+    store.set_desired("b", "deleted")   # a pod being deleted still holds its port until removed
+    assert names(store.query(["d", "zz"], "a", [["TCP", 9090]])) == ["a-0", "a-1", "b", "d"]
+    assert names(store.query([], None, [["UDP", 9090], ["UDP", 53]])) == ["b", "c"]
+    assert store.query(["a-0"], "a", [["TCP", 8080]]) == store.list(workload="a")
+    assert store.query([], "nothing", [["TCP", 1]]) == []
+
+
+def test_the_port_index_follows_the_spec_and_forgets_a_removed_pod(store: Store) -> None:
+    pod = store.apply("web", web("web", ("TCP", 8080))).result["pod"]
+    store.set_status("web", pod["uid"], {"phase": "Running"})     # a status keeps the claim
+    assert names(store.query([], None, [["TCP", 8080]])) == ["web"]
+    store.apply("web", web("web", ("TCP", 8081)))                  # a new spec moves it
+    assert store.query([], None, [["TCP", 8080]]) == []
+    assert store.claimed(1, 65535) == [("TCP", 8081)]
+    gone = store.set_desired("web", "deleted").result
+    store.remove("web", gone["uid"], gone["generation"])
+    assert store.claimed(1, 65535) == [] and store.list(workload="web") == []
+
+
+def test_claimed_lists_the_ports_of_a_range(store: Store) -> None:
+    store.apply("a", web("a", ("TCP", 30000), ("UDP", 30000), ("TCP", 40000)))
+    store.apply("b", web("b", ("TCP", 30000), ("TCP", 29999)))
+    assert store.claimed(30000, 32767) == [("TCP", 30000), ("UDP", 30000)]
+
+
+def test_find_answers_by_uid(store: Store) -> None:
+    uid = store.apply("web", SPEC, uid="u-1").result["pod"]["uid"]
+    assert store.find(uid)["name"] == "web"
+    with pytest.raises(NotFound) as exc:
+        store.find("u-2")
+    assert exc.value.field == "uid"
+
+
+def test_list_pages_by_name_and_filters_by_workload(store: Store) -> None:
+    for name in ("e", "a", "d", "b", "c"):
+        store.apply(name, web("odd" if name in "ace" else "even"))
+    assert names(store.list(limit=2)) == ["a", "b"]
+    assert names(store.list(after="b", limit=2)) == ["c", "d"]
+    assert names(store.list(after="d", limit=2)) == ["e"]
+    assert names(store.list(after="a", workload="odd")) == ["c", "e"]
+    assert names(store.list()) == ["a", "b", "c", "d", "e"]
+
+
+@pytest.mark.parametrize(("call", "field"), [
+    (lambda s: s.list(limit=0), "args.limit"),
+    (lambda s: s.list(limit=True), "args.limit"),
+    (lambda s: s.list(limit=10**6), "args.limit"),
+    (lambda s: s.list(after="Not A Name"), "args.after"),
+    (lambda s: s.list(workload=5), "args.workload"),
+    (lambda s: s.query("web"), "args.names"),
+    (lambda s: s.query(["ok", "Bad"]), "args.names[1]"),
+    (lambda s: s.query(["x"] * 5000), "args.names"),
+    (lambda s: s.query([], "w", [["TCP", 0]]), "args.ports[0]"),
+    (lambda s: s.query([], "w", [["TCP", 80], "TCP/80"]), "args.ports[1]"),
+    (lambda s: s.query([], ["w"]), "args.workload"),
+    (lambda s: s.claimed(0, 10), "args.low"),
+    (lambda s: s.claimed(10, "20"), "args.high"),
+    (lambda s: s.find(""), "args.uid"),
+])
+def test_bad_query_arguments_name_their_field(store: Store, call: Any, field: str) -> None:
+    with pytest.raises(InvalidArgument) as exc:
+        call(store)
+    assert exc.value.field == field
+
+
+def test_a_schema_2_database_gains_its_indexes(tmp_path: Path) -> None:
+    path = str(tmp_path / "riklet.db")
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE pods (name TEXT PRIMARY KEY, uid TEXT NOT NULL, version INTEGER NOT NULL,
+            desired TEXT NOT NULL, spec TEXT NOT NULL, status TEXT NOT NULL,
+            created_at REAL NOT NULL, updated_at REAL NOT NULL, generation INTEGER NOT NULL DEFAULT 1);
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE requests (id TEXT PRIMARY KEY, op TEXT NOT NULL, result TEXT NOT NULL, at REAL NOT NULL);
+        INSERT INTO meta VALUES ('seq', '7'), ('epoch', 'e1');
+        PRAGMA user_version=2;""")
+    db.execute("INSERT INTO pods VALUES ('web-0', 'u1', 3, 'running', ?, '{}', 1.0, 2.0, 4)",
+               (json.dumps(web("web", ("TCP", 8080))),))
+    db.execute("INSERT INTO pods VALUES ('odd', 'u2', 1, 'running', ?, '{}', 1.0, 2.0, 1)",
+               (json.dumps({"workload": 5, "ports": "junk"}),))   # memory stores what it is given
+    db.commit()
+    db.close()
+    s = Store(path)
+    try:
+        assert names(s.query([], "web", [])) == ["web-0"]
+        assert names(s.query([], None, [["TCP", 8080]])) == ["web-0"]
+        assert s.get("web-0")["generation"] == 4 and s.seq == 7 and s.epoch == "e1"
+        assert names(s.query(["odd"], None, [])) == ["odd"]
+        s.apply("web-0", web("web", ("TCP", 8081)))
+        assert s.claimed(1, 65535) == [("TCP", 8081)]
+    finally:
+        s.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    db.close()
+
+
+def test_an_encoded_list_carries_the_stored_documents_as_text(store: Store) -> None:
+    store.apply("web", web("shop", ("TCP", 8080)))
+    [plain], [encoded] = store.list(), store.list(encoded=True)
+    assert json.loads(encoded.pop("spec_json")) == plain.pop("spec")
+    assert json.loads(encoded.pop("status_json")) == plain.pop("status")
+    assert encoded.pop("workload") == "shop" and encoded == plain
+    with pytest.raises(InvalidArgument) as exc:
+        store.list(encoded="yes")
+    assert exc.value.field == "args.encoded"
+
+
+def test_stamps_page_like_list_and_names_pick_records(store: Store) -> None:
+    for name in ("c", "a", "b"):
+        store.apply(name, web("w" if name != "b" else "v"))
+    uid = store.get("a")["uid"]
+    store.set_status("a", uid, {"phase": "Running"})
+    assert store.stamps() == [("a", uid, 2), ("b", store.get("b")["uid"], 1), ("c", store.get("c")["uid"], 1)]
+    assert [s[0] for s in store.stamps(after="a", limit=1)] == ["b"]
+    assert [s[0] for s in store.stamps(workload="w")] == ["a", "c"]
+    assert names(store.list(names=["c", "a", "zz"])) == ["a", "c"]
+    assert store.list(names=[]) == []
+    with pytest.raises(InvalidArgument) as exc:
+        store.list(names=["a", "B"])
+    assert exc.value.field == "args.names[1]"

@@ -2,6 +2,10 @@
 socket that publishes every committed change plus a heartbeat carrying the current sequence
 number, so that subscribers notice the events they missed (PUB/SUB drops silently).
 
+The requests waiting at once are answered with one commit (group commit): one fsync makes all
+their writes durable, each write still succeeds or fails alone, and no reply or event leaves
+before that commit.
+
 Ops (each declares its arguments; an unknown one is rejected naming ``args.<key>``)::
 
     pod.apply       {name, spec, uid?}                   -> {"pod": record, "changed": bool}
@@ -11,7 +15,11 @@ Ops (each declares its arguments; an unknown one is rejected naming ``args.<key>
 
 ``uid`` and ``generation`` fence a write to the record the caller read (see the store).
     pod.get         {name}                               -> record
-    pod.list        {}                                   -> [record]
+    pod.list        {after?, limit?, workload?, encoded?, names?} -> [record] by name (a page)
+    pod.stamps      {after?, limit?, workload?}          -> [[name, uid, version]] (a page)
+    pod.query       {names, workload?, ports?}           -> [record] named, of workload, claiming a port
+    pod.claimed     {low, high}                          -> [[protocol, port]] claimed in the range
+    pod.find        {uid}                                -> record
     snapshot        {}                                   -> {"seq", "epoch", "pods"}
 """
 
@@ -34,7 +42,7 @@ import zmq
 from common import ipc
 from common.config import Config
 from common.errors import InvalidArgument, Unavailable, excerpt
-from common.zmqutil import ipc_path, make_run_dir, prepare_ipc_bind, route_one
+from common.zmqutil import ipc_path, make_run_dir, prepare_ipc_bind, serve_request
 from services.memory.store import Change, Store
 
 log = logging.getLogger(__name__)
@@ -44,6 +52,8 @@ HB_TOPIC = "hb"
 # Frames are checked against ipc.MAX_FRAME_BYTES after receipt (with an error reply naming the
 # frame); this cap only stops a runaway peer from making us buffer without bound.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Requests answered with one commit at most: bounds the replies and events held back meanwhile.
+MAX_BATCH = 64
 
 Run = Callable[[Store, dict[str, Any], str], Any]
 
@@ -68,7 +78,15 @@ OPS: dict[str, Op] = {
     "pod.remove": Op(("name", "uid", "generation"), (),
                      lambda s, a, rid: s.remove(a["name"], a["uid"], a["generation"], request_id=rid)),
     "pod.get": Op(("name",), (), lambda s, a, rid: s.get(a["name"])),
-    "pod.list": Op((), (), lambda s, a, rid: s.list()),
+    "pod.list": Op((), ("after", "limit", "workload", "encoded", "names"),
+                   lambda s, a, rid: s.list(a.get("after"), a.get("limit"), a.get("workload"),
+                                            a.get("encoded", False), a.get("names"))),
+    "pod.stamps": Op((), ("after", "limit", "workload"),
+                     lambda s, a, rid: s.stamps(a.get("after"), a.get("limit"), a.get("workload"))),
+    "pod.query": Op(("names",), ("workload", "ports"),
+                    lambda s, a, rid: s.query(a["names"], a.get("workload"), a.get("ports", []))),
+    "pod.claimed": Op(("low", "high"), (), lambda s, a, rid: s.claimed(a["low"], a["high"])),
+    "pod.find": Op(("uid",), (), lambda s, a, rid: s.find(a["uid"])),
     "snapshot": Op((), (), lambda s, a, rid: s.snapshot()),
 }
 
@@ -131,6 +149,7 @@ class MemoryServer:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._stopping = False
+        self._outbox: list[ipc.Event] = []
         log.info("memory serving", extra={"endpoint": cfg.memory_endpoint, "db": self.store.path,
                                           "seq": self.store.seq, "epoch": self.store.epoch})
 
@@ -148,8 +167,7 @@ class MemoryServer:
         out = op.run(self.store, req.args, request_key(req))
         if not isinstance(out, Change):
             return out
-        for ev in out.events:  # the transaction has committed: now the world may know
-            self._pub.send_multipart(ipc.encode_event(ev))
+        self._outbox.extend(out.events)  # published once the batch has committed
         return out.result
 
     def heartbeat(self) -> None:
@@ -180,12 +198,42 @@ class MemoryServer:
                 self._drain_wake()
 
     def _route(self) -> None:
+        """Answer every request waiting now (up to MAX_BATCH) with one commit: their writes
+        share one fsync (group commit). Replies and events go out only once it has committed;
+        if it fails, nothing is answered and the clients' retries (same ids) write again."""
+        messages: list[list[bytes]] = []
+        while len(messages) < MAX_BATCH:
+            try:
+                messages.append(self._router.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        self._outbox = []
         try:
-            route_one(self._router, self.handle)
+            with self.store.batch():
+                replies = [self._answer(msg) for msg in messages]
+        except Exception:
+            log.exception("a commit failed: its requests stay unanswered", extra={"requests": len(messages)})
+            return
+        for ev in self._outbox:  # committed: now the world may know
+            self._pub.send_multipart(ipc.encode_event(ev))
+        for reply in replies:
+            if reply is not None:
+                self._router.send_multipart(reply)
+
+    def _answer(self, msg: list[bytes]) -> list[bytes] | None:
+        """The reply frames to one routed message (None: no answer)."""
+        if len(msg) < 2:
+            return None  # nothing but an identity: not even worth an answer
+        ident, frames = msg[0], msg[1:]
+        try:
+            if frames[0] == b"":  # REQ peers put an empty delimiter first
+                return [ident, b"", *serve_request(self.handle, frames[1:])]
+            return [ident, *serve_request(self.handle, frames)]
         except RecursionError:
             # ipc's JSON decoding lets a deeply nested frame escape as RecursionError; the
             # sender gets no answer but the service lives on.
             log.warning("dropped a request nested too deeply to decode")
+            return None
 
     def _drain_wake(self) -> None:
         with contextlib.suppress(BlockingIOError):

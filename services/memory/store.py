@@ -3,7 +3,8 @@
 The store is the only owner of state. Each write is one transaction that also advances the
 event sequence number (``meta.seq``), so the events a write returns carry exactly the numbers
 that a later snapshot reports. ``synchronous=FULL`` with WAL: once a write has returned, a
-``kill -9`` (or a power cut) loses nothing.
+``kill -9`` (or a power cut) loses nothing. The server may run the requests waiting at once in
+one :meth:`Store.batch` (group commit: one fsync for them all, each write still on its own).
 
 Writes may carry a request key (the server derives it from the IPC request id, op and args).
 It is remembered, in the same transaction, together with the result, so that a client retrying
@@ -36,7 +37,7 @@ from common.ipc import Event
 from common.pod import Phase
 
 DB_NAME = "riklet.db"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MAX_DOC_BYTES = 256 * 1024
 DESIRED = ("running", "stopped", "deleted")
 # Longer than any client's total patience (MemoryClient gives up after ~10 s).
@@ -45,17 +46,32 @@ DEDUPE_WINDOW = 120.0
 _NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 # Documents are stored as canonical JSON TEXT: a column declared JSON would get NUMERIC affinity.
-_SCHEMA = """
+# ``workload`` and ``host_ports`` are indexes of the spec, written in the same transaction as
+# the pod row, so that an apply asks for the few records it needs instead of reading them all.
+_TABLES = """
 CREATE TABLE IF NOT EXISTS pods (
     name TEXT PRIMARY KEY, uid TEXT NOT NULL, version INTEGER NOT NULL, desired TEXT NOT NULL,
     spec TEXT NOT NULL, status TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL,
-    generation INTEGER NOT NULL DEFAULT 1);
+    generation INTEGER NOT NULL DEFAULT 1, workload TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS host_ports (
+    protocol TEXT NOT NULL, port INTEGER NOT NULL, name TEXT NOT NULL,
+    PRIMARY KEY (protocol, port, name)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS requests (
     id TEXT PRIMARY KEY, op TEXT NOT NULL, result TEXT NOT NULL, at REAL NOT NULL);
+"""
+# After the migrations: an index cannot name a column an old table does not have yet.
+_INDEXES = """
 CREATE INDEX IF NOT EXISTS requests_at ON requests (at);
+CREATE INDEX IF NOT EXISTS pods_workload ON pods (workload, name);
+CREATE INDEX IF NOT EXISTS pods_uid ON pods (uid);
+CREATE INDEX IF NOT EXISTS host_ports_name ON host_ports (name);
+CREATE INDEX IF NOT EXISTS host_ports_port ON host_ports (port);
 """
 _COLUMNS = "name, uid, version, desired, spec, status, created_at, updated_at, generation"
+# Bounds on one query's arguments (an apply names at most its replicas and its ports).
+MAX_QUERY_ITEMS = 4096
+MAX_PAGE = 5000
 
 Emit = list[tuple[str, dict[str, Any]]]
 
@@ -107,10 +123,55 @@ def check_version(value: object, field: str = "args.expect_version") -> int:
     return value
 
 
+def check_items(value: object, field: str) -> list[Any]:
+    if not isinstance(value, list | tuple) or len(value) > MAX_QUERY_ITEMS:
+        raise InvalidArgument(f"must be a list of at most {MAX_QUERY_ITEMS} items", field)
+    return list(value)
+
+
+def check_workload(value: object, field: str = "args.workload") -> str:
+    if not isinstance(value, str) or len(value) > 253:
+        raise InvalidArgument("must be a string of at most 253 characters", field)
+    return value
+
+
+def check_port_key(value: object, field: str) -> tuple[str, int]:
+    """A host port as ``[protocol, port]``."""
+    if (not isinstance(value, list | tuple) or len(value) != 2 or not isinstance(value[0], str)
+            or len(value[0]) > 16 or isinstance(value[1], bool) or not isinstance(value[1], int)
+            or not 0 < value[1] < 65536):
+        raise InvalidArgument("must be [protocol, port] with a port in 1-65535", field)
+    return value[0], value[1]
+
+
+def claims(spec: dict[str, Any]) -> set[tuple[str, int]]:
+    """The host ports a stored spec claims: model.host_ports, tolerant of any JSON object
+    (memory stores what it is given; the manager validated it)."""
+    ports = spec.get("ports")
+    out: set[tuple[str, int]] = set()
+    for p in ports if isinstance(ports, list) else ():
+        if isinstance(p, dict) and isinstance(p.get("protocol"), str) and p.get("port") \
+                and isinstance(p["port"], int) and not isinstance(p["port"], bool):
+            out.add((p["protocol"], p["port"]))
+    return out
+
+
+def workload_of(spec: dict[str, Any]) -> str:
+    value = spec.get("workload")
+    return value if isinstance(value, str) else ""
+
+
 def _record(row: tuple[Any, ...]) -> dict[str, Any]:
     name, uid, version, desired, spec, status, created_at, updated_at, generation = row
     return {"name": name, "uid": uid, "version": version, "generation": generation,
             "desired": desired, "spec": json.loads(spec), "status": json.loads(status),
+            "created_at": created_at, "updated_at": updated_at}
+
+
+def _encoded(row: tuple[Any, ...]) -> dict[str, Any]:
+    name, uid, version, desired, spec, status, created_at, updated_at, generation, workload = row
+    return {"name": name, "uid": uid, "version": version, "generation": generation,
+            "desired": desired, "spec_json": spec, "status_json": status, "workload": workload,
             "created_at": created_at, "updated_at": updated_at}
 
 
@@ -139,14 +200,32 @@ class Store:
             have = self._db.execute("PRAGMA user_version").fetchone()[0]
             if have > SCHEMA_VERSION:
                 raise Internal(f"{path}: schema {have} is newer than this riklet ({SCHEMA_VERSION})")
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    self._db.execute(statement)
+            self._script(_TABLES)
             if have == 1:  # schema 1 had no generation: every record starts at 1
                 self._db.execute("ALTER TABLE pods ADD COLUMN generation INTEGER NOT NULL DEFAULT 1")
+            if 0 < have < 3:  # schemas 1 and 2 had no indexes of the spec: build them
+                self._db.execute("ALTER TABLE pods ADD COLUMN workload TEXT NOT NULL DEFAULT ''")
+                self._reindex()
+            self._script(_INDEXES)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('seq', '0'), ('epoch', ?)",
                              (uuid.uuid4().hex,))
+
+    def _script(self, script: str) -> None:
+        for statement in script.split(";"):
+            if statement.strip():
+                self._db.execute(statement)
+
+    def _reindex(self) -> None:
+        for name, spec_text in self._db.execute("SELECT name, spec FROM pods").fetchall():
+            self._index(name, json.loads(spec_text))
+
+    def _index(self, name: str, spec: dict[str, Any]) -> None:
+        """The spec's index entries, rewritten with it."""
+        self._db.execute("UPDATE pods SET workload = ? WHERE name = ?", (workload_of(spec), name))
+        self._db.execute("DELETE FROM host_ports WHERE name = ?", (name,))
+        self._db.executemany("INSERT INTO host_ports VALUES (?, ?, ?)",
+                             [(proto, port, name) for proto, port in claims(spec)])
 
     @classmethod
     def open(cls, state_dir: str) -> Store:
@@ -161,6 +240,16 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[None]:
+        if self._db.in_transaction:  # inside batch(): this write still succeeds or fails alone
+            self._db.execute("SAVEPOINT one")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK TO one")
+                self._db.execute("RELEASE one")
+                raise
+            self._db.execute("RELEASE one")
+            return
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -168,6 +257,21 @@ class Store:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group commit: the writes made inside share one transaction, so that one commit (one
+        fsync) makes them all durable, while each still succeeds or fails alone (a savepoint).
+        The caller acknowledges none of them, nor publishes their events, before this returns;
+        if it raises, none of them happened."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
 
     def _meta(self, key: str) -> str:
         return str(self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
@@ -190,17 +294,20 @@ class Store:
             raise NotFound(f"no pod named {name!r}", "name")
         return rec
 
-    def _put(self, rec: dict[str, Any]) -> None:
+    def _put(self, rec: dict[str, Any], new_spec: bool = True) -> None:
         self._db.execute(
-            f"INSERT OR REPLACE INTO pods ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT OR REPLACE INTO pods ({_COLUMNS}, workload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (rec["name"], rec["uid"], rec["version"], rec["desired"], canonical(rec["spec"], "spec"),
-             canonical(rec["status"], "status"), rec["created_at"], rec["updated_at"], rec["generation"]))
+             canonical(rec["status"], "status"), rec["created_at"], rec["updated_at"], rec["generation"],
+             workload_of(rec["spec"])))
+        if new_spec:  # a status or desired-state write leaves the spec's ports as they were
+            self._index(rec["name"], rec["spec"])
 
     def _bumped(self, rec: dict[str, Any], wanted: bool = False, **changes: Any) -> dict[str, Any]:
         """Write ``changes``; ``wanted``: they change what is wanted of the pod (a new generation)."""
         new = {**rec, **changes, "version": rec["version"] + 1, "updated_at": self._clock(),
                "generation": rec["generation"] + (1 if wanted else 0)}
-        self._put(new)
+        self._put(new, new_spec="spec" in changes)
         return new
 
     def _write(self, op: str, request_id: str | None, body: Callable[[], tuple[Any, Emit]]) -> Change:
@@ -302,6 +409,7 @@ class Store:
             if cur["desired"] != "deleted":
                 raise Conflict(f"pod {name!r} is wanted {cur['desired']}, not deleted", "desired")
             self._db.execute("DELETE FROM pods WHERE name = ?", (name,))
+            self._db.execute("DELETE FROM host_ports WHERE name = ?", (name,))
             return None, [(f"pod.{name}.removed", {"kind": "removed", "name": name, "uid": uid})]
 
         return self._write("pod.remove", request_id, body)
@@ -311,8 +419,84 @@ class Store:
     def get(self, name: str) -> dict[str, Any]:
         return self._existing(check_name(name))
 
-    def list(self) -> list[dict[str, Any]]:
-        return [_record(row) for row in self._db.execute(f"SELECT {_COLUMNS} FROM pods ORDER BY name")]
+    def query(self, names: object, workload: object = None, ports: object = ()) -> list[dict[str, Any]]:
+        """What an apply needs to see, by index: the pods named, the pods of ``workload``, and
+        the pods claiming any of ``ports`` (``[protocol, port]``, whatever their desired state),
+        each once, in name order."""
+        wanted = {check_name(n, f"args.names[{i}]") for i, n in enumerate(check_items(names, "args.names"))}
+        keys = [check_port_key(p, f"args.ports[{i}]") for i, p in enumerate(check_items(ports, "args.ports"))]
+        workload = None if workload is None else check_workload(workload)
+        for proto, port in keys:
+            wanted.update(n for (n,) in self._db.execute(
+                "SELECT name FROM host_ports WHERE protocol = ? AND port = ?", (proto, port)))
+        found: dict[str, dict[str, Any]] = {}
+        if workload:
+            found.update((r["name"], r) for r in self.list(workload=workload))
+        for name in sorted(wanted - found.keys()):
+            rec = self._row(name)
+            if rec is not None:
+                found[name] = rec
+        return [found[n] for n in sorted(found)]
+
+    def claimed(self, low: object, high: object) -> list[tuple[str, int]]:
+        """Every (protocol, port) some pod claims between ``low`` and ``high`` inclusive."""
+        for value, field in ((low, "args.low"), (high, "args.high")):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+                raise InvalidArgument("must be a port number in 1-65535", field)
+        return [(p, n) for p, n in self._db.execute(
+            "SELECT DISTINCT protocol, port FROM host_ports WHERE port BETWEEN ? AND ? "
+            "ORDER BY port, protocol", (low, high))]
+
+    def find(self, uid: object) -> dict[str, Any]:
+        """A pod by its uid."""
+        uid = check_uid(uid, "args.uid")
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM pods WHERE uid = ?", (uid,)).fetchone()
+        if row is None:
+            raise NotFound(f"no pod with uid {uid[:64]!r}", "uid")
+        return _record(row)
+
+    def _page(self, columns: str, after: object, limit: object, workload: object,
+              names: object = None) -> sqlite3.Cursor:
+        """Rows in name order: after ``after``, at most ``limit``, of ``workload``, among ``names``."""
+        where, params = [], []
+        if after is not None:
+            where.append("name > ?")
+            params.append(check_name(after, "args.after"))
+        if workload is not None:
+            where.append("workload = ?")
+            params.append(check_workload(workload))
+        if names is not None:
+            wanted = [check_name(n, f"args.names[{i}]")
+                      for i, n in enumerate(check_items(names, "args.names"))]
+            where.append(f"name IN ({', '.join('?' * len(wanted))})")
+            params.extend(wanted)
+        sql = f"SELECT {columns} FROM pods"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY name"
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= MAX_PAGE:
+                raise InvalidArgument(f"must be an integer in 1-{MAX_PAGE}", "args.limit")
+            sql += f" LIMIT {limit}"
+        return self._db.execute(sql, params)
+
+    def stamps(self, after: object = None, limit: object = None,
+               workload: object = None) -> list[tuple[str, str, int]]:
+        """A page of pods as (name, uid, version) only: a reader holding the records it saw
+        fetches just those that changed (``list(names=...)``)."""
+        return [tuple(row) for row in self._page("name, uid, version", after, limit, workload)]
+
+    def list(self, after: object = None, limit: object = None, workload: object = None,
+             encoded: object = False, names: object = None) -> list[dict[str, Any]]:
+        """Pods in name order: all of them, or a page (names after ``after``, at most ``limit``),
+        optionally only ``workload``'s, or only those of ``names``. ``encoded``: each record
+        carries its spec and status as the stored JSON text (``spec_json``, ``status_json``) and
+        its ``workload``, the form the Node API's List sends on: no document is decoded and
+        encoded again on the way."""
+        if not isinstance(encoded, bool):
+            raise InvalidArgument("must be true or false", "args.encoded")
+        rows = self._page(f"{_COLUMNS}, workload", after, limit, workload, names)
+        return [_encoded(row) for row in rows] if encoded else [_record(row[:-1]) for row in rows]
 
     def snapshot(self) -> dict[str, Any]:
         with self._tx():  # one consistent read: seq matches the pods exactly

@@ -25,7 +25,7 @@ from common.model import Workload, dns_label, load_manifest, parse_workload
 from common.pb import node_pb2 as pb
 from common.pb import node_pb2_grpc as pb_grpc
 from common.policy import Policy
-from common.ports import check_ports
+from common.ports import ApplyView, check_ports
 from common.rik import instance_id_of
 from common.zmqutil import RequestClient
 
@@ -50,12 +50,23 @@ _GRPC_CODES = {
 # instead of the real code. 2 KiB encodes to at most 6 KiB.
 MAX_GRPC_MESSAGE_BYTES = 2048
 
+# A List reply holds at most this many pods (the client pages on); an unpaged List reads
+# memory in pages of MEMORY_PAGE so that no IPC frame grows with the node.
+MAX_LIST_PAGE = 1000
+MEMORY_PAGE = 500
+
 T = TypeVar("T")
 
 
 def pod_message(record: Mapping[str, Any]) -> pb.Pod:
-    status = record.get("status") or {}
-    spec = record.get("spec") or {}
+    """A record as the API shows it; memory's ``encoded`` form (List) keeps the documents as the
+    JSON text memory stored, so the spec is never decoded nor encoded again."""
+    if "status_json" in record:
+        status_json, spec_json, workload = record["status_json"], record["spec_json"], record["workload"]
+        status = json.loads(status_json)
+    else:
+        status, spec = record.get("status") or {}, record.get("spec") or {}
+        status_json, spec_json, workload = json.dumps(status), json.dumps(spec), spec.get("workload", "")
     containers = []
     for c in status.get("containers") or []:
         code = c.get("exitCode")
@@ -68,13 +79,38 @@ def pod_message(record: Mapping[str, Any]) -> pb.Pod:
                              address=e.get("address", ""), port=int(e.get("port") or 0))
                  for e in status.get("endpoints") or []]
     return pb.Pod(
-        name=record["name"], uid=record.get("uid", ""), workload=spec.get("workload", ""),
+        name=record["name"], uid=record.get("uid", ""), workload=workload,
         phase=status.get("phase", ""), reason=status.get("reason") or "",
         message=status.get("message") or "", desired=record.get("desired", ""),
         version=int(record.get("version", 0)), generation=int(record.get("generation", 0)),
         created_at=float(record.get("created_at", 0)),
         restart_count=int(status.get("restartCount") or 0), containers=containers,
-        endpoints=endpoints, spec_json=json.dumps(spec), status_json=json.dumps(status))
+        endpoints=endpoints, spec_json=spec_json, status_json=status_json)
+
+
+class PodMessages:
+    """The API message of each pod at its (uid, version), so that a List converts and fetches
+    only the pods that changed since the one before (the conversion is most of a List's cost).
+    Bounded: the oldest entries go beyond ``limit`` (pods long removed, or past a node's worth)."""
+
+    def __init__(self, limit: int = 10000) -> None:
+        self._limit = limit
+        self._messages: dict[str, tuple[tuple[str, int], pb.Pod]] = {}
+        self._lock = threading.Lock()
+
+    def cached(self, name: str, uid: str, version: int) -> pb.Pod | None:
+        with self._lock:
+            hit = self._messages.get(name)
+        return hit[1] if hit is not None and hit[0] == (uid, version) else None
+
+    def put(self, record: Mapping[str, Any]) -> pb.Pod:
+        message = pod_message(record)
+        with self._lock:
+            self._messages.pop(record["name"], None)  # re-inserted last: the newest
+            self._messages[record["name"]] = ((record["uid"], record["version"]), message)
+            while len(self._messages) > self._limit:
+                del self._messages[next(iter(self._messages))]
+        return message
 
 
 MAX_IMPORT = 16 << 30
@@ -85,6 +121,14 @@ def _image_ref(value: str) -> str:
     if not text or len(text) > 512 or any(ch.isspace() or ord(ch) < 32 for ch in text):
         raise InvalidArgument("expected an image reference like registry:5000/name:tag", "image")
     return text
+
+
+def _continue_from(token: str) -> str:
+    """The pod name a continue token carries (a page starts after it)."""
+    try:
+        return dns_label(token, "continue_token")
+    except InvalidArgument:
+        raise InvalidArgument("not a continue token a List reply gave", "continue_token") from None
 
 
 class NodeService(pb_grpc.NodeServicer):
@@ -102,6 +146,7 @@ class NodeService(pb_grpc.NodeServicer):
         self.poke = poke
         # Port checks and writes must not interleave (shared with the RIK scheduler link).
         self.apply_lock = threading.Lock()
+        self._messages = PodMessages()
         self._watchers: list[queue.Queue[tuple[str, dict[str, Any]] | None]] = []
         self._watch_lock = threading.Lock()
 
@@ -132,45 +177,55 @@ class NodeService(pb_grpc.NodeServicer):
     # -- the core both APIs share (the CHaS HTTP API is a thin adapter over these) -----------
 
     def apply_document(self, document: Mapping[str, Any],
-                       prepare: Callable[[Workload, list[dict[str, Any]]], Workload] | None = None
+                       prepare: Callable[[Workload, ApplyView], Workload] | None = None
                        ) -> list[tuple[dict[str, Any], bool]]:
         """Validate a workload document, check it against the node's policy and the ports in
         use, and write its pods' desired state; returns (record, changed) per pod.
 
-        ``prepare`` may rewrite the parsed workload under the apply lock, seeing the pods in
-        memory (the CHaS API allocates host ports there)."""
+        ``prepare`` may rewrite the parsed workload under the apply lock, seeing the pods it
+        names, the pods of its workload and memory's claimed ports (the CHaS API allocates host
+        ports there). Only those records are read: the cost does not grow with the node's pods."""
         workload = parse_workload(document, self.grace_default)
         with self.apply_lock:
-            current = self.memory.list()
+            current = ApplyView(self.memory, workload)
             if prepare is not None:
                 workload = prepare(workload, current)
+                current = ApplyView(self.memory, workload)  # the ports it chose have holders too
             for _, spec in workload.pods:
                 self.policy.check(spec)
             check_ports(workload, current)
             records, changed = [], []
             for name, spec in workload.pods:
-                existing = next((p for p in current if p["name"] == name), None)
-                if existing is not None and instance_id_of(existing):
-                    raise Conflict(f"pod {name} is instance {instance_id_of(existing)} of the RIK "
-                                   "scheduler", "name")
-                if existing is not None and existing["spec"].get("workload") != workload.name:
-                    raise Conflict(f"pod {name} belongs to workload "
-                                   f"{existing['spec'].get('workload')}", "name")
+                self._check_owner(current.get(name), name, workload.name)
                 result = self.memory.apply(name, spec)
                 records.append(result["pod"])
                 changed.append(bool(result.get("changed", True)))
-            wanted = {n for n, _ in workload.pods}
-            for old in current:  # fewer replicas than before: the extra pods go
-                # (not the scheduler's instances of a workload of the same name: those are its own)
-                if old["spec"].get("workload") == workload.name and old["name"] not in wanted \
-                        and not instance_id_of(old):
-                    with contextlib.suppress(NotFound):  # already gone: what was wanted
-                        self.memory.set_desired(old["name"], "deleted", uid=old["uid"],
-                                                generation=old["generation"])
+            self._shrink(workload, current)
         for r in records:
             self.poke(r["name"])
         log.info("applied", extra={"workload": workload.name, "pods": [r["name"] for r in records]})
         return list(zip(records, changed, strict=True))
+
+    @staticmethod
+    def _check_owner(existing: dict[str, Any] | None, name: str, workload: str) -> None:
+        """A pod name already used by the RIK scheduler or by another workload stays theirs."""
+        if existing is not None and instance_id_of(existing):
+            raise Conflict(f"pod {name} is instance {instance_id_of(existing)} of the RIK "
+                           "scheduler", "name")
+        if existing is not None and existing["spec"].get("workload") != workload:
+            raise Conflict(f"pod {name} belongs to workload "
+                           f"{existing['spec'].get('workload')}", "name")
+
+    def _shrink(self, workload: Workload, current: ApplyView) -> None:
+        """Fewer replicas than before: the extra pods go (not the scheduler's instances of a
+        workload of the same name: those are its own; not those already going)."""
+        wanted = {n for n, _ in workload.pods}
+        for old in current:
+            if old["spec"].get("workload") == workload.name and old["name"] not in wanted \
+                    and not instance_id_of(old) and old.get("desired") != "deleted":
+                with contextlib.suppress(NotFound):  # already gone: what was wanted
+                    self.memory.set_desired(old["name"], "deleted", uid=old["uid"],
+                                            generation=old["generation"])
 
     def desire(self, name: str, desired: str) -> dict[str, Any]:
         """Set a pod's desired state (``running``, ``stopped``, ``deleted``); returns the record."""
@@ -196,12 +251,38 @@ class NodeService(pb_grpc.NodeServicer):
         return self._call(context, lambda: pod_message(self._record(request.name)))
 
     def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListResponse:
-        def run() -> pb.ListResponse:
-            pods = sorted(self.memory.list(), key=lambda p: p["name"])
-            if request.workload:
-                pods = [p for p in pods if p["spec"].get("workload") == request.workload]
-            return pb.ListResponse(pods=[pod_message(p) for p in pods])
-        return self._call(context, run)
+        return self._call(context, lambda: self._list(request))
+
+    def _list(self, request: pb.ListRequest) -> pb.ListResponse:
+        """Pods in name order, read from memory a page at a time (bounded IPC frames): first each
+        pod's (name, uid, version), then only the records not already converted. A pod name is
+        the continue token, so a page starts after it whatever changed meanwhile."""
+        after = _continue_from(request.continue_token) if request.continue_token else None
+        if len(request.workload) > 253:  # no workload has such a name
+            return pb.ListResponse()
+        workload = request.workload or None
+        if request.limit:
+            limit = min(request.limit, MAX_LIST_PAGE)
+            stamps = self.memory.stamps(after=after, limit=limit + 1, workload=workload)  # +1: more?
+            token = stamps[limit - 1][0] if len(stamps) > limit else ""
+            return pb.ListResponse(pods=self._pods(stamps[:limit]), continue_token=token)
+        pods = []
+        while True:
+            stamps = self.memory.stamps(after=after, limit=MEMORY_PAGE, workload=workload)
+            pods.extend(self._pods(stamps))
+            if len(stamps) < MEMORY_PAGE:
+                return pb.ListResponse(pods=pods)
+            after = stamps[-1][0]
+
+    def _pods(self, stamps: list[tuple[str, str, int]]) -> list[pb.Pod]:
+        """The messages of the pods stamped (name, uid, version), in that order: from the cache,
+        else read from memory (a pod removed since it was stamped is left out)."""
+        found = {name: self._messages.cached(name, uid, version) for name, uid, version in stamps}
+        missing = [name for name, message in found.items() if message is None]
+        if missing:
+            for record in self.memory.list(names=missing, encoded=True):
+                found[record["name"]] = self._messages.put(record)
+        return [message for message in found.values() if message is not None]
 
     def NodeInfo(self, request: pb.NodeInfoRequest, context: grpc.ServicerContext) -> pb.NodeInfoResponse:
         def run() -> pb.NodeInfoResponse:

@@ -13,6 +13,7 @@ Every other path needs ``Authorization: Bearer <token>``. Errors are always
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -29,10 +30,10 @@ import psutil
 
 from common import auth
 from common.errors import Conflict as ConflictError
-from common.errors import NotFound, RikletError, Unavailable
+from common.errors import InvalidArgument, NotFound, RikletError, Unavailable
 from common.model import Workload, host_ports
 from common.pod import Phase, phase_of
-from common.ports import bindable
+from common.ports import ApplyView, bindable
 from common.rik import instance_id_of
 from common.zmqutil import RequestClient
 from services.manager.chas.conn import (
@@ -137,11 +138,11 @@ class ChasApi:
         """A pod by uid, else by name."""
         if not container_id or len(container_id) > 253:
             raise NotFound("no such container", "container_id")
-        records = self.service.memory.list()
-        for wanted in ("uid", "name"):
-            for record in records:
-                if record.get(wanted) == container_id:
-                    return record
+        memory = self.service.memory
+        for lookup in (memory.find, memory.get):  # by index, never the whole list
+            with contextlib.suppress(NotFound, InvalidArgument):
+                record: dict[str, Any] = lookup(container_id)
+                return record
         raise NotFound(f"no container with id or name {short(container_id)}", "container_id")
 
     def deploy(self, request: DeployRequest) -> tuple[dict[str, Any], bool]:
@@ -149,7 +150,7 @@ class ChasApi:
         name answers the existing pod (created False)."""
         existing: list[bool] = []
 
-        def prepare(workload: Workload, current: list[dict[str, Any]]) -> Workload:
+        def prepare(workload: Workload, current: ApplyView) -> Workload:
             return self._prepare(request, workload, current, existing)
 
         try:
@@ -159,7 +160,7 @@ class ChasApi:
             raise
         return applied[0][0], not existing
 
-    def _prepare(self, request: DeployRequest, workload: Workload, current: list[dict[str, Any]],
+    def _prepare(self, request: DeployRequest, workload: Workload, current: ApplyView,
                  existing: list[bool]) -> Workload:
         """Under the apply lock: refuse names in use, answer a repeat, allocate host ports."""
         name = request.name
@@ -186,10 +187,7 @@ class ChasApi:
         pods = []
         for pod_name, spec in workload.pods:
             spec = copy.deepcopy(spec)
-            claimed: set[tuple[str, int]] = set()
-            for record in current:
-                claimed |= host_ports(record.get("spec") or {})
-            claimed |= host_ports(spec)
+            claimed = current.claimed(*self.host_ports) | host_ports(spec)
             for i, port in enumerate(spec.get("ports") or []):
                 if not port.get("port"):
                     port["port"] = self._allocate(port["protocol"], claimed, i)

@@ -27,7 +27,7 @@ from common.pb import rik_common_pb2 as cpb
 from common.pb import rik_worker_pb2 as wpb
 from common.pb import rik_worker_pb2_grpc as wpb_grpc
 from common.policy import Policy
-from common.ports import check_ports
+from common.ports import ApplyView, check_ports
 from common.rik import CHANNEL_OPTIONS, Backoff, StatusSender, describe, instance_id_of, pod_name_for
 from services.manager.rik import instances
 from services.manager.rik.instances import Report
@@ -179,8 +179,8 @@ class SchedulerLink:
     def _write(self, workload: Workload, instance_id: str) -> dict[str, Any]:
         name, spec = workload.pods[0]
         with self.write_lock:
-            current = self.memory.list()
-            existing = next((p for p in current if p["name"] == name), None)
+            current = ApplyView(self.memory, workload)  # by memory's indexes, not every pod
+            existing = current.get(name)
             if existing is not None and instance_id_of(existing) != instance_id:
                 raise Conflict(f"pod {name} exists on this node and is not this instance's", "instance_id")
             self.policy.check(spec)
