@@ -16,13 +16,14 @@ import platform
 import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypedDict
 
 import psutil
 
 from services.monitor import host
 from services.monitor.pods import CgroupOpener, PodSource, measure, open_cgroup_default
-from services.monitor.sampler import CpuSampler
+from services.monitor.sampler import CpuSampler, usage_percent
 
 log = logging.getLogger(__name__)
 
@@ -219,10 +220,63 @@ def _spec_limit(record: Mapping[str, Any], key: str) -> int | None:
 def pod_capacity(record: Mapping[str, Any], cgroup_limit: int | None,
                  node_cores: int, node_memory: int) -> tuple[float, int]:
     """(cores, bytes) the pod may use: the tightest of its spec, its cgroup and the node."""
-    millis = _spec_limit(record, "cpu_millis")
+    return _capacity(_spec_limit(record, "cpu_millis"), _spec_limit(record, "memory_bytes"),
+                     cgroup_limit, node_cores, node_memory)
+
+
+def _capacity(millis: int | None, spec_memory: int | None, cgroup_limit: int | None,
+              node_cores: int, node_memory: int) -> tuple[float, int]:
     cores = min(float(node_cores), millis / 1000.0) if millis else float(node_cores)
-    limits = [x for x in (cgroup_limit, _spec_limit(record, "memory_bytes")) if x and x > 0]
+    limits = [x for x in (cgroup_limit, spec_memory) if x and x > 0]
     return cores, min([node_memory, *limits])
+
+
+@dataclass(frozen=True)
+class PodFacts:
+    """What a pod's figures take from its record, worked out once per change of the record."""
+
+    app_id: str
+    state: str
+    created_at: int
+    restart_count: int
+    internal_ip: str
+    deployment: Deployment
+    cpu_millis: int | None          # the spec's limits, None when unlimited
+    memory_bytes: int | None
+
+
+@dataclass(frozen=True)
+class PodUsage:
+    """One pod's usage in a sampling pass."""
+
+    cores: float                    # CPU in use, in cores, since the previous reading
+    memory_used: int
+    memory_limit: int | None        # what its cgroup enforces, if anything
+
+
+def pod_facts(record: Mapping[str, Any]) -> PodFacts:
+    status = _dict(record.get("status"))
+    phase = status.get("phase")
+    state = phase.upper() if isinstance(phase, str) and phase else "UNKNOWN"
+    return PodFacts(str(record.get("name", "")), state, _int(record.get("created_at")), restart_count(status),
+                    str(status.get("internalIp") or ""), deployment(record),
+                    _spec_limit(record, "cpu_millis"), _spec_limit(record, "memory_bytes"))
+
+
+def pod_figures(facts: PodFacts, usage: PodUsage | None, node_id: str, node_cores: int,
+                node_memory: int) -> RealtimePod:
+    """A pod's figures from its facts and its last sampled usage; a pod not sampled yet (it
+    came after the last pass) shows none used."""
+    cores, memory = _capacity(facts.cpu_millis, facts.memory_bytes, usage.memory_limit if usage else None,
+                              node_cores, node_memory)
+    free = max(0, memory - (usage.memory_used if usage else 0))
+    return {
+        "appId": facts.app_id, "state": facts.state, "createdAt": facts.created_at,
+        "restartCount": facts.restart_count, "internalIp": facts.internal_ip, "runsOn": node_id,
+        "deployment": facts.deployment,
+        "cpu": {"totalCpu": cores, "currentUsage": usage_percent(usage.cores if usage else 0.0, cores)},
+        "memory": {"totalMemory": memory, "freeMemory": free, "freeMemoryAmount": _percent(free, memory)},
+    }
 
 
 def _pod_figures(record: Mapping[str, Any], src: PodSource, node_id: str, sampler: CpuSampler,
