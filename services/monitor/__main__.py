@@ -24,7 +24,7 @@ from common.memclient import PodMirror
 from common.parentwatch import watch_parent
 from common.rik import StatusSender
 from common.zmqutil import RequestClient, ipc_path, make_run_dir, prepare_ipc_bind, route_one
-from services.monitor.cgroupfiles import FileCache, GroupReader
+from services.monitor.cgroupfiles import GroupReader
 from services.monitor.loop import SampleLoop
 from services.monitor.podtable import PodTable
 from services.monitor.prom import MetricsServer
@@ -46,7 +46,7 @@ def serve(cfg: config.Config, stop: threading.Event) -> None:
     table = PodTable()
     mirror = PodMirror(cfg, on_change=table.on_change, context=ctx)
     table.is_synced = mirror.wait_synced
-    snapshotter = Snapshotter(cfg.node_id, cfg.paths_state_dir, GroupReader(cgroups.detect(), FileCache()))
+    snapshotter = Snapshotter(cfg.node_id, cfg.paths_state_dir, GroupReader(cgroups.detect()))
     loop = SampleLoop(snapshotter, table, cfg.monitoring_metric_resolution)
     table.on_new = loop.pods_arrived
     monitor = Monitor(cfg.node_id, table, loop, proxy_stats=proxy_stats_reader(proxy),

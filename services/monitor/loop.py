@@ -51,7 +51,7 @@ class SampleLoop:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
-        self.snapshotter.files.close()
+        self.snapshotter.reader.close()
 
     def pods_arrived(self) -> None:
         """Called (from the mirror's thread) when a pod arrives: measure it soon."""

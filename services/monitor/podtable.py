@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from services.monitor.metrics import PodFacts, pod_facts
@@ -26,6 +27,15 @@ class PodEntry:
     cgroup: str | None              # relative cgroup path, None when it has none we may read
     pids: tuple[int, ...]
     containers: tuple[str, ...]     # running containers: each may have ``<cgroup>/<name>``
+
+    # The CPU rate's key for each source: a pod that moves from one to the other starts over.
+    @cached_property
+    def cgroup_key(self) -> str:
+        return f"{self.key}:cgroup:{self.cgroup}"
+
+    @cached_property
+    def pids_key(self) -> str:
+        return f"{self.key}:pids:{','.join(map(str, sorted(self.pids)))}"
 
 
 def _dict(value: Any) -> Mapping[str, Any]:

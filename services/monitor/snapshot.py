@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from services.monitor import metrics
-from services.monitor.cgroupfiles import FileCache, GroupGone, GroupReader
+from services.monitor.cgroupfiles import GroupGone, GroupReader, GroupUsage
 from services.monitor.pods import ContainerUsage, process_tree, tree_cpu_seconds, tree_rss
 from services.monitor.podtable import PodEntry
 from services.monitor.sampler import CpuSampler
@@ -62,17 +62,16 @@ class Snapshotter:
         self._node_cpu = CpuSampler(first_interval=first_interval, clock=clock, sleep=sleep)
         self._last: dict[str, tuple[float, float]] = {}     # cpu key -> (at, cumulative cpu)
         self._gone: dict[str, object] = {}                  # pod key -> the record whose group was gone
-
-    @property
-    def files(self) -> FileCache:
-        return self.reader.files
+        self._groups: set[str] = set()                      # groups read in this pass
 
     def take(self, entries: Iterable[PodEntry]) -> Sample:
         """A full pass: the node and every pod in ``entries``."""
         entries = list(entries)
         node = metrics.realtime_node(self.node_id, self._node_cpu)
         resources = metrics.node_resources(self.node_id, self.state_dir, self.external_ip)
+        self._groups = set()
         usages, containers = self._pods(entries, forget_others=True)
+        self.reader.retain(self._groups)    # the groups of pods that went away are closed
         return Sample(time.time(), node, resources, usages, containers)
 
     def add(self, sample: Sample, entries: Iterable[PodEntry]) -> Sample:
@@ -113,22 +112,29 @@ class Snapshotter:
     def _read(self, e: PodEntry) -> _Reading:
         if e.cgroup is not None and self._gone.get(e.key) is not e.record:
             try:
+                self._groups.add(e.cgroup)
                 u = self.reader.usage(e.cgroup)
-                return _Reading(f"{e.key}:cgroup:{e.cgroup}", self._clock(), u.cpu_ns / 1e9, u.memory_bytes,
-                                u.memory_limit, self._containers(e))
+                return _Reading(e.cgroup_key, self._clock(), u.cpu_ns / 1e9, u.memory_bytes,
+                                u.memory_limit, self._containers(e, e.cgroup, u))
             except GroupGone:
                 self._gone[e.key] = e.record    # not tried again until memory changes the record
             except _READ_ERRORS as exc:
                 log.info("pod cgroup unreadable, using its processes",
                          extra={"pod": e.name, "cgroup": e.cgroup, "error": str(exc)})
         procs = process_tree(e.pids)
-        return _Reading(f"{e.key}:pids:{','.join(map(str, sorted(e.pids)))}", self._clock(),
+        return _Reading(e.pids_key, self._clock(),
                         tree_cpu_seconds(procs), tree_rss(procs), None, ())
 
-    def _containers(self, e: PodEntry) -> tuple[ContainerUsage, ...]:
+    def _containers(self, e: PodEntry, base: str, pod: GroupUsage) -> tuple[ContainerUsage, ...]:
         out = []
         for name in e.containers:
+            relpath = f"{base}/{name}"
+            self._groups.add(relpath)
             with contextlib.suppress(GroupGone, *_READ_ERRORS):  # a container without a group of its own
-                u = self.reader.usage(f"{e.cgroup}/{name}")
+                if len(e.containers) == 1 and self.reader.sole_child(base) == name:
+                    # Its pod's group holds nothing else: the same figures, half the reads.
+                    u = GroupUsage(pod.cpu_ns, pod.memory_bytes, self.reader.limit(relpath))
+                else:
+                    u = self.reader.usage(relpath)
                 out.append(ContainerUsage(e.name, name, u.cpu_ns / 1e9, u.memory_bytes, u.memory_limit))
         return tuple(out)
