@@ -15,6 +15,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,18 +23,19 @@ from typing import Any
 import pytest
 import zmq
 
-from common import ipc
+from common import cgroups, ipc
 from common.errors import RikletError
 from common.zmqutil import RequestClient
 from tests.memory_fake import FakeMemory
 from tests.support import free_port, parse_prometheus, wait_for
+from tests.test_monitor_sample import GROWER, STEP, make_group
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_ID = "node-639d7"
 
 
 class Monitor:
-    def __init__(self) -> None:
+    def __init__(self, **env_extra: str) -> None:
         self.base = tempfile.mkdtemp(prefix="rkm", dir="/tmp")
         self.run_dir = os.path.join(self.base, "run")
         self.metrics = f"127.0.0.1:{free_port()}"
@@ -43,7 +45,7 @@ class Monitor:
         self.log = open(os.path.join(self.base, "monitor.log"), "wb")  # noqa: SIM115 - kept for the test
         env = {k: v for k, v in os.environ.items() if k != "RIKLET_CONFIG"}
         env.update(RIKLET_RUN_DIR=self.run_dir, RIKLET_STATE_DIR=os.path.join(self.base, "state"),
-                   RIKLET_METRICS_ADDRESS=self.metrics, NODE_ID=NODE_ID, LOG_LEVEL="DEBUG")
+                   RIKLET_METRICS_ADDRESS=self.metrics, NODE_ID=NODE_ID, LOG_LEVEL="DEBUG", **env_extra)
         self.proc = subprocess.Popen([sys.executable, "-m", "services.monitor"], cwd=ROOT, env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         self.client = RequestClient(self.endpoint, timeout=5.0, retries=0)
@@ -125,6 +127,17 @@ def memory(monitor: Monitor, workload: subprocess.Popen[bytes]) -> Iterator[Fake
         yield fake
     finally:
         fake.close()
+
+
+@pytest.fixture
+def slow_monitor() -> Iterator[Monitor]:
+    """A monitor whose full sampling passes are an hour apart: what it measures in between, it
+    measured because memory's change stream told it about a pod."""
+    m = Monitor(RIKLET_METRIC_RESOLUTION="1h")
+    try:
+        yield m
+    finally:
+        m.close()
 
 
 def error_of(call: Callable[[], Any]) -> RikletError:
@@ -257,3 +270,63 @@ def test_socket_is_private_and_sigterm_exits_cleanly(monitor: Monitor) -> None:
     monitor.proc.send_signal(signal.SIGTERM)
     assert monitor.proc.wait(timeout=10) == 0, monitor.logs()
     assert not os.path.exists(path)
+
+
+def test_pods_come_and_go_with_memorys_change_stream(slow_monitor: Monitor,
+                                                     workload: subprocess.Popen[bytes]) -> None:
+    monitor = slow_monitor
+    memory = FakeMemory(monitor.memory_endpoint, monitor.memory_events, records(workload.pid))
+    try:
+        def names() -> list[str]:
+            return sorted(p["appId"] for p in monitor.call("pods.realtime")["pods"])
+
+        def scraped() -> set[str]:
+            return set(parse_exposition(monitor.http("/metrics")[2])["riklet_pod_memory_bytes"])
+
+        wait_for(lambda: names() == ['odd"pod', "web"], 5, what="memory's pods")
+        memory.put({**records(workload.pid)[0], "name": "late", "uid": "u-late"})
+        late = wait_for(lambda: (p := monitor.call("pod.realtime", name="late"))["memory"]["freeMemory"]
+                        < 64 * 1024 * 1024 and p, 5, what="the new pod measured between full passes")
+        assert late["state"] == "RUNNING"
+        assert '{pod="late"}' in scraped()
+        memory.remove("web")
+        wait_for(lambda: names() == ["late", 'odd"pod'], 5, what="the removed pod dropped")
+        assert '{pod="web"}' not in scraped()
+        assert error_of(lambda: monitor.call("pod.realtime", name="web")).code.value == "not_found"
+        assert memory.requests == {"snapshot": 1}, "pods come from the change stream, not from listing"
+    finally:
+        memory.close()
+
+
+def test_a_scrape_serves_the_last_sample_not_the_cgroup_now(slow_monitor: Monitor) -> None:
+    """Between full passes (an hour apart here) the pod's figures stay those of its sample,
+    however its cgroup changes: no request reads the cgroup."""
+    monitor, relpath = slow_monitor, f"riklet-test/scrape-{uuid.uuid4().hex[:8]}"
+    app = make_group(f"{relpath}/app")
+    proc = subprocess.Popen([sys.executable, "-c", GROWER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            preexec_fn=lambda: app.add(os.getpid()))
+    assert proc.stdin is not None and proc.stdout is not None
+    memory = None
+    try:
+        assert proc.stdout.readline() == b"ok\n"
+        rec = records(proc.pid)[0]
+        rec["status"]["cgroup"] = relpath
+        memory = FakeMemory(monitor.memory_endpoint, monitor.memory_events, [rec])
+
+        def used() -> float:
+            return parse_exposition(monitor.http("/metrics")[2])["riklet_pod_memory_bytes"]['{pod="web"}']
+
+        first = wait_for(used, 5, what="the pod measured")
+        proc.stdin.write(b"more\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == b"ok\n"
+        assert cgroups.Cgroup(relpath).usage().memory_bytes >= first + STEP * 0.9, "the group did grow"
+        assert used() == first
+        pod = monitor.call("pod.realtime", name="web")
+        assert pod["memory"]["totalMemory"] - pod["memory"]["freeMemory"] == first
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        if memory is not None:
+            memory.close()
+        cgroups.prune(relpath)

@@ -66,7 +66,7 @@ class _Group:
 
 class GroupReader:
     """Reads groups under ``layout``. Used by one thread (the sampling loop). ``reads`` counts
-    file reads: a seam for tests, which check that requests cause none."""
+    file opens and reads: a seam for tests, which check that requests cause none."""
 
     def __init__(self, layout: Layout, budget: int | None = None) -> None:
         self.layout = layout
@@ -159,6 +159,7 @@ class GroupReader:
         if self._kept + len(paths) <= self.budget:
             try:
                 for path in paths:
+                    self.reads += 1
                     group.fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                     self._kept += 1
             except OSError:
