@@ -10,6 +10,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from services.monitor.service import Monitor
 from services.monitor.snapshot import Snapshotter
 from tests.support import need, parse_prometheus
 
+ROOT = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
 STEP = 32 * MiB
 
@@ -225,3 +227,16 @@ def test_cpu_is_the_rate_between_passes_and_a_new_pod_shares_one_short_wait() ->
     before = len(clock.sleeps)
     assert cores() == {"a": 0.0, "b": 0.0, "c": 0.5}
     assert clock.sleeps[before:] == [0.1], "new pods and a reset one share a single wait"
+
+
+def test_the_monitor_lifts_a_low_descriptor_limit_so_kept_files_fit() -> None:
+    code = ("import resource\n"
+            "from services.monitor.cgroupfiles import kept_budget, raise_open_files\n"
+            "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+            "assert kept_budget() == 128\n"
+            "got = raise_open_files(4096)\n"
+            "assert got == resource.getrlimit(resource.RLIMIT_NOFILE)[0] == min(4096, hard), got\n"
+            "assert kept_budget() == min(4096, hard) // 2\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr

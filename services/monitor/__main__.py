@@ -24,7 +24,7 @@ from common.memclient import PodMirror
 from common.parentwatch import watch_parent
 from common.rik import StatusSender
 from common.zmqutil import RequestClient, ipc_path, make_run_dir, prepare_ipc_bind, route_one
-from services.monitor.cgroupfiles import GroupReader
+from services.monitor.cgroupfiles import GroupReader, kept_budget, raise_open_files
 from services.monitor.loop import SampleLoop
 from services.monitor.podtable import PodTable
 from services.monitor.prom import MetricsServer
@@ -43,10 +43,11 @@ def serve(cfg: config.Config, stop: threading.Event) -> None:
     prepare_ipc_bind(cfg.monitor_endpoint, ctx)
     proxy = RequestClient(cfg.proxy_endpoint, timeout=0.3, retries=0, context=ctx)
     manager = RequestClient(cfg.manager_endpoint, timeout=0.3, retries=0, context=ctx)
+    raise_open_files()
     table = PodTable()
     mirror = PodMirror(cfg, on_change=table.on_change, context=ctx)
     table.is_synced = mirror.wait_synced
-    snapshotter = Snapshotter(cfg.node_id, cfg.paths_state_dir, GroupReader(cgroups.detect()))
+    snapshotter = Snapshotter(cfg.node_id, cfg.paths_state_dir, GroupReader(cgroups.detect(), kept_budget()))
     loop = SampleLoop(snapshotter, table, cfg.monitoring_metric_resolution)
     table.on_new = loop.pods_arrived
     monitor = Monitor(cfg.node_id, table, loop, proxy_stats=proxy_stats_reader(proxy),

@@ -41,6 +41,20 @@ class GroupUsage:
     memory_limit: int | None    # None when unlimited
 
 
+def raise_open_files(want: int = 2 * MAX_KEPT) -> int:
+    """Lift the soft descriptor limit to ``want`` where the hard limit allows (a login shell's
+    or supervisord's soft 1024 would keep only 128 groups open). Returns the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return soft
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError):
+        return soft
+    return target
+
+
 def kept_budget(limit: int = MAX_KEPT) -> int:
     """Half the soft descriptor limit (sockets, logs and psutil need the rest), at most ``limit``."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
