@@ -132,13 +132,13 @@ def test_kept_files_are_bounded_and_closed_when_their_pod_goes(parent: str) -> N
     names = [f"p{i}" for i in range(3)]
     for name in names:
         make_group(f"{parent}/{name}")
-    r = rig(budget=4)       # one group's files (v1: cpuacct.usage and three memory files)
+    r = rig(budget=3)       # one group's files (cpu usage, memory in use, memory.stat)
     fds = len(os.listdir("/proc/self/fd"))
     for name in names:
         r.table.on_change(name, record(name, f"{parent}/{name}", []))
     r.loop.sample_now()
     kept = len(os.listdir("/proc/self/fd")) - fds
-    assert 0 < kept <= 4
+    assert 0 < kept <= 3
     assert len(r.monitor.pods_realtime()) == 3, "groups past the bound are read all the same"
     for name in names:
         r.table.on_change(name, None)

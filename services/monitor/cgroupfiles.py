@@ -6,7 +6,8 @@ limit, which is set before a container starts, so it is read when the group is f
 and then only every ``LIMIT_EVERY`` reads. A group's files stay open between passes and are
 re-read with ``pread`` at offset 0 (a cgroup file renders its text afresh on every read from
 the start), which saves an open and a close per file per pass; the number of descriptors kept
-is bounded (groups past the bound are opened per read). A removed group fails its next read
+is bounded (groups past the bound are opened per read): each costs the kernel a page (its
+read buffer) while it is open. A removed group fails its next read
 (ENOENT on open, ENODEV on a kept file): its files are closed and the caller hears
 :class:`GroupGone`. :meth:`GroupReader.retain` closes the groups of pods that went away.
 """
@@ -74,8 +75,9 @@ class _Group:
         self.sole: str | None = None    # its only child group, if it has no tasks of its own
         self.sole_age = LIMIT_EVERY
 
-    def paths(self) -> list[str]:
-        return ([self.cpu] if self.cpu else []) + list(self.memory or ())
+    def kept_paths(self) -> list[str]:
+        """The files read every pass (the limit, read seldom, is opened when read)."""
+        return ([self.cpu] if self.cpu else []) + list(self.memory[:2] if self.memory else ())
 
 
 class GroupReader:
@@ -169,7 +171,7 @@ class GroupReader:
 
     def _open(self, relpath: str) -> _Group:
         group = self._layout_group(relpath)
-        paths = group.paths()
+        paths = group.kept_paths()
         if self._kept + len(paths) <= self.budget:
             try:
                 for path in paths:
