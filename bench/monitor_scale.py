@@ -2,7 +2,8 @@
 container's group, measured by a real ``python -m services.monitor`` fed by a stand-in memory.
 
 Reports the monitor's CPU (utime + stime, % of one core) while idle (nobody asks) and while
-scraped every 5 s, and the latency of ``/metrics`` and of the ``pods.realtime`` IPC query.
+scraped every 5 s, the latency of ``/metrics`` (and the monitor's CPU per scrape, which a busy
+machine inflates less than the latency) and of the ``pods.realtime`` IPC query.
 Needs root and writable cgroups (v1 cpu/cpuacct/memory, or v2). Usage::
 
     python -m bench.monitor_scale --pods 1000 --seconds 30
@@ -94,7 +95,7 @@ def cpu_percent(pid: int, seconds: float, during: Callable[[], None] | None = No
     return 100 * (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
 
 
-def run(pods: int, seconds: float, scrapes: int, resolution: str) -> dict[str, Any]:
+def run(pods: int, seconds: float, scrapes: int, resolution: str, checkout: Path = ROOT) -> dict[str, Any]:
     base = tempfile.mkdtemp(prefix="rkmb", dir="/tmp")
     run_dir, address = os.path.join(base, "run"), f"127.0.0.1:{free_port()}"
     os.makedirs(run_dir, mode=0o700)
@@ -107,7 +108,7 @@ def run(pods: int, seconds: float, scrapes: int, resolution: str) -> dict[str, A
         memory = FakeMemory(f"ipc://{run_dir}/memory.sock", f"ipc://{run_dir}/memory-events.sock",
                             [pod_record(i, parent, pid) for i, pid in enumerate(pids)])
         log = open(os.path.join(base, "monitor.log"), "wb")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen([sys.executable, "-m", "services.monitor"], cwd=ROOT, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "services.monitor"], cwd=checkout, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
         client = RequestClient(f"ipc://{run_dir}/monitor.sock", timeout=30, retries=0)
         try:
@@ -117,9 +118,12 @@ def run(pods: int, seconds: float, scrapes: int, resolution: str) -> dict[str, A
             out["idle_cpu_percent"] = round(cpu_percent(proc.pid, seconds), 2)
             out["scraped_every_5s_cpu_percent"] = round(
                 cpu_percent(proc.pid, seconds, lambda: scrape(address)), 2)
+            c0, t0 = cpu_seconds(proc.pid), time.monotonic()
             lat = sorted(scrape(address)[0] for _ in range(scrapes))
+            busy = cpu_seconds(proc.pid) - c0 - out["idle_cpu_percent"] / 100 * (time.monotonic() - t0)
             out["scrape_ms"] = {"median": round(1000 * statistics.median(lat), 1),
-                                "max": round(1000 * lat[-1], 1)}
+                                "max": round(1000 * lat[-1], 1),
+                                "monitor_cpu_per_scrape": round(1000 * busy / scrapes, 1)}
             ipc_lat = []
             for _ in range(scrapes):
                 t0 = time.perf_counter()
@@ -144,8 +148,10 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=30.0, help="each CPU measuring window")
     ap.add_argument("--scrapes", type=int, default=20)
     ap.add_argument("--resolution", default="5s", help="monitoring.metric_resolution")
+    ap.add_argument("--checkout", type=Path, default=ROOT,
+                    help="run the monitor of another source tree (e.g. a `git archive` of an older commit)")
     args = ap.parse_args()
-    print(json.dumps(run(args.pods, args.seconds, args.scrapes, args.resolution), indent=2))
+    print(json.dumps(run(args.pods, args.seconds, args.scrapes, args.resolution, args.checkout), indent=2))
     return 0
 
 

@@ -119,6 +119,7 @@ class Snapshotter:
             except GroupGone:
                 self._gone[e.key] = e.record    # not tried again until memory changes the record
             except _READ_ERRORS as exc:
+                self._gone[e.key] = e.record    # nor is an unreadable one: one log line, not one a pass
                 log.info("pod cgroup unreadable, using its processes",
                          extra={"pod": e.name, "cgroup": e.cgroup, "error": str(exc)})
         procs = process_tree(e.pids)
