@@ -18,7 +18,7 @@ import errno
 import os
 import resource
 from collections.abc import Collection
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from common.cgroups import Layout
 
@@ -35,8 +35,7 @@ class GroupGone(Exception):
     """The group (or one of its files) no longer exists."""
 
 
-@dataclass(frozen=True)
-class GroupUsage:
+class GroupUsage(NamedTuple):  # a tuple: thousands are made per pass, a frozen dataclass costs ~4x
     cpu_ns: int                 # cumulative CPU time
     memory_bytes: int           # working set: in use minus inactive page cache
     memory_limit: int | None    # None when unlimited

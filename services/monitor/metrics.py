@@ -18,7 +18,7 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 import psutil
 
@@ -239,8 +239,7 @@ class PodFacts:
     memory_bytes: int | None
 
 
-@dataclass(frozen=True)
-class PodUsage:
+class PodUsage(NamedTuple):
     """One pod's usage in a sampling pass."""
 
     cores: float                    # CPU in use, in cores, since the previous reading

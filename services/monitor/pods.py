@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
 
@@ -77,8 +76,7 @@ def tree_rss(procs: Iterable[psutil.Process]) -> int:
     return total
 
 
-@dataclass(frozen=True)
-class ContainerUsage:
+class ContainerUsage(NamedTuple):
     pod: str
     container: str
     cpu_seconds: float          # cumulative, from the container's own cgroup

@@ -10,11 +10,11 @@ sharing one wait, so its first figure is a real rate and not a zero.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from services.monitor import metrics
 from services.monitor.cgroupfiles import GroupGone, GroupReader, GroupUsage
@@ -36,8 +36,7 @@ class Sample:
     containers: Mapping[str, tuple[ContainerUsage, ...]] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class _Reading:
+class _Reading(NamedTuple):
     cpu_key: str            # the rate's key: changes when the source does (cgroup or pids)
     at: float               # monotonic time of the reading
     cpu: float              # cumulative CPU seconds
@@ -131,11 +130,13 @@ class Snapshotter:
         for name in e.containers:
             relpath = f"{base}/{name}"
             self._groups.add(relpath)
-            with contextlib.suppress(GroupGone, *_READ_ERRORS):  # a container without a group of its own
+            try:
                 if len(e.containers) == 1 and self.reader.sole_child(base) == name:
                     # Its pod's group holds nothing else: the same figures, half the reads.
                     u = GroupUsage(pod.cpu_ns, pod.memory_bytes, self.reader.limit(relpath))
                 else:
                     u = self.reader.usage(relpath)
-                out.append(ContainerUsage(e.name, name, u.cpu_ns / 1e9, u.memory_bytes, u.memory_limit))
+            except (GroupGone, *_READ_ERRORS):
+                continue    # a container without a group of its own
+            out.append(ContainerUsage(e.name, name, u.cpu_ns / 1e9, u.memory_bytes, u.memory_limit))
         return tuple(out)
