@@ -1,5 +1,6 @@
 """A stand-in for the memory service, written from its contract: ``pod.list`` and ``snapshot``
-on a ROUTER socket, numbered ``pod.<name>.<kind>`` events on a PUB socket. Tests and the
+on a ROUTER socket, numbered ``pod.<name>.<kind>`` events and an ``hb`` heartbeat (every
+``HEARTBEAT`` seconds, so a subscriber that lost an event notices) on a PUB socket. Tests and the
 monitor benchmark change its pods with :meth:`FakeMemory.put` and :meth:`FakeMemory.remove`,
 which publish the event a real memory would."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from typing import Any
 
 import zmq
@@ -16,6 +18,7 @@ from common.errors import InvalidArgument
 from common.zmqutil import route_one
 
 EPOCH = "fake-memory"
+HEARTBEAT = 0.5
 
 
 class FakeMemory:
@@ -67,9 +70,15 @@ class FakeMemory:
         raise InvalidArgument(f"unknown op {req.op!r}", "op")
 
     def _serve(self) -> None:
+        beat = time.monotonic()
         while not self._stop.is_set():
             if self.sock.poll(50):
                 route_one(self.sock, self._handle)
+            if time.monotonic() - beat >= HEARTBEAT:
+                beat = time.monotonic()
+                with self._lock:
+                    hb = ipc.Event(topic="hb", seq=self._seq, data={"seq": self._seq, "epoch": EPOCH})
+                    self.pub.send_multipart(ipc.encode_event(hb))
 
     def close(self) -> None:
         self._stop.set()

@@ -293,7 +293,8 @@ def test_pods_come_and_go_with_memorys_change_stream(slow_monitor: Monitor,
         wait_for(lambda: names() == ["late", 'odd"pod'], 5, what="the removed pod dropped")
         assert '{pod="web"}' not in scraped()
         assert error_of(lambda: monitor.call("pod.realtime", name="web")).code.value == "not_found"
-        assert memory.requests == {"snapshot": 1}, "pods come from the change stream, not from listing"
+        assert "pod.list" not in memory.requests, "pods come from the change stream, not from listing"
+        assert memory.requests["snapshot"] <= 2, "one snapshot (and another, were an event lost)"
     finally:
         memory.close()
 
