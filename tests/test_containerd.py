@@ -208,10 +208,11 @@ def test_cpu_quota_throttles(ctr_agent: CtrAgent) -> None:
         with urllib.request.urlopen(f"http://{a.agent.metrics}/metrics", timeout=5) as resp:
             return parse_prometheus(resp.read().decode())[1]
 
+    # The monitor serves its last sample (taken once per metric_resolution, 5 s): wait for a
+    # pass after the measuring window.
     labels = '{pod="spin",container="spin"}'
-    samples = wait_for(lambda: (m := scraped()).get("riklet_container_cpu_seconds_total", {}).get(labels)
-                       and m, 10, "per-container series")
-    assert samples["riklet_container_cpu_seconds_total"][labels] >= (u1 - u0) / 1e9
+    samples = wait_for(lambda: (m := scraped()).get("riklet_container_cpu_seconds_total", {}).get(labels, 0)
+                       >= (u1 - u0) / 1e9 and m, 15, "per-container series past the window")
     assert samples["riklet_container_memory_limit_bytes"][labels] == 64 * 2**20
     assert 0 < samples["riklet_container_memory_working_set_bytes"][labels] < 64 * 2**20
 

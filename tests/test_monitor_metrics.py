@@ -12,15 +12,17 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import psutil
 import pytest
 
+from common import cgroups
 from services.monitor import metrics
-from services.monitor.pods import CgroupLike
+from services.monitor.cgroupfiles import GroupGone, GroupReader, GroupUsage
+from services.monitor.podtable import entry
 from services.monitor.sampler import CpuSampler
+from services.monitor.snapshot import Snapshotter
 from tests.support import need, wait_for
 
 MiB = 1024 * 1024
@@ -50,6 +52,19 @@ REALTIME_POD_KEYS = {"appId", "state", "createdAt", "restartCount", "internalIp"
 
 
 
+
+
+def snapshotter(reader: GroupReader | None = None, **kwargs: Any) -> Snapshotter:
+    return Snapshotter("n", "/tmp", reader or GroupReader(cgroups.detect()), **kwargs)
+
+
+def measure(rec: dict[str, Any], snap: Snapshotter | None = None, node_id: str = "n") -> metrics.RealtimePod:
+    """A pod's figures as the monitor serves them: a sampling pass, then its formatting. Each
+    call with the same ``snap`` is a new pass (CPU is the rate since the previous one)."""
+    e = entry(rec)
+    sample = (snap or snapshotter()).take([e])
+    return metrics.pod_figures(e.facts, sample.pods[e.key], node_id, psutil.cpu_count(logical=True) or 1,
+                               psutil.virtual_memory().total)
 
 
 def unavailable(reason: str) -> None:
@@ -143,7 +158,7 @@ def test_node_cpu_usage_follows_a_busy_process() -> None:
 
 def test_pod_fields_come_from_its_record() -> None:
     rec = record(image="registry.example:5000/nginx:1.19.1")
-    pod = metrics.realtime_pod(rec, "node-639d7", CpuSampler(), open_cgroup=lambda _: None)
+    pod = measure(rec, node_id="node-639d7")
     assert set(pod) == REALTIME_POD_KEYS
     assert pod["appId"] == "web" and pod["state"] == "RUNNING" and pod["runsOn"] == "node-639d7"
     assert pod["createdAt"] == 1700000000 and pod["internalIp"] == "127.0.0.1"
@@ -160,12 +175,12 @@ def test_pod_fields_come_from_its_record() -> None:
 def test_restart_count_is_summed_over_containers() -> None:
     rec = record()
     rec["status"]["containers"] = [{"name": "a", "restartCount": 2}, {"name": "b", "restartCount": 3}]
-    assert metrics.realtime_pod(rec, "n", CpuSampler(), lambda _: None)["restartCount"] == 5
+    assert measure(rec)["restartCount"] == 5
 
 
 def test_a_process_pod_names_its_program_and_an_unlimited_pod_gets_node_capacity() -> None:
     rec = record(command=["/usr/bin/python3", "-m", "http.server"], cpu_millis=None, memory_bytes=None)
-    pod = metrics.realtime_pod(rec, "n", CpuSampler(), lambda _: None)
+    pod = measure(rec)
     assert pod["deployment"] == {"app": "web", "repository": "/usr/bin/python3", "version": ""}
     assert pod["cpu"]["totalCpu"] == psutil.cpu_count(logical=True)
     assert pod["memory"]["totalMemory"] == psutil.virtual_memory().total
@@ -252,38 +267,29 @@ def test_priming_many_new_keys_waits_once() -> None:
 
 # ---- pods measured from their cgroup --------------------------------------------------------
 
-@dataclass(frozen=True)
-class FakeUsage:
-    cpu_ns: int
-    memory_bytes: int
-    memory_limit: int | None
-    oom_kills: int = 0
+class FakeReader(GroupReader):
+    """Answers for the pod's own group from ``usages``, in order; it has no other group."""
 
-
-class FakeCgroup:
-    def __init__(self, usages: Iterator[FakeUsage]) -> None:
+    def __init__(self, relpath: str, usages: Iterator[GroupUsage]) -> None:
+        super().__init__(cgroups.Layout(1, "/nonexistent", {}), budget=0)
+        self.relpath = relpath
+        self.opened: list[str] = []
         self._usages = usages
 
-    def exists(self) -> bool:
-        return True
-
-    def usage(self) -> FakeUsage:
+    def usage(self, relpath: str) -> GroupUsage:
+        self.opened.append(relpath)
+        if relpath != self.relpath:
+            raise GroupGone(relpath)
         return next(self._usages)
 
 
 def test_the_tightest_of_cgroup_and_spec_limits_is_the_pod_total() -> None:
     clock = Clock()
-    usages = iter([FakeUsage(0, 32 * MiB, 128 * MiB), FakeUsage(0, 32 * MiB, 128 * MiB),
-                   FakeUsage(50_000_000, 32 * MiB, 128 * MiB)])
-    opened: list[str] = []
-
-    def open_cgroup(relpath: str) -> CgroupLike:
-        opened.append(relpath)
-        return FakeCgroup(usages)
-
+    reader = FakeReader("riklet/ab12cd34/web", iter([GroupUsage(0, 32 * MiB, 128 * MiB),
+                                                     GroupUsage(50_000_000, 32 * MiB, 128 * MiB)]))
     rec = record(cgroup="riklet/ab12cd34/web", pids=[os.getpid()], cpu_millis=500)
-    pod = metrics.realtime_pod(rec, "n", CpuSampler(clock=clock, sleep=clock.sleep), open_cgroup)
-    assert opened == ["riklet/ab12cd34/web"]
+    pod = measure(rec, snapshotter(reader, clock=clock, sleep=clock.sleep))
+    assert reader.opened[0] == "riklet/ab12cd34/web"
     assert pod["memory"] == {"totalMemory": 128 * MiB, "freeMemory": 96 * MiB, "freeMemoryAmount": 75.0}
     # 0.05 s of CPU in 0.1 s: all of its half core
     assert pod["cpu"] == {"totalCpu": 0.5, "currentUsage": 100.0}
@@ -336,8 +342,8 @@ def test_pod_figures_are_its_cgroups_not_the_hosts(pod_cgroup: str) -> None:
     try:
         # No pids in the record: only the cgroup can show this pod's usage.
         rec = record(cgroup=pod_cgroup, pids=[], cpu_millis=1000, memory_bytes=None)
-        sampler = CpuSampler()
-        pod = metrics.realtime_pod(rec, "n", sampler)
+        snap = snapshotter()
+        pod = measure(rec, snap)
         mem = pod["memory"]
         assert mem["totalMemory"] == 256 * MiB != psutil.virtual_memory().total
         used = mem["totalMemory"] - mem["freeMemory"]
@@ -345,7 +351,7 @@ def test_pod_figures_are_its_cgroups_not_the_hosts(pod_cgroup: str) -> None:
         assert used == pytest.approx(_cgroup_working_set(pod_cgroup), abs=8 * MiB)
         assert mem["freeMemoryAmount"] == pytest.approx(100 * mem["freeMemory"] / (256 * MiB), abs=0.01)
         assert pod["cpu"]["totalCpu"] == 1.0
-        wait_for(lambda: metrics.realtime_pod(rec, "n", sampler)["cpu"]["currentUsage"] >= 50,
+        wait_for(lambda: measure(rec, snap)["cpu"]["currentUsage"] >= 50,
                  what="the busy pod to use at least half its core")
     finally:
         stop(proc)
@@ -357,8 +363,8 @@ def test_an_idle_cgroup_shows_no_cpu_while_the_host_is_busy(pod_cgroup: str) -> 
     idle = subprocess.Popen(["sleep", "60"], preexec_fn=_join(pod_cgroup))
     try:
         rec = record(cgroup=pod_cgroup, cpu_millis=None, memory_bytes=None)
-        sampler = CpuSampler(first_interval=0.5)  # one call measures over half a second
-        assert metrics.realtime_pod(rec, "n", sampler)["cpu"]["currentUsage"] < 5
+        snap = snapshotter(first_interval=0.5)  # the first pass measures over half a second
+        assert measure(rec, snap)["cpu"]["currentUsage"] < 5
     finally:
         stop(busy)
         idle.kill()
@@ -372,17 +378,17 @@ def test_a_pod_without_its_cgroup_is_measured_from_its_process_tree() -> None:
     try:
         rec = record(cgroup=f"riklet-test/absent-{uuid.uuid4().hex[:8]}", pids=[proc.pid],
                      cpu_millis=1000, memory_bytes=1024 * MiB)
-        sampler = CpuSampler()
-        pod = metrics.realtime_pod(rec, "n", sampler)
+        snap = snapshotter()
+        pod = measure(rec, snap)
         used = pod["memory"]["totalMemory"] - pod["memory"]["freeMemory"]
         assert pod["memory"]["totalMemory"] == 1024 * MiB
         assert BALLAST <= used <= BALLAST + 60 * MiB, "the child's memory counts, the host's does not"
-        wait_for(lambda: metrics.realtime_pod(rec, "n", sampler)["cpu"]["currentUsage"] >= 50,
+        wait_for(lambda: measure(rec, snap)["cpu"]["currentUsage"] >= 50,
                  what="the busy child to count as the pod's CPU")
     finally:
         stop(proc)
 
 
 def test_pid_1_is_never_taken_for_a_pod() -> None:
-    pod = metrics.realtime_pod(record(pids=[1, 0]), "n", CpuSampler(), lambda _: None)
+    pod = measure(record(pids=[1, 0]))
     assert pod["memory"]["freeMemoryAmount"] == 100.0

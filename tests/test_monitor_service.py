@@ -13,9 +13,9 @@ import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,60 +23,29 @@ from typing import Any
 import pytest
 import zmq
 
-from common import ipc
-from common.errors import InvalidArgument, RikletError
-from common.zmqutil import RequestClient, route_one
+from common import cgroups, ipc
+from common.errors import RikletError
+from common.zmqutil import RequestClient
+from tests.memory_fake import FakeMemory
 from tests.support import free_port, parse_prometheus, wait_for
+from tests.test_monitor_sample import GROWER, STEP, make_group
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_ID = "node-639d7"
 
 
-
-
-
-
-
-
-class FakeMemory:
-    """A memory service that knows a fixed list of pod records and answers ``pod.list``."""
-
-    def __init__(self, endpoint: str, records: list[dict[str, Any]]) -> None:
-        self.records = records
-        self.sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(endpoint)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _handle(self, req: ipc.Request) -> Any:
-        if req.op == "pod.list":
-            return {"pods": self.records}
-        raise InvalidArgument(f"unknown op {req.op!r}", "op")
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            if self.sock.poll(50):
-                route_one(self.sock, self._handle)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.sock.close(linger=0)
-
-
 class Monitor:
-    def __init__(self) -> None:
+    def __init__(self, **env_extra: str) -> None:
         self.base = tempfile.mkdtemp(prefix="rkm", dir="/tmp")
         self.run_dir = os.path.join(self.base, "run")
         self.metrics = f"127.0.0.1:{free_port()}"
         self.endpoint = f"ipc://{self.run_dir}/monitor.sock"
         self.memory_endpoint = f"ipc://{self.run_dir}/memory.sock"
+        self.memory_events = f"ipc://{self.run_dir}/memory-events.sock"
         self.log = open(os.path.join(self.base, "monitor.log"), "wb")  # noqa: SIM115 - kept for the test
         env = {k: v for k, v in os.environ.items() if k != "RIKLET_CONFIG"}
         env.update(RIKLET_RUN_DIR=self.run_dir, RIKLET_STATE_DIR=os.path.join(self.base, "state"),
-                   RIKLET_METRICS_ADDRESS=self.metrics, NODE_ID=NODE_ID, LOG_LEVEL="DEBUG")
+                   RIKLET_METRICS_ADDRESS=self.metrics, NODE_ID=NODE_ID, LOG_LEVEL="DEBUG", **env_extra)
         self.proc = subprocess.Popen([sys.executable, "-m", "services.monitor"], cwd=ROOT, env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         self.client = RequestClient(self.endpoint, timeout=5.0, retries=0)
@@ -153,11 +122,22 @@ def records(pid: int) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def memory(monitor: Monitor, workload: subprocess.Popen[bytes]) -> Iterator[FakeMemory]:
-    fake = FakeMemory(monitor.memory_endpoint, records(workload.pid))
+    fake = FakeMemory(monitor.memory_endpoint, monitor.memory_events, records(workload.pid))
     try:
         yield fake
     finally:
         fake.close()
+
+
+@pytest.fixture
+def slow_monitor() -> Iterator[Monitor]:
+    """A monitor whose full sampling passes are an hour apart: what it measures in between, it
+    measured because memory's change stream told it about a pod."""
+    m = Monitor(RIKLET_METRIC_RESOLUTION="1h")
+    try:
+        yield m
+    finally:
+        m.close()
 
 
 def error_of(call: Callable[[], Any]) -> RikletError:
@@ -183,8 +163,11 @@ def test_pod_realtime_reads_the_pod_from_memory(monitor: Monitor, memory: FakeMe
     assert pod["deployment"] == {"app": "web", "repository": "python3", "version": ""}
     assert pod["cpu"]["totalCpu"] == 0.5
     assert pod["memory"]["totalMemory"] == 64 * 1024 * 1024
-    # Its cgroup does not exist here, so the workload process is what is measured.
-    assert 0 < pod["memory"]["totalMemory"] - pod["memory"]["freeMemory"] < 64 * 1024 * 1024
+    # Its cgroup does not exist here, so the workload process is what is measured (a pod memory
+    # just told about is measured by a catch-up pass, within about 0.1 s).
+    measured = wait_for(lambda: (p := monitor.call("pod.realtime", name="web"))["memory"]["freeMemory"]
+                        < 64 * 1024 * 1024 and p, 5, what="the new pod measured")
+    assert 0 < measured["memory"]["totalMemory"] - measured["memory"]["freeMemory"] < 64 * 1024 * 1024
 
 
 def test_pods_realtime_lists_every_pod(monitor: Monitor, memory: FakeMemory) -> None:
@@ -287,3 +270,64 @@ def test_socket_is_private_and_sigterm_exits_cleanly(monitor: Monitor) -> None:
     monitor.proc.send_signal(signal.SIGTERM)
     assert monitor.proc.wait(timeout=10) == 0, monitor.logs()
     assert not os.path.exists(path)
+
+
+def test_pods_come_and_go_with_memorys_change_stream(slow_monitor: Monitor,
+                                                     workload: subprocess.Popen[bytes]) -> None:
+    monitor = slow_monitor
+    memory = FakeMemory(monitor.memory_endpoint, monitor.memory_events, records(workload.pid))
+    try:
+        def names() -> list[str]:
+            return sorted(p["appId"] for p in monitor.call("pods.realtime")["pods"])
+
+        def scraped() -> set[str]:
+            return set(parse_exposition(monitor.http("/metrics")[2])["riklet_pod_memory_bytes"])
+
+        wait_for(lambda: names() == ['odd"pod', "web"], 5, what="memory's pods")
+        memory.put({**records(workload.pid)[0], "name": "late", "uid": "u-late"})
+        late = wait_for(lambda: (p := monitor.call("pod.realtime", name="late"))["memory"]["freeMemory"]
+                        < 64 * 1024 * 1024 and p, 5, what="the new pod measured between full passes")
+        assert late["state"] == "RUNNING"
+        assert '{pod="late"}' in scraped()
+        memory.remove("web")
+        wait_for(lambda: names() == ["late", 'odd"pod'], 5, what="the removed pod dropped")
+        assert '{pod="web"}' not in scraped()
+        assert error_of(lambda: monitor.call("pod.realtime", name="web")).code.value == "not_found"
+        assert "pod.list" not in memory.requests, "pods come from the change stream, not from listing"
+        assert memory.requests["snapshot"] <= 2, "one snapshot (and another, were an event lost)"
+    finally:
+        memory.close()
+
+
+def test_a_scrape_serves_the_last_sample_not_the_cgroup_now(slow_monitor: Monitor) -> None:
+    """Between full passes (an hour apart here) the pod's figures stay those of its sample,
+    however its cgroup changes: no request reads the cgroup."""
+    monitor, relpath = slow_monitor, f"riklet-test/scrape-{uuid.uuid4().hex[:8]}"
+    app = make_group(f"{relpath}/app")
+    proc = subprocess.Popen([sys.executable, "-c", GROWER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            preexec_fn=lambda: app.add(os.getpid()))
+    assert proc.stdin is not None and proc.stdout is not None
+    memory = None
+    try:
+        assert proc.stdout.readline() == b"ok\n"
+        rec = records(proc.pid)[0]
+        rec["status"]["cgroup"] = relpath
+        memory = FakeMemory(monitor.memory_endpoint, monitor.memory_events, [rec])
+
+        def used() -> float:
+            return parse_exposition(monitor.http("/metrics")[2])["riklet_pod_memory_bytes"]['{pod="web"}']
+
+        first = wait_for(used, 5, what="the pod measured")
+        proc.stdin.write(b"more\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == b"ok\n"
+        assert cgroups.Cgroup(relpath).usage().memory_bytes >= first + STEP * 0.9, "the group did grow"
+        assert used() == first
+        pod = monitor.call("pod.realtime", name="web")
+        assert pod["memory"]["totalMemory"] - pod["memory"]["freeMemory"] == first
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        if memory is not None:
+            memory.close()
+        cgroups.prune(relpath)

@@ -17,15 +17,20 @@ from typing import Any
 
 import zmq
 
-from common import config
+from common import cgroups, config
 from common import log as rlog
 from common.errors import RikletError
+from common.memclient import PodMirror
 from common.parentwatch import watch_parent
 from common.rik import StatusSender
 from common.zmqutil import RequestClient, ipc_path, make_run_dir, prepare_ipc_bind, route_one
+from services.monitor.cgroupfiles import GroupReader, kept_budget, raise_open_files
+from services.monitor.loop import SampleLoop
+from services.monitor.podtable import PodTable
 from services.monitor.prom import MetricsServer
 from services.monitor.push import MetricPusher
-from services.monitor.service import Monitor, memory_pod_lister, proxy_stats_reader
+from services.monitor.service import Monitor, proxy_stats_reader
+from services.monitor.snapshot import Snapshotter
 
 log = logging.getLogger("riklet.monitor")
 
@@ -36,11 +41,16 @@ def serve(cfg: config.Config, stop: threading.Event) -> None:
     ctx: zmq.Context[Any] = zmq.Context.instance()
     make_run_dir(cfg.paths_run_dir)
     prepare_ipc_bind(cfg.monitor_endpoint, ctx)
-    memory = RequestClient(cfg.memory_endpoint, timeout=1.0, retries=1, context=ctx)
     proxy = RequestClient(cfg.proxy_endpoint, timeout=0.3, retries=0, context=ctx)
     manager = RequestClient(cfg.manager_endpoint, timeout=0.3, retries=0, context=ctx)
-    monitor = Monitor(cfg.node_id, cfg.paths_state_dir, memory_pod_lister(memory),
-                      proxy_stats=proxy_stats_reader(proxy),
+    raise_open_files()
+    table = PodTable()
+    mirror = PodMirror(cfg, on_change=table.on_change, context=ctx)
+    table.is_synced = mirror.wait_synced
+    snapshotter = Snapshotter(cfg.node_id, cfg.paths_state_dir, GroupReader(cgroups.detect(), kept_budget()))
+    loop = SampleLoop(snapshotter, table, cfg.monitoring_metric_resolution)
+    table.on_new = loop.pods_arrived
+    monitor = Monitor(cfg.node_id, table, loop, proxy_stats=proxy_stats_reader(proxy),
                       manager_stats=proxy_stats_reader(manager, "manager"))
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -50,9 +60,11 @@ def serve(cfg: config.Config, stop: threading.Event) -> None:
         if path:
             os.chmod(path, 0o600)
         http = MetricsServer(cfg.metrics_address, monitor.scrape) if cfg.monitoring_metrics_enabled else None
+        pusher = start_pusher(cfg, monitor)
+        mirror.start()
+        loop.start()
         if http is not None:
             http.start()
-        pusher = start_pusher(cfg, ctx)
         log.info("monitor ready", extra={"endpoint": cfg.monitor_endpoint, "metrics": cfg.metrics_address,
                                          "scheduler": cfg.scheduler_address})
         try:
@@ -60,29 +72,27 @@ def serve(cfg: config.Config, stop: threading.Event) -> None:
                 if sock.poll(POLL_MS, zmq.POLLIN):
                     route_one(sock, monitor.handle)
         finally:
-            if pusher is not None:
-                pusher.stop()
             if http is not None:
                 http.stop()
+            loop.stop()
+            mirror.stop()
+            if pusher is not None:
+                pusher.stop()
     finally:
         sock.close(linger=0)
-        memory.close()
         proxy.close()
+        manager.close()
         if path and os.path.exists(path):
             os.unlink(path)
         log.info("monitor stopped")
 
 
-def start_pusher(cfg: config.Config, ctx: zmq.Context[Any]) -> MetricPusher | None:
-    """In RIK mode, push metrics to the scheduler; its own Monitor (and CPU sampler, and memory
-    client) so the push never shares state with the IPC loop's thread."""
+def start_pusher(cfg: config.Config, monitor: Monitor) -> MetricPusher | None:
+    """In RIK mode, push each sample to the scheduler (from the sampling thread)."""
     if not cfg.scheduler_address:
         return None
-    memory = RequestClient(cfg.memory_endpoint, timeout=1.0, retries=1, context=ctx)
-    lister = memory_pod_lister(memory)
-    monitor = Monitor(cfg.node_id, cfg.paths_state_dir, lister)
-    sender = StatusSender(cfg.scheduler_address, cfg.node_id)
-    pusher = MetricPusher(monitor, sender, cfg.monitoring_metric_resolution, lister)
+    pusher = MetricPusher(monitor, StatusSender(cfg.scheduler_address, cfg.node_id))
+    monitor.loop.listeners.append(pusher.on_sample)
     pusher.start()
     return pusher
 

@@ -2,9 +2,10 @@
 
 - :func:`node_resources`: seed 000 "Node resources" (static facts).
 - :func:`realtime_node`: seed 000 "Realtime node resources" merged with seed 001's node metrics.
-- :func:`realtime_pod` / :func:`realtime_pods`: seed 000 "Realtime app resources" merged with
-  seed 001's pod metrics. A pod is measured from its own cgroup when it has one, else from its
-  process tree; the host's totals serve only as the capacity of a pod without limits.
+- :func:`pod_figures`: seed 000 "Realtime app resources" merged with seed 001's pod metrics,
+  from what a pod's record fixes (:func:`pod_facts`) and its sampled usage
+  (:mod:`services.monitor.snapshot`); the host's totals serve only as the capacity of a pod
+  without limits.
 
 Percentages are floats rounded to two decimals; byte counts and timestamps are ints.
 """
@@ -15,14 +16,14 @@ import logging
 import platform
 import socket
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, TypedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypedDict
 
 import psutil
 
 from services.monitor import host
-from services.monitor.pods import CgroupOpener, PodSource, measure, open_cgroup_default
-from services.monitor.sampler import CpuSampler
+from services.monitor.sampler import CpuSampler, usage_percent
 
 log = logging.getLogger(__name__)
 
@@ -216,49 +217,56 @@ def _spec_limit(record: Mapping[str, Any], key: str) -> int | None:
     return sum(limits)
 
 
-def pod_capacity(record: Mapping[str, Any], cgroup_limit: int | None,
-                 node_cores: int, node_memory: int) -> tuple[float, int]:
+def _capacity(millis: int | None, spec_memory: int | None, cgroup_limit: int | None,
+              node_cores: int, node_memory: int) -> tuple[float, int]:
     """(cores, bytes) the pod may use: the tightest of its spec, its cgroup and the node."""
-    millis = _spec_limit(record, "cpu_millis")
     cores = min(float(node_cores), millis / 1000.0) if millis else float(node_cores)
-    limits = [x for x in (cgroup_limit, _spec_limit(record, "memory_bytes")) if x and x > 0]
+    limits = [x for x in (cgroup_limit, spec_memory) if x and x > 0]
     return cores, min([node_memory, *limits])
 
 
-def _pod_figures(record: Mapping[str, Any], src: PodSource, node_id: str, sampler: CpuSampler,
-                 node_cores: int, node_memory: int) -> RealtimePod:
+@dataclass(frozen=True)
+class PodFacts:
+    """What a pod's figures take from its record, worked out once per change of the record."""
+
+    app_id: str
+    state: str
+    created_at: int
+    restart_count: int
+    internal_ip: str
+    deployment: Deployment
+    cpu_millis: int | None          # the spec's limits, None when unlimited
+    memory_bytes: int | None
+
+
+class PodUsage(NamedTuple):
+    """One pod's usage in a sampling pass."""
+
+    cores: float                    # CPU in use, in cores, since the previous reading
+    memory_used: int
+    memory_limit: int | None        # what its cgroup enforces, if anything
+
+
+def pod_facts(record: Mapping[str, Any]) -> PodFacts:
     status = _dict(record.get("status"))
-    cores, memory = pod_capacity(record, src.memory_limit, node_cores, node_memory)
-    free = max(0, memory - src.memory_used)
     phase = status.get("phase")
+    state = phase.upper() if isinstance(phase, str) and phase else "UNKNOWN"
+    return PodFacts(str(record.get("name", "")), state, _int(record.get("created_at")), restart_count(status),
+                    str(status.get("internalIp") or ""), deployment(record),
+                    _spec_limit(record, "cpu_millis"), _spec_limit(record, "memory_bytes"))
+
+
+def pod_figures(facts: PodFacts, usage: PodUsage | None, node_id: str, node_cores: int,
+                node_memory: int) -> RealtimePod:
+    """A pod's figures from its facts and its last sampled usage; a pod not sampled yet (it
+    came after the last pass) shows none used."""
+    cores, memory = _capacity(facts.cpu_millis, facts.memory_bytes, usage.memory_limit if usage else None,
+                              node_cores, node_memory)
+    free = max(0, memory - (usage.memory_used if usage else 0))
     return {
-        "appId": str(record.get("name", "")),
-        "state": phase.upper() if isinstance(phase, str) and phase else "UNKNOWN",
-        "createdAt": _int(record.get("created_at")),
-        "restartCount": restart_count(status),
-        "internalIp": str(status.get("internalIp") or ""),
-        "runsOn": node_id,
-        "deployment": deployment(record),
-        "cpu": {"totalCpu": cores, "currentUsage": sampler.percent(src.key, src.read_cpu, cores)},
-        "memory": {"totalMemory": memory, "freeMemory": free,
-                   "freeMemoryAmount": _percent(free, memory)},
+        "appId": facts.app_id, "state": facts.state, "createdAt": facts.created_at,
+        "restartCount": facts.restart_count, "internalIp": facts.internal_ip, "runsOn": node_id,
+        "deployment": facts.deployment,
+        "cpu": {"totalCpu": cores, "currentUsage": usage_percent(usage.cores if usage else 0.0, cores)},
+        "memory": {"totalMemory": memory, "freeMemory": free, "freeMemoryAmount": _percent(free, memory)},
     }
-
-
-def realtime_pods(records: Iterable[Mapping[str, Any]], node_id: str, cpu_sampler: CpuSampler,
-                  open_cgroup: CgroupOpener = open_cgroup_default) -> list[RealtimePod]:
-    """Realtime figures of many pods; pods seen for the first time share one CPU sampling
-    wait (see :class:`CpuSampler`)."""
-    sources: Sequence[tuple[Mapping[str, Any], PodSource]] = [
-        (r, measure(r, open_cgroup)) for r in records]
-    cpu_sampler.prime({src.key: src.read_cpu for _, src in sources})
-    cores, memory = logical_cores(), int(psutil.virtual_memory().total)
-    return [_pod_figures(r, src, node_id, cpu_sampler, cores, memory) for r, src in sources]
-
-
-def realtime_pod(record: Mapping[str, Any], node_id: str, cpu_sampler: CpuSampler,
-                 open_cgroup: CgroupOpener = open_cgroup_default) -> RealtimePod:
-    """Realtime figures of one pod record (as memory stores it). The first call for a pod
-    samples its CPU over ``cpu_sampler.first_interval`` (100 ms)."""
-    return realtime_pods([record], node_id, cpu_sampler, open_cgroup)[0]
-

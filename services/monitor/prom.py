@@ -44,6 +44,8 @@ class Family:
 
 
 def escape_label(value: str) -> str:
+    if "\\" not in value and '"' not in value and "\n" not in value:
+        return value  # the usual case, and a scrape escapes thousands of labels
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
@@ -52,6 +54,8 @@ def escape_help(text: str) -> str:
 
 
 def format_value(value: float) -> str:
+    if type(value) is int and abs(value) < 2**53:
+        return str(value)  # most samples: byte counts, counters
     if math.isnan(value):
         return "NaN"
     if math.isinf(value):

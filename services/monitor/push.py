@@ -1,25 +1,24 @@
 """Metrics pushed to a RIK scheduler every ``monitoring.metric_resolution`` (seed 001).
 
-Each tick sends one ``WorkerMetric`` (status RUNNING: the scheduler marks a worker Ready on the
-first one) and one ``InstanceMetric`` per scheduler-made pod. Ticks are scheduled on a fixed
-grid of monotonic time (start + k * resolution), not "resolution after the last push", so the
-work of a tick does not stretch the period; a tick that overruns skips to the next slot.
+Each full sampling pass sends one ``WorkerMetric`` (status RUNNING: the scheduler marks a
+worker Ready on the first one) and one ``InstanceMetric`` per scheduler-made pod. The passes
+run on the sampling loop's fixed grid (:func:`next_slot`), so the pushes do too.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from common.errors import RikletError
 from common.pb import rik_common_pb2 as cpb
 from common.rik import StatusSender, instance_id_of, status_of
 from services.monitor import metrics
+from services.monitor.loop import next_slot
 from services.monitor.service import Monitor
+from services.monitor.snapshot import Sample
+
+__all__ = ["MetricPusher", "next_slot", "worker_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -40,54 +39,27 @@ def worker_metrics(node: metrics.RealtimeNode) -> dict[str, Any]:
     }
 
 
-def next_slot(start: float, resolution: float, now: float) -> float:
-    """The first grid time start + k * resolution strictly after ``now``."""
-    k = int((now - start) // resolution) + 1
-    return start + k * resolution
-
-
 class MetricPusher:
-    def __init__(self, monitor: Monitor, sender: StatusSender, resolution: float,
-                 list_pods: Callable[[], Sequence[Mapping[str, Any]]],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    """Pushes each full sample the sampling loop takes (register :meth:`on_sample` as its
+    listener): the loop's grid is the push cadence."""
+
+    def __init__(self, monitor: Monitor, sender: StatusSender) -> None:
         self.monitor = monitor
         self.sender = sender
-        self.resolution = resolution
-        self.list_pods = list_pods
-        self.clock = clock
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="metric-push", daemon=True)
 
     def start(self) -> None:
         self.sender.start()
-        self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
         self.sender.stop()
 
-    def tick(self) -> None:
-        node = self.monitor.node_realtime()
-        self.sender.send_worker(cpb.RUNNING, json.dumps(worker_metrics(node)))
-        try:
-            # Pods being deleted are the manager's to report: a metric sampled before the delete
-            # could otherwise land after its TERMINATED and leave the scheduler on DESTROYING.
-            pods = [p for p in self.list_pods() if instance_id_of(p) and p.get("desired") != "deleted"]
-        except RikletError as exc:  # memory away: the node's figures still go out
-            log.debug("no pod metrics this tick", extra={"error": str(exc)})
-            return
-        for record, figures in zip(pods, metrics.realtime_pods(
-                pods, self.monitor.node_id, self.monitor.sampler), strict=True):
-            self.sender.send_instance(str(instance_id_of(record)), status_of(record), json.dumps(figures))
-
-    def _run(self) -> None:
-        start = self.clock()
-        slot = start
-        while not self._stop.is_set():
-            try:
-                self.tick()
-            except Exception:  # a bad sample must not end the pushes
-                log.exception("metric push failed")
-            slot = next_slot(start, self.resolution, max(self.clock(), slot))
-            self._stop.wait(max(0.0, slot - self.clock()))
+    def on_sample(self, sample: Sample) -> None:
+        self.sender.send_worker(cpb.RUNNING, json.dumps(worker_metrics(sample.node)))
+        # Pods being deleted are the manager's to report: a metric sampled before the delete
+        # could otherwise land after its TERMINATED and leave the scheduler on DESTROYING.
+        for entry in self.monitor.table.entries():
+            record = entry.record
+            instance = instance_id_of(record)
+            if instance and record.get("desired") != "deleted":
+                figures = self.monitor.figures(entry, sample)
+                self.sender.send_instance(instance, status_of(record), json.dumps(figures))

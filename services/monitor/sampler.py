@@ -36,7 +36,8 @@ class CpuSampler:
     pids replaced); the key then starts over as if new. Keys not read for ``forget_after``
     seconds are dropped, so pods that come and go do not grow the table.
 
-    Thread-safe: the IPC loop and the HTTP scrape thread share one sampler.
+    Thread-safe. The monitor's sampling loop uses one for the node's CPU; pods' rates are taken
+    between sampling passes (:mod:`services.monitor.snapshot`).
     """
 
     def __init__(self, first_interval: float = 0.1, min_interval: float = 0.05,

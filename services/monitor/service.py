@@ -1,5 +1,7 @@
 """The monitor's request handling: the op table behind its ROUTER socket, and the scrape
-behind ``/metrics``. Pods come from the memory service; everything else is measured here.
+behind ``/metrics``. Every answer is formatted from the sampling loop's last sample
+(:mod:`services.monitor.loop`) and the pods memory's change stream told about
+(:mod:`services.monitor.podtable`); only the proxy's and manager's counters are asked per scrape.
 
 Ops (requests and replies in the :mod:`common.ipc` envelope)::
 
@@ -9,7 +11,9 @@ Ops (requests and replies in the :mod:`common.ipc` envelope)::
     pods.realtime  {}        -> {"pods": [RealtimePod, ...]}
     proxy.stats    {}        -> {"up": bool, ...the proxy's ``stats`` answer (its mode, counters)}
 
-Pod ops answer ``Unavailable`` when memory cannot be reached; node ops never ask memory.
+Pod ops answer ``Unavailable`` until memory has been reached once (after that, the pods last
+heard of); node ops never need memory. A pod that arrived after the last full pass is
+measured within ~0.1 s (a catch-up pass); until then it shows no usage.
 """
 
 from __future__ import annotations
@@ -24,35 +28,17 @@ from common import ipc
 from common.errors import InvalidArgument, NotFound, RikletError, Unavailable
 from common.zmqutil import RequestClient, ipc_path
 from services.monitor import metrics, prom
-from services.monitor.pods import CgroupOpener, ContainerUsage, container_usages, open_cgroup_default
-from services.monitor.sampler import CpuSampler
+from services.monitor.loop import SampleLoop
+from services.monitor.pods import ContainerUsage
+from services.monitor.podtable import PodEntry, PodTable
+from services.monitor.snapshot import Sample
 
 log = logging.getLogger(__name__)
 
-Record = Mapping[str, Any]
-PodLister = Callable[[], list[Record]]
-
 MAX_NAME = 253
-
-
-def parse_pod_list(result: Any) -> list[Record]:
-    """memory's ``pod.list`` answer: a list of records or ``{"pods": [...]}``."""
-    if isinstance(result, Mapping):
-        result = result.get("pods")
-    if not isinstance(result, list):
-        raise Unavailable(f"memory answered pod.list with {type(result).__name__}, not a list", "memory")
-    return [r for r in result if isinstance(r, Mapping)]
-
-
-def memory_pod_lister(client: RequestClient) -> PodLister:
-    def list_pods() -> list[Record]:
-        try:
-            result = client.call("pod.list")
-        except RikletError as exc:
-            raise Unavailable(f"memory service at {client.endpoint} did not answer: {exc}",
-                              "memory") from exc
-        return parse_pod_list(result)
-    return list_pods
+# How long a pod query waits for memory's first snapshot (the mirror asks every 0.5 s), about
+# what asking memory directly took before the monitor kept a mirror.
+SYNC_WAIT = 1.0
 
 
 ProxyStats = Callable[[], Mapping[str, Any] | None]
@@ -85,16 +71,14 @@ def _pod_name(args: Mapping[str, Any]) -> str:
 
 
 class Monitor:
-    def __init__(self, node_id: str, state_dir: str, list_pods: PodLister,
-                 sampler: CpuSampler | None = None, open_cgroup: CgroupOpener = open_cgroup_default,
-                 external_ip: str | None = None, proxy_stats: ProxyStats | None = None,
-                 manager_stats: ProxyStats | None = None) -> None:
+    """Answers from the sampling loop's last sample and the pod table: formatting only, no
+    file read and no call to memory on the request path."""
+
+    def __init__(self, node_id: str, table: PodTable, loop: SampleLoop,
+                 proxy_stats: ProxyStats | None = None, manager_stats: ProxyStats | None = None) -> None:
         self.node_id = node_id
-        self.state_dir = state_dir
-        self.external_ip = external_ip
-        self.sampler = sampler or CpuSampler()
-        self._list_pods = list_pods
-        self._open_cgroup = open_cgroup
+        self.table = table
+        self.loop = loop
         self._proxy_stats = proxy_stats
         self._manager_stats = manager_stats
         self._scrape_errors = 0
@@ -118,20 +102,41 @@ class Monitor:
                 raise InvalidArgument(f"unknown argument for {req.op}", f"args.{key}")
         return fn(req.args)
 
+    def sample(self) -> Sample:
+        sample = self.loop.latest()
+        if sample is None:
+            raise Unavailable("the monitor has not taken its first sample yet", "monitor")
+        return sample
+
     def node_resources(self) -> metrics.NodeResources:
-        return metrics.node_resources(self.node_id, self.state_dir, self.external_ip)
+        return self.sample().resources
 
     def node_realtime(self) -> metrics.RealtimeNode:
-        return metrics.realtime_node(self.node_id, self.sampler)
+        return self.sample().node
+
+    def _entries(self) -> list[PodEntry]:
+        self._check_synced()
+        return self.table.entries()
+
+    def _check_synced(self) -> None:
+        if not self.table.wait_synced(SYNC_WAIT):
+            raise Unavailable("memory has not been reached yet: its pods are unknown", "memory")
+
+    def figures(self, entry: PodEntry, sample: Sample) -> metrics.RealtimePod:
+        node = sample.node
+        return metrics.pod_figures(entry.facts, sample.pods.get(entry.key), self.node_id,
+                                   int(node["cpu"]["totalCpu"]), node["memory"]["totalMemory"])
 
     def pod_realtime(self, name: str) -> metrics.RealtimePod:
-        for record in self._list_pods():
-            if record.get("name") == name:
-                return metrics.realtime_pod(record, self.node_id, self.sampler, self._open_cgroup)
-        raise NotFound(f"memory knows no pod named {name!r}", "args.name")
+        self._check_synced()
+        entry = self.table.get(name)
+        if entry is None:
+            raise NotFound(f"memory knows no pod named {name!r}", "args.name")
+        return self.figures(entry, self.sample())
 
     def pods_realtime(self) -> list[metrics.RealtimePod]:
-        return metrics.realtime_pods(self._list_pods(), self.node_id, self.sampler, self._open_cgroup)
+        entries, sample = self._entries(), self.sample()
+        return [self.figures(e, sample) for e in entries]
 
     def proxy_stats(self) -> dict[str, Any]:
         """The proxy's own ``stats`` (for ``rikletctl node``); ``up`` False when it is not
@@ -155,12 +160,13 @@ class Monitor:
     def scrape(self) -> str:
         """The ``/metrics`` body. Memory (or the proxy) being down costs the pod (or proxy)
         series, not the node's."""
-        node = self.node_realtime()
+        sample = self.sample()
         containers: list[ContainerUsage] = []
         try:
-            records = self._list_pods()
-            pods = metrics.realtime_pods(records, self.node_id, self.sampler, self._open_cgroup)
-            containers = container_usages(records, self._open_cgroup)
+            entries = self._entries()
+            pods = [self.figures(e, sample) for e in entries]
+            for e in entries:
+                containers += sample.containers.get(e.key, ())
         except Unavailable as exc:
             log.warning("scrape without pods", extra={"error": str(exc)})
             self._scrape_error()
@@ -179,5 +185,5 @@ class Monitor:
             except Unavailable as exc:
                 log.warning("scrape without the manager's stats", extra={"error": str(exc)})
                 self._scrape_error()
-        return prom.render(node, pods, self._scrape_errors, proxy, with_proxy=self._proxy_stats is not None,
-                           containers=containers, chas=chas)
+        return prom.render(sample.node, pods, self._scrape_errors, proxy,
+                           with_proxy=self._proxy_stats is not None, containers=containers, chas=chas)
