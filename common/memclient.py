@@ -312,11 +312,13 @@ class PodMirror:
             return False
         with self._lock:
             old, self._state = self._state.pods, fresh
+        for name, record in diff_pods(old, fresh.pods):
+            self._notify(name, record)
+        # Synced only once every subscriber has heard of every pod: a waiter must not act on
+        # a mirror whose consumers are still catching up.
         self._synced.set()
         log.info("pods loaded from memory", extra={"pods": len(fresh.pods), "seq": fresh.seq,
                                                    "epoch": fresh.epoch})
-        for name, record in diff_pods(old, fresh.pods):
-            self._notify(name, record)
         return True
 
     def _apply(self, ev: ipc.Event) -> Outcome:
