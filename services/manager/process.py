@@ -39,8 +39,10 @@ class ProcessRuntime(PodLayout):
     name = "process"
 
     def __init__(self, state_dir: str, grace_default: float, log_max_size: int, log_max_files: int,
-                 backoff: dict[str, float], user: tuple[int, int] | None = None) -> None:
+                 backoff: dict[str, float], user: tuple[int, int] | None = None,
+                 notify_socket: str | None = None) -> None:
         super().__init__(state_dir)
+        self.notify_socket = notify_socket  # where shims send their events (None: nowhere)
         self.grace_default = grace_default
         self.log_max_size = log_max_size
         self.log_max_files = log_max_files
@@ -56,7 +58,8 @@ class ProcessRuntime(PodLayout):
         if driver is None or driver.get("uid") != pod["uid"] or driver.get("runtime", "process") != "process":
             return None
         st = shim.read_status(pdir) or {}
-        alive = bool(st) and shim.pid_alive(int(st.get("shim_pid", 0)), int(st.get("shim_start", 0)))
+        holder = (int(st.get("shim_pid", 0)), int(st.get("shim_start", 0)))
+        alive = bool(st) and shim.pid_alive(*holder)
         containers = list(st.get("containers") or [])
         finished = st.get("state") == "exited"
         lost = bool(st) and not alive and not finished
@@ -68,7 +71,7 @@ class ProcessRuntime(PodLayout):
             lost=lost, containers=containers, endpoints=endpoints,
             cgroup=self.cgroup_parent(pod["name"]), pids=pids,
             started_at=min(started) if started else None,
-            blocked=self.blocked_ports.message(endpoints))
+            blocked=self.blocked_ports.message(endpoints), holder=holder if alive else None)
 
     # -- acting ------------------------------------------------------------------------------
 
@@ -164,6 +167,7 @@ class ProcessRuntime(PodLayout):
             "log": {"dir": os.path.join(pdir, "logs"), "max_size": self.log_max_size,
                     "max_files": self.log_max_files},
             "backoff": self.backoff,
+            "notify": self.notify_socket,
             "containers": [{
                 "name": c["name"], "command": list(c["command"]) + list(c.get("args") or []),
                 "env": {**c.get("env", {}), **env_ports.get(c["name"], {})},

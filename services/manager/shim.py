@@ -14,11 +14,12 @@ import logging
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,6 +164,7 @@ class Shim:
         self.signals: set[int] = set()
         self.kill_at: float | None = None
         self.children = False  # whether a child may still be left to reap
+        self.events = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) if spec.notify else None
 
     def run(self) -> int:
         self._install_signals()
@@ -374,6 +376,10 @@ class Shim:
             shimctl.write_json(os.path.join(self.pod_dir, shimctl.STATUS_FILE), status)
         except OSError as exc:
             _LOG.error("cannot write status", extra={"error": str(exc)})
+        if self.events is not None and self.spec.notify:
+            # never waits: a manager that is away or behind learns it from the file later
+            with suppress(OSError):
+                self.events.sendto(self.spec.pod.encode(), socket.MSG_DONTWAIT, self.spec.notify)
 
 
 @contextmanager

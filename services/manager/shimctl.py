@@ -68,6 +68,7 @@ class PodSpec:
     containers: tuple[ContainerSpec, ...]
     grace_period: float = 30.0
     backoff: BackoffSpec = BackoffSpec()
+    notify: str | None = None   # a unix datagram socket told the pod's name after each status write
 
 
 class Reason(StrEnum):
@@ -149,6 +150,7 @@ def parse_spec(data: object) -> PodSpec:
         containers=parsed,
         grace_period=_number(obj, "grace_period", "", 30.0),
         backoff=_backoff(_get(obj, "backoff", "", dict, {})),
+        notify=_notify(obj),
     )
 
 
@@ -277,6 +279,13 @@ def _container(data: object, where: str) -> ContainerSpec:
         memory_bytes=_positive_int(obj, "memory_bytes", where, None),
         restart_policy=RestartPolicy(policy),
     )
+
+
+def _notify(obj: dict[str, Any]) -> str | None:
+    path: str | None = _get(obj, "notify", "", (str, type(None)), None)
+    if path is not None and not (os.path.isabs(path) and len(path.encode()) <= 107):
+        raise InvalidArgument("must be an absolute unix socket path (at most 107 bytes)", "notify")
+    return path
 
 
 def _log(obj: dict[str, Any]) -> LogSpec:

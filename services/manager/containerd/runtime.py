@@ -52,6 +52,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LABEL_AGENT, LABEL_POD, LABEL_UID, LABEL_CONTAINER = (
     "riklet.agent", "riklet.pod", "riklet.uid", "riklet.container")
 START_SETTLE = 2.0
+RECHECK = 0.5  # containerd tells of no exit or restart due: its pods are observed this often
 Progress = Callable[[PodRecord, str], None]
 
 
@@ -151,7 +152,7 @@ class ContainerdRuntime(PodLayout):
             pids=[int(c["pid"]) for c in running if c.get("pid")],
             internal_ip=str(driver.get("ip") or "127.0.0.1"),
             started_at=min(started) if started else None,
-            blocked=self.blocked_ports.message(endpoints))
+            blocked=self.blocked_ports.message(endpoints), recheck_after=RECHECK)
 
     def _observe_one(self, pod: PodRecord, c: dict[str, Any], rec: dict[str, Any], stopped: bool,
                      driver: dict[str, Any]) -> bool:
