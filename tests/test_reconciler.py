@@ -335,11 +335,13 @@ def test_a_stale_record_is_refused_by_memory_and_not_retried(h: Harness) -> None
     h.client.set_desired("web", "stopped")   # a newer generation
     h.wait_phase("web", "Terminated")
     h.runtime.exit("web", 0)
+    stale = {**old, "status": {"phase": "Pending"}}   # would publish a Running status
     with pytest.raises(Conflict):
-        rec.sync({**old, "status": {"phase": "Pending"}})   # would publish a Running status
+        rec.sync(stale)
     assert h.status("web")["phase"] == "Terminated"
     # through the worker: swallowed as stale, no retry scheduled (the newer record comes anyway)
-    assert rec.timers.pending() == 0
+    rec._sync_one("web", stale)
+    assert rec.timers.pending() == 0 and h.status("web")["phase"] == "Terminated"
 
 
 def test_a_late_delete_cannot_remove_the_pod_applied_after_it(h: Harness) -> None:
@@ -488,6 +490,10 @@ def test_timers_keep_the_earliest_time_per_pod() -> None:
     t.schedule("a", 9.0)
     t.schedule("a", 1.0)      # earlier: replaces
     assert t.pop_due(1.0) == (["a"], None) and t.pending() == 0
+    t.schedule("b", 2.0)      # between pop_due and wait: the wait must not sleep past it
+    began = time.monotonic()
+    t.wait(5.0)
+    assert time.monotonic() - began < 1.0
 
 
 def test_pacer_spreads_a_pass_evenly_and_never_bursts() -> None:

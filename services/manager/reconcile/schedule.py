@@ -22,6 +22,7 @@ class Timers:
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
         self._cond = threading.Condition()
+        self._sooner = False   # a time earlier than the last reported was scheduled since
 
     def schedule(self, name: str, at: float) -> None:
         with self._cond:
@@ -31,6 +32,7 @@ class Timers:
             self._due[name] = at
             heapq.heappush(self._heap, (at, name))
             if self._heap[0] == (at, name):
+                self._sooner = True
                 self._cond.notify()  # the sleeper may be waiting for a later time
 
     def cancel(self, name: str) -> None:
@@ -45,6 +47,7 @@ class Timers:
         """The pods due by ``now`` (each removed) and the next due time after them, if any."""
         due: list[str] = []
         with self._cond:
+            self._sooner = False
             while self._heap and self._heap[0][0] <= now:
                 at, name = heapq.heappop(self._heap)
                 if self._due.get(name) == at:
@@ -57,10 +60,12 @@ class Timers:
     def wait(self, timeout: float) -> None:
         """Sleep up to ``timeout``, less when an earlier check is scheduled meanwhile."""
         with self._cond:
-            self._cond.wait(max(0.0, timeout))
+            if not self._sooner:   # else one came between pop_due and now: no sleeping past it
+                self._cond.wait(max(0.0, timeout))
 
     def wake(self) -> None:
         with self._cond:
+            self._sooner = True
             self._cond.notify_all()
 
 
