@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,7 @@ class FakeRuntime:
         self.stops: Counter[str] = Counter()
         self.cleaned: Counter[str] = Counter()
         self.fail_starts = 0
+        self.notify: Callable[[str], None] | None = None   # a shim's datagram, for holderless pods
         self.gates: dict[str, threading.Event] = {}
         self.entered: dict[str, threading.Event] = {}
         self.lock = threading.Lock()
@@ -120,7 +121,8 @@ class FakeRuntime:
         return obs
 
     def stop(self, pod: PodRecord) -> None:
-        """Like a shim given SIGTERM: the holder ends soon after, telling nobody."""
+        """Like a shim given SIGTERM: a holder ends soon after, telling nobody (its pidfd
+        tells); without one, the pod ends at once and says so (a shim's datagram)."""
         self.stops[pod["name"]] += 1
         with self.lock:
             h = self.held.get(pod["name"])
@@ -129,8 +131,10 @@ class FakeRuntime:
             h.stopped = True
             if h.holder is not None:
                 h.holder.terminate()
-            else:
-                h.alive = False
+                return
+            h.alive = False
+        if self.notify is not None:
+            self.notify(pod["name"])
 
     def cleanup(self, pod: PodRecord) -> None:
         self.cleaned[pod["name"]] += 1
@@ -170,19 +174,24 @@ class Harness:
         self.cfg = self.memory.config()
         self.client = MemoryClient(self.cfg)
         self.reconciler: Reconciler | None = None
+        self.seen: dict[str, dict[str, Any]] = {}
         self.mirror = PodMirror(self.cfg, on_change=self._changed)
         self.mirror.start()
         assert self.mirror.wait_synced(10)
         self.runtime = FakeRuntime()
 
     def _changed(self, name: str, record: dict[str, Any] | None) -> None:
-        if self.reconciler is not None and record is not None:
-            self.reconciler.poke(name)   # as the manager wires it
+        before = self.seen.pop(name, None)
+        if record is not None:
+            self.seen[name] = record
+        if self.reconciler is not None:
+            self.reconciler.changed(name, record, before)   # as the manager wires it
 
     def start(self, runtime: FakeRuntime | None = None, **options: Any) -> Reconciler:
         self.runtime = runtime or self.runtime
         options.setdefault("resync_interval", HOUR)
         self.reconciler = Reconciler(self.client, {"process": self.runtime}, self.mirror, **options)
+        self.runtime.notify = self.reconciler.poke
         self.reconciler.start()
         return self.reconciler
 
@@ -348,9 +357,9 @@ def test_a_late_delete_cannot_remove_the_pod_applied_after_it(h: Harness) -> Non
     rec = h.start()
     h.client.apply("web", spec())
     h.wait_phase("web", "Running")
-    deleting = h.client.set_desired("web", "deleted")
     rec.stop()   # hold the delete: it "finishes late", after the new apply
     h.reconciler = None
+    deleting = h.client.set_desired("web", "deleted")
     h.runtime.exit("web", 0)
     h.client.apply("web", spec(8080))
     with pytest.raises(Conflict):

@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> None:
             previous[name] = record
         if service is not None:
             service.on_change(name, record, before)
-        if reconciler is not None and record is not None:
-            reconciler.poke(name)
+        if reconciler is not None:
+            reconciler.changed(name, record, before)
         if link is not None:
             link.on_change(name, record, before)
 

@@ -43,6 +43,7 @@ class ProcessRuntime(PodLayout):
                  notify_socket: str | None = None) -> None:
         super().__init__(state_dir)
         self.notify_socket = notify_socket  # where shims send their events (None: nowhere)
+        self.layout = cgroups.detect()  # once: detecting costs ~20 stats, paid per cleanup before
         self.grace_default = grace_default
         self.log_max_size = log_max_size
         self.log_max_files = log_max_files
@@ -118,7 +119,7 @@ class ProcessRuntime(PodLayout):
         """Nothing of the pod stays: its processes, its cgroups (the shim removes them when it
         ends; one that died cannot) and its directory, logs included."""
         self._kill_leftovers(pod["name"])
-        group = cgroups.Cgroup(self.cgroup_parent(pod["name"]))
+        group = cgroups.Cgroup(self.cgroup_parent(pod["name"]), self.layout)
         with contextlib.suppress(RikletError, OSError):  # best effort: the agent prunes at stop
             group.remove()   # waits a moment for killed processes to be reaped
         with contextlib.suppress(RikletError):
@@ -135,7 +136,7 @@ class ProcessRuntime(PodLayout):
                     int(c["pid"]), int(c.get("pid_start") or 0)):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(int(c["pid"]), signal.SIGKILL)
-        group = cgroups.Cgroup(self.cgroup_parent(name))
+        group = cgroups.Cgroup(self.cgroup_parent(name), self.layout)
         with contextlib.suppress(Exception):
             if group.exists():
                 group.kill_all(signal.SIGKILL)

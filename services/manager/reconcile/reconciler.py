@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 
 URGENT, ROUTINE = 0, 1
+# What a pod is wanted to be; only the reconciler writes the rest (its status).
+_WANTED = ("uid", "generation", "desired", "spec")
 
 
 class Reconciler:
@@ -94,6 +96,15 @@ class Reconciler:
         """Something changed: sync ``name`` (or every pod) before the routine checks."""
         for n in ([name] if name is not None else self.pods.names()):
             self._submit(n, URGENT)
+
+    def changed(self, name: str, record: PodRecord | None, before: PodRecord | None) -> None:
+        """Memory's word that a pod changed: sync it, unless all that changed is a status this
+        reconciler wrote itself (the echo of its own write has nothing new to act on)."""
+        if record is None:
+            return
+        if before is not None and all(before.get(k) == record.get(k) for k in _WANTED):
+            return
+        self.poke(name)
 
     def _housekeep(self) -> None:
         """The one periodic thread: due rechecks, and once a second the blocked-ports file and
