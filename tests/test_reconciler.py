@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -30,6 +31,7 @@ from common import blocked_ports
 from common.errors import Conflict, Unavailable
 from common.memclient import MemoryClient, PodMirror
 from services.manager.reconcile.events import ShimEvents
+from services.manager.reconcile.pidwatch import raise_fd_limit
 from services.manager.reconcile.reconciler import Reconciler
 from services.manager.reconcile.schedule import Pacer, Timers
 from services.manager.reconcile.status import derive, same
@@ -528,3 +530,12 @@ def test_blocked_reader_reports_what_changed(tmp_path: Path) -> None:
         json.dump({"blocked": [{"protocol": "TCP", "port": 80, "message": "c"}]}, f)
     assert reader.refresh() == {("TCP", 80), ("UDP", 53)}   # message changed, 53 left
     assert reader.message([{"protocol": "tcp", "host_port": 80}]) == "c"
+
+
+def test_the_fd_limit_is_raised_to_the_hard_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+        assert raise_fd_limit() == hard   # a pidfd per live pod: 5000 pods need 5000+
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
