@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -311,11 +312,14 @@ def chain_id(diff_ids: list[str]) -> str:
 
 
 _MODULES: dict[str, tuple[Any, Any]] = {}
+_MODULES_LOCK = threading.Lock()  # first use comes from several threads at once (syncs, orphans)
 
 
 def _modules() -> dict[str, tuple[Any, Any]]:
     """The generated stubs, imported on first use (they exist only after `make containerd-api`)."""
-    if not _MODULES:
+    with _MODULES_LOCK:
+        if _MODULES:
+            return _MODULES
         missing = stubs_missing()
         if missing:
             raise Unavailable(missing, "containerd")
