@@ -496,6 +496,7 @@ def test_timers_keep_the_earliest_time_per_pod() -> None:
     t.schedule("a", 7.0)      # later than pending: ignored
     t.schedule("c", 4.0)
     t.cancel("c")
+    assert t.has("a") and not t.has("c")
     assert t.pop_due(2.0) == ([], 3.0)
     assert t.pop_due(5.0) == (["b", "a"], None)
     t.schedule("a", 9.0)

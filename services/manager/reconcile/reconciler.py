@@ -6,12 +6,12 @@ purpose). Every step is idempotent and never blocks on a workload: stopping send
 and the next sync sees the result.
 
 Nothing polls every pod. A pod is synced when something says it changed: memory (an apply, a
-stop, a delete, a status write), its shim (a datagram after each status write, see
-:mod:`.events`), its shim's exit (a pidfd, :mod:`.pidwatch`, which also catches a SIGKILL), or
-the proxy's blocked-ports file (looked at once a second). A driver whose changes announce
-themselves by no event asks for a recheck (``Observed.recheck_after``: containerd pods), a sync
-that failed is retried after ``interval``, and a slow resync looks at every pod once per
-``resync_interval``, spread evenly, as a safety net (:mod:`.schedule`).
+stop, a delete; not the echo of a status this reconciler wrote), its shim (a datagram after each
+status write, see :mod:`.events`), its shim's exit (a pidfd, :mod:`.pidwatch`, which also
+catches a SIGKILL), or the proxy's blocked-ports file (looked at once a second). A driver whose
+changes announce themselves by no event asks for a recheck (``Observed.recheck_after``:
+containerd pods), a sync that failed is retried after ``interval``, and a slow resync looks at
+every other pod once per ``resync_interval``, spread evenly, as a safety net (:mod:`.schedule`).
 
 Every write to memory is fenced by the uid and generation of the record the sync read: when the
 pod was applied, stopped or deleted again meanwhile, memory refuses the write (Conflict) and the
@@ -119,9 +119,22 @@ class Reconciler:
                 second = now + 1.0
                 self._check_blocked()
                 for name in self.pacer.take(now, self.pods.names):
-                    self._submit(name, ROUTINE)
+                    self._resync(name)
             wake = second if next_due is None else min(second, next_due)
             self.timers.wait(wake - self.clock())
+
+    def _resync(self, name: str) -> None:
+        """The safety net's look at one pod, on this thread: a handful a second, each cheap (a
+        few file reads), so handing them to a worker would cost more than it spares. Skipped
+        when the pod is being synced anyway, or rechecked: a driver that asks for rechecks may
+        be slow to answer (containerd), and is looked at often already."""
+        if self.timers.has(name):
+            return
+        with self._lock:
+            if name in self._running or name in self._queued:
+                return
+            self._running.add(name)
+        self._run(name)
 
     def _check_blocked(self) -> None:
         """Sync the pods asking for a host port that was just blocked or set free."""

@@ -39,6 +39,10 @@ class Timers:
         with self._cond:
             self._due.pop(name, None)  # its heap entry is skipped when it comes up
 
+    def has(self, name: str) -> bool:
+        with self._cond:
+            return name in self._due
+
     def pending(self) -> int:
         with self._cond:
             return len(self._due)
