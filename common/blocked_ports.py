@@ -1,10 +1,10 @@
 """Host ports the proxy could not hold, as it tells the manager: ``<state>/proxy-blocked.json``.
 
-The proxy writes the file whenever the set changes; the runtimes read it when they observe a
-pod, and a pod with a blocked host port shows Error, reason PortInUse, naming the port and its
-holder. A file rather than a request: the manager reads it on every observation, at the cost of
-a stat, and the proxy reads it back when it restarts, so a port stays blocked across restarts
-until it is free.
+The proxy writes the file whenever the set changes; the manager's reconciler looks at it once a
+second and syncs the pods whose host ports appeared in it or left it, and a pod with a blocked
+host port shows Error, reason PortInUse, naming the port and its holder. A file rather than a
+request: the manager reads it only when it changed, and the proxy reads it back when it
+restarts, so a port stays blocked across restarts until it is free.
 """
 
 from __future__ import annotations
@@ -73,24 +73,35 @@ def read(path: str) -> dict[Key, str]:
 
 
 class Reader:
-    """The file as last read, read again only when its mtime or size changed."""
+    """The file as last read, read again only when its mtime or size changed. With
+    ``refreshed_elsewhere``, only :meth:`refresh` looks at the file (the reconciler, once a
+    second); lookups use what it read last, costing no stat per observation."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, refreshed_elsewhere: bool = False) -> None:
         self.path = path
+        self.refreshed_elsewhere = refreshed_elsewhere
         self._lock = threading.Lock()
         self._seen: tuple[int, int] | None = None
         self._blocked: dict[Key, str] = {}
 
-    def blocked(self) -> dict[Key, str]:
+    def refresh(self) -> set[Key]:
+        """Look at the file again; the ports that appeared in it, left it or changed message."""
         try:
             st = os.stat(self.path)
             stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
         except OSError:
             stamp = None
         with self._lock:
-            if stamp != self._seen:
-                self._blocked = read(self.path) if stamp is not None else {}
-                self._seen = stamp
+            if stamp == self._seen:
+                return set()
+            old, self._blocked = self._blocked, read(self.path) if stamp is not None else {}
+            self._seen = stamp
+            return {k for k in old.keys() | self._blocked.keys() if old.get(k) != self._blocked.get(k)}
+
+    def blocked(self) -> dict[Key, str]:
+        if not self.refreshed_elsewhere:
+            self.refresh()
+        with self._lock:
             return self._blocked
 
     def message(self, endpoints: Iterable[Mapping[str, Any]]) -> str | None:

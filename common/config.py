@@ -193,6 +193,13 @@ def _positive(value: object, field: str) -> float:
     return secs
 
 
+def _positive_duration(value: object, field: str) -> float:
+    secs = parse_duration(value, field)
+    if secs <= 0:
+        raise InvalidArgument("must be a positive duration", field)
+    return secs
+
+
 def _optional_address(value: object, field: str) -> str | None:
     return None if value in (None, "") else _address(value, field)
 
@@ -248,6 +255,9 @@ SETTINGS: tuple[Setting, ...] = (
             "runtime for containers that do not say"),
     Setting("runtime.stop_grace_period", parse_duration, lambda: 10.0, None, None,
             "SIGTERM to SIGKILL delay when a pod does not set one"),
+    Setting("reconcile.resync_interval", _positive_duration, lambda: 30.0, "RIKLET_RESYNC_INTERVAL",
+            "--resync-interval", "every pod is observed once per this long, spread evenly (a "
+            "safety net: changes reach the manager as events)"),
     Setting("containerd.address", _socket_path, lambda: "/run/containerd/containerd.sock",
             "CONTAINERD_SOCKET", "--containerd-socket", "containerd's gRPC socket"),
     Setting("containerd.namespace", _name, lambda: "riklet", "RIKLET_CONTAINERD_NAMESPACE", None,
@@ -358,6 +368,7 @@ class Config:
     logging_level: str
     runtime_default: str
     runtime_stop_grace_period: float
+    reconcile_resync_interval: float
     containerd_address: str
     containerd_namespace: str
     containerd_snapshotter: str

@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common import auth, config, pb
+from common import auth, blocked_ports, config, pb
 from common import log as logsetup
 from common.errors import RikletError
 from common.memclient import MemoryClient, PodMirror
@@ -41,15 +41,20 @@ def main(argv: list[str] | None = None) -> None:
     from services.manager.containerd.cni import PodNetworks
     from services.manager.containerd.runtime import ContainerdRuntime
     from services.manager.process import ProcessRuntime
+    from services.manager.reconcile.events import ShimEvents
+    from services.manager.reconcile.events import path_in as events_path
+    from services.manager.reconcile.pidwatch import raise_fd_limit
     from services.manager.reconcile.reconciler import Reconciler
     from services.manager.rik.link import SchedulerLink
 
     make_run_dir(cfg.paths_run_dir)
+    raise_fd_limit()  # the reconciler holds a pidfd per live pod
     memory = MemoryClient(cfg)
     runtime = ProcessRuntime(
         cfg.paths_state_dir, cfg.runtime_stop_grace_period, cfg.logs_max_size, cfg.logs_max_files,
         {"initial": cfg.restart_backoff_initial, "max": cfg.restart_backoff_max,
-         "reset": cfg.restart_backoff_reset}, user=cfg.runtime_user)
+         "reset": cfg.restart_backoff_reset}, user=cfg.runtime_user,
+        notify_socket=events_path(cfg.paths_run_dir))
     # The containerd runtime is always there: without containerd, its pods fail with the reason
     # while process pods run on.
     backoff = {"initial": cfg.restart_backoff_initial, "max": cfg.restart_backoff_max,
@@ -73,8 +78,8 @@ def main(argv: list[str] | None = None) -> None:
             previous[name] = record
         if service is not None:
             service.on_change(name, record, before)
-        if reconciler is not None and record is not None:
-            reconciler.poke(name)
+        if reconciler is not None:
+            reconciler.changed(name, record, before)
         if link is not None:
             link.on_change(name, record, before)
 
@@ -82,7 +87,12 @@ def main(argv: list[str] | None = None) -> None:
     mirror.start()
     if not mirror.wait_synced(30):
         log.warning("memory not reachable yet; serving and retrying")
-    reconciler = Reconciler(memory, {"process": runtime, "containerd": containers}, mirror)
+    # One reader of the proxy's blocked ports for both drivers, refreshed by the reconciler.
+    blocked = blocked_ports.Reader(blocked_ports.path_in(cfg.paths_state_dir), refreshed_elsewhere=True)
+    runtime.blocked_ports = containers.blocked_ports = blocked
+    reconciler = Reconciler(memory, {"process": runtime, "containerd": containers}, mirror,
+                            resync_interval=cfg.reconcile_resync_interval, blocked=blocked)
+    shim_events = ShimEvents(events_path(cfg.paths_run_dir), reconciler.poke)
     containers.on_progress = reconciler.progress
     service = NodeService(memory, mirror, RequestClient(cfg.monitor_endpoint, timeout=2.0, retries=1),
                           runtime.log_path, cfg.runtime_stop_grace_period, reconciler.poke,
@@ -116,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     if bound == 0:
         raise SystemExit(f"riklet-manager: cannot listen on {cfg.api_address}")
     server.start()
+    shim_events.start()  # bound before the first sync: a shim started from now on is heard
     reconciler.start()
     chas_stats = ChasStats()
     stats_server = StatsServer(cfg.manager_endpoint, chas_stats.snapshot, name="manager-stats")
@@ -149,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         chas_api.stop()
     server.stop(grace=2).wait()
     stats_server.stop()
+    shim_events.stop()
     reconciler.stop()
     mirror.stop()
     # Workloads are left running on purpose: their shims do not depend on this process. Their

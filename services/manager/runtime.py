@@ -34,6 +34,11 @@ class Observed:
     internal_ip: str = "127.0.0.1"
     started_at: float | None = None
     blocked: str | None = None        # a host port of the pod the proxy cannot hold: why
+    # (pid, start time) of a live holder whose exit the reconciler learns through a pidfd
+    holder: tuple[int, int] | None = None
+    # seconds after which the reconciler observes the pod again unasked: for drivers whose
+    # changes announce themselves by no event (containerd); None: events suffice
+    recheck_after: float | None = None
 
 
 class PodLayout:

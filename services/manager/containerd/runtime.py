@@ -54,6 +54,7 @@ from services.manager.runtime import Observed, PodLayout, PodRecord, spec_hash
 log = logging.getLogger(__name__)
 
 START_SETTLE = 2.0
+RECHECK = 0.5  # containerd tells of no exit or restart due: its pods are observed this often
 Progress = Callable[[PodRecord, str], None]
 
 
@@ -118,7 +119,7 @@ class ContainerdRuntime(PodLayout, Images):
             pids=[int(c["pid"]) for c in running if c.get("pid")],
             internal_ip=str(driver.get("ip") or "127.0.0.1"),
             started_at=min(started) if started else None,
-            blocked=self.blocked_ports.message(endpoints))
+            blocked=self.blocked_ports.message(endpoints), recheck_after=RECHECK)
 
     def _observe_one(self, pod: PodRecord, c: dict[str, Any], rec: dict[str, Any], stopped: bool,
                      driver: dict[str, Any]) -> bool:

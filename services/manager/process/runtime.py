@@ -39,13 +39,13 @@ class ProcessRuntime(PodLayout):
                  backoff: dict[str, float], user: tuple[int, int] | None = None,
                  notify_socket: str | None = None) -> None:
         super().__init__(state_dir)
+        self.layout = cgroups.detect()  # once: detecting costs ~20 stats, paid per cleanup before
         self.grace_default = grace_default
         self.log_max_size = log_max_size
         self.log_max_files = log_max_files
         self.backoff = backoff
         self.user = user
         self.notify_socket = notify_socket  # where each shim announces a new status of its pod
-
 
     # -- observing ---------------------------------------------------------------------------
 
@@ -55,7 +55,8 @@ class ProcessRuntime(PodLayout):
         if driver is None or driver.get("uid") != pod["uid"] or driver.get("runtime", "process") != "process":
             return None
         st = shim.read_status(pdir) or {}
-        alive = bool(st) and shim.pid_alive(int(st.get("shim_pid", 0)), int(st.get("shim_start", 0)))
+        holder = (int(st.get("shim_pid", 0)), int(st.get("shim_start", 0)))
+        alive = bool(st) and shim.pid_alive(*holder)
         containers = list(st.get("containers") or [])
         finished = st.get("state") == "exited"
         lost = bool(st) and not alive and not finished
@@ -67,7 +68,7 @@ class ProcessRuntime(PodLayout):
             lost=lost, containers=containers, endpoints=endpoints,
             cgroup=self.cgroup_parent(pod["name"]), pids=pids,
             started_at=min(started) if started else None,
-            blocked=self.blocked_ports.message(endpoints))
+            blocked=self.blocked_ports.message(endpoints), holder=holder if alive else None)
 
     # -- acting ------------------------------------------------------------------------------
 
@@ -107,7 +108,7 @@ class ProcessRuntime(PodLayout):
         """Nothing of the pod stays: its processes, its cgroups (the shim removes them when it
         ends; one that died cannot) and its directory, logs included."""
         self._kill_leftovers(pod["name"])
-        group = cgroups.Cgroup(self.cgroup_parent(pod["name"]))
+        group = cgroups.Cgroup(self.cgroup_parent(pod["name"]), self.layout)
         with contextlib.suppress(RikletError, OSError):  # best effort: the agent prunes at stop
             group.remove()   # waits a moment for killed processes to be reaped
         with contextlib.suppress(RikletError):
@@ -124,7 +125,7 @@ class ProcessRuntime(PodLayout):
                     int(c["pid"]), int(c.get("pid_start") or 0)):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(int(c["pid"]), signal.SIGKILL)
-        group = cgroups.Cgroup(self.cgroup_parent(name))
+        group = cgroups.Cgroup(self.cgroup_parent(name), self.layout)
         with contextlib.suppress(Exception):
             if group.exists():
                 group.kill_all(signal.SIGKILL)

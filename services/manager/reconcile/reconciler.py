@@ -3,8 +3,15 @@
 Each pod is synced by one worker at a time; a pod that changes while its sync runs is synced
 again afterwards (only the newest desired state matters: intermediate ones are skipped on
 purpose). Every step is idempotent and never blocks on a workload: stopping sends the signal
-and the next sync sees the result. A periodic tick catches what no event announces (a container
-exiting, a shim dying).
+and the next sync sees the result.
+
+Nothing polls every pod. A pod is synced when something says it changed: memory (an apply, a
+stop, a delete; not the echo of a status this reconciler wrote), its shim (a datagram after each
+status write, see :mod:`.events`), its shim's exit (a pidfd, :mod:`.pidwatch`, which also
+catches a SIGKILL), or the proxy's blocked-ports file (looked at once a second). A driver whose
+changes announce themselves by no event asks for a recheck (``Observed.recheck_after``:
+containerd pods), a sync that failed is retried after ``interval``, and a slow resync looks at
+every other pod once per ``resync_interval``, spread evenly, as a safety net (:mod:`.schedule`).
 
 Every write to memory is fenced by the uid and generation of the record the sync read: when the
 pod was applied, stopped or deleted again meanwhile, memory refuses the write (Conflict) and the
@@ -23,8 +30,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from common import blocked_ports
 from common.errors import Conflict, NotFound, RikletError, Unavailable
 from common.memclient import MemoryClient
+from services.manager.reconcile.pidwatch import PidWatch
+from services.manager.reconcile.schedule import Clock, Pacer, Timers
 from services.manager.reconcile.status import Phase, derive, same
 from services.manager.runtime import Observed, PodRecord, Runtime, spec_hash
 
@@ -32,18 +42,28 @@ log = logging.getLogger(__name__)
 
 
 URGENT, ROUTINE = 0, 1
+# What a pod is wanted to be; only the reconciler writes the rest (its status).
+_WANTED = ("uid", "generation", "desired", "spec")
 
 
 class Reconciler:
     """Syncs pods on worker threads fed by a priority queue: a pod somebody just changed goes
-    before the periodic pass over every pod, so a new pod never waits behind a hundred checks."""
+    before the routine checks (rechecks, resync), so a new pod never waits behind a hundred."""
 
     def __init__(self, memory: MemoryClient, runtimes: Mapping[str, Runtime],
-                 pods: Any, interval: float = 0.5, workers: int = 8) -> None:
+                 pods: Any, interval: float = 0.5, workers: int = 8, *,
+                 resync_interval: float = 30.0, blocked: blocked_ports.Reader | None = None,
+                 clock: Clock = time.monotonic) -> None:
         self.memory = memory
         self.runtimes = runtimes
         self.pods = pods              # a PodMirror: .get(name), .names()
-        self.interval = interval
+        self.interval = interval      # a failed sync is tried again this much later
+        self.blocked = blocked        # the proxy's blocked ports, refreshed here once a second
+        self.clock = clock
+        self.timers = Timers()
+        self.pacer = Pacer(resync_interval, clock())
+        self.holders = PidWatch(self.poke)
+        self.syncs = 0                # syncs run, for tests and diagnostics
         self._queue: queue.PriorityQueue[tuple[int, int, str]] = queue.PriorityQueue()
         self._order = itertools.count()
         self._lock = threading.Lock()
@@ -51,30 +71,82 @@ class Reconciler:
         self._running: set[str] = set()
         self._again: set[str] = set()
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._tick, name="reconciler", daemon=True)]
+        self._threads = [threading.Thread(target=self._housekeep, name="reconciler", daemon=True)]
         self._threads += [threading.Thread(target=self._work, name=f"sync-{i}", daemon=True)
                           for i in range(workers)]
 
     def start(self) -> None:
+        if self.blocked is not None:
+            self.blocked.refresh()   # the first observations already see the blocked ports
+        self.holders.start()
         for t in self._threads:
             t.start()
+        self.poke()   # every pod once at start: what changed while no manager ran
 
     def stop(self) -> None:
         self._stop.set()
+        self.timers.wake()
         for _ in self._threads:
             self._queue.put((-1, 0, ""))
         for t in self._threads:
             t.join(timeout=5)
+        self.holders.stop()
 
     def poke(self, name: str | None = None) -> None:
         """Something changed: sync ``name`` (or every pod) before the routine checks."""
         for n in ([name] if name is not None else self.pods.names()):
             self._submit(n, URGENT)
 
-    def _tick(self) -> None:
-        while not self._stop.wait(self.interval):
-            for name in self.pods.names():
+    def changed(self, name: str, record: PodRecord | None, before: PodRecord | None) -> None:
+        """Memory's word that a pod changed: sync it, unless all that changed is a status this
+        reconciler wrote itself (the echo of its own write has nothing new to act on)."""
+        if record is None:
+            return
+        if before is not None and all(before.get(k) == record.get(k) for k in _WANTED):
+            return
+        self.poke(name)
+
+    def _housekeep(self) -> None:
+        """The one periodic thread: due rechecks, and once a second the blocked-ports file and
+        the resync pacer. It sleeps until the earliest of those, woken by an earlier recheck."""
+        second = self.clock() + 1.0
+        while not self._stop.is_set():
+            now = self.clock()
+            due, next_due = self.timers.pop_due(now)
+            for name in due:
                 self._submit(name, ROUTINE)
+            if now >= second:
+                second = now + 1.0
+                self._check_blocked()
+                for name in self.pacer.take(now, self.pods.names):
+                    self._resync(name)
+            wake = second if next_due is None else min(second, next_due)
+            self.timers.wait(wake - self.clock())
+
+    def _resync(self, name: str) -> None:
+        """The safety net's look at one pod, on this thread: a handful a second, each cheap (a
+        few file reads), so handing them to a worker would cost more than it spares. Skipped
+        when the pod is being synced anyway, or rechecked: a driver that asks for rechecks may
+        be slow to answer (containerd), and is looked at often already."""
+        if self.timers.has(name):
+            return
+        with self._lock:
+            if name in self._running or name in self._queued:
+                return
+            self._running.add(name)
+        self._run(name)
+
+    def _check_blocked(self) -> None:
+        """Sync the pods asking for a host port that was just blocked or set free."""
+        if self.blocked is None:
+            return
+        changed = self.blocked.refresh()
+        if not changed:
+            return
+        for name in self.pods.names():
+            record = self.pods.get(name)
+            if record is not None and _host_ports(record) & changed:
+                self._submit(name, URGENT)
 
     def _submit(self, name: str, priority: int) -> None:
         with self._lock:
@@ -100,19 +172,38 @@ class Reconciler:
         while True:
             record = self.pods.get(name)
             if record is not None:
-                try:
-                    self.sync(record)
-                except Conflict as exc:  # memory has a newer record: its event brings it here
-                    log.debug("sync acted on a stale record", extra={"pod": name, "error": str(exc)})
-                except RikletError as exc:
-                    log.warning("sync failed, will retry", extra={"pod": name, "error": str(exc)})
-                except Exception:
-                    log.exception("sync crashed, will retry", extra={"pod": name})
+                self._sync_one(name, record)
+            else:
+                self.holders.forget(name)
+                self.timers.cancel(name)
             with self._lock:
                 if name not in self._again:
                     self._running.discard(name)
                     return
                 self._again.discard(name)
+
+    def _sync_one(self, name: str, record: PodRecord) -> None:
+        self.syncs += 1
+        try:
+            obs = self.sync(record)
+        except Conflict as exc:  # memory has a newer record: its event brings it here
+            log.debug("sync acted on a stale record", extra={"pod": name, "error": str(exc)})
+            return
+        except RikletError as exc:
+            log.warning("sync failed, will retry", extra={"pod": name, "error": str(exc)})
+            self.timers.schedule(name, self.clock() + self.interval)
+            return
+        except Exception:
+            log.exception("sync crashed, will retry", extra={"pod": name})
+            self.timers.schedule(name, self.clock() + self.interval)
+            return
+        # watch the holder while it lives: its exit (even by SIGKILL) brings the pod back here
+        if obs is not None and obs.alive and obs.holder is not None:
+            self.holders.watch(name, *obs.holder)
+        else:
+            self.holders.forget(name)
+        if obs is not None and obs.recheck_after is not None:
+            self.timers.schedule(name, self.clock() + obs.recheck_after)
 
     # -- one pod -----------------------------------------------------------------------------
 
@@ -124,7 +215,8 @@ class Reconciler:
             raise NotFound(f"no {kind} runtime is configured on this node", "spec.containers.runtime")
         return runtime
 
-    def sync(self, record: PodRecord) -> None:
+    def sync(self, record: PodRecord) -> Observed | None:
+        """One step towards the desired state; the pod as last observed (None: nothing held)."""
         desired = record.get("desired", "running")
         try:
             runtime = self.runtime_of(record)
@@ -133,19 +225,21 @@ class Reconciler:
                                    "message": exc.message, "containers": [], "endpoints": []})
             if desired == "deleted":
                 self.memory.remove(record["name"], record["uid"], record["generation"])
-            return
+            return None
         obs = runtime.observe(record)
         if desired in ("deleted", "stopped"):
-            self._sync_stop(record, runtime, obs, desired)
-            return
+            return self._sync_stop(record, runtime, obs, desired)
         if obs is not None and obs.alive and obs.spec_hash != spec_hash(record["spec"]):
             log.info("spec changed: replacing containers", extra={"pod": record["name"]})
             self._publish(record, {**(record.get("status") or {}), "phase": Phase.TERMINATING.value})
             runtime.stop(record)
-            return  # the next sync starts the new spec once the old one is gone
+            return obs  # the next sync (the holder's exit) starts the new spec once the old is gone
         if self._should_start(record, obs):
             if self._other_runtime_busy(record, runtime):
-                return  # the pod moved between runtimes: the old one's containers stop first
+                # the pod moved between runtimes: the old one's containers stop first, and the
+                # old driver may announce nothing (containerd): look again soon
+                self.timers.schedule(record["name"], self.clock() + self.interval)
+                return obs
             self._publish(record, {"phase": Phase.CREATING.value, "reason": None, "message": None,
                                    "containers": [], "endpoints": []})
             try:
@@ -155,10 +249,13 @@ class Reconciler:
                 self._publish(self.pods.get(record["name"]) or record, {
                     "phase": Phase.ERROR.value, "reason": reason, "message": exc.message,
                     "containers": [], "endpoints": []})
-                return
+                # tried again as the periodic pass did before events (containerd may come back)
+                self.timers.schedule(record["name"], self.clock() + self.interval)
+                return None
             log.info("pod started", extra={"pod": record["name"]})
         if obs is not None:
             self._publish(record, derive(obs, desired))
+        return obs
 
     def progress(self, record: PodRecord, message: str) -> None:
         """A runtime's word on a slow start (an image pull), shown while the pod is Creating."""
@@ -187,23 +284,25 @@ class Reconciler:
         # Not alive: start again if it was lost, stopped by us earlier, or runs an older spec.
         return obs.lost or obs.stopped or obs.spec_hash != spec_hash(record["spec"])
 
-    def _sync_stop(self, record: PodRecord, runtime: Runtime, obs: Observed | None, desired: str) -> None:
+    def _sync_stop(self, record: PodRecord, runtime: Runtime, obs: Observed | None,
+                   desired: str) -> Observed | None:
         if obs is not None and obs.alive:
             self._publish(record, {**derive(obs, desired), "phase": Phase.TERMINATING.value})
             runtime.stop(record)
-            return
+            return obs  # the holder's exit (event, pidfd) brings the pod back here
         if desired == "deleted":
             runtime.cleanup(record)
             with contextlib.suppress(NotFound):
                 self.memory.remove(record["name"], record["uid"], record["generation"])
             log.info("pod deleted", extra={"pod": record["name"]})
-            return
+            return None
         if obs is not None and not obs.stopped:
             runtime.stop(record)  # marks it stopped so that a later apply starts it again
             obs = runtime.observe(record)
         status = derive(obs, desired) if obs is not None else {
             "phase": Phase.TERMINATED.value, "containers": [], "endpoints": []}
         self._publish(record, {**status, "phase": Phase.TERMINATED.value})
+        return obs
 
     def _publish(self, record: PodRecord, status: dict[str, Any]) -> None:
         old = record.get("status") or {}
@@ -212,3 +311,10 @@ class Reconciler:
         status = {**old, **status, "transitionAt": time.time()} if old.get("phase") != status.get(
             "phase") else {**old, **status}
         self.memory.set_status(record["name"], record["uid"], status, generation=record["generation"])
+
+
+def _host_ports(record: PodRecord) -> set[blocked_ports.Key]:
+    """The (protocol, host port) pairs a pod asks for."""
+    ports = (record.get("spec") or {}).get("ports") or []
+    return {(str(p.get("protocol") or "TCP").upper(), p["port"]) for p in ports
+            if isinstance(p, Mapping) and isinstance(p.get("port"), int) and p["port"]}
