@@ -19,9 +19,8 @@ from typing import Any
 import pytest
 
 from common.errors import InvalidArgument
-from services.manager import shimctl
 from services.manager.containerd import client
-from services.manager.process import ProcessRuntime
+from services.manager.process import ProcessRuntime, shimctl
 from tests.support import cgroup_layout, need, wait_for
 
 

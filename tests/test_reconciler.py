@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from services.manager.shimctl import proc_start_time
 
 from common import blocked_ports
 from common.errors import Conflict, Unavailable
 from common.memclient import MemoryClient, PodMirror
+from services.manager.process.shimctl import proc_start_time
 from services.manager.reconcile.events import ShimEvents
 from services.manager.reconcile.pidwatch import raise_fd_limit
 from services.manager.reconcile.reconciler import Reconciler

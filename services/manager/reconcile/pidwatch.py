@@ -13,7 +13,7 @@ import select
 import threading
 from collections.abc import Callable
 
-from services.manager.shimctl import pid_alive
+from services.manager.process.shimctl import pid_alive
 
 log = logging.getLogger(__name__)
 
