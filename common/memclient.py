@@ -23,14 +23,14 @@ from common import ipc
 from common.config import Config
 from common.errors import BadFrame, RikletError, Timeout, Unavailable
 from common.podsync import Outcome, PodSequence
-from common.zmqutil import RequestClient
+from common.zmqutil import RequestClient, Waker
 
 log = logging.getLogger(__name__)
 
 PATIENCE = 10.0          # seconds a call keeps trying before raising Unavailable
 RESYNC_RETRY = 0.5       # seconds between snapshot attempts while memory is down
 SNAPSHOT_TIMEOUT = 2.0   # seconds a snapshot request may take
-POLL_MS = 200            # how long the mirror waits for an event before checking its health
+POLL_MS = 1000           # how long the mirror waits for an event (stop() cuts it short)
 MAX_BATCH = 1000         # events applied before on_batch runs once for all of them
 SILENCE = 3.0            # no heartbeat for this long: say so (the last known pods stay)
 
@@ -198,6 +198,7 @@ class PodMirror:
         self._synced = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._waker: Waker | None = None
 
     def start(self) -> None:
         if self._thread is not None:
@@ -208,6 +209,9 @@ class PodMirror:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        waker = self._waker
+        if waker is not None:
+            waker.wake()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -253,6 +257,7 @@ class PodMirror:
         sub.connect(self._events_endpoint)
         rpc = RequestClient(self._endpoint, timeout=SNAPSHOT_TIMEOUT, retries=0, context=self._ctx)
         health = _Health(self._endpoint)
+        waker = self._waker = Waker(sub)
         need_sync = True
         try:
             while not stop.is_set():
@@ -264,7 +269,7 @@ class PodMirror:
                     need_sync = False
                     health.ok()
                     self._batch_done()
-                if not sub.poll(POLL_MS, zmq.POLLIN):
+                if not waker.wait(POLL_MS):
                     health.quiet()
                     continue
                 health.ok()
@@ -274,6 +279,8 @@ class PodMirror:
                 elif changed:
                     self._batch_done()
         finally:
+            self._waker = None
+            waker.close()
             sub.close(linger=0)
             rpc.close()
 

@@ -23,11 +23,10 @@ import zmq
 
 from common import ipc
 from common.errors import InvalidArgument
-from common.zmqutil import ipc_path, make_run_dir, prepare_ipc_bind, route_one
+from common.zmqutil import Waker, ipc_path, make_run_dir, prepare_ipc_bind, route_one
 
 log = logging.getLogger(__name__)
 
-POLL_MS = 200  # how soon stop() is noticed while the socket is idle
 
 
 class StatsServer:
@@ -39,6 +38,7 @@ class StatsServer:
         self._snapshot = snapshot
         self._ctx = context or zmq.Context.instance()
         self._stop = threading.Event()
+        self._waker: Waker | None = None
         self._sock: zmq.Socket[Any] | None = None
         self._inode: tuple[int, int] | None = None    # of the ipc file this server bound
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
@@ -68,6 +68,7 @@ class StatsServer:
             sock.close(linger=0)
             raise
         self._sock = sock
+        self._waker = Waker(sock)
         self._thread.start()
 
     def _serve(self) -> None:
@@ -75,7 +76,7 @@ class StatsServer:
         assert sock is not None
         try:
             while not self._stop.is_set():
-                if sock.poll(POLL_MS, zmq.POLLIN):
+                if self._waker is not None and self._waker.wait():
                     route_one(sock, self.handle)
         except zmq.ZMQError as exc:  # the context went away under us: nothing left to serve
             log.warning("stats endpoint stopped", extra={"error": str(exc)})
@@ -84,6 +85,8 @@ class StatsServer:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._waker is not None:
+            self._waker.wake()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         path = ipc_path(self.endpoint)
@@ -95,3 +98,5 @@ class StatsServer:
                 if (st.st_dev, st.st_ino) == self._inode:
                     os.unlink(path)
         self._sock = None
+        if self._waker is not None and not self._thread.is_alive():
+            self._waker.close()

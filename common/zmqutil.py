@@ -3,6 +3,7 @@ binding ipc:// endpoints safely (stale socket files from a crash, a live twin re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -137,3 +138,48 @@ def route_one(sock: zmq.Socket[Any], handler: Handler) -> None:
         sock.send_multipart([ident, b"", *reply])
     else:
         sock.send_multipart([ident, *serve_request(handler, frames)])
+
+
+IDLE_POLL_MS = 1000  # how long an idle loop sleeps between looks at its stop flag
+
+
+class Waker:
+    """A socket's poll that its owner's ``stop()`` can cut short: a pipe polled beside the
+    socket. Idle loops can then sleep a whole second (each wakeup of an idle agent's threads
+    costs CPU, times every thread of every service) and still stop at once."""
+
+    def __init__(self, sock: zmq.Socket[Any]) -> None:
+        self._sock = sock
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._read, zmq.POLLIN)
+        self._lock = threading.Lock()   # no wake() into descriptors close() gave back
+        self._closed = False
+
+    def wait(self, timeout_ms: int = IDLE_POLL_MS) -> bool:
+        """Whether the socket is readable, after at most ``timeout_ms`` or a wake()."""
+        ready = dict(self._poller.poll(timeout_ms))
+        if self._read in ready:
+            try:
+                while os.read(self._read, 64):
+                    pass
+            except BlockingIOError:
+                pass
+        return self._sock in ready
+
+    def wake(self) -> None:
+        with self._lock, contextlib.suppress(OSError):  # a full pipe wakes the poll already
+            if not self._closed:
+                os.write(self._write, b"w")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for fd in (self._read, self._write):
+                with contextlib.suppress(OSError):
+                    os.close(fd)

@@ -110,3 +110,31 @@ def test_containerd_stubs_load_once_for_threads_arriving_together(
     assert done.is_set() and partial == []
     assert set(client._MODULES) == {"version", "leases", "images", "content", "snapshots",
                                     "containers", "tasks"}
+
+
+def test_the_resync_skips_a_pod_only_while_nothing_happened_to_it(base: str) -> None:
+    """ProcessRuntime.unchanged, the safety net's cheap look: true for a quiet running pod,
+    false as soon as its status file is rewritten or its shim dies (even by SIGKILL, which
+    sends no datagram), and false for a pod never observed."""
+    cgroup_layout()
+    rt = ProcessRuntime(os.path.join(base, "state"), 5.0, 1 << 20, 2,
+                        {"initial": 1.0, "max": 10.0, "reset": 60.0})
+    pod = {"name": "quiet", "uid": uuid.uuid4().hex, "generation": 1,
+           "spec": {"containers": [{"name": "c", "command": ["sleep", "600"], "resources": {}}]}}
+    assert rt.unchanged("quiet") is False
+    try:
+        obs = rt.start(pod)
+        assert obs.alive and rt.observe(pod) is not None
+        assert rt.unchanged("quiet") is True
+        status = os.path.join(rt.pod_dir("quiet"), shimctl.STATUS_FILE)
+        data = shimctl.read_status(rt.pod_dir("quiet"))
+        shimctl.write_json(status, {**(data or {}), "updated_at": time.time()})
+        assert rt.unchanged("quiet") is False, "a rewritten status must be looked at"
+        obs = rt.observe(pod)
+        assert obs is not None and obs.holder is not None and rt.unchanged("quiet") is True
+        os.kill(obs.holder[0], 9)
+        wait_for(lambda: not rt.unchanged("quiet"), 5, what="a killed shim noticed")
+    finally:
+        rt.stop(pod)
+        rt.cleanup(pod)
+    assert rt.unchanged("quiet") is False

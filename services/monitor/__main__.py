@@ -34,7 +34,7 @@ from services.monitor.snapshot import Snapshotter
 
 log = logging.getLogger("riklet.monitor")
 
-POLL_MS = 200  # how soon a stop request is noticed while the socket is idle
+POLL_MS = 1000  # how soon a stop request is noticed while the socket is idle
 
 
 def serve(cfg: config.Config, stop: threading.Event) -> None:

@@ -346,7 +346,7 @@ class MetricsServer:
         cls = _Server6 if ":" in host else _Server
         self._httpd = cls((host, port), _Handler)
         self._httpd.collect = collect
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.5},
                                         name="metrics-http", daemon=True)
 
     @property

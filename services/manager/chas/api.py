@@ -114,7 +114,7 @@ class ChasApi:
         except OSError as exc:
             raise Unavailable(f"cannot listen on {self.host}:{self._requested_port}: {exc.strerror or exc}",
                               "chas.port") from exc
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
                                         name="chas-http", daemon=True)
         self._thread.start()
         log.info("CHaS API serving", extra={"address": f"{self.host}:{self.port}",

@@ -18,11 +18,26 @@ from typing import Any
 
 from common import cgroups
 from common.errors import RikletError, Unavailable
-from services.manager.process import shim
+from services.manager.process import shim, shimctl
 from services.manager.process.shimctl import read_json, write_json
 from services.manager.runtime import Observed, PodLayout, PodRecord, spec_hash
 
 log = logging.getLogger(__name__)
+
+
+_Signature = tuple[int, int, int, int, int] | None
+
+
+def _signature(pdir: str) -> _Signature:
+    """driver.json's and status.json's (inode, mtime; and status.json's size): both are replaced
+    by rename on every write, so new content shows as a new inode, time or size. None when
+    either is missing."""
+    try:
+        driver = os.stat(os.path.join(pdir, "driver.json"))
+        status = os.stat(os.path.join(pdir, shimctl.STATUS_FILE))
+    except OSError:
+        return None
+    return driver.st_ino, driver.st_mtime_ns, status.st_ino, status.st_mtime_ns, status.st_size
 
 
 def free_port(protocol: str) -> int:
@@ -46,11 +61,15 @@ class ProcessRuntime(PodLayout):
         self.backoff = backoff
         self.user = user
         self.notify_socket = notify_socket  # where each shim announces a new status of its pod
+        # Per pod, the files' signature and the live holder as of the last observe: what lets
+        # the reconciler's safety-net resync skip a pod nothing happened to (see unchanged()).
+        self._seen: dict[str, tuple[_Signature, tuple[int, int] | None]] = {}
 
     # -- observing ---------------------------------------------------------------------------
 
     def observe(self, pod: PodRecord) -> Observed | None:
         pdir = self.pod_dir(pod["name"])
+        signature = _signature(pdir)  # before reading: a write after it shows as a change later
         driver = read_json(os.path.join(pdir, "driver.json"))
         if driver is None or driver.get("uid") != pod["uid"] or driver.get("runtime", "process") != "process":
             return None
@@ -63,12 +82,23 @@ class ProcessRuntime(PodLayout):
         pids = [int(c["pid"]) for c in containers if c.get("state") == "running" and c.get("pid")]
         started = [c.get("startedAt") for c in containers if c.get("startedAt")]
         endpoints = list(driver.get("endpoints") or [])
+        self._seen[pod["name"]] = (signature, holder if alive else None)
         return Observed(
             alive=alive, spec_hash=str(driver.get("spec_hash")), stopped=bool(driver.get("stopped")),
             lost=lost, containers=containers, endpoints=endpoints,
             cgroup=self.cgroup_parent(pod["name"]), pids=pids,
             started_at=min(started) if started else None,
             blocked=self.blocked_ports.message(endpoints), holder=holder if alive else None)
+
+    def unchanged(self, name: str) -> bool:
+        """Whether nothing can have happened to the pod since it was last observed: its files
+        carry the same signature (the shim rewrites status.json on every change, the driver
+        rewrites driver.json) and its shim still lives. One stat per file and one read of
+        /proc/PID/stat, instead of the JSON reads of an observe; False whenever in doubt."""
+        signature, holder = self._seen.get(name, (None, None))
+        if signature is None or holder is None:
+            return False
+        return _signature(self.pod_dir(name)) == signature and shim.pid_alive(*holder)
 
     # -- acting ------------------------------------------------------------------------------
 
@@ -114,6 +144,7 @@ class ProcessRuntime(PodLayout):
         with contextlib.suppress(RikletError):
             cgroups.prune(group.relpath)
         shutil.rmtree(self.pod_dir(pod["name"]), ignore_errors=True)
+        self._seen.pop(pod["name"], None)
 
     # -- details -----------------------------------------------------------------------------
 
@@ -168,3 +199,4 @@ class ProcessRuntime(PodLayout):
                 "user": list(self.user) if self.user is not None else None,
             } for c in spec["containers"]],
         }
+
