@@ -31,7 +31,7 @@ def base() -> Iterator[str]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_the_python_shim_names_its_pod_after_each_status_write(base: str) -> None:
+def test_the_shim_names_its_pod_after_each_status_write(base: str) -> None:
     cgroup_layout()
     path = os.path.join(base, "ev.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
@@ -58,8 +58,9 @@ def test_the_python_shim_names_its_pod_after_each_status_write(base: str) -> Non
             rt.stop(pod)
             wait_for(lambda: not rt.observe(pod).alive, 10, what="the shim gone")  # type: ignore[union-attr]
             rt.cleanup(pod)
-        # every write is announced, the shim's last (exited) included, and says only the name
-        assert len(got) >= 4 and set(got) == {b"once"}
+        # the writes are announced (the shim folds the changes of one turn into one write: at
+        # least the start and the container's exit come before the stop), naming only the pod
+        assert len(got) >= 2 and set(got) == {b"once"}
 
 
 def test_the_notify_field_must_be_an_absolute_socket_path() -> None:
