@@ -113,7 +113,7 @@ class ProcessRuntime(PodLayout):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(pdir, "status.json"))
         write_json(os.path.join(pdir, "spec.json"), self._shim_spec(pod, env_ports))
-        shim.spawn(pdir)  # returns once every container has started (or failed to) once
+        shim.spawn(pdir, self.layout)  # returns once every container has started (or failed to) once
         obs = self.observe(pod)
         if obs is None:
             raise Unavailable(f"the shim of pod {name} did not report", "pod")
