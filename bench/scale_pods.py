@@ -28,6 +28,7 @@ CALLERS = 8            # concurrent Apply / Delete callers
 STALL = 60.0           # a wait fails when nothing progressed for this long
 RESYNC_AFTER = 2.0     # ... and asks List after this long without news from the Watch
 RPC_TIMEOUT = 30.0
+LIST_PAGE = 500   # as rikletctl pages: one unpaged reply of 5000 pods passes gRPC's 4 MiB
 
 
 def manifest(name: str) -> str:
@@ -86,7 +87,7 @@ class Watcher:
 
     def resync(self) -> None:
         """Catch up through List on what the stream may have dropped."""
-        listed = {p.name: p for p in self.agent.stub.List(npb.ListRequest(), timeout=RPC_TIMEOUT).pods}
+        listed = {p.name: p for p in all_pods(self.agent)}
         for name, pod in listed.items():
             self.see(name, pod.phase, False, pod.reason)
         with self.changed:
@@ -170,7 +171,20 @@ def remove(agent: Agent, watcher: Watcher, name: str) -> None:
     watcher.wait(lambda: int(name in watcher.removed), 1, f"waiting for {name} to be removed")
 
 
-LIST_PAGE = 500   # as rikletctl pages: one unpaged reply of 5000 pods passes gRPC's 4 MiB
+def all_pods(agent: Agent) -> list[Any]:
+    """Every pod, page after page."""
+    pods: list[Any] = []
+    token = ""
+    while True:
+        reply = agent.stub.List(npb.ListRequest(limit=LIST_PAGE, continue_token=token), timeout=RPC_TIMEOUT)
+        pods.extend(reply.pods)
+        token = reply.continue_token
+        if not token:
+            return pods
+
+
+def all_names(agent: Agent) -> list[str]:
+    return [p.name for p in all_pods(agent)]
 
 
 def list_ms(agent: Agent, calls: int = 10) -> float:
@@ -211,14 +225,14 @@ def metrics_ms(agent: Agent, calls: int = 10) -> float:
 def delete_all(agent: Agent, watcher: Watcher, gone: Callable[[], bool]) -> tuple[int, float]:
     """How many pods there were, and the seconds from the first Delete call until List is
     empty and ``gone()`` holds (every shim exited)."""
-    names = [p.name for p in agent.stub.List(npb.ListRequest(), timeout=RPC_TIMEOUT).pods]
+    names = all_names(agent)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(CALLERS) as pool:
         list(pool.map(lambda n: _delete(agent, n), names))
     watcher.wait(lambda: len(watcher.removed.intersection(names)), len(names),
                  f"waiting for {len(names)} pods to be removed")
     deadline = time.monotonic() + STALL
-    while agent.stub.List(npb.ListRequest(), timeout=RPC_TIMEOUT).pods or not gone():
+    while agent.stub.List(npb.ListRequest(limit=1), timeout=RPC_TIMEOUT).pods or not gone():
         if time.monotonic() > deadline:
             raise Timeout(f"pods or shims still there {STALL:.0f} s after every pod was removed", "pods")
         time.sleep(0.01)
