@@ -111,15 +111,11 @@ def _endpoint(pod: str, raw: object) -> tuple[RouteKey, Endpoint] | None:
     return (proto, host_port), Endpoint(str(address), port)
 
 
-def _serving(pod: Mapping[str, Any]) -> bool:
-    return serving(pod)
-
-
 def routes_from_pods(pods: Iterable[Mapping[str, Any]]) -> Routes:
     """Route table of the pods that serve traffic; endpoints sorted so equal inputs compare equal."""
     table: dict[RouteKey, set[Endpoint]] = {}
     for pod in pods:
-        if not _serving(pod):
+        if not serving(pod):
             continue
         name = str(pod.get("name", "?"))
         entries = pod["status"].get("endpoints") or []

@@ -37,6 +37,7 @@ from common.errors import (
     Unavailable,
 )
 from common.imageref import normalize_ref
+from common.jsonfile import read_json, write_json
 from services.manager.containerd import logdriver, ocispec
 from services.manager.containerd.client import (
     LABEL_AGENT,
@@ -48,7 +49,6 @@ from services.manager.containerd.client import (
 )
 from services.manager.containerd.exits import StartFailure, classify, should_restart
 from services.manager.containerd.images import Images
-from services.manager.process.shimctl import read_json, write_json
 from services.manager.runtime import Observed, PodLayout, PodRecord, spec_hash
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from typing import Any
 
 from common import cgroups
 from common.errors import RikletError, Unavailable
+from common.jsonfile import read_json, write_json
 from services.manager.process import shim, shimctl
-from services.manager.process.shimctl import read_json, write_json
 from services.manager.runtime import Observed, PodLayout, PodRecord, spec_hash
 
 log = logging.getLogger(__name__)

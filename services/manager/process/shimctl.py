@@ -23,12 +23,18 @@ import os
 import re
 import selectors
 import signal
-import threading
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from common.errors import InvalidArgument, NotFound
+
+# Re-exported: the shim protocol's callers read them here.
+from common.jsonfile import read_json as read_json
+from common.jsonfile import write_json as write_json
+from common.procstat import pid_alive as pid_alive
+from common.procstat import proc_start_time as proc_start_time
+from common.procstat import proc_stat as proc_stat
 
 SPEC_FILE = "spec.json"
 STATUS_FILE = "status.json"
@@ -193,29 +199,6 @@ def write_spec(pod_dir: str, spec: PodSpec) -> None:
     write_json(os.path.join(pod_dir, SPEC_FILE), spec_to_json(spec))
 
 
-def write_json(path: str, data: object) -> None:
-    """Replace path atomically: readers see the old or the new file, never a partial one.
-
-    Not fsynced (a millisecond per write, two per pod start): these files must survive the kill
-    of any process, which the page cache ensures; a machine crash takes the workloads with it,
-    and a file lost to one reads as missing, which makes the pod start afresh from memory's
-    record (memory's own writes are the ones fsynced)."""
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, separators=(",", ":"))
-    os.replace(tmp, path)
-
-
-def read_json(path: str) -> dict[str, Any] | None:
-    """A JSON object from a file, or None when it is missing, unreadable or not an object."""
-    try:
-        with open(path, "rb") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def read_status(pod_dir: str) -> dict[str, Any] | None:
     """The shim's last status, or None when it is missing or unreadable."""
     try:
@@ -226,29 +209,6 @@ def read_status(pod_dir: str) -> dict[str, Any] | None:
     if not isinstance(data, dict) or not isinstance(data.get("shim_pid"), int):
         return None
     return data
-
-
-def proc_stat(pid: int) -> list[str] | None:
-    """Fields 3.. of /proc/PID/stat (state first), or None if there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    # the command name may hold spaces and parentheses; it ends at the last ')'
-    return raw[raw.rfind(b")") + 2 :].decode().split()
-
-
-def proc_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat: start time in clock ticks since boot."""
-    fields = proc_stat(pid)
-    return int(fields[19]) if fields else None
-
-
-def pid_alive(pid: int, start: int) -> bool:
-    """Whether pid still names the process that started at start; zombies count as dead."""
-    fields = proc_stat(pid)
-    return fields is not None and fields[0] not in ("Z", "X", "x") and int(fields[19]) == start
 
 
 def stop(pod_dir: str, wait: float) -> bool:

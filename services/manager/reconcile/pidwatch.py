@@ -13,7 +13,7 @@ import select
 import threading
 from collections.abc import Callable
 
-from services.manager.process.shimctl import pid_alive
+from common.procstat import pid_alive
 
 log = logging.getLogger(__name__)
 
