@@ -4,8 +4,8 @@ real sockets on loopback, on uvloop (as in production) and on asyncio's own loop
 from __future__ import annotations
 
 import asyncio
+import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -380,74 +380,15 @@ def test_on_change_failing_does_not_stop_the_probing() -> None:
 
 
 
-# --- what probing costs -------------------------------------------------------------------------
+# --- probing many endpoints ----------------------------------------------------------------------
 
-# Run in a helper process: many listeners on loopback that accept and close, printing their ports.
-LISTENERS = """
-import selectors, socket, sys
-sel = selectors.DefaultSelector()
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(128)
-    s.setblocking(False)
-    sel.register(s, selectors.EVENT_READ)
-print(" ".join(str(k.fileobj.getsockname()[1]) for k in sel.get_map().values()), flush=True)
-while True:
-    for key, _ in sel.select():
-        try:
-            key.fileobj.accept()[0].close()
-        except OSError:
-            pass
-"""
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def probing_cost(endpoints: int, interval: float, seconds: float) -> dict[str, float]:
-    """Probe ``endpoints`` listeners (in a helper process) every ``interval`` on uvloop; the
-    prober's CPU (user + system, this process) over ``seconds`` of steady state."""
-    helper = subprocess.Popen([sys.executable, "-c", LISTENERS, str(endpoints)],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert helper.stdout is not None
-        eps = [Endpoint("127.0.0.1", int(p)) for p in helper.stdout.readline().split()]
-        assert len(eps) == endpoints, "the helper's listeners"
-        result: dict[str, float] = {}
-
-        async def main() -> None:
-            changes = Changes()
-            checker = HealthChecker(changes, interval=interval, timeout=1.0)
-            checker.watch(eps)
-            checker.start()
-            await asyncio.sleep(interval)          # every endpoint has had its first probe
-            cpu, wall, probes = cpu_seconds(), time.monotonic(), checker.probes
-            await asyncio.sleep(seconds)           # the measured window: nothing to wait for
-            cpu, wall = cpu_seconds() - cpu, time.monotonic() - wall
-            result.update(cpu_percent=100 * cpu / wall, probes_per_s=(checker.probes - probes) / wall,
-                          us_per_probe=1e6 * cpu / max(1, checker.probes - probes),
-                          unhealthy=sum(not checker.healthy(ep) for ep in eps),
-                          on_change=changes.calls, in_flight_at_end=checker.in_flight)
-            await checker.close()
-
-        uvloop.run(main())
-        return result
-    finally:
-        helper.terminate()
-        helper.wait(10)
-
-
-def test_probing_a_thousand_endpoints_every_two_seconds_costs_little() -> None:
-    cost = probing_cost(1000, 2.0, 4.0)
+def test_a_thousand_endpoints_are_each_probed_every_interval_without_false_alarms() -> None:
+    # In a process of its own (bench/health_cost.py, the figure `make bench-health` prints): what
+    # it measures is that process alone. Its CPU is a bench figure, not asserted here.
+    out = subprocess.run([sys.executable, "-m", "bench.health_cost", "--endpoints", "1000",
+                          "--interval", "2", "--seconds", "4", "--json"],
+                         capture_output=True, text=True, timeout=60, check=True)
+    cost = json.loads(out.stdout)
     assert cost["unhealthy"] == 0 and cost["on_change"] == 0, cost
+    # 1000 endpoints every 2 s: 500 probes a second, none skipped nor doubled.
     assert 400 <= cost["probes_per_s"] <= 600, cost
-    # Measured around 1.5% of a core on a 2-core VM (see __main__ below); the bound leaves room
-    # for a busy CI machine and still catches a prober that costs an order of magnitude more.
-    assert cost["cpu_percent"] < 10, cost
-
-
-if __name__ == "__main__":   # python -m tests.test_proxy_health [seconds]: the figure in the README
-    print(probing_cost(1000, 2.0, float(sys.argv[1]) if len(sys.argv) > 1 else 20.0))

@@ -330,8 +330,9 @@ def test_a_port_another_program_holds_is_blocked_not_stolen(kernel: Kernel, serv
             assert holder.recv(100) == b"mine"
     finally:
         holder.close()
-    wait_for(lambda: f"svc_udp_{port}" in chains(kernel.table), 5, what="the freed port forwarded")
-    assert reported[-1] == {}
+    # The table is programmed first, then the change is reported: wait for both.
+    wait_for(lambda: f"svc_udp_{port}" in chains(kernel.table) and reported[-1] == {}, 5,
+             what="the freed port forwarded and reported free")
 
 
 # --- pods in their own network namespace (CNI) ----------------------------------------------------
