@@ -32,7 +32,7 @@ RESYNC_RETRY = 0.5       # seconds between snapshot attempts while memory is dow
 SNAPSHOT_TIMEOUT = 2.0   # seconds a snapshot request may take
 POLL_MS = 1000           # how long the mirror waits for an event (stop() cuts it short)
 MAX_BATCH = 1000         # events applied before on_batch runs once for all of them
-SILENCE = 3.0            # no heartbeat for this long: say so (the last known pods stay)
+SILENCE = 6.0            # no heartbeat for this long: say so (the last known pods stay)
 
 OnChange = Callable[[str, "dict[str, Any] | None"], None]
 

@@ -17,7 +17,7 @@ import pytest
 
 from common import cgroups
 from common.errors import RikletError
-from services.monitor.cgroupfiles import GroupGone, GroupReader, GroupUsage
+from services.monitor.cgroupfiles import QUIET_EVERY, GroupGone, GroupReader, GroupUsage
 from services.monitor.loop import SampleLoop
 from services.monitor.podtable import PodTable
 from services.monitor.service import Monitor
@@ -167,6 +167,20 @@ def test_a_pod_whose_group_is_removed_is_measured_from_its_processes(parent: str
     finally:
         sleeper.kill()
         sleeper.wait(timeout=10)
+
+
+def test_a_group_whose_cpu_stood_still_costs_one_read_a_pass_and_its_memory_is_read_again_soon(
+        parent: str) -> None:
+    group = make_group(f"{parent}/idle")            # no task: its CPU time stands still
+    reader = GroupReader(cgroups.detect())
+    first = reader.usage(group.relpath)
+    reads = reader.reads
+    for _ in range(QUIET_EVERY):
+        assert reader.usage(group.relpath) == first
+    assert reader.reads - reads == QUIET_EVERY, "only the CPU time is read while it stands still"
+    reads = reader.reads
+    assert reader.usage(group.relpath) == first
+    assert reader.reads - reads == 3, "then memory again (in use and memory.stat)"
 
 
 # ---- CPU rates between passes, with a stand-in reader and clock ---------------------------------

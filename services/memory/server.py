@@ -47,7 +47,7 @@ from services.memory.store import Change, Store
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_INTERVAL = 1.0
+HEARTBEAT_INTERVAL = 2.0
 HB_TOPIC = "hb"
 # Frames are checked against ipc.MAX_FRAME_BYTES after receipt (with an error reply naming the
 # frame); this cap only stops a runaway peer from making us buffer without bound.

@@ -3,7 +3,11 @@
 Only the files the figures need are read: CPU time, memory in use and the inactive page cache
 (the working set leaves it out, as :meth:`common.cgroups.Cgroup.usage` does), and the memory
 limit, which is set before a container starts, so it is read when the group is first opened
-and then only every ``LIMIT_EVERY`` reads. A group's files stay open between passes and are
+and then only every ``LIMIT_EVERY`` reads. Memory is re-read only when the group's CPU time
+moved since the last pass, or every ``QUIET_EVERY`` passes: an idle workload allocates nothing
+(growing takes CPU in the group), and most pods on a dense node are idle, so a pass over them
+costs one small read each, as cAdvisor's dynamic housekeeping slows down for quiet containers.
+Page cache the kernel reclaims meanwhile shows within ``QUIET_EVERY`` passes. A group's files stay open between passes and are
 re-read with ``pread`` at offset 0 (a cgroup file renders its text afresh on every read from
 the start), which saves an open and a close per file per pass; the number of descriptors kept
 is bounded (groups past the bound are opened per read): each costs the kernel a page (its
@@ -24,6 +28,7 @@ from common.cgroups import Layout
 
 MAX_KEPT = 8192          # descriptors kept open at most, whatever the descriptor limit
 LIMIT_EVERY = 12         # reads of a group between two reads of its memory limit (a minute at 5 s)
+QUIET_EVERY = 6          # passes a group whose CPU time stood still keeps its memory figure (30 s at 5 s)
 _CHUNK = 8192            # the largest file read here (memory.stat) is 1-3 KiB
 _GONE = (errno.ENOENT, errno.ENODEV, errno.ESRCH)
 _V1_UNLIMITED = 1 << 62  # v1 reports "no limit" as LONG_MAX rounded down to a page
@@ -62,7 +67,8 @@ def kept_budget(limit: int = MAX_KEPT) -> int:
 
 
 class _Group:
-    __slots__ = ("cpu", "dirs", "fds", "limit", "limit_age", "memory", "sole", "sole_age")
+    __slots__ = ("cpu", "cpu_ns", "dirs", "fds", "limit", "limit_age", "memory", "quiet", "sole",
+                 "sole_age", "working_set")
 
     def __init__(self, dirs: list[str], cpu: str | None, memory: tuple[str, str, str] | None) -> None:
         self.dirs = dirs                # the group's directory in each hierarchy read
@@ -73,6 +79,9 @@ class _Group:
         self.limit_age = LIMIT_EVERY    # reads since the limit was read: read it on the first
         self.sole: str | None = None    # its only child group, if it has no tasks of its own
         self.sole_age = LIMIT_EVERY
+        self.cpu_ns = -1                # the CPU time and working set of the last read
+        self.working_set = 0
+        self.quiet = 0                  # reads since memory was last read
 
     def kept_paths(self) -> list[str]:
         """The files read every pass (the limit, read seldom, is opened when read)."""
@@ -213,16 +222,20 @@ class GroupReader:
         if group.memory is None:
             return GroupUsage(cpu_ns, 0, None)
         current, stat, limit = group.memory
-        used = int(self._read(group, current))
-        text = self._read(group, stat)
-        total = None if v2 else _keyed(text, b"total_inactive_file")
-        inactive = total if total is not None else _keyed(text, b"inactive_file") or 0
+        if group.cpu and cpu_ns == group.cpu_ns and group.quiet < QUIET_EVERY:
+            group.quiet += 1        # nothing ran in the group: nothing was allocated either
+        else:
+            used = int(self._read(group, current))
+            text = self._read(group, stat)
+            total = None if v2 else _keyed(text, b"total_inactive_file")
+            inactive = total if total is not None else _keyed(text, b"inactive_file") or 0
+            group.cpu_ns, group.working_set, group.quiet = cpu_ns, max(0, used - inactive), 0
         if group.limit_age >= LIMIT_EVERY:
             raw = self._read(group, limit).strip()
             group.limit = _limit(raw, v2)
             group.limit_age = 0
         group.limit_age += 1
-        return GroupUsage(cpu_ns, max(0, used - inactive), group.limit)
+        return GroupUsage(cpu_ns, group.working_set, group.limit)
 
 
 def _sole_child(dirs: list[str]) -> str | None:
