@@ -7,11 +7,11 @@ and then only every ``LIMIT_EVERY`` reads. Memory is re-read only when the group
 moved since the last pass, or every ``QUIET_EVERY`` passes: an idle workload allocates nothing
 (growing takes CPU in the group), and most pods on a dense node are idle, so a pass over them
 costs one small read each, as cAdvisor's dynamic housekeeping slows down for quiet containers.
-Page cache the kernel reclaims meanwhile shows within ``QUIET_EVERY`` passes. A group's files stay open between passes and are
-re-read with ``pread`` at offset 0 (a cgroup file renders its text afresh on every read from
-the start), which saves an open and a close per file per pass; the number of descriptors kept
-is bounded (groups past the bound are opened per read): each costs the kernel a page (its
-read buffer) while it is open. A removed group fails its next read
+Page cache the kernel reclaims meanwhile shows within ``QUIET_EVERY`` passes. A group's files
+stay open between passes and are re-read with ``pread`` at offset 0 (a cgroup file renders its
+text afresh on every read from the start), which saves an open and a close per file per pass;
+the number of descriptors kept is bounded (groups past the bound are opened per read): each
+costs the kernel a page (its read buffer) while it is open. A removed group fails its next read
 (ENOENT on open, ENODEV on a kept file): its files are closed and the caller hears
 :class:`GroupGone`. :meth:`GroupReader.retain` closes the groups of pods that went away.
 """
