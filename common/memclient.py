@@ -43,21 +43,39 @@ def _page_args(after: str | None, limit: int | None, workload: str | None) -> di
 
 
 class MemoryClient:
-    """Typed requests to memory. Thread-safe: one request at a time per client."""
+    """Typed requests to memory. Thread-safe: up to ``concurrency`` requests in flight at once
+    (one socket each, opened when first needed), so that the writes of several threads reach
+    memory together and share one commit there; more callers wait for a free socket."""
 
     def __init__(self, cfg_or_endpoint: Config | str, timeout: float = 2.0, retries: int | None = None,
-                 context: zmq.Context[Any] | None = None) -> None:
+                 context: zmq.Context[Any] | None = None, concurrency: int = 1) -> None:
         self.endpoint = (cfg_or_endpoint if isinstance(cfg_or_endpoint, str)
                          else cfg_or_endpoint.memory_endpoint)
         if retries is None:
             retries = max(0, math.ceil(PATIENCE / timeout) - 1)
-        self._rpc = RequestClient(self.endpoint, timeout=timeout, retries=retries, context=context)
+        self._timeout, self._retries, self._context = timeout, retries, context
+        self._free: list[RequestClient] = []
+        self._all: list[RequestClient] = []
+        self._room = threading.Semaphore(max(1, concurrency))
+        self._pool_lock = threading.Lock()
 
     def _call(self, op: str, **args: Any) -> Any:
-        try:
-            return self._rpc.call(op, **args)
-        except Timeout as exc:
-            raise Unavailable(f"memory at {self.endpoint} did not answer {op!r}", "memory") from exc
+        with self._room:
+            with self._pool_lock:
+                rpc = self._free.pop() if self._free else self._open()
+            try:
+                return rpc.call(op, **args)
+            except Timeout as exc:
+                raise Unavailable(f"memory at {self.endpoint} did not answer {op!r}", "memory") from exc
+            finally:
+                with self._pool_lock:
+                    self._free.append(rpc)
+
+    def _open(self) -> RequestClient:
+        rpc = RequestClient(self.endpoint, timeout=self._timeout, retries=self._retries,
+                            context=self._context)
+        self._all.append(rpc)
+        return rpc
 
     def apply(self, name: str, spec: dict[str, Any], uid: str | None = None) -> dict[str, Any]:
         """Returns ``{"pod": record, "changed": bool}``."""
@@ -140,7 +158,9 @@ class MemoryClient:
         return snap
 
     def close(self) -> None:
-        self._rpc.close()
+        with self._pool_lock:
+            for rpc in self._all:
+                rpc.close()
 
 
 def diff_pods(old: dict[str, dict[str, Any]],

@@ -60,7 +60,7 @@ class Node:
 def node() -> Iterator[Node]:
     base = Path(tempfile.mkdtemp(dir="/tmp", prefix="napi"))  # short: unix socket paths
     memory = Memory(base)
-    client = CountingMemory(memory.config())
+    client = CountingMemory(memory.config(), concurrency=8)   # as the manager's
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     try:
         memory.start()

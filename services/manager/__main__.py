@@ -24,6 +24,7 @@ from common.zmqutil import RequestClient, make_run_dir
 log = logging.getLogger("riklet.manager")
 
 SERVICE_NAME = "riklet.v1.Node"
+MEMORY_CONCURRENCY = 8   # memory requests the manager may have in flight at once
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,7 +50,9 @@ def main(argv: list[str] | None = None) -> None:
 
     make_run_dir(cfg.paths_run_dir)
     raise_fd_limit()  # the reconciler holds a pidfd per live pod
-    memory = MemoryClient(cfg)
+    # The API's calls and the reconciler's sync workers write at once: their requests share
+    # memory's commits instead of queueing behind one socket.
+    memory = MemoryClient(cfg, concurrency=MEMORY_CONCURRENCY)
     runtime = ProcessRuntime(
         cfg.paths_state_dir, cfg.runtime_stop_grace_period, cfg.logs_max_size, cfg.logs_max_files,
         {"initial": cfg.restart_backoff_initial, "max": cfg.restart_backoff_max,
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     threading.Thread(target=report_orphans, args=(containers, mirror), name="orphans", daemon=True).start()
     if cfg.scheduler_address:
         link = SchedulerLink(cfg.scheduler_address, cfg.node_id, memory, mirror, reconciler.poke,
-                             service.apply_lock, cfg.runtime_stop_grace_period, Policy.from_config(cfg))
+                             service.apply_locks, cfg.runtime_stop_grace_period, Policy.from_config(cfg))
         link.start()
         log.info("RIK mode", extra={"scheduler": cfg.scheduler_address, "node": cfg.node_id})
     for name in ("", SERVICE_NAME):

@@ -28,6 +28,7 @@ from common.policy import Policy
 from common.ports import ApplyView, check_ports
 from common.rik import instance_id_of
 from common.zmqutil import RequestClient
+from services.manager.applylocks import ApplyLocks
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +145,9 @@ class NodeService(pb_grpc.NodeServicer):
         self.log_path = log_path
         self.grace_default = grace_default
         self.poke = poke
-        # Port checks and writes must not interleave (shared with the RIK scheduler link).
-        self.apply_lock = threading.Lock()
+        # Checks and writes of applies that could meet must not interleave (shared with the
+        # RIK scheduler link); applies that cannot meet run side by side.
+        self.apply_locks = ApplyLocks()
         self._messages = PodMessages()
         self._watchers: list[queue.Queue[tuple[str, dict[str, Any]] | None]] = []
         self._watch_lock = threading.Lock()
@@ -186,7 +188,7 @@ class NodeService(pb_grpc.NodeServicer):
         names, the pods of its workload and memory's claimed ports (the CHaS API allocates host
         ports there). Only those records are read: the cost does not grow with the node's pods."""
         workload = parse_workload(document, self.grace_default)
-        with self.apply_lock:
+        with self.apply_locks.hold(workload, picks_ports=prepare is not None):
             current = ApplyView(self.memory, workload)
             if prepare is not None:
                 workload = prepare(workload, current)

@@ -29,6 +29,7 @@ from common.pb import rik_worker_pb2_grpc as wpb_grpc
 from common.policy import Policy
 from common.ports import ApplyView, check_ports
 from common.rik import CHANNEL_OPTIONS, Backoff, StatusSender, describe, instance_id_of, pod_name_for
+from services.manager.applylocks import ApplyLocks
 from services.manager.rik import instances
 from services.manager.rik.instances import Report
 
@@ -47,7 +48,7 @@ _REASONS = {ErrorCode.CONFLICT: "Conflict", ErrorCode.UNAVAILABLE: "Unavailable"
 
 class SchedulerLink:
     def __init__(self, address: str, node_id: str, memory: MemoryClient, mirror: PodMirror,
-                 poke: Callable[[str], None], write_lock: threading.Lock, grace: float,
+                 poke: Callable[[str], None], write_locks: ApplyLocks, grace: float,
                  policy: Policy | None = None) -> None:
         self.address = address
         self.policy = policy or Policy()
@@ -55,7 +56,7 @@ class SchedulerLink:
         self.memory = memory
         self.mirror = mirror
         self.poke = poke
-        self.write_lock = write_lock  # shared with the Node API: port checks and writes in turn
+        self.write_locks = write_locks  # shared with the Node API: applies that could meet take turns
         self.grace = grace
         self.sender = StatusSender(address, node_id, on_connect=self.resend_all)
         self.registered = threading.Event()
@@ -178,7 +179,7 @@ class SchedulerLink:
 
     def _write(self, workload: Workload, instance_id: str) -> dict[str, Any]:
         name, spec = workload.pods[0]
-        with self.write_lock:
+        with self.write_locks.hold(workload):
             current = ApplyView(self.memory, workload)  # by memory's indexes, not every pod
             existing = current.get(name)
             if existing is not None and instance_id_of(existing) != instance_id:
