@@ -380,6 +380,64 @@ def test_spec_change_replaces_the_containers(h: Harness) -> None:
     assert h.status("web")["endpoints"][0]["host_port"] == 9000
 
 
+# -- records the manager just wrote, offered before the mirror has them -----------------------------
+
+class LateMirror:
+    """A mirror that has not heard of anything yet (memory's events are still on their way)."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, dict[str, Any]] = {}
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        return self.records.get(name)
+
+    def names(self) -> list[str]:
+        return list(self.records)
+
+
+def test_an_offered_record_is_synced_before_the_mirror_has_it_and_its_event_adds_no_sync(
+        h: Harness) -> None:
+    mirror = LateMirror()
+    rec = Reconciler(h.client, {"process": h.runtime}, mirror, resync_interval=HOUR)
+    rec.start()
+    try:
+        record = h.client.apply("web", spec())["pod"]
+        rec.offer(record)
+        h.wait_phase("web", "Running")
+        assert h.runtime.started["web"] == 1
+        wait_for(lambda: not rec._running, 2, what="the sync over")
+        syncs = rec.syncs
+        mirror.records["web"] = record            # memory's event for it reaches the mirror
+        rec.changed("web", record, None)
+        assert rec.syncs == syncs and not rec._queued, "already acted on: not synced again"
+        result = h.client.set_desired("web", "stopped")
+        newer = mirror.records["web"] = result.get("pod", result)
+        rec.changed("web", newer, record)         # what changed since is acted on
+        wait_for(lambda: rec.syncs > syncs, 2, what="the newer record synced")
+    finally:
+        rec.stop()
+
+
+def test_the_freshest_of_the_offered_and_the_mirrored_record_is_synced(h: Harness) -> None:
+    mirror = LateMirror()
+    rec = Reconciler(h.client, {"process": h.runtime}, mirror, resync_interval=HOUR)
+    v1 = {"name": "web", "uid": "u1", "version": 1, "generation": 1, "spec": spec()}
+    v2 = {**v1, "version": 2}
+    other = {**v1, "uid": "u2", "version": 5}
+    cases = [(None, v1, v1),          # the mirror has not heard of it yet
+             (v1, v2, v2),            # the mirror is behind
+             (v2, v1, v2),            # the offer is behind
+             (v2, v2, v2),
+             (v1, other, v1)]         # another incarnation: wait for memory's word
+    for mirrored, offered, chosen in cases:
+        mirror.records = {"web": mirrored} if mirrored else {}
+        rec._offered["web"] = offered
+        assert rec._freshest("web") is chosen, (mirrored, offered)
+        assert "web" not in rec._offered
+    mirror.records = {"web": v1}
+    assert rec._freshest("web") is v1, "no offer: the mirror's"
+
+
 # -- what makes a pod be synced -------------------------------------------------------------------
 
 def test_an_idle_reconciler_does_not_poll(h: Harness) -> None:

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     containers.on_progress = reconciler.progress
     service = NodeService(memory, mirror, RequestClient(cfg.monitor_endpoint, timeout=2.0, retries=1),
                           runtime.log_path, cfg.runtime_stop_grace_period, reconciler.poke,
-                          images=containers, policy=Policy.from_config(cfg))
+                          images=containers, policy=Policy.from_config(cfg), offer=reconciler.offer)
 
     token = auth.load_or_create_token(cfg.token_path)
     tls = bool(cfg.tls_cert_file and cfg.tls_key_file)
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     threading.Thread(target=report_orphans, args=(containers, mirror), name="orphans", daemon=True).start()
     if cfg.scheduler_address:
         link = SchedulerLink(cfg.scheduler_address, cfg.node_id, memory, mirror, reconciler.poke,
-                             service.apply_locks, cfg.runtime_stop_grace_period, Policy.from_config(cfg))
+                             service.apply_locks, cfg.runtime_stop_grace_period, Policy.from_config(cfg),
+                             offer=reconciler.offer)
         link.start()
         log.info("RIK mode", extra={"scheduler": cfg.scheduler_address, "node": cfg.node_id})
     for name in ("", SERVICE_NAME):

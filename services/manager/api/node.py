@@ -136,7 +136,8 @@ class NodeService(pb_grpc.NodeServicer):
     def __init__(self, memory: MemoryClient, mirror: Any, monitor: RequestClient,
                  log_path: Callable[[str, str], str], grace_default: float,
                  poke: Callable[[str | None], None], images: Any = None,
-                 policy: Policy | None = None) -> None:
+                 policy: Policy | None = None,
+                 offer: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.memory = memory
         self.policy = policy or Policy()
         self.images = images          # the containerd runtime: list, pull, import, remove
@@ -145,6 +146,9 @@ class NodeService(pb_grpc.NodeServicer):
         self.log_path = log_path
         self.grace_default = grace_default
         self.poke = poke
+        # A record just written goes to the reconciler as is (the reconciler's offer), or by
+        # name when there is none: then the pod is synced once memory's event has brought it.
+        self.offer = offer or (lambda record: poke(record["name"]))
         # Checks and writes of applies that could meet must not interleave (shared with the
         # RIK scheduler link); applies that cannot meet run side by side.
         self.apply_locks = ApplyLocks()
@@ -204,7 +208,7 @@ class NodeService(pb_grpc.NodeServicer):
                 changed.append(bool(result.get("changed", True)))
             self._shrink(workload, current)
         for r in records:
-            self.poke(r["name"])
+            self.offer(r)
         log.info("applied", extra={"workload": workload.name, "pods": [r["name"] for r in records]})
         return list(zip(records, changed, strict=True))
 
@@ -233,7 +237,7 @@ class NodeService(pb_grpc.NodeServicer):
         """Set a pod's desired state (``running``, ``stopped``, ``deleted``); returns the record."""
         result = self.memory.set_desired(self._pod_name(name), desired)
         record: dict[str, Any] = result.get("pod", result)
-        self.poke(record["name"])
+        self.offer(record)
         return record
 
     def log_file(self, name: str, container: str = "") -> str:

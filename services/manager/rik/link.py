@@ -49,13 +49,15 @@ _REASONS = {ErrorCode.CONFLICT: "Conflict", ErrorCode.UNAVAILABLE: "Unavailable"
 class SchedulerLink:
     def __init__(self, address: str, node_id: str, memory: MemoryClient, mirror: PodMirror,
                  poke: Callable[[str], None], write_locks: ApplyLocks, grace: float,
-                 policy: Policy | None = None) -> None:
+                 policy: Policy | None = None,
+                 offer: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.address = address
         self.policy = policy or Policy()
         self.node_id = node_id
         self.memory = memory
         self.mirror = mirror
         self.poke = poke
+        self.offer = offer or (lambda record: poke(record["name"]))   # see NodeService.offer
         self.write_locks = write_locks  # shared with the Node API: applies that could meet take turns
         self.grace = grace
         self.sender = StatusSender(address, node_id, on_connect=self.resend_all)
@@ -172,7 +174,7 @@ class SchedulerLink:
                                             "changed": result.get("changed", True)})
         with self._report_lock:
             self._rejected.pop(instance_id, None)
-        self.poke(record["name"])
+        self.offer(record)
         # The same CREATE again (a restarted scheduler) changes nothing, so no change event
         # will report it: say where the instance stands now.
         self._tell(instances.pod_report(instance_id, record), record, force=not result.get("changed", True))
