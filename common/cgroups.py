@@ -78,13 +78,15 @@ class Cgroup:
     def __repr__(self) -> str:
         return f"Cgroup({self.relpath!r}, v{self.layout.version})"
 
-    def create(self) -> None:
+    def create(self) -> bool:
+        """Make the group in every hierarchy; True when none of its directories was there
+        (then it has the kernel's defaults: no limit)."""
         if not self.layout.available:
             raise Unavailable(f"no writable cgroup hierarchy under {self.layout.root}", "cgroup")
         if self.layout.version == 2:
             self._enable_v2_controllers()
-        for path in self._dirs():
-            _mkdir(path)
+        made = [_mkdir(path) for path in self._dirs()]
+        return all(made)
 
     def set_limits(
         self, cpu_millis: int | None, memory_bytes: int | None, pids_max: int | None = None
@@ -335,9 +337,22 @@ def _keyed(path: str) -> dict[str, int]:
     return out
 
 
-def _mkdir(path: str) -> None:
+def _mkdir(path: str) -> bool:
+    """Make ``path`` and any missing parent; True if ``path`` itself was made now."""
     try:
-        os.makedirs(path, exist_ok=True)
+        os.mkdir(path)
+        return True
+    except FileExistsError:
+        return False
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise _error(path, exc) from exc
+    try:
+        os.makedirs(path)
+        return True
+    except FileExistsError:
+        return False
     except OSError as exc:
         raise _error(path, exc) from exc
 

@@ -127,8 +127,9 @@ def test_paths_must_be_relative_and_plain() -> None:
 
 
 def test_create_and_limits_land_in_the_kernel(layout: Layout, group: Cgroup) -> None:
-    group.create()
-    group.create()  # idempotent
+    assert group.create() is True, "made now"
+    assert group.create() is False, "idempotent, and says it was there"
+    assert group.usage().memory_limit is None, "a new group has no limit"
     group.set_limits(cpu_millis=200, memory_bytes=32 << 20, pids_max=64)
     if layout.version == 1:
         assert v1_file(layout, "cpu", group, "cpu.cfs_period_us") == "100000"

@@ -250,6 +250,16 @@ def test_cpu_limit_holds_a_busy_loop(pods: Pods) -> None:
     assert 0.05 < share < 0.35
 
 
+def test_a_group_left_with_a_limit_is_reset_for_a_pod_without_one(pods: Pods) -> None:
+    pod = pods.write([{"command": ["sleep", "60"]}])
+    leftover = pod.cgroup()
+    leftover.create()
+    leftover.set_limits(cpu_millis=100, memory_bytes=64 << 20)   # an earlier run's
+    pod.pid = shim.spawn(pod.dir)
+    pod.wait_container(running, "the container to run")
+    assert pod.cgroup().usage().memory_limit is None
+
+
 def test_missing_binary_is_a_start_error(pods: Pods) -> None:
     pod = pods.start([{"command": ["/nonexistent/riklet-test-binary"]}])
     c = pod.wait_container(terminated, "the container to end")

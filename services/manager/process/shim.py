@@ -68,8 +68,10 @@ def _prepare(spec: PodSpec, c: ContainerSpec, layout: Layout) -> ContainerGroups
         return ContainerGroups()
     group = Cgroup(f"{spec.cgroup_parent}/{c.name}", layout)
     try:
-        group.create()
-        group.set_limits(c.cpu_millis, c.memory_bytes)
+        # A group made now has no limit: writing "none" to each controller would only cost
+        # a handful of cgroupfs writes per pod. One left by an earlier run is reset.
+        if not group.create() or c.cpu_millis is not None or c.memory_bytes is not None:
+            group.set_limits(c.cpu_millis, c.memory_bytes)
     except RikletError as exc:
         return ContainerGroups(group.relpath, error=str(exc))
     return ContainerGroups(group.relpath, tuple(group.dirs()), group.freezer_state(), group.oom_counter())
