@@ -35,6 +35,7 @@ MAX_BATCH = 1000         # events applied before on_batch runs once for all of t
 SILENCE = 6.0            # no heartbeat for this long: say so (the last known pods stay)
 
 OnChange = Callable[[str, "dict[str, Any] | None"], None]
+OnTransition = Callable[[str, "dict[str, Any] | None", "dict[str, Any] | None"], None]
 
 
 def _page_args(after: str | None, limit: int | None, workload: str | None) -> dict[str, Any]:
@@ -198,19 +199,26 @@ class PodMirror:
     change stream, used by the manager (per-pod ``on_change``) and the proxy (``on_batch``).
 
     ``on_change(name, record_or_None)`` runs on the mirror's thread for every change it sees,
-    including each difference found by a resync. ``on_batch(mirror)`` runs after each batch of
-    events that changed something (up to ``MAX_BATCH`` waiting events) and after each resync,
-    for consumers that recompute from every pod at once. While memory is down the mirror keeps
-    the last known state (losing the control plane must not stop workloads or cut traffic) and
-    tries again every 0.5 s.
+    including each difference found by a resync; ``on_transition(name, record_or_None,
+    before_or_None)`` likewise, with the record it replaced (which the mirror no longer holds:
+    the subscriber need not keep its own copy of every pod to know what changed). The record
+    given is a copy, unless ``shared``: then it is the mirror's own, for subscribers that keep
+    it and never change it (one copy of every pod instead of two). ``on_batch(mirror)`` runs
+    after each batch of events that changed something (up to ``MAX_BATCH`` waiting events) and
+    after each resync, for consumers that recompute from every pod at once. While memory is down
+    the mirror keeps the last known state (losing the control plane must not stop workloads or
+    cut traffic) and tries again every 0.5 s.
     """
 
     def __init__(self, cfg: Config, on_change: OnChange | None = None,
                  context: zmq.Context[Any] | None = None,
-                 on_batch: Callable[[PodMirror], None] | None = None) -> None:
+                 on_batch: Callable[[PodMirror], None] | None = None, *,
+                 on_transition: OnTransition | None = None, shared: bool = False) -> None:
         self._endpoint = cfg.memory_endpoint
         self._events_endpoint = cfg.memory_events_endpoint
         self._on_change = on_change
+        self._on_transition = on_transition
+        self._shared = shared
         self._on_batch = on_batch
         self._ctx = context or zmq.Context.instance()
         self._lock = threading.Lock()
@@ -340,7 +348,7 @@ class PodMirror:
         with self._lock:
             old, self._state = self._state.pods, fresh
         for name, record in diff_pods(old, fresh.pods):
-            self._notify(name, record)
+            self._notify(name, record, old.get(name))
         # Synced only once every subscriber has heard of every pod: a waiter must not act on
         # a mirror whose consumers are still catching up.
         self._synced.set()
@@ -357,11 +365,15 @@ class PodMirror:
             self._notify(*change)
         return outcome
 
-    def _notify(self, name: str, record: dict[str, Any] | None) -> None:
-        if self._on_change is None:
+    def _notify(self, name: str, record: dict[str, Any] | None, before: dict[str, Any] | None) -> None:
+        if self._on_change is None and self._on_transition is None:
             return
+        given = record if self._shared else copy.deepcopy(record)
         try:
-            self._on_change(name, copy.deepcopy(record))
+            if self._on_change is not None:
+                self._on_change(name, given)
+            if self._on_transition is not None:
+                self._on_transition(name, given, before)
         except Exception:  # a subscriber's bug must not stop the mirror for everyone else
             log.exception("on_change failed", extra={"pod": name})
 

@@ -30,14 +30,15 @@ class Outcome(Enum):
 
 class PodSequence:
     """The pods as of sequence number ``seq``; pure, so the ordering rules are tested directly.
-    After an ``apply`` that returns CHANGED, ``last_change`` is (name, new record or None)."""
+    After an ``apply`` that returns CHANGED, ``last_change`` is (name, new record or None,
+    the record it replaced or None)."""
 
     def __init__(self) -> None:
         self.pods: dict[str, dict[str, Any]] = {}
         self.seq = -1
         self.epoch: str | None = None
         self.synced = False
-        self.last_change: tuple[str, dict[str, Any] | None] | None = None
+        self.last_change: tuple[str, dict[str, Any] | None, dict[str, Any] | None] | None = None
 
     def records(self) -> list[dict[str, Any]]:
         return list(self.pods.values())
@@ -90,17 +91,18 @@ class PodSequence:
             if current is None or (uid is not None and current.get("uid") not in (None, uid)):
                 return Outcome.IGNORED
             del self.pods[current["name"]]
-            self.last_change = (current["name"], None)
+            self.last_change = (current["name"], None, current)
             return Outcome.CHANGED
         pod = data.get("pod")
         if kind not in ("applied", "status", "desired") or not isinstance(pod, dict) \
                 or not isinstance(pod.get("name"), str):
             log.warning("pod event not understood, ignored", extra={"kind": kind})
             return Outcome.IGNORED
-        if self.pods.get(pod["name"]) == pod:
+        before = self.pods.get(pod["name"])
+        if before == pod:
             return Outcome.IGNORED
         self.pods[pod["name"]] = pod
-        self.last_change = (pod["name"], pod)
+        self.last_change = (pod["name"], pod, before)
         return Outcome.CHANGED
 
     def _resync(self, why: str) -> Outcome:

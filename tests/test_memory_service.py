@@ -430,6 +430,33 @@ def test_the_mirror_follows_changes_and_converges_after_a_restart(
     assert dict(rec.calls) == m.pods()  # replaying on_change in order gives the same state
 
 
+def test_the_mirror_tells_what_each_change_replaced_and_can_share_its_records(
+        memory: Memory, client: MemoryClient) -> None:
+    seen: list[tuple[str, dict[str, Any] | None, dict[str, Any] | None]] = []
+    shared = Recorder()
+    m = PodMirror(memory.config(), on_change=shared, shared=True,
+                  on_transition=lambda name, record, before: seen.append((name, record, before)))
+    memory.start()
+    m.start()
+    try:
+        assert m.wait_synced(10)
+        web = client.apply("web", SPEC)["pod"]
+        running = client.set_status("web", web["uid"], {"phase": "Running"})
+        running = running.get("pod", running)
+        client.set_desired("web", "deleted")
+        client.remove("web", web["uid"], web["generation"] + 1)
+        wait_until(lambda: len(seen) == 4, what="four changes")
+        assert [(n, r and r["version"], b and b["version"]) for n, r, b in seen] == [
+            ("web", 1, None), ("web", 2, 1), ("web", 3, 2), ("web", None, 3)]
+        assert seen[1][1] == running and seen[3][2] == seen[2][1]
+        # shared: the subscriber holds the mirror's own record, not a copy of it
+        client.apply("db", SPEC)
+        wait_until(lambda: "db" in m.pods(), what="db in the mirror")
+        assert shared.calls[-1][1] is m._state.pods["db"]
+    finally:
+        m.stop()
+
+
 def test_the_mirror_catches_up_across_a_gap(memory: Memory, client: MemoryClient,
                                             mirror: tuple[PodMirror, Recorder]) -> None:
     m, rec = mirror

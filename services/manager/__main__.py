@@ -70,15 +70,11 @@ def main(argv: list[str] | None = None) -> None:
         grace_default=cfg.runtime_stop_grace_period, log_max_size=cfg.logs_max_size,
         log_max_files=cfg.logs_max_files, backoff=backoff,
         insecure_registries=cfg.containerd_insecure_registries, user=cfg.runtime_user)
-    previous: dict[str, dict[str, Any]] = {}
     service: NodeService | None = None
     reconciler: Reconciler | None = None
     link: SchedulerLink | None = None
 
-    def on_change(name: str, record: dict[str, Any] | None) -> None:
-        before = previous.pop(name, None)
-        if record is not None:
-            previous[name] = record
+    def on_change(name: str, record: dict[str, Any] | None, before: dict[str, Any] | None) -> None:
         if service is not None:
             service.on_change(name, record, before)
         if reconciler is not None:
@@ -86,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         if link is not None:
             link.on_change(name, record, before)
 
-    mirror = PodMirror(cfg, on_change=on_change)
+    mirror = PodMirror(cfg, on_transition=on_change)   # the mirror says what each change replaced
     mirror.start()
     if not mirror.wait_synced(30):
         log.warning("memory not reachable yet; serving and retrying")

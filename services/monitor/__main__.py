@@ -45,7 +45,8 @@ def serve(cfg: config.Config, stop: threading.Event) -> None:
     manager = RequestClient(cfg.manager_endpoint, timeout=0.3, retries=0, context=ctx)
     raise_open_files()
     table = PodTable()
-    mirror = PodMirror(cfg, on_change=table.on_change, context=ctx)
+    # The table keeps each record as it came and never changes it: it shares the mirror's.
+    mirror = PodMirror(cfg, on_change=table.on_change, context=ctx, shared=True)
     table.is_synced = mirror.wait_synced
     snapshotter = Snapshotter(cfg.node_id, cfg.paths_state_dir, GroupReader(cgroups.detect(), kept_budget()))
     loop = SampleLoop(snapshotter, table, cfg.monitoring_metric_resolution)
