@@ -3,6 +3,7 @@ proxy process end to end (feed, routes, listeners) against the same fake."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import shutil
@@ -270,6 +271,17 @@ def test_events_already_in_the_snapshot_are_skipped_and_the_next_one_applies() -
     assert m.apply(ev(8, {}, topic="node.ready")) is Outcome.IGNORED               # counts, no pods
     assert m.apply(ev(9, {"kind": "removed", "name": "a", "uid": "uid-a"})) is Outcome.CHANGED
     assert [p["name"] for p in m.records()] == ["b"] and m.seq == 9
+
+
+def test_records_share_their_keys_and_short_strings_and_keep_their_values() -> None:
+    m = PodSequence()
+    first, second = json.loads(json.dumps(pod("a"))), json.loads(json.dumps(pod("b")))
+    m.load({"seq": 0, "epoch": "e", "pods": [first]})
+    assert m.apply(ev(1, {"kind": "applied", "pod": second})) is Outcome.CHANGED
+    a, b = m.pods["a"], m.pods["b"]
+    assert a == pod("a") and b == pod("b"), "the same record, only spelled with shared strings"
+    assert all(ka is kb for ka, kb in zip(sorted(a, key=str), sorted(b, key=str), strict=True))
+    assert a["status"]["phase"] is b["status"]["phase"]
 
 
 def test_a_removal_of_an_older_uid_leaves_the_newer_pod() -> None:
