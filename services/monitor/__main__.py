@@ -13,7 +13,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -22,15 +22,16 @@ from common import log as rlog
 from common.errors import RikletError
 from common.memclient import PodMirror
 from common.parentwatch import watch_parent
-from common.rik import StatusSender
 from common.zmqutil import RequestClient, ipc_path, make_run_dir, prepare_ipc_bind, route_one
 from services.monitor.cgroupfiles import GroupReader, kept_budget, raise_open_files
 from services.monitor.loop import SampleLoop
 from services.monitor.podtable import PodTable
 from services.monitor.prom import MetricsServer
-from services.monitor.push import MetricPusher
 from services.monitor.service import Monitor, proxy_stats_reader
 from services.monitor.snapshot import Snapshotter
+
+if TYPE_CHECKING:
+    from services.monitor.push import MetricPusher
 
 log = logging.getLogger("riklet.monitor")
 
@@ -92,6 +93,10 @@ def start_pusher(cfg: config.Config, monitor: Monitor) -> MetricPusher | None:
     """In RIK mode, push each sample to the scheduler (from the sampling thread)."""
     if not cfg.scheduler_address:
         return None
+    # Imported in RIK mode only: gRPC and protobuf cost a monitor that pushes nothing ~8 MiB.
+    from common.rik import StatusSender
+    from services.monitor.push import MetricPusher
+
     pusher = MetricPusher(monitor, StatusSender(cfg.scheduler_address, cfg.node_id))
     monitor.loop.listeners.append(pusher.on_sample)
     pusher.start()
