@@ -1,7 +1,7 @@
 """The ordering rules of a mirror of memory's pods, with no I/O.
 
 Memory publishes ``pod.<name>.<kind>`` events numbered by ``seq`` and a ``hb`` heartbeat
-``{"seq", "epoch"}`` every second. A mirror subscribes first and snapshots second, so no event
+``{"seq", "epoch"}`` every 2 s. A mirror subscribes first and snapshots second, so no event
 falls between the two; events up to the snapshot's ``seq`` are then skipped. A gap in the
 numbering, a heartbeat ahead of what was applied or a new epoch (memory restarted) means
 something was missed: take a new snapshot. Both the manager's mirror
