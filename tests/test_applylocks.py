@@ -14,6 +14,7 @@ import grpc
 
 from common.model import Workload, parse_workload
 from services.manager.applylocks import ApplyLocks
+from tests.support import free_port
 from tests.test_node_api_index import Node, node, pod  # noqa: F401  (node is a fixture)
 
 WAIT = 10.0      # the most any step below may take; a test that needs it has failed
@@ -102,7 +103,7 @@ def test_overlapping_applies_from_many_threads_never_wait_for_each_other_forever
 
 
 def test_many_workloads_racing_for_one_port_leave_exactly_one_holder(node: Node) -> None:  # noqa: F811
-    port = 30000 + random.Random().randrange(2000)
+    port = free_port()
 
     def attempt(i: int) -> Any:
         try:
