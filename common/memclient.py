@@ -86,6 +86,15 @@ class MemoryClient:
         result: dict[str, Any] = self._call("pod.apply", **args)
         return result
 
+    def apply_workload(self, workload: str, pods: Iterable[tuple[str, dict[str, Any]]]
+                       ) -> list[dict[str, Any]]:
+        """Apply a workload's pods at once (its other pods wanted deleted), or nothing; returns
+        ``{"pod": record, "changed": bool}`` per pod. Conflict names a pod another workload or
+        the RIK scheduler holds."""
+        result = self._call("workload.apply", workload=workload, pods=[[n, s] for n, s in pods])
+        out: list[dict[str, Any]] = result["pods"]
+        return out
+
     def set_status(self, name: str, uid: str, status: dict[str, Any],
                    expect_version: int | None = None, generation: int | None = None) -> dict[str, Any]:
         """Conflict when the record is no longer ``uid`` at ``generation`` (or ``expect_version``)."""

@@ -63,6 +63,12 @@ def desired_of(record: Mapping[str, Any]) -> Desired:
         return Desired.RUNNING
 
 
+def instance_id_of(record: Mapping[str, Any]) -> str | None:
+    """The RIK scheduler's instance id of a pod it created (None for pods made on the node)."""
+    value = (record.get("spec") or {}).get("instance_id")
+    return value if isinstance(value, str) and value else None
+
+
 def serving(record: Mapping[str, Any]) -> bool:
     """Whether a pod should receive traffic: wanted running and running."""
     return desired_of(record) is Desired.RUNNING and phase_of(record) is Phase.RUNNING

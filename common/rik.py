@@ -30,8 +30,10 @@ from common.pb import rik_worker_pb2_grpc as wpb_grpc  # noqa: E402
 
 log = logging.getLogger(__name__)
 
+# A pod this worker holds but has not seen run yet is being created, as far as the scheduler
+# is concerned: quick runtimes go from Pending straight to their first observed phase.
 PHASE_STATUS = {
-    Phase.PENDING: cpb.PENDING, Phase.CREATING: cpb.CREATING, Phase.RUNNING: cpb.RUNNING,
+    Phase.PENDING: cpb.CREATING, Phase.CREATING: cpb.CREATING, Phase.RUNNING: cpb.RUNNING,
     Phase.ERROR: cpb.FAILED, Phase.TERMINATING: cpb.DESTROYING, Phase.TERMINATED: cpb.TERMINATED,
 }
 # A scheduler that vanishes without closing the connection (host down, network cut) is noticed
@@ -52,12 +54,6 @@ def status_of(record: Mapping[str, Any]) -> int:
     if desired_of(record) is Desired.DELETED:
         return int(cpb.DESTROYING)
     return int(PHASE_STATUS[phase_of(record)])
-
-
-def instance_id_of(record: Mapping[str, Any]) -> str | None:
-    """The scheduler's instance id of a pod it created (None for pods made on the node)."""
-    value = (record.get("spec") or {}).get("instance_id")
-    return value if isinstance(value, str) and value else None
 
 
 def pod_name_for(instance_id: str) -> str:

@@ -421,3 +421,71 @@ def test_stamps_page_like_list_and_names_pick_records(store: Store) -> None:
     with pytest.raises(InvalidArgument) as exc:
         store.list(names=["a", "B"])
     assert exc.value.field == "args.names[1]"
+
+
+# -- workload.apply: a workload's pods in one transaction ------------------------------------
+
+def _wl(workload: str, image: str = "busybox") -> dict[str, Any]:
+    return {"workload": workload, "containers": [{"name": "app", "image": image}]}
+
+
+def test_a_workload_applies_its_pods_and_deletes_its_extra_replicas_at_once(store: Store) -> None:
+    first = store.apply_workload("web", [["web-0", _wl("web")], ["web-1", _wl("web")], ["web-2", _wl("web")]])
+    assert [r["pod"]["name"] for r in first.result["pods"]] == ["web-0", "web-1", "web-2"]
+    assert all(r["changed"] for r in first.result["pods"])
+    assert [ev.topic for ev in first.events] == [
+        "pod.web-0.applied", "pod.web-1.applied", "pod.web-2.applied"]
+    assert [ev.seq for ev in first.events] == [1, 2, 3]
+
+    fewer = store.apply_workload("web", [["web-0", _wl("web", "nginx")]])
+    [only] = fewer.result["pods"]
+    assert only["changed"] and only["pod"]["spec"]["containers"][0]["image"] == "nginx"
+    assert [ev.topic for ev in fewer.events] == [
+        "pod.web-0.applied", "pod.web-1.desired", "pod.web-2.desired"]
+    assert {p["name"]: p["desired"] for p in store.list()} == {
+        "web-0": "running", "web-1": "deleted", "web-2": "deleted"}
+    assert store.get("web-1")["generation"] == 2   # a fenced remove names this generation
+
+    again = store.apply_workload("web", [["web-0", _wl("web", "nginx")]])
+    assert again.events == () and again.result["pods"][0]["changed"] is False
+
+
+def test_a_workload_apply_is_all_or_nothing(store: Store) -> None:
+    store.apply_workload("db", [["db-0", _wl("db")]])
+    store.apply("job", {"workload": "job", "instance_id": "i-1"})
+    seq = store.seq
+    with pytest.raises(Conflict) as exc:
+        store.apply_workload("web", [["web-0", _wl("web")], ["db-0", _wl("web")]])
+    assert (exc.value.message, exc.value.field) == ("pod db-0 belongs to workload db", "name")
+    with pytest.raises(Conflict) as exc:
+        store.apply_workload("job", [["job", _wl("job")]])
+    assert exc.value.message == "pod job is instance i-1 of the RIK scheduler"
+    assert store.seq == seq and [p["name"] for p in store.list()] == ["db-0", "job"]
+
+
+def test_a_workload_shrink_leaves_the_schedulers_instances_and_pods_already_going(store: Store) -> None:
+    store.apply("i-pod", {"workload": "web", "instance_id": "i-9"})
+    store.apply_workload("web", [["web-0", _wl("web")], ["web-1", _wl("web")]])
+    store.set_desired("web-1", "deleted")
+    change = store.apply_workload("web", [["web-0", _wl("web")]])
+    assert change.events == ()
+    assert {p["name"]: p["desired"] for p in store.list()} == {
+        "i-pod": "running", "web-0": "running", "web-1": "deleted"}
+
+
+@pytest.mark.parametrize(("workload", "pods", "field"), [
+    ("", [["a", _wl("")]], "args.workload"),
+    ("web", [], "args.pods"),
+    ("web", "web-0", "args.pods"),
+    ("web", [["web-0"]], "args.pods[0]"),
+    ("web", [["Web", _wl("web")]], "args.pods[0][0]"),
+    ("web", [["web-0", ["not", "an", "object"]]], "args.pods[0][1]"),
+    ("web", [["web-0", _wl("db")]], "args.pods[0]"),
+    (7, [["web-0", _wl("web")]], "args.workload"),
+])
+def test_bad_workload_applies_name_their_field_and_change_nothing(
+        store: Store, workload: Any, pods: Any, field: str) -> None:
+    with pytest.raises(InvalidArgument) as exc:
+        store.apply_workload(workload, pods)
+    assert exc.value.field == field
+    assert store.seq == 0 and store.list() == []

@@ -31,6 +31,7 @@ from common import blocked_ports
 from common.errors import Conflict, Unavailable
 from common.memclient import MemoryClient, PodMirror
 from services.manager.process.shimctl import proc_start_time
+from services.manager.reconcile import reconciler
 from services.manager.reconcile.events import ShimEvents
 from services.manager.reconcile.pidwatch import raise_fd_limit
 from services.manager.reconcile.reconciler import Reconciler
@@ -65,10 +66,14 @@ class Held:
 
 class FakeRuntime:
     name = "process"
+    quick_start = False
 
     def __init__(self, *, holders: bool = False, recheck_after: float | None = None,
-                 blocked: blocked_ports.Reader | None = None) -> None:
+                 blocked: blocked_ports.Reader | None = None, quick_start: bool = False,
+                 stubborn: bool = False) -> None:
         self.holders = holders
+        self.quick_start = quick_start
+        self.stubborn = stubborn   # holders ignore SIGTERM (a workload slow to stop)
         self.recheck_after = recheck_after
         self.blocked = blocked
         self.held: dict[str, Held] = {}
@@ -115,7 +120,8 @@ class FakeRuntime:
             raise Unavailable("the fake runtime is down", "runtime")
         endpoints = [{"host_port": p["port"], "protocol": p["protocol"], "address": "127.0.0.1",
                       "port": p["target_port"]} for p in pod["spec"].get("ports") or []]
-        holder = subprocess.Popen(["sleep", "600"]) if self.holders else None
+        command = ["sh", "-c", "trap '' TERM; sleep 600"] if self.stubborn else ["sleep", "600"]
+        holder = subprocess.Popen(command) if self.holders else None
         with self.lock:
             self.held[pod["name"]] = Held(spec_hash(pod["spec"]), endpoints, holder)
         obs = self.observe(pod)
@@ -177,6 +183,7 @@ class Harness:
         self.client = MemoryClient(self.cfg)
         self.reconciler: Reconciler | None = None
         self.seen: dict[str, dict[str, Any]] = {}
+        self.phases: dict[str, list[str]] = {}   # every phase memory published, per pod
         self.mirror = PodMirror(self.cfg, on_change=self._changed)
         self.mirror.start()
         assert self.mirror.wait_synced(10)
@@ -186,6 +193,10 @@ class Harness:
         before = self.seen.pop(name, None)
         if record is not None:
             self.seen[name] = record
+            phases = self.phases.setdefault(name, [])
+            phase = (record.get("status") or {}).get("phase")
+            if not phases or phases[-1] != phase:
+                phases.append(phase)
         if self.reconciler is not None:
             self.reconciler.changed(name, record, before)   # as the manager wires it
 
@@ -314,7 +325,7 @@ def test_a_failed_start_is_retried_after_the_interval_without_being_told(h: Harn
     assert h.runtime.started["web"] == 3
 
 
-def test_stop_flow_terminating_then_terminated_on_the_holders_exit(h: Harness) -> None:
+def test_stop_flow_terminated_on_the_holders_exit(h: Harness) -> None:
     rt = FakeRuntime(holders=True)
     h.start(rt)
     h.client.apply("web", spec())
@@ -324,6 +335,8 @@ def test_stop_flow_terminating_then_terminated_on_the_holders_exit(h: Harness) -
     h.wait_phase("web", "Terminated")
     assert rt.stops["web"] >= 1 and rt.cleaned["web"] == 0
     assert h.reconciler is not None and h.reconciler.holders.watched() == 0
+    # stopped at once: no Terminating is written only to be replaced a moment later
+    assert h.phases["web"] == ["Pending", "Creating", "Running", "Terminated"]
 
 
 def test_delete_flow_removes_the_pod_on_the_holders_exit(h: Harness) -> None:
@@ -336,6 +349,33 @@ def test_delete_flow_removes_the_pod_on_the_holders_exit(h: Harness) -> None:
     wait_for(lambda: "web" not in [p["name"] for p in h.client.list()], 2, what="web removed")
     assert time.monotonic() - t0 < 1.0  # resync is an hour away: the exit itself did it
     assert rt.cleaned["web"] == 1 and "web" not in rt.held
+
+
+def test_a_quick_runtime_goes_from_pending_to_running_without_creating(h: Harness) -> None:
+    h.start(FakeRuntime(quick_start=True))
+    h.client.apply("quick", spec())
+    h.wait_phase("quick", "Running")
+    assert h.phases["quick"] == ["Pending", "Running"]
+
+
+def test_a_runtime_that_may_pull_images_says_creating_first(h: Harness) -> None:
+    h.start(FakeRuntime())
+    h.client.apply("slow", spec())
+    h.wait_phase("slow", "Running")
+    assert h.phases["slow"] == ["Pending", "Creating", "Running"]
+
+
+def test_a_pod_slow_to_stop_is_shown_terminating_after_a_moment(h: Harness) -> None:
+    rt = FakeRuntime(holders=True, stubborn=True)
+    h.start(rt)
+    h.client.apply("web", spec())
+    h.wait_phase("web", "Running")
+    t0 = time.monotonic()
+    h.client.set_desired("web", "deleted")
+    h.wait_phase("web", "Terminating", timeout=5)
+    assert time.monotonic() - t0 >= reconciler.TERMINATING_AFTER
+    assert rt.stops["web"] == 1   # said once: the shim's grace period is not restarted
+    assert "web" in [p["name"] for p in h.client.list()]
 
 
 def test_a_stale_record_is_refused_by_memory_and_not_retried(h: Harness) -> None:

@@ -68,6 +68,9 @@ class PodLayout:
 
 class Runtime(Protocol):
     name: str
+    # Starts take milliseconds (no image to pull): the pod goes from Pending to its first
+    # observed phase, with no Creating written in between.
+    quick_start: bool
 
     def observe(self, pod: PodRecord) -> Observed | None:
         """The pod as it runs now; None if this driver holds nothing for it."""

@@ -9,6 +9,8 @@ before that commit.
 Ops (each declares its arguments; an unknown one is rejected naming ``args.<key>``)::
 
     pod.apply       {name, spec, uid?}                   -> {"pod": record, "changed": bool}
+    workload.apply  {workload, pods: [[name, spec]]}      -> {"pods": [{"pod", "changed"}]}; the
+                    workload's other pods wanted deleted; all or nothing
     pod.set_status  {name, uid, status, expect_version?, generation?} -> record
     pod.set_desired {name, desired, uid?, generation?}   -> record
     pod.remove      {name, uid, generation}              -> null
@@ -68,6 +70,8 @@ class Op:
 OPS: dict[str, Op] = {
     "pod.apply": Op(("name", "spec"), ("uid",),
                     lambda s, a, rid: s.apply(a["name"], a["spec"], a.get("uid"), request_id=rid)),
+    "workload.apply": Op(("workload", "pods"), (),
+                         lambda s, a, rid: s.apply_workload(a["workload"], a["pods"], request_id=rid)),
     "pod.set_status": Op(("name", "uid", "status"), ("expect_version", "generation"),
                          lambda s, a, rid: s.set_status(a["name"], a["uid"], a["status"],
                                                         a.get("expect_version"), request_id=rid,

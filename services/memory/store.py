@@ -34,7 +34,7 @@ from typing import Any
 
 from common.errors import Conflict, Internal, InvalidArgument, NotFound
 from common.ipc import Event
-from common.pod import Phase
+from common.pod import Phase, instance_id_of
 
 DB_NAME = "riklet.db"
 SCHEMA_VERSION = 3
@@ -182,6 +182,17 @@ def _fence(cur: dict[str, Any], uid: str | None, generation: int | None) -> None
     if generation is not None and cur["generation"] != generation:
         raise Conflict(f"pod {cur['name']!r} is at generation {cur['generation']}, not {generation}: "
                        "it changed since it was read", "generation")
+
+
+def _check_owner(existing: dict[str, Any] | None, name: str, workload: str) -> None:
+    """A pod name already used by the RIK scheduler or by another workload stays theirs."""
+    if existing is None:
+        return
+    instance = instance_id_of(existing)
+    if instance:
+        raise Conflict(f"pod {name} is instance {instance} of the RIK scheduler", "name")
+    if workload_of(existing["spec"]) != workload:
+        raise Conflict(f"pod {name} belongs to workload {workload_of(existing['spec'])}", "name")
 
 
 class Store:
@@ -338,25 +349,69 @@ class Store:
         uid = None if uid is None else check_uid(uid)
 
         def body() -> tuple[Any, Emit]:
-            cur = self._row(name)
-            if cur is None:
-                now = self._clock()
-                rec = {"name": name, "uid": uid or uuid.uuid4().hex, "version": 1, "generation": 1,
-                       "desired": "running", "spec": spec, "status": {"phase": Phase.PENDING.value},
-                       "created_at": now, "updated_at": now}
-                self._put(rec)
-            elif uid is not None and uid != cur["uid"]:
-                # The old instance may still need cleaning up under its own uid: never overwrite it.
-                raise Conflict(f"pod {name!r} exists with uid {cur['uid']}", "uid")
-            elif canonical(cur["spec"], "spec") == spec_text and cur["desired"] == "running":
-                return {"pod": cur, "changed": False}, []
-            else:
-                # Also over a pod being deleted: the new generation fences off the old delete.
-                rec = self._bumped(cur, wanted=True, spec=spec, desired="running")
-            rec = self._existing(name)  # as stored: canonical key order, what a snapshot returns
-            return {"pod": rec, "changed": True}, [(f"pod.{name}.applied", {"kind": "applied", "pod": rec})]
+            return self._apply_one(name, spec, spec_text, uid)
 
         return self._write("pod.apply", request_id, body)
+
+    def apply_workload(self, workload: object, pods: object, request_id: str | None = None) -> Change:
+        """Apply a workload's pods in one transaction: every pod named is created or replaced
+        and wanted running, and the workload's other pods are wanted deleted (fewer replicas),
+        or nothing at all changes. A pod name that belongs to another workload, or to the RIK
+        scheduler, is refused with Conflict naming it. Result: ``{"pods": [{"pod", "changed"}]}``
+        in the order given."""
+        workload = check_workload(workload)
+        items = [self._pod_item(item, f"args.pods[{i}]")
+                 for i, item in enumerate(check_items(pods, "args.pods"))]
+        if not workload or not items:
+            raise InvalidArgument("a workload applies at least one pod, and has a name",
+                                  "args.workload" if not workload else "args.pods")
+        for i, (_, spec, _) in enumerate(items):
+            if workload_of(spec) != workload:
+                raise InvalidArgument(f"spec.workload must be {workload!r}", f"args.pods[{i}]")
+
+        def body() -> tuple[Any, Emit]:
+            results, emits = [], []
+            for name, spec, spec_text in items:
+                _check_owner(self._row(name), name, workload)
+                result, more = self._apply_one(name, spec, spec_text, None)
+                results.append(result)
+                emits.extend(more)
+            wanted = {name for name, _, _ in items}
+            for old in self.list(workload=workload):
+                if old["name"] in wanted or old["desired"] == "deleted" or instance_id_of(old):
+                    continue
+                rec = self._bumped(old, wanted=True, desired="deleted")
+                emits.append((f"pod.{old['name']}.desired", {"kind": "desired", "pod": rec}))
+            return {"pods": results}, emits
+
+        return self._write("workload.apply", request_id, body)
+
+    @staticmethod
+    def _pod_item(item: object, field: str) -> tuple[str, dict[str, Any], str]:
+        if not isinstance(item, list | tuple) or len(item) != 2:
+            raise InvalidArgument("must be [name, spec]", field)
+        name = check_name(item[0], f"{field}[0]")
+        return name, item[1], canonical(item[1], f"{field}[1]")
+
+    def _apply_one(self, name: str, spec: dict[str, Any], spec_text: str,
+                   uid: str | None) -> tuple[Any, Emit]:
+        cur = self._row(name)
+        if cur is None:
+            now = self._clock()
+            rec = {"name": name, "uid": uid or uuid.uuid4().hex, "version": 1, "generation": 1,
+                   "desired": "running", "spec": spec, "status": {"phase": Phase.PENDING.value},
+                   "created_at": now, "updated_at": now}
+            self._put(rec)
+        elif uid is not None and uid != cur["uid"]:
+            # The old instance may still need cleaning up under its own uid: never overwrite it.
+            raise Conflict(f"pod {name!r} exists with uid {cur['uid']}", "uid")
+        elif canonical(cur["spec"], "spec") == spec_text and cur["desired"] == "running":
+            return {"pod": cur, "changed": False}, []
+        else:
+            # Also over a pod being deleted: the new generation fences off the old delete.
+            rec = self._bumped(cur, wanted=True, spec=spec, desired="running")
+        rec = self._existing(name)  # as stored: canonical key order, what a snapshot returns
+        return {"pod": rec, "changed": True}, [(f"pod.{name}.applied", {"kind": "applied", "pod": rec})]
 
     def set_status(self, name: str, uid: str, status: dict[str, Any], expect_version: int | None = None,
                    request_id: str | None = None, generation: int | None = None) -> Change:

@@ -12,7 +12,8 @@ import logging
 from typing import Any
 
 from common.pb import rik_common_pb2 as cpb
-from common.rik import StatusSender, instance_id_of, status_of
+from common.pod import instance_id_of
+from common.rik import StatusSender, status_of
 from services.monitor import metrics
 from services.monitor.loop import next_slot
 from services.monitor.service import Monitor

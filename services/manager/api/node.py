@@ -19,14 +19,13 @@ from typing import Any, TypeVar
 import grpc
 
 from common import rotlog
-from common.errors import Conflict, ErrorCode, InvalidArgument, NotFound, RikletError, Unavailable, bounded
+from common.errors import ErrorCode, InvalidArgument, NotFound, RikletError, Unavailable, bounded
 from common.memclient import MemoryClient
 from common.model import Workload, dns_label, load_manifest, parse_workload
 from common.pb import node_pb2 as pb
 from common.pb import node_pb2_grpc as pb_grpc
 from common.policy import Policy
-from common.ports import ApplyView, check_ports
-from common.rik import instance_id_of
+from common.ports import ApplyView, check_ports, wanted_ports
 from common.zmqutil import RequestClient
 from services.manager.applylocks import ApplyLocks
 
@@ -193,45 +192,27 @@ class NodeService(pb_grpc.NodeServicer):
         ports there). Only those records are read: the cost does not grow with the node's pods."""
         workload = parse_workload(document, self.grace_default)
         with self.apply_locks.hold(workload, picks_ports=prepare is not None):
-            current = ApplyView(self.memory, workload)
-            if prepare is not None:
-                workload = prepare(workload, current)
-                current = ApplyView(self.memory, workload)  # the ports it chose have holders too
-            for _, spec in workload.pods:
-                self.policy.check(spec)
-            check_ports(workload, current)
-            records, changed = [], []
-            for name, spec in workload.pods:
-                self._check_owner(current.get(name), name, workload.name)
-                result = self.memory.apply(name, spec)
-                records.append(result["pod"])
-                changed.append(bool(result.get("changed", True)))
-            self._shrink(workload, current)
+            if prepare is not None or wanted_ports(workload):
+                # Host ports: who holds them is read first (and checked against the node);
+                # the ports lock keeps another apply from claiming them meanwhile.
+                current = ApplyView(self.memory, workload)
+                if prepare is not None:
+                    workload = prepare(workload, current)
+                    current = ApplyView(self.memory, workload)  # the ports it chose have holders too
+                for _, spec in workload.pods:
+                    self.policy.check(spec)
+                check_ports(workload, current)
+            else:
+                for _, spec in workload.pods:
+                    self.policy.check(spec)
+            # One write: the pods, the ownership of their names, and the extra replicas' delete,
+            # all or nothing.
+            results = self.memory.apply_workload(workload.name, workload.pods)
+        records = [r["pod"] for r in results]
         for r in records:
             self.offer(r)
         log.info("applied", extra={"workload": workload.name, "pods": [r["name"] for r in records]})
-        return list(zip(records, changed, strict=True))
-
-    @staticmethod
-    def _check_owner(existing: dict[str, Any] | None, name: str, workload: str) -> None:
-        """A pod name already used by the RIK scheduler or by another workload stays theirs."""
-        if existing is not None and instance_id_of(existing):
-            raise Conflict(f"pod {name} is instance {instance_id_of(existing)} of the RIK "
-                           "scheduler", "name")
-        if existing is not None and existing["spec"].get("workload") != workload:
-            raise Conflict(f"pod {name} belongs to workload "
-                           f"{existing['spec'].get('workload')}", "name")
-
-    def _shrink(self, workload: Workload, current: ApplyView) -> None:
-        """Fewer replicas than before: the extra pods go (not the scheduler's instances of a
-        workload of the same name: those are its own; not those already going)."""
-        wanted = {n for n, _ in workload.pods}
-        for old in current:
-            if old["spec"].get("workload") == workload.name and old["name"] not in wanted \
-                    and not instance_id_of(old) and old.get("desired") != "deleted":
-                with contextlib.suppress(NotFound):  # already gone: what was wanted
-                    self.memory.set_desired(old["name"], "deleted", uid=old["uid"],
-                                            generation=old["generation"])
+        return [(r["pod"], bool(r.get("changed", True))) for r in results]
 
     def desire(self, name: str, desired: str) -> dict[str, Any]:
         """Set a pod's desired state (``running``, ``stopped``, ``deleted``); returns the record."""

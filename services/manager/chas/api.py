@@ -32,9 +32,8 @@ from common import auth
 from common.errors import Conflict as ConflictError
 from common.errors import InvalidArgument, NotFound, RikletError, Unavailable
 from common.model import Workload, host_ports
-from common.pod import Phase, phase_of
+from common.pod import Phase, instance_id_of, phase_of
 from common.ports import ApplyView, bindable
-from common.rik import instance_id_of
 from common.zmqutil import RequestClient
 from services.manager.chas.conn import (
     HEADER_TIMEOUT,

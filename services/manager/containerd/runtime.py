@@ -60,6 +60,7 @@ Progress = Callable[[PodRecord, str], None]
 
 class ContainerdRuntime(PodLayout, Images):
     name = "containerd"
+    quick_start = False   # an image may have to be pulled first: Creating says so
 
     def __init__(self, state_dir: str, client: Containerd, networks: Any, *, grace_default: float,
                  log_max_size: int, log_max_files: int, backoff: dict[str, float],

@@ -1,9 +1,9 @@
 """The process runtime: each pod's commands run under a per-pod shim that outlives the manager.
 
-A pod's directory (``<state>/pods/<name>``) holds ``spec.json`` (what the shim runs),
-``driver.json`` (what this driver needs to re-attach: uid, spec hash, ports, whether the agent
-stopped it), the shim's ``status.json`` and ``logs/``. Re-attaching after a manager restart is
-reading those files: the shim never depended on the manager.
+A pod's directory (``<state>/pods/<name>``) holds ``driver.json`` (what this driver needs to
+re-attach: uid, spec hash, ports, whether the agent stopped it), the shim's ``status.json``,
+its ``shim.log`` and ``logs/``; the shim is given its spec on its stdin. Re-attaching after a
+manager restart is reading those files: the shim never depended on the manager.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def free_port(protocol: str) -> int:
 
 class ProcessRuntime(PodLayout):
     name = "process"
+    quick_start = True
 
     def __init__(self, state_dir: str, grace_default: float, log_max_size: int, log_max_files: int,
                  backoff: dict[str, float], user: tuple[int, int] | None = None,
@@ -112,8 +113,8 @@ class ProcessRuntime(PodLayout):
             "uid": pod["uid"], "spec_hash": spec_hash(spec), "endpoints": endpoints, "stopped": False})
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(pdir, "status.json"))
-        write_json(os.path.join(pdir, "spec.json"), self._shim_spec(pod, env_ports))
-        shim.spawn(pdir, self.layout)  # returns once every container has started (or failed to) once
+        # returns once every container has started (or failed to) once
+        shim.spawn(pdir, self.layout, self._shim_spec(pod, env_ports))
         obs = self.observe(pod)
         if obs is None:
             raise Unavailable(f"the shim of pod {name} did not report", "pod")

@@ -2,7 +2,7 @@
  * riklet-shim: the per-pod holder of a process pod. One small process per pod (libc only, a few
  * hundred KiB of PSS, a millisecond or two to start) instead of a Python interpreter per pod.
  *
- * Usage: riklet-shim POD_DIR
+ * Usage: riklet-shim POD_DIR < SPEC
  *
  * The program forks; the child calls setsid() and becomes the shim, an orphan from the start.
  * The parent waits on a pipe until the shim has started every container once (each exec
@@ -18,8 +18,8 @@
  * removes the cgroups, writes state "exited" and exits. Its own log: POD_DIR/shim.log, one JSON
  * line per event.
  *
- * Input: POD_DIR/shim.spec, written by services/manager/process/shim.py from spec.json. A
- * sequence of records, each `KEY LEN:BYTES\n` (KEY a word, LEN the decimal length of BYTES;
+ * Input: the spec on stdin (read to its end before anything else), written by
+ * services/manager/process/shim.py (shimspec.py) from the pod's spec. A sequence of records, each `KEY LEN:BYTES\n` (KEY a word, LEN the decimal length of BYTES;
  * BYTES may hold any byte but NUL). Pod records first, then per container a `container` record
  * followed by that container's records:
  *
@@ -65,6 +65,7 @@
 #define KILL_SWEEP 0.5 /* once the grace period is over, how often leftovers get SIGKILL again */
 #define MSG_MAX 512 /* a termination message (start errors name a path: truncated past this) */
 #define PATH_BUF 4352 /* PATH_MAX and room for a suffix */
+#define MAX_SPEC_BYTES (16u << 20) /* a spec larger than this is refused */
 
 enum { WAITING, RUNNING, TERMINATED };
 static const char *CSTATE[] = {"waiting", "running", "terminated"};
@@ -461,25 +462,34 @@ static int parse_spec(char *buf, size_t len) {
     return 0;
 }
 
-static int load_spec(const char *dir) {
-    char path[PATH_BUF];
-    snprintf(path, sizeof path, "%s/shim.spec", dir);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    struct stat st;
-    if (fd < 0 || fstat(fd, &st) < 0)
-        return spec_error = strerror(errno), -1;
-    char *buf = malloc((size_t)st.st_size + 1);
-    ssize_t got = 0;
-    while (buf && got < st.st_size) {
-        ssize_t r = read(fd, buf + got, (size_t)(st.st_size - got));
-        if (r <= 0)
-            break;
-        got += r;
+/* The spec comes on stdin, to its end (the spawner writes it and closes the pipe). */
+static int load_spec(void) {
+    size_t cap = 4096, got = 0;
+    char *buf = malloc(cap + 1);
+    while (buf) {
+        if (got == cap) {
+            char *more = cap < MAX_SPEC_BYTES ? realloc(buf, cap * 2 + 1) : NULL;
+            if (!more) {
+                free(buf);
+                return spec_error = "larger than the shim accepts", -1;
+            }
+            buf = more;
+            cap *= 2;
+        }
+        ssize_t r = read(0, buf + got, cap - got);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0) {
+            free(buf);
+            return spec_error = strerror(errno), -1;
+        }
+        if (r == 0) {
+            buf[got] = 0;
+            return parse_spec(buf, got);
+        }
+        got += (size_t)r;
     }
-    close(fd);
-    if (!buf || got != st.st_size)
-        return spec_error = "cannot read it", -1;
-    return parse_spec(buf, (size_t)got);
+    return spec_error = "out of memory", -1;
 }
 
 /* ---- status.json and the notification ------------------------------------------------------ */
@@ -1306,12 +1316,12 @@ static int await_shim(pid_t pid, int fd) {
 
 int main(int argc, char **argv) {
     if (argc != 2 || argv[1][0] != '/') {
-        fprintf(stderr, "usage: riklet-shim POD_DIR (an absolute path)\n");
+        fprintf(stderr, "usage: riklet-shim POD_DIR < SPEC (POD_DIR an absolute path)\n");
         return 2;
     }
     g.dir = argv[1];
-    if (load_spec(g.dir) < 0) {
-        fprintf(stderr, "riklet-shim: bad spec in %s/shim.spec: %s\n", g.dir, spec_error);
+    if (load_spec() < 0) {
+        fprintf(stderr, "riklet-shim: bad spec on stdin: %s\n", spec_error);
         return 2;
     }
     int word[2];

@@ -1,11 +1,12 @@
-"""The manager's side of the shim protocol: the spec it writes, the status it reads, stopping.
+"""The manager's side of the shim protocol: the spec it gives, the status it reads, stopping.
 
-``POD_DIR/spec.json`` is defined here (:class:`PodSpec`, :func:`parse_spec`); the shim rewrites
+The pod spec is defined here (:class:`PodSpec`, :func:`parse_spec`; ``POD_DIR/spec.json`` when
+it is kept in a file); the shim rewrites
 ``POD_DIR/status.json`` atomically on every change, and :func:`read_status` reads it. A pid alone
 names nothing once the process is gone, so liveness always pairs it with its start time.
 
 The compiled shim (``shim.c``) does not read JSON: the manager turns the validated spec, with
-the cgroups prepared for it, into ``POD_DIR/shim.spec`` (:mod:`.shimspec`), a sequence of
+the cgroups prepared for it, into the shim's input on its stdin (:mod:`.shimspec`), a sequence of
 ``KEY LEN:BYTES\n`` records (LEN the decimal byte length of BYTES, which hold no NUL): pod
 records (``pod``, ``uid``, ``grace``, ``notify``, ``log_max``, ``log_files``, ``backoff_*``,
 ``shm_size``, ``pod_cgroup``...), then per container a ``container NAME`` record followed by its

@@ -1,7 +1,7 @@
-"""``POD_DIR/shim.spec``: the pod spec as the compiled shim reads it (format: shim.c's header).
+"""The pod spec as the compiled shim reads it on its stdin (format: shim.c's header).
 
 Records ``KEY LEN:BYTES\n``, so that C parses them without a JSON parser; everything in it has
-been validated (:func:`.shimctl.parse_spec`) and its cgroups prepared before it is written.
+been validated (:func:`.shimctl.parse_spec`) and its cgroups prepared before it is encoded.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from common.errors import InvalidArgument
 from services.manager.process.shimctl import ContainerSpec, PodSpec
 
-SHIM_SPEC = "shim.spec"
 _Put = Callable[[str, str, str], None]
 
 
@@ -29,7 +28,7 @@ class ContainerGroups:
 
 
 def encode(spec: PodSpec, groups: list[ContainerGroups], pod_dirs: list[str], path: str) -> bytes:
-    """``shim.spec`` for the compiled shim; ``path`` is the PATH a container gets unless its env
+    """The compiled shim's input; ``path`` is the PATH a container gets unless its env
     sets one. InvalidArgument names a field holding a NUL, which exec could not pass on."""
     out: list[bytes] = []
     put = _recorder(out)

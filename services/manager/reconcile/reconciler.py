@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 
 URGENT, ROUTINE = 0, 1
+# A pod asked to stop is shown Terminating only if it is still there this much later (seconds).
+TERMINATING_AFTER = 0.5
 # What a pod is wanted to be; only the reconciler writes the rest (its status).
 _WANTED = ("uid", "generation", "desired", "spec")
 
@@ -73,6 +75,8 @@ class Reconciler:
         self._again: set[str] = set()
         self._offered: dict[str, PodRecord] = {}        # records this manager just wrote
         self._acted: dict[str, tuple[str, int]] = {}     # name -> (uid, generation) last synced
+        # name -> ((uid, generation), clock) of the stop sent to a pod's holder
+        self._stopping: dict[str, tuple[tuple[str, int], float]] = {}
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._housekeep, name="reconciler", daemon=True)]
         self._threads += [threading.Thread(target=self._work, name=f"sync-{i}", daemon=True)
@@ -214,6 +218,7 @@ class Reconciler:
             else:
                 with self._lock:
                     self._acted.pop(name, None)
+                    self._stopping.pop(name, None)
                 self.holders.forget(name)
                 self.timers.cancel(name)
             with self._lock:
@@ -280,8 +285,9 @@ class Reconciler:
                 # old driver may announce nothing (containerd): look again soon
                 self.timers.schedule(record["name"], self.clock() + self.interval)
                 return obs
-            self._publish(record, {"phase": Phase.CREATING.value, "reason": None, "message": None,
-                                   "containers": [], "endpoints": []})
+            if not runtime.quick_start:
+                self._publish(record, {"phase": Phase.CREATING.value, "reason": None, "message": None,
+                                       "containers": [], "endpoints": []})
             try:
                 obs = runtime.start(record)
             except RikletError as exc:
@@ -327,9 +333,24 @@ class Reconciler:
     def _sync_stop(self, record: PodRecord, runtime: Runtime, obs: Observed | None,
                    desired: str) -> Observed | None:
         if obs is not None and obs.alive:
-            self._publish(record, {**derive(obs, desired), "phase": Phase.TERMINATING.value})
-            runtime.stop(record)
+            asked, now = (record["uid"], record["generation"]), self.clock()
+            with self._lock:
+                since = self._stopping.get(record["name"])
+                first = since is None or since[0] != asked
+                if first:
+                    self._stopping[record["name"]] = (asked, now)
+            if first:
+                runtime.stop(record)
+                # Most pods are gone a moment later, and a Terminating written now would only
+                # be replaced at once: it is said of a pod still there after TERMINATING_AFTER.
+                self.timers.schedule(record["name"], now + TERMINATING_AFTER)
+            elif since is not None and now - since[1] >= TERMINATING_AFTER:
+                self._publish(record, {**derive(obs, desired), "phase": Phase.TERMINATING.value})
             return obs  # the holder's exit (event, pidfd) brings the pod back here
+        with self._lock:
+            stopped_now = self._stopping.pop(record["name"], None) is not None
+        if stopped_now:
+            self.timers.cancel(record["name"])   # its Terminating is moot: the pod has stopped
         if desired == "deleted":
             runtime.cleanup(record)
             with contextlib.suppress(NotFound):

@@ -26,9 +26,10 @@ from common.model import Workload
 from common.pb import rik_common_pb2 as cpb
 from common.pb import rik_worker_pb2 as wpb
 from common.pb import rik_worker_pb2_grpc as wpb_grpc
+from common.pod import instance_id_of
 from common.policy import Policy
 from common.ports import ApplyView, check_ports
-from common.rik import CHANNEL_OPTIONS, Backoff, StatusSender, describe, instance_id_of, pod_name_for
+from common.rik import CHANNEL_OPTIONS, Backoff, StatusSender, describe, pod_name_for
 from services.manager.applylocks import ApplyLocks
 from services.manager.rik import instances
 from services.manager.rik.instances import Report
