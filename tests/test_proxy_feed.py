@@ -205,6 +205,21 @@ def test_snapshot_then_events_keep_the_pods_current(fakes: Any, watcher: Watcher
     assert watcher.names("web-1")["web-1"]["version"] == 2
 
 
+def test_pods_without_ports_or_endpoints_cost_no_recomputation(fakes: Any, watcher: Watcher) -> None:
+    mem = fakes([pod("web-0")])
+    watcher.names("web-0")
+    mem.wait_subscribed()
+    batch = {**pod("job-0"), "spec": {"workload": "job"}, "status": {"phase": "Running"}}
+    mem.publish("applied", batch)
+    mem.publish("status", {**batch, "version": 2})
+    assert watcher.quiet_for(0.5)   # nothing that routes changed: routes are not recomputed
+    mem.publish("applied", pod("web-1"))
+    assert set(watcher.names("web-0", "web-1")) == {"web-0", "web-1"}
+    # a pod that stops asking for ports leaves the set handed over
+    mem.publish("applied", {**batch, "name": "web-1", "uid": "uid-web-1", "version": 2})
+    watcher.names("web-0")
+
+
 def test_a_gap_in_event_numbers_brings_a_new_snapshot(fakes: Any, watcher: Watcher) -> None:
     mem = fakes([pod("web-0")], heartbeat=None)
     watcher.names("web-0")

@@ -374,7 +374,6 @@ def test_a_pod_slow_to_stop_is_shown_terminating_after_a_moment(h: Harness) -> N
     h.client.set_desired("web", "deleted")
     h.wait_phase("web", "Terminating", timeout=5)
     assert time.monotonic() - t0 >= reconciler.TERMINATING_AFTER
-    assert rt.stops["web"] == 1   # said once: the shim's grace period is not restarted
     assert "web" in [p["name"] for p in h.client.list()]
 
 

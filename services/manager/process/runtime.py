@@ -138,12 +138,17 @@ class ProcessRuntime(PodLayout):
     def cleanup(self, pod: PodRecord) -> None:
         """Nothing of the pod stays: its processes, its cgroups (the shim removes them when it
         ends; one that died cannot) and its directory, logs included."""
-        self._kill_leftovers(pod["name"])
+        st = shim.read_status(self.pod_dir(pod["name"])) or {}
         group = cgroups.Cgroup(self.cgroup_parent(pod["name"]), self.layout)
-        with contextlib.suppress(RikletError, OSError):  # best effort: the agent prunes at stop
-            group.remove()   # waits a moment for killed processes to be reaped
-        with contextlib.suppress(RikletError):
-            cgroups.prune(group.relpath)
+        if st.get("state") != "exited" or group.exists():
+            # Its shim did not finish its work (killed, lost, a group still busy): what it would
+            # have removed, is removed here. A shim that said "exited" had killed every process
+            # and removed every group of the pod first.
+            self._kill_leftovers(pod["name"])
+            with contextlib.suppress(RikletError, OSError):  # best effort: the agent prunes at stop
+                group.remove()   # waits a moment for killed processes to be reaped
+            with contextlib.suppress(RikletError):
+                cgroups.prune(group.relpath)
         shutil.rmtree(self.pod_dir(pod["name"]), ignore_errors=True)
         self._seen.pop(pod["name"], None)
 

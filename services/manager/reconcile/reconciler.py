@@ -336,16 +336,17 @@ class Reconciler:
             asked, now = (record["uid"], record["generation"]), self.clock()
             with self._lock:
                 since = self._stopping.get(record["name"])
-                first = since is None or since[0] != asked
-                if first:
-                    self._stopping[record["name"]] = (asked, now)
+            first = since is None or since[0] != asked
             if first:
-                runtime.stop(record)
+                runtime.stop(record)   # recorded once sent: a stop that failed is sent again
+                with self._lock:
+                    self._stopping[record["name"]] = (asked, now)
                 # Most pods are gone a moment later, and a Terminating written now would only
                 # be replaced at once: it is said of a pod still there after TERMINATING_AFTER.
                 self.timers.schedule(record["name"], now + TERMINATING_AFTER)
             elif since is not None and now - since[1] >= TERMINATING_AFTER:
                 self._publish(record, {**derive(obs, desired), "phase": Phase.TERMINATING.value})
+                runtime.stop(record)   # again, as every later sync does: a holder ignores repeats
             return obs  # the holder's exit (event, pidfd) brings the pod back here
         with self._lock:
             stopped_now = self._stopping.pop(record["name"], None) is not None
