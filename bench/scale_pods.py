@@ -149,20 +149,23 @@ def bulk_create(agent: Agent, watcher: Watcher, names: Sequence[str]) -> Bulk:
     return Bulk(len(names), last - t0, apply_ms)
 
 
-def probe(agent: Agent, watcher: Watcher, name: str) -> float:
-    """Milliseconds from the Apply call to the pod seen Running; the pod is then deleted and
-    gone before this returns, so that the next probe meets the same number of pods."""
+def probe(agent: Agent, watcher: Watcher, name: str) -> tuple[float, float]:
+    """Milliseconds of the Apply call alone, and from the Apply call to the pod seen Running;
+    the pod is then deleted and gone before this returns, so that the next probe meets the same
+    number of pods."""
     ms = probe_hold(agent, watcher, name)
     remove(agent, watcher, name)
     return ms
 
 
-def probe_hold(agent: Agent, watcher: Watcher, name: str, resync: bool = True) -> float:
-    """Milliseconds from the Apply call to the pod seen Running; the pod stays."""
+def probe_hold(agent: Agent, watcher: Watcher, name: str, resync: bool = True) -> tuple[float, float]:
+    """Milliseconds of the Apply call, and from the Apply call to the pod seen Running; the pod
+    stays."""
     t0 = time.perf_counter()
     agent.stub.Apply(npb.ApplyRequest(manifest=manifest(name)), timeout=RPC_TIMEOUT)
+    applied = time.perf_counter()
     watcher.wait(lambda: int(name in watcher.running), 1, f"waiting for {name} to be Running", resync)
-    return (watcher.running[name] - t0) * 1000
+    return (applied - t0) * 1000, (watcher.running[name] - t0) * 1000
 
 
 def remove(agent: Agent, watcher: Watcher, name: str) -> None:

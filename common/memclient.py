@@ -212,7 +212,9 @@ class PodMirror:
     before_or_None)`` likewise, with the record it replaced (which the mirror no longer holds:
     the subscriber need not keep its own copy of every pod to know what changed). The record
     given is a copy, unless ``shared``: then it is the mirror's own, for subscribers that keep
-    it and never change it (one copy of every pod instead of two). ``on_batch(mirror)`` runs
+    it and never change it (one copy of every pod instead of two). ``keep(record)`` gives what
+    of a record the mirror holds (all of it by default: see :class:`common.podsync.PodSequence`).
+    ``on_batch(mirror)`` runs
     after each batch of events that changed something (up to ``MAX_BATCH`` waiting events) and
     after each resync, for consumers that recompute from every pod at once. While memory is down
     the mirror keeps the last known state (losing the control plane must not stop workloads or
@@ -222,7 +224,8 @@ class PodMirror:
     def __init__(self, cfg: Config, on_change: OnChange | None = None,
                  context: zmq.Context[Any] | None = None,
                  on_batch: Callable[[PodMirror], None] | None = None, *,
-                 on_transition: OnTransition | None = None, shared: bool = False) -> None:
+                 on_transition: OnTransition | None = None, shared: bool = False,
+                 keep: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self._endpoint = cfg.memory_endpoint
         self._events_endpoint = cfg.memory_events_endpoint
         self._on_change = on_change
@@ -231,7 +234,8 @@ class PodMirror:
         self._on_batch = on_batch
         self._ctx = context or zmq.Context.instance()
         self._lock = threading.Lock()
-        self._state = PodSequence()      # the ordering rules; read under the lock
+        self._keep = keep
+        self._state = PodSequence(keep)  # the ordering rules; read under the lock
         self._synced = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -348,7 +352,7 @@ class PodMirror:
         except RikletError as exc:
             log.warning("snapshot failed", extra={"error": str(exc)})
             return False
-        fresh = PodSequence()
+        fresh = PodSequence(self._keep)
         try:
             fresh.load(snap)
         except BadFrame as exc:

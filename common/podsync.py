@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import Enum
 from typing import Any
 
@@ -50,7 +50,10 @@ class PodSequence:
     After an ``apply`` that returns CHANGED, ``last_change`` is (name, new record or None,
     the record it replaced or None)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+        # What of each record is kept (default: all of it): a subscriber that needs only some
+        # pods keeps the others as stubs, and changes to a stub that leave it equal are ignored.
+        self._keep = keep
         self.pods: dict[str, dict[str, Any]] = {}
         self.seq = -1
         self.epoch: str | None = None
@@ -75,7 +78,7 @@ class PodSequence:
         for i, pod in enumerate(pods):
             if not isinstance(pod, dict) or not isinstance(pod.get("name"), str):
                 raise BadFrame("must be a pod record with a name", f"result.pods[{i}]")
-            by_name[pod["name"]] = compact(pod)
+            by_name[pod["name"]] = self._kept(pod)
         self.pods, self.seq, self.epoch, self.synced = by_name, seq, epoch, True
 
     def apply(self, ev: ipc.Event) -> Outcome:
@@ -116,12 +119,16 @@ class PodSequence:
             log.warning("pod event not understood, ignored", extra={"kind": kind})
             return Outcome.IGNORED
         before = self.pods.get(pod["name"])
+        pod = self._kept(pod)
         if before == pod:
             return Outcome.IGNORED
-        pod = compact(pod)
         self.pods[pod["name"]] = pod
         self.last_change = (pod["name"], pod, before)
         return Outcome.CHANGED
+
+    def _kept(self, pod: dict[str, Any]) -> dict[str, Any]:
+        kept: dict[str, Any] = compact(pod if self._keep is None else self._keep(pod))
+        return kept
 
     def _resync(self, why: str) -> Outcome:
         log.info("re-synchronising with memory", extra={"reason": why, "seq": self.seq})

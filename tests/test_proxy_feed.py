@@ -26,6 +26,7 @@ from common.errors import BadFrame, NotFound
 from common.memclient import MemoryClient
 from common.podsync import Outcome, PodSequence
 from common.zmqutil import make_run_dir, route_one
+from services.proxy import feed
 from services.proxy.feed import watch_pods
 from tests.test_memory_service import Memory
 
@@ -297,6 +298,19 @@ def test_records_share_their_keys_and_short_strings_and_keep_their_values() -> N
     assert a == pod("a") and b == pod("b"), "the same record, only spelled with shared strings"
     assert all(ka is kb for ka, kb in zip(sorted(a, key=str), sorted(b, key=str), strict=True))
     assert a["status"]["phase"] is b["status"]["phase"]
+
+
+def test_a_mirror_keeping_stubs_ignores_what_its_stubs_do_not_hold() -> None:
+    job = {**pod("job"), "spec": {"workload": "job"}, "status": {"phase": "Pending"}}
+    m = PodSequence(keep=feed._kept)
+    m.load({"seq": 0, "epoch": "e", "pods": [pod("web"), job]})
+    assert m.pods["web"] == pod("web")   # a pod that routes is held whole
+    assert m.pods["job"] == {"name": "job", "uid": "uid-job", "version": 1, "desired": "running"}
+    running = {**job, "status": {"phase": "Running"}}
+    assert m.apply(ev(1, {"kind": "status", "pod": running})) is Outcome.IGNORED
+    assert m.apply(ev(2, {"kind": "status", "pod": {**running, "version": 2}})) is Outcome.CHANGED
+    assert m.apply(ev(3, {"kind": "applied", "pod": {**pod("job"), "version": 3}})) is Outcome.CHANGED
+    assert m.pods["job"]["status"]["endpoints"], "it asks for a port now: held whole"
 
 
 def test_a_removal_of_an_older_uid_leaves_the_newer_pod() -> None:

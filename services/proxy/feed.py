@@ -31,6 +31,15 @@ def routed(record: Mapping[str, Any] | None) -> bool:
                 or (isinstance(status, Mapping) and status.get("endpoints")))
 
 
+_STUB_KEYS = ("name", "uid", "version", "generation", "desired")
+
+
+def _kept(record: dict[str, Any]) -> dict[str, Any]:
+    """What the proxy's mirror holds of a pod: all of a pod that routes, a stub of the others
+    (a node of thousands of pods without ports costs the proxy a few hundred bytes each)."""
+    return record if routed(record) else {k: record[k] for k in _STUB_KEYS if k in record}
+
+
 class _Routed:
     """The mirror's pods that matter to routing, and whether they changed since last handed."""
 
@@ -61,4 +70,4 @@ def watch_pods(cfg: Config, on_pods: Callable[[list[dict[str, Any]]], None], sto
     of its own."""
     pods = _Routed(on_pods)
     PodMirror(cfg, context=context, on_batch=pods.batch, on_transition=pods.transition,
-              shared=True).run(stop)
+              shared=True, keep=_kept).run(stop)
