@@ -144,7 +144,8 @@ def test_pods_that_would_not_fit_in_memory_are_refused_with_the_figures() -> Non
 
 EVERY_ROW = [
     "new pods created", "bulk creation", "Apply call during bulk creation, median",
-    "Apply call alone (one caller), p50", "idle CPU, agent services", "idle CPU, shims", "idle CPU, total", "PSS, agent services", "PSS per pod", "Apply->Running, p50",
+    "Apply call alone (one caller), p50", "idle CPU, agent services", "idle CPU, shims",
+    "idle CPU, total", "PSS, agent services", "PSS per pod", "Apply->Running, p50",
     "List RPC, median", "/metrics scrape, median", "machine load average", "pod processes found: shims",
     "agent processes", "pod processes found: workloads", "manager open files",
 ]
