@@ -16,6 +16,7 @@ from common.errors import RikletError, Unavailable
 from common.stats_server import StatsServer
 from common.zmqutil import RequestClient
 from services.monitor import prom
+from services.monitor.pods import ContainerUsage
 from services.monitor.service import proxy_stats_reader
 from services.proxy.stats import CONNECT_BUCKETS, Stats
 from tests.support import parse_prometheus
@@ -132,3 +133,18 @@ def test_stats_endpoint_unlinks_its_socket_and_the_reader_tells_absent_from_sile
         client.close()
         os.unlink(f"{run_dir}/proxy.sock")
         os.rmdir(run_dir)
+
+
+def test_pods_rendered_once_read_the_same_as_pods_rendered_per_scrape() -> None:
+    node: Any = {"cpu": {"currentUsage": 1.5}, "memory": {"totalMemory": 10, "freeMemory": 4}, "disks": []}
+    pods: list[Any] = [{"appId": name, "state": state, "restartCount": n, "cpu": {"currentUsage": 12.5 * n},
+                        "memory": {"totalMemory": 100, "freeMemory": 40 - n}}
+                       for n, (name, state) in enumerate([("web", "RUNNING"), ('odd"pod', "CREATING")])]
+    rows = {"web": (ContainerUsage("web", "app", 1.25, 4096, None),
+                    ContainerUsage("web", "db", 2.0, 8192, 65536)), 'odd"pod': ()}
+    per_scrape = prom.render(node, pods, 2, containers=[r for p in pods for r in rows[p["appId"]]])
+    once = prom.render(node, [], 2, series=[prom.pod_series(p, rows[p["appId"]]) for p in pods])
+    assert once == per_scrape
+    _, samples = parse_prometheus(once)
+    assert samples["riklet_pods"]['{phase="CREATING"}'] == 1
+    assert samples["riklet_container_memory_limit_bytes"] == {'{pod="web",container="db"}': 65536}

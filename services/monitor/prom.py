@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from services.monitor.metrics import RealtimeNode, RealtimePod
@@ -35,6 +35,8 @@ class Family:
     help: str
     # (suffix, labels, value): the suffix is "" but for a histogram's _bucket, _sum and _count.
     samples: list[tuple[str, Labels, float]] = field(default_factory=list)
+    # sample lines already in the exposition format (a pod's series, rendered once per value)
+    lines: list[str] = field(default_factory=list)
 
     def add(self, value: float, **labels: str) -> None:
         self.samples.append(("", tuple(labels.items()), value))
@@ -75,10 +77,57 @@ def exposition(families: Sequence[Family]) -> str:
             name = fam.name + suffix
             lines.append(f"{name}{{{text}}} {format_value(value)}" if text
                          else f"{name} {format_value(value)}")
+        lines.extend(fam.lines)
     return "\n".join(lines) + "\n"
 
 
-def families(node: RealtimeNode, pods: Sequence[RealtimePod], scrape_errors: int) -> list[Family]:
+def sample_line(name: str, value: float, **labels: str) -> str:
+    """One sample in the exposition format, as :func:`exposition` writes it."""
+    text = ",".join(f'{k}="{escape_label(v)}"' for k, v in labels.items())
+    return f"{name}{{{text}}} {format_value(value)}" if text else f"{name} {format_value(value)}"
+
+
+POD_CPU = "riklet_pod_cpu_usage_percent"
+POD_MEMORY = "riklet_pod_memory_bytes"
+POD_RESTARTS = "riklet_pod_restarts_total"
+CONTAINER_CPU = "riklet_container_cpu_seconds_total"
+CONTAINER_MEMORY = "riklet_container_memory_working_set_bytes"
+CONTAINER_LIMIT = "riklet_container_memory_limit_bytes"
+
+
+class PodSeries(NamedTuple):
+    """A pod's sample lines in each of the per-pod families, and its phase: what a scrape
+    needs of a pod, rendered once for the values it shows (the monitor keeps it while they
+    stay the same, which they do for every idle pod)."""
+
+    state: str
+    cpu: str
+    memory: str
+    restarts: str
+    containers: tuple[tuple[str, str, str | None], ...]   # (cpu, memory, limit or None) lines
+
+
+def pod_series(pod: RealtimePod, rows: Sequence[Any] = ()) -> PodSeries:
+    """``pod``'s series, and those of its containers (``services.monitor.pods.ContainerUsage``)."""
+    name = pod["appId"]
+    return PodSeries(
+        pod["state"], sample_line(POD_CPU, pod["cpu"]["currentUsage"], pod=name),
+        sample_line(POD_MEMORY, pod["memory"]["totalMemory"] - pod["memory"]["freeMemory"], pod=name),
+        sample_line(POD_RESTARTS, pod["restartCount"], pod=name), container_lines(rows))
+
+
+def container_lines(rows: Sequence[Any]) -> tuple[tuple[str, str, str | None], ...]:
+    """Each container's (cpu, memory, limit or None) sample lines."""
+    return tuple((sample_line(CONTAINER_CPU, r.cpu_seconds, pod=r.pod, container=r.container),
+                  sample_line(CONTAINER_MEMORY, r.memory_bytes, pod=r.pod, container=r.container),
+                  None if r.memory_limit is None else
+                  sample_line(CONTAINER_LIMIT, r.memory_limit, pod=r.pod, container=r.container))
+                 for r in rows)
+
+
+def families(node: RealtimeNode, pods: Sequence[RealtimePod], scrape_errors: int,
+             series: Sequence[PodSeries] = ()) -> list[Family]:
+    """The node's and the pods' families: ``pods`` as figures, or ``series`` already rendered."""
     node_cpu = Family("riklet_node_cpu_usage_percent", "gauge", "CPU used by the whole node, in percent.")
     node_cpu.add(node["cpu"]["currentUsage"])
     node_mem = Family("riklet_node_memory_bytes", "gauge",
@@ -92,18 +141,17 @@ def families(node: RealtimeNode, pods: Sequence[RealtimePod], scrape_errors: int
         disk.add(d["total"], disk=d["diskName"], kind="total")
         disk.add(d["used"], disk=d["diskName"], kind="used")
         disk.add(d["available"], disk=d["diskName"], kind="available")
-    pod_cpu = Family("riklet_pod_cpu_usage_percent", "gauge",
+    pod_cpu = Family(POD_CPU, "gauge",
                      "CPU used by a pod, in percent of its limit (or of the node without one).")
-    pod_mem = Family("riklet_pod_memory_bytes", "gauge", "Memory used by a pod, in bytes.")
-    restarts = Family("riklet_pod_restarts_total", "counter", "Container restarts in a pod.")
+    pod_mem = Family(POD_MEMORY, "gauge", "Memory used by a pod, in bytes.")
+    restarts = Family(POD_RESTARTS, "counter", "Container restarts in a pod.")
     phases = Family("riklet_pods", "gauge", "Pods on this node by phase.")
     by_phase = dict.fromkeys(KNOWN_PHASES, 0)
-    for p in pods:
-        name = p["appId"]
-        pod_cpu.add(p["cpu"]["currentUsage"], pod=name)
-        pod_mem.add(p["memory"]["totalMemory"] - p["memory"]["freeMemory"], pod=name)
-        restarts.add(p["restartCount"], pod=name)
-        by_phase[p["state"]] = by_phase.get(p["state"], 0) + 1
+    for one in [*(pod_series(p) for p in pods), *series]:
+        pod_cpu.lines.append(one.cpu)
+        pod_mem.lines.append(one.memory)
+        restarts.lines.append(one.restarts)
+        by_phase[one.state] = by_phase.get(one.state, 0) + 1
     for phase, count in by_phase.items():
         phases.add(count, phase=phase)
     errors = Family("riklet_monitor_scrape_errors_total", "counter",
@@ -227,18 +275,19 @@ def _port_families(ports: object) -> list[Family]:
 _PORT_KEYS = ("port", "packets_in", "packets_out", "bytes_in", "bytes_out", "conntrack", "ready", "endpoints")
 
 
-def container_families(rows: Sequence[Any]) -> list[Family]:
-    """Per-container CPU and memory (``services.monitor.pods.ContainerUsage`` rows)."""
-    cpu = Family("riklet_container_cpu_seconds_total", "counter",
-                 "CPU time used by a container (its cgroup).")
-    mem = Family("riklet_container_memory_working_set_bytes", "gauge",
+def container_families(rows: Sequence[Any], series: Sequence[PodSeries] = ()) -> list[Family]:
+    """Per-container CPU and memory (``services.monitor.pods.ContainerUsage`` rows, or the
+    containers of pods' ``series``)."""
+    cpu = Family(CONTAINER_CPU, "counter", "CPU time used by a container (its cgroup).")
+    mem = Family(CONTAINER_MEMORY, "gauge",
                  "Memory a container uses, page cache that can be dropped excluded.")
-    limit = Family("riklet_container_memory_limit_bytes", "gauge", "A container's memory limit.")
-    for r in rows:
-        cpu.add(r.cpu_seconds, pod=r.pod, container=r.container)
-        mem.add(r.memory_bytes, pod=r.pod, container=r.container)
-        if r.memory_limit is not None:
-            limit.add(r.memory_limit, pod=r.pod, container=r.container)
+    limit = Family(CONTAINER_LIMIT, "gauge", "A container's memory limit.")
+    for cpu_line, mem_line, limit_line in [*container_lines(rows),
+                                           *(c for one in series for c in one.containers)]:
+        cpu.lines.append(cpu_line)
+        mem.lines.append(mem_line)
+        if limit_line is not None:
+            limit.lines.append(limit_line)
     return [cpu, mem, limit]
 
 
@@ -277,9 +326,12 @@ def chas_families(stats: Mapping[str, Any] | None) -> list[Family]:
 
 def render(node: RealtimeNode, pods: Sequence[RealtimePod], scrape_errors: int,
            proxy: Mapping[str, Any] | None = None, with_proxy: bool = False,
-           containers: Sequence[Any] = (), chas: Mapping[str, Any] | None = None) -> str:
-    """With ``with_proxy``, add the proxy's families (``proxy`` None: it did not answer)."""
-    fams = families(node, pods, scrape_errors) + container_families(containers) + chas_families(chas)
+           containers: Sequence[Any] = (), chas: Mapping[str, Any] | None = None,
+           series: Sequence[PodSeries] = ()) -> str:
+    """With ``with_proxy``, add the proxy's families (``proxy`` None: it did not answer).
+    Pods come as figures (``pods``, ``containers``) or already rendered (``series``)."""
+    fams = (families(node, pods, scrape_errors, series) + container_families(containers, series)
+            + chas_families(chas))
     if with_proxy:
         fams += proxy_families(proxy)
     return exposition(fams)

@@ -29,7 +29,6 @@ from common.errors import InvalidArgument, NotFound, RikletError, Unavailable
 from common.zmqutil import RequestClient, ipc_path
 from services.monitor import metrics, prom
 from services.monitor.loop import SampleLoop
-from services.monitor.pods import ContainerUsage
 from services.monitor.podtable import PodEntry, PodTable
 from services.monitor.snapshot import Sample
 
@@ -82,6 +81,8 @@ class Monitor:
         self._proxy_stats = proxy_stats
         self._manager_stats = manager_stats
         self._scrape_errors = 0
+        # by PodEntry.key: (facts, (usage, container rows, node totals), the pod's rendered series)
+        self._series: dict[str, tuple[metrics.PodFacts, tuple[Any, ...], prom.PodSeries]] = {}
         self._errors_lock = threading.Lock()
         self._ops: dict[str, tuple[frozenset[str], Callable[[Mapping[str, Any]], Any]]] = {
             "node.resources": (frozenset(), lambda _: self.node_resources()),
@@ -161,16 +162,12 @@ class Monitor:
         """The ``/metrics`` body. Memory (or the proxy) being down costs the pod (or proxy)
         series, not the node's."""
         sample = self.sample()
-        containers: list[ContainerUsage] = []
         try:
-            entries = self._entries()
-            pods = [self.figures(e, sample) for e in entries]
-            for e in entries:
-                containers += sample.containers.get(e.key, ())
+            series = self._pod_series(self._entries(), sample)
         except Unavailable as exc:
             log.warning("scrape without pods", extra={"error": str(exc)})
             self._scrape_error()
-            pods = []
+            series = []
         proxy: Mapping[str, Any] | None = None
         if self._proxy_stats is not None:
             try:
@@ -185,5 +182,24 @@ class Monitor:
             except Unavailable as exc:
                 log.warning("scrape without the manager's stats", extra={"error": str(exc)})
                 self._scrape_error()
-        return prom.render(sample.node, pods, self._scrape_errors, proxy,
-                           with_proxy=self._proxy_stats is not None, containers=containers, chas=chas)
+        return prom.render(sample.node, [], self._scrape_errors, proxy,
+                           with_proxy=self._proxy_stats is not None, chas=chas, series=series)
+
+    def _pod_series(self, entries: list[PodEntry], sample: Sample) -> list[prom.PodSeries]:
+        """Each pod's rendered series; a pod whose record, usage and node are those of the
+        last scrape (every idle pod) reuses its lines instead of being rendered again."""
+        node = sample.node
+        totals = (node["cpu"]["totalCpu"], node["memory"]["totalMemory"])
+        last, kept = self._series, {}
+        out = []
+        for e in entries:
+            usage, rows = sample.pods.get(e.key), sample.containers.get(e.key, ())
+            hit = last.get(e.key)
+            if hit is not None and hit[0] is e.facts and hit[1] == (usage, rows, totals):
+                one = hit[2]
+            else:
+                one = prom.pod_series(self.figures(e, sample), rows)
+            kept[e.key] = (e.facts, (usage, rows, totals), one)
+            out.append(one)
+        self._series = kept   # one assignment: a concurrent scrape sees the old or the new
+        return out
