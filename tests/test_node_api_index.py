@@ -23,7 +23,7 @@ from cli import rikletctl
 from common.memclient import MemoryClient
 from common.pb import node_pb2 as npb
 from common.pb import node_pb2_grpc as npb_grpc
-from services.manager.api.node import NodeService
+from services.manager.api.node import NodeService, add_to_server
 from tests.stack import Agent
 from tests.support import free_port, wait_for
 from tests.test_memory_service import Memory
@@ -66,7 +66,7 @@ def node() -> Iterator[Node]:
         memory.start()
         service = NodeService(client, mirror=None, monitor=None,  # type: ignore[arg-type]
                               log_path=lambda pod, container: "", grace_default=5.0, poke=lambda name: None)
-        npb_grpc.add_NodeServicer_to_server(service, server)
+        add_to_server(service, server)
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         address = f"127.0.0.1:{port}"

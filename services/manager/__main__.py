@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg, _ = config.parse_args("riklet-manager", argv)
     logsetup.setup("manager", cfg.logging_level, cfg.logging_file)
     pb.ensure()
-    from common.pb import node_pb2, node_pb2_grpc  # generated: import after ensure()
+    from common.pb import node_pb2  # generated: import after ensure()
     from common.stats_server import StatsServer
-    from services.manager.api.node import NodeService
+    from services.manager.api.node import NodeService, add_to_server
     from services.manager.api.streams import StreamLimits
     from services.manager.chas.api import start_from_config
     from services.manager.chas.stats import ChasStats
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=streams.workers, thread_name_prefix="grpc"),
                          interceptors=[auth.grpc_token_interceptor(lambda: token), streams.interceptor()],
                          options=[("grpc.max_receive_message_length", 1024 * 1024)])
-    node_pb2_grpc.add_NodeServicer_to_server(service, server)
+    add_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -88,29 +88,90 @@ def pod_message(record: Mapping[str, Any]) -> pb.Pod:
         endpoints=endpoints, spec_json=spec_json, status_json=status_json)
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(number: int, data: bytes) -> bytes:
+    """A length-delimited protobuf field (wire type 2): tag, length, bytes."""
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+_LIST_PODS = pb.ListResponse.DESCRIPTOR.fields_by_name["pods"].number
+_LIST_TOKEN = pb.ListResponse.DESCRIPTOR.fields_by_name["continue_token"].number
+
+
+class ListReply:
+    """A ListResponse already serialized: the pods' encodings, cached, joined as they are.
+    Served through :func:`add_to_server`, whose List serializer passes it on untouched."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    @classmethod
+    def of(cls, pods: list[bytes], continue_token: str = "") -> ListReply:
+        token = _field(_LIST_TOKEN, continue_token.encode()) if continue_token else b""
+        return cls(b"".join(pods) + token)
+
+
+def _serialize_list(reply: pb.ListResponse | ListReply) -> bytes:
+    return reply.data if isinstance(reply, ListReply) else reply.SerializeToString()
+
+
+class _ListServed:
+    """What the generated registration sees as the server: it hands over the method handlers,
+    and List's is given a serializer that passes a ListReply on as it is."""
+
+    def __init__(self, server: grpc.Server, service: NodeService) -> None:
+        self._server, self._service = server, service
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass   # the same handlers come to add_registered_method_handlers, and go on from there
+
+    def add_registered_method_handlers(self, name: str, handlers: dict[str, Any]) -> None:
+        handlers = {**handlers, "List": grpc.unary_unary_rpc_method_handler(
+            self._service.List, request_deserializer=pb.ListRequest.FromString,
+            response_serializer=_serialize_list)}
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+        getattr(self._server, "add_registered_method_handlers")(name, handlers)  # noqa: B009 (untyped)
+
+
+def add_to_server(service: NodeService, server: grpc.Server) -> None:
+    """Register the Node API; List answers with bytes built from each pod's cached encoding."""
+    pb_grpc.add_NodeServicer_to_server(service, _ListServed(server, service))
+
+
 class PodMessages:
-    """The API message of each pod at its (uid, version), so that a List converts and fetches
-    only the pods that changed since the one before (the conversion is most of a List's cost).
-    Bounded: the oldest entries go beyond ``limit`` (pods long removed, or past a node's worth)."""
+    """Each pod at its (uid, version) as the API shows it, already encoded as a field of a List
+    reply, so that a List converts and fetches only the pods that changed since the one before
+    and copies no message (converting and encoding are most of a List's cost). Bounded: the
+    oldest entries go beyond ``limit`` (pods long removed, or past a node's worth)."""
 
     def __init__(self, limit: int = 10000) -> None:
         self._limit = limit
-        self._messages: dict[str, tuple[tuple[str, int], pb.Pod]] = {}
+        self._messages: dict[str, tuple[tuple[str, int], bytes]] = {}
         self._lock = threading.Lock()
 
-    def cached(self, name: str, uid: str, version: int) -> pb.Pod | None:
+    def cached(self, name: str, uid: str, version: int) -> bytes | None:
         with self._lock:
             hit = self._messages.get(name)
         return hit[1] if hit is not None and hit[0] == (uid, version) else None
 
-    def put(self, record: Mapping[str, Any]) -> pb.Pod:
-        message = pod_message(record)
+    def put(self, record: Mapping[str, Any]) -> bytes:
+        encoded = _field(_LIST_PODS, pod_message(record).SerializeToString())
         with self._lock:
             self._messages.pop(record["name"], None)  # re-inserted last: the newest
-            self._messages[record["name"]] = ((record["uid"], record["version"]), message)
+            self._messages[record["name"]] = ((record["uid"], record["version"]), encoded)
             while len(self._messages) > self._limit:
                 del self._messages[next(iter(self._messages))]
-        return message
+        return encoded
 
 
 MAX_IMPORT = 16 << 30
@@ -237,31 +298,31 @@ class NodeService(pb_grpc.NodeServicer):
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.Pod:
         return self._call(context, lambda: pod_message(self._record(request.name)))
 
-    def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListResponse:
+    def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> ListReply:
         return self._call(context, lambda: self._list(request))
 
-    def _list(self, request: pb.ListRequest) -> pb.ListResponse:
+    def _list(self, request: pb.ListRequest) -> ListReply:
         """Pods in name order, read from memory a page at a time (bounded IPC frames): first each
         pod's (name, uid, version), then only the records not already converted. A pod name is
         the continue token, so a page starts after it whatever changed meanwhile."""
         after = _continue_from(request.continue_token) if request.continue_token else None
         if len(request.workload) > 253:  # no workload has such a name
-            return pb.ListResponse()
+            return ListReply.of([])
         workload = request.workload or None
         if request.limit:
             limit = min(request.limit, MAX_LIST_PAGE)
             stamps = self.memory.stamps(after=after, limit=limit + 1, workload=workload)  # +1: more?
             token = stamps[limit - 1][0] if len(stamps) > limit else ""
-            return pb.ListResponse(pods=self._pods(stamps[:limit]), continue_token=token)
+            return ListReply.of(self._pods(stamps[:limit]), token)
         pods = []
         while True:
             stamps = self.memory.stamps(after=after, limit=MEMORY_PAGE, workload=workload)
             pods.extend(self._pods(stamps))
             if len(stamps) < MEMORY_PAGE:
-                return pb.ListResponse(pods=pods)
+                return ListReply.of(pods)
             after = stamps[-1][0]
 
-    def _pods(self, stamps: list[tuple[str, str, int]]) -> list[pb.Pod]:
+    def _pods(self, stamps: list[tuple[str, str, int]]) -> list[bytes]:
         """The messages of the pods stamped (name, uid, version), in that order: from the cache,
         else read from memory (a pod removed since it was stamped is left out)."""
         found = {name: self._messages.cached(name, uid, version) for name, uid, version in stamps}
