@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     runtime.blocked_ports = containers.blocked_ports = blocked
     reconciler = Reconciler(memory, {"process": runtime, "containerd": containers}, mirror,
                             resync_interval=cfg.reconcile_resync_interval, blocked=blocked)
-    shim_events = ShimEvents(events_path(cfg.paths_run_dir), reconciler.poke)
+    shim_events = ShimEvents(events_path(cfg.paths_run_dir), reconciler.shim_said)
     containers.on_progress = reconciler.progress
     service = NodeService(memory, mirror, RequestClient(cfg.monitor_endpoint, timeout=2.0, retries=1),
                           runtime.log_path, cfg.runtime_stop_grace_period, reconciler.poke,

@@ -61,6 +61,10 @@ class PidWatch:
         with self._lock:
             return len(self._by_name)
 
+    def watching(self, name: str) -> bool:
+        with self._lock:
+            return name in self._by_name
+
     def watch(self, name: str, pid: int, start: int) -> None:
         with self._lock:
             held = self._by_name.get(name)

@@ -104,6 +104,17 @@ class Reconciler:
         for n in ([name] if name is not None else self.pods.names()):
             self._submit(n, URGENT)
 
+    def shim_said(self, name: str) -> None:
+        """A shim's datagram: its pod's status file was rewritten. Nothing to sync when the
+        files are as the last observe saw them (the status ``start`` returned with), or when
+        the pod is being stopped and its holder is watched: its exit comes through the pidfd,
+        and until then a sync would only read the files again."""
+        with self._lock:
+            stopping = name in self._stopping
+        if (stopping and self.holders.watching(name)) or self._unchanged(name, count=False):
+            return
+        self.poke(name)
+
     def offer(self, record: PodRecord) -> None:
         """A record this manager has just written (an apply, a desired state): sync the pod now
         from this copy instead of waiting for memory's event to reach the mirror, which costs
@@ -156,14 +167,14 @@ class Reconciler:
             self._running.add(name)
         self._run(name)
 
-    def _unchanged(self, name: str) -> bool:
+    def _unchanged(self, name: str, count: bool = True) -> bool:
         """A driver's cheap word that nothing happened to the pod since its last observe (a
         stat instead of file reads: at 5,000 pods the resync would otherwise cost a core's few
         percent). Changes in memory reach the reconciler through the mirror, not the resync."""
         for runtime in self.runtimes.values():
             check = getattr(runtime, "unchanged", None)
             if check is not None and check(name):
-                self.resync_skipped += 1
+                self.resync_skipped += count
                 return True
         return False
 
