@@ -23,7 +23,8 @@ from cli import rikletctl
 from common.memclient import MemoryClient
 from common.pb import node_pb2 as npb
 from common.pb import node_pb2_grpc as npb_grpc
-from services.manager.api.node import NodeService, add_to_server
+from services.manager.api.listing import add_to_server
+from services.manager.api.node import NodeService
 from tests.stack import Agent
 from tests.support import free_port, wait_for
 from tests.test_memory_service import Memory

@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     pb.ensure()
     from common.pb import node_pb2  # generated: import after ensure()
     from common.stats_server import StatsServer
-    from services.manager.api.node import NodeService, add_to_server
+    from services.manager.api.listing import add_to_server
+    from services.manager.api.node import NodeService
     from services.manager.api.streams import StreamLimits
     from services.manager.chas.api import start_from_config
     from services.manager.chas.stats import ChasStats
