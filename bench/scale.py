@@ -145,7 +145,9 @@ def idle_cpu(agent: Agent, pods_root: str, seconds: float) -> tuple[float, float
 def measure(agent: Agent, watcher: pods.Watcher, n: int, have: int, args: argparse.Namespace) -> Table:
     """Steps 1-5 at N pods, ``have`` of which exist already."""
     pods_root = os.path.join(agent.state_dir, "pods")
+    busy = proc.machine_busy()
     bulk = pods.bulk_create(agent, watcher, [f"scale-{i:05d}" for i in range(have, n)])
+    busy_per_pod = per_pod_ms(proc.machine_busy() - busy, bulk.created)
     time.sleep(min(5.0, args.idle_seconds / 4))   # let the last status writes settle
     cpu_svc, cpu_shims = idle_cpu(agent, pods_root, args.idle_seconds)
     load = os.getloadavg()[0]   # other work on the machine skews every latency here
@@ -160,6 +162,8 @@ def measure(agent: Agent, watcher: pods.Watcher, n: int, have: int, args: argpar
         Row(f"bulk creation, {pods.CALLERS} callers", bulk.rate, "pods/s", GOALS["bulk"], note="no new pods"),
         Row("Apply call during bulk creation, median",
             statistics.median(bulk.apply_ms) if bulk.apply_ms else None, "ms", GOALS["apply_call"],
+            note="no new pods"),
+        Row("machine CPU per pod created (every process and the kernel)", busy_per_pod, "ms",
             note="no new pods"),
         Row(f"Apply call alone (one caller), p50 of {len(alone)}",
             statistics.median(alone) if alone else None, "ms", GOALS["apply_call"]),
@@ -188,7 +192,9 @@ def teardown(agent: Agent, watcher: pods.Watcher) -> Table:
     shims, workloads = proc.recorded(pods_root)
     shim_keys = sorted(shims.union(before.keys[p] for p in before.shims))
     work_keys = sorted(workloads.union(before.keys[p] for p in before.workloads))
+    busy = proc.machine_busy()
     n, seconds = pods.delete_all(agent, watcher, lambda: not proc.any_alive(shim_keys))
+    busy_per_pod = per_pod_ms(proc.machine_busy() - busy, n)
     group = PodLayout(agent.state_dir).agent_cgroup()
 
     def left() -> tuple[int, int, int, int]:
@@ -203,11 +209,18 @@ def teardown(agent: Agent, watcher: pods.Watcher) -> Table:
     leftover = GOALS["leftover"]
     return Table(f"delete all ({n} pods)", [
         Row("delete all: first Delete to List empty and every shim gone", seconds, "s", delete_goal(n)),
+        Row("machine CPU per pod deleted (every process and the kernel)", busy_per_pod, "ms",
+            note="no pods"),
         Row("left over: shim processes", counts[0], "", leftover),
         Row("left over: workload processes", counts[1], "", leftover),
         Row("left over: pod directories", counts[2], "", leftover),
         Row(f"left over: cgroup directories under {group}", counts[3], "", leftover),
     ])
+
+
+def per_pod_ms(ticks: int, pods_done: int) -> float | None:
+    """Milliseconds of machine CPU per pod, from busy clock ticks."""
+    return 1000.0 * ticks / proc.CLK_TCK / pods_done if pods_done else None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -16,6 +16,18 @@ from dataclasses import dataclass
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def parse_machine_busy(proc_stat: str) -> int:
+    """Clock ticks the machine's CPUs spent busy (all but idle and iowait), from the ``cpu``
+    line of /proc/stat."""
+    fields = [int(x) for x in proc_stat.split("\n", 1)[0].split()[1:]]
+    return sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)
+
+
+def machine_busy() -> int:
+    with open("/proc/stat", encoding="ascii") as fh:
+        return parse_machine_busy(fh.read())
+
+
 @dataclass(frozen=True)
 class Stat:
     """The fields of /proc/PID/stat the benchmark uses."""

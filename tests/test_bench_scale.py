@@ -43,6 +43,11 @@ def test_stat_refuses_a_truncated_line() -> None:
         scale_proc.parse_stat(1, "1 (init) S 0 1 1")
 
 
+def test_machine_busy_is_every_tick_but_idle_and_iowait() -> None:
+    assert scale_proc.parse_machine_busy("cpu  10 1 5 900 7 0 2 3 0 0\ncpu0 5 0 2 450 3 0 1 1 0 0\n") == 21
+    assert scale_proc.machine_busy() > 0
+
+
 def test_pss_is_read_in_kib_from_smaps_rollup() -> None:
     assert scale_proc.pss_kib(SMAPS_ROLLUP) == 3120
 
@@ -144,6 +149,7 @@ def test_pods_that_would_not_fit_in_memory_are_refused_with_the_figures() -> Non
 
 EVERY_ROW = [
     "new pods created", "bulk creation", "Apply call during bulk creation, median",
+    "machine CPU per pod created",
     "Apply call alone (one caller), p50", "idle CPU, agent services", "idle CPU, shims",
     "idle CPU, total", "PSS, agent services", "PSS per pod", "Apply->Running, p50",
     "List RPC, median", "/metrics scrape, median", "machine load average", "pod processes found: shims",
@@ -169,6 +175,8 @@ def test_a_small_run_prints_every_figure_and_leaves_nothing(tmp_path: Path,
     assert re.search(r"^  PSS per pod \(shims / N\) +[0-9.]+ MiB", three, re.M), out
     deleted = out.split("\ndelete all (3 pods)\n", 1)[1]
     assert re.search(r"first Delete to List empty and every shim gone +[0-9.]+ s", deleted), out
+    assert re.search(r"machine CPU per pod deleted \(every process and the kernel\) +[0-9.]+ ms",
+                     deleted), out
     for what in LEFTOVERS:
         assert re.search(rf"^  left over: {what}.* 0 +0 +✓$", deleted, re.M), f"{what}\n{out}"
     text = md.read_text(encoding="utf-8")
