@@ -196,10 +196,6 @@ def load_spec(pod_dir: str) -> PodSpec:
     return parse_spec(data)
 
 
-def write_spec(pod_dir: str, spec: PodSpec) -> None:
-    write_json(os.path.join(pod_dir, SPEC_FILE), spec_to_json(spec))
-
-
 def read_status(pod_dir: str) -> dict[str, Any] | None:
     """The shim's last status, or None when it is missing or unreadable."""
     try:
