@@ -1,9 +1,11 @@
 """The process runtime: each pod's commands run under a per-pod shim that outlives the manager.
 
-A pod's directory (``<state>/pods/<name>``) holds ``driver.json`` (what this driver needs to
-re-attach: uid, spec hash, ports, whether the agent stopped it), the shim's ``status.json``,
-its ``shim.log`` and ``logs/``; the shim is given its spec on its stdin. Re-attaching after a
-manager restart is reading those files: the shim never depended on the manager.
+A pod's directory (``<state>/pods/<name>``) holds the shim's ``status.json``, its ``shim.log``
+and ``logs/``. The shim is given its spec on its stdin, and with it this driver's facts (uid,
+spec hash, endpoints), which it keeps in status.json's ``driver``: one file per pod, written by
+its shim alone. A shim that was told to stop says so (state ``stopping``, then ``exited``).
+Re-attaching after a manager restart is reading that file: the shim never depended on the
+manager. Pods started by an earlier version kept the facts in ``driver.json``, still read.
 """
 
 from __future__ import annotations
@@ -25,19 +27,28 @@ from services.manager.runtime import Observed, PodLayout, PodRecord, spec_hash
 log = logging.getLogger(__name__)
 
 
-_Signature = tuple[int, int, int, int, int] | None
+_Signature = tuple[int, int, int] | None
+_LEGACY_DRIVER = "driver.json"   # where an earlier version kept the driver's facts
+_STOPPED = ("stopping", "exited")   # a shim in these states was told to stop
 
 
 def _signature(pdir: str) -> _Signature:
-    """driver.json's and status.json's (inode, mtime; and status.json's size): both are replaced
-    by rename on every write, so new content shows as a new inode, time or size. None when
-    either is missing."""
+    """status.json's inode, mtime and size: it is replaced by rename on every write, so new
+    content shows as a new inode, time or size. None when it is missing."""
     try:
-        driver = os.stat(os.path.join(pdir, "driver.json"))
         status = os.stat(os.path.join(pdir, shimctl.STATUS_FILE))
     except OSError:
         return None
-    return driver.st_ino, driver.st_mtime_ns, status.st_ino, status.st_mtime_ns, status.st_size
+    return status.st_ino, status.st_mtime_ns, status.st_size
+
+
+def _driver(pdir: str, st: dict[str, Any]) -> dict[str, Any] | None:
+    """The driver's facts: kept by the shim, or (a pod started by an earlier version) in
+    driver.json."""
+    driver = st.get("driver")
+    if isinstance(driver, dict):
+        return driver
+    return read_json(os.path.join(pdir, _LEGACY_DRIVER)) if st else None
 
 
 def free_port(protocol: str) -> int:
@@ -71,10 +82,10 @@ class ProcessRuntime(PodLayout):
     def observe(self, pod: PodRecord) -> Observed | None:
         pdir = self.pod_dir(pod["name"])
         signature = _signature(pdir)  # before reading: a write after it shows as a change later
-        driver = read_json(os.path.join(pdir, "driver.json"))
+        st = shim.read_status(pdir) or {}
+        driver = _driver(pdir, st)
         if driver is None or driver.get("uid") != pod["uid"] or driver.get("runtime", "process") != "process":
             return None
-        st = shim.read_status(pdir) or {}
         holder = (int(st.get("shim_pid", 0)), int(st.get("shim_start", 0)))
         alive = bool(st) and shim.pid_alive(*holder)
         containers = list(st.get("containers") or [])
@@ -85,7 +96,8 @@ class ProcessRuntime(PodLayout):
         endpoints = list(driver.get("endpoints") or [])
         self._seen[pod["name"]] = (signature, holder if alive else None)
         return Observed(
-            alive=alive, spec_hash=str(driver.get("spec_hash")), stopped=bool(driver.get("stopped")),
+            alive=alive, spec_hash=str(driver.get("spec_hash")),
+            stopped=st.get("state") in _STOPPED or bool(driver.get("stopped")),
             lost=lost, containers=containers, endpoints=endpoints,
             cgroup=self.cgroup_parent(pod["name"]), pids=pids,
             started_at=min(started) if started else None,
@@ -93,9 +105,9 @@ class ProcessRuntime(PodLayout):
 
     def unchanged(self, name: str) -> bool:
         """Whether nothing can have happened to the pod since it was last observed: its files
-        carry the same signature (the shim rewrites status.json on every change, the driver
-        rewrites driver.json) and its shim still lives. One stat per file and one read of
-        /proc/PID/stat, instead of the JSON reads of an observe; False whenever in doubt."""
+        carry the same signature (the shim rewrites status.json on every change) and its shim
+        still lives. One stat and one read of /proc/PID/stat, instead of the JSON read of an
+        observe; False whenever in doubt."""
         signature, holder = self._seen.get(name, (None, None))
         if signature is None or holder is None:
             return False
@@ -109,23 +121,21 @@ class ProcessRuntime(PodLayout):
         os.makedirs(os.path.join(pdir, "logs"), mode=0o700, exist_ok=True)
         self._kill_leftovers(name)
         endpoints, env_ports = self._endpoints(spec)
-        write_json(os.path.join(pdir, "driver.json"), {
-            "uid": pod["uid"], "spec_hash": spec_hash(spec), "endpoints": endpoints, "stopped": False})
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(pdir, "status.json"))
-        # returns once every container has started (or failed to) once
-        shim.spawn(pdir, self.layout, self._shim_spec(pod, env_ports))
+        for stale in (shimctl.STATUS_FILE, _LEGACY_DRIVER):   # an earlier run's, or another runtime's
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(pdir, stale))
+        # returns once every container has started (or failed to) once, and status.json says so
+        shim.spawn(pdir, self.layout, self._shim_spec(pod, env_ports),
+                   driver={"uid": pod["uid"], "spec_hash": spec_hash(spec), "endpoints": endpoints})
         obs = self.observe(pod)
         if obs is None:
             raise Unavailable(f"the shim of pod {name} did not report", "pod")
         return obs
 
     def stop(self, pod: PodRecord) -> None:
+        """SIGTERM to the shim, which records the stop in status.json itself. A dead shim's
+        leftovers are killed here, and its status finished for it: the pod reads as stopped."""
         pdir = self.pod_dir(pod["name"])
-        driver = read_json(os.path.join(pdir, "driver.json"))
-        if driver is not None and not driver.get("stopped"):
-            driver["stopped"] = True
-            write_json(os.path.join(pdir, "driver.json"), driver)
         st = shim.read_status(pdir) or {}
         pid, start = int(st.get("shim_pid", 0)), int(st.get("shim_start", 0))
         if shim.pid_alive(pid, start):
@@ -134,6 +144,8 @@ class ProcessRuntime(PodLayout):
         elif st:
             # No shim to enforce the grace period: whatever it left behind is killed now.
             self._kill_leftovers(pod["name"])
+            if st.get("state") != "exited":
+                write_json(os.path.join(pdir, shimctl.STATUS_FILE), {**st, "state": "exited"})
 
     def cleanup(self, pod: PodRecord) -> None:
         """Nothing of the pod stays: its processes, its cgroups (the shim removes them when it

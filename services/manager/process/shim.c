@@ -12,7 +12,8 @@
  * The shim is a child subreaper: every process of the pod stays its descendant and is reaped
  * by it. It runs each container (own process group, cgroups joined before exec, output to a
  * size-rotated log), restarts them by policy with back-off, rewrites POD_DIR/status.json
- * atomically on every change (the format of services/manager/process/shimctl.py), and on
+ * atomically on every change (the format of services/manager/process/shimctl.py; once a stop
+ * begins, writes wait STOPPING_QUIET, so a pod gone by then is written once, "exited"), and on
  * SIGTERM or SIGINT stops the pod: SIGTERM to each container's group, after the grace period
  * SIGKILL to the groups, the cgroups and every descendant, repeated until none is left; then it
  * removes the cgroups, writes state "exited" and exits. Its own log: POD_DIR/shim.log, one JSON
@@ -24,6 +25,7 @@
  * followed by that container's records:
  *
  *   pod NAME | uid UID | grace SECONDS | notify SOCKET_PATH (optional)
+ *   driver JSON (optional: the manager's own facts, copied as is into status.json's "driver")
  *   log_max BYTES | log_files N | backoff_initial S | backoff_max S | backoff_reset S
  *   shm_size BYTES (0: the kernel's default) | pod_cgroup DIR (repeated: removed at the end)
  *   container NAME
@@ -66,6 +68,7 @@
 #define MSG_MAX 512 /* a termination message (start errors name a path: truncated past this) */
 #define PATH_BUF 4352 /* PATH_MAX and room for a suffix */
 #define MAX_SPEC_BYTES (16u << 20) /* a spec larger than this is refused */
+#define STOPPING_QUIET 0.2 /* a stop's status waits this long: most pods are gone by then */
 
 enum { WAITING, RUNNING, TERMINATED };
 static const char *CSTATE[] = {"waiting", "running", "terminated"};
@@ -99,14 +102,14 @@ struct ctr {
 };
 
 static struct {
-    const char *dir, *pod, *uid, *notify;
+    const char *dir, *pod, *uid, *notify, *driver;
     double grace, bo_initial, bo_max, bo_reset;
     long long log_max, log_files, shm_size;
     char **pod_dirs;
     int npod_dirs, nctrs, state, children, epfd, sigfd, notify_fd, dirty, stop_asked, ready_fd;
     struct ctr *ctrs;
     long long start_time;
-    double kill_at;
+    double kill_at, quiet_until; /* quiet_until: status writes wait until then (a stop) */
     pid_t self;
     char status_path[PATH_BUF], status_tmp[PATH_BUF];
 } g;
@@ -434,6 +437,7 @@ static int parse_spec(char *buf, size_t len) {
     g.pod = find(r, 0, first, "pod");
     g.uid = find(r, 0, first, "uid");
     g.notify = find(r, 0, first, "notify");
+    g.driver = find(r, 0, first, "driver");
     if (!g.pod || !g.uid)
         return spec_error = "pod or uid missing", -1;
     if (number(r, first, "grace", &g.grace) || number(r, first, "log_max", &log_max) ||
@@ -593,6 +597,10 @@ static void write_status(void) {
     j_str(g.uid);
     j_raw(",\"state\":");
     j_str(PSTATE[g.state]);
+    if (g.driver) {
+        j_raw(",\"driver\":");
+        j_raw(g.driver);
+    }
     j_raw(",\"updated_at\":");
     j_time(now_wall());
     j_raw(",\"containers\":[");
@@ -765,8 +773,33 @@ static void kill_members(const char *dir, int depth) {
         closedir(d);
 }
 
+/* Whether dir or a group under it has a member. */
+static int populated(const char *dir, int depth) {
+    char path[PATH_BUF], buf[16];
+    snprintf(path, sizeof path, "%s/cgroup.procs", dir);
+    if (read_small(path, buf, sizeof buf) != 0)
+        return 1; /* a member, or unreadable: assume the worst */
+    int found = 0;
+    DIR *d = depth < 8 ? opendir(dir) : NULL;
+    for (struct dirent *e; d && !found && (e = readdir(d));)
+        if (e->d_type == DT_DIR && e->d_name[0] != '.') {
+            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+            found = populated(path, depth + 1);
+        }
+    if (d)
+        closedir(d);
+    return found;
+}
+
 static void kill_cgroup(struct ctr *c) {
     if (!c->ndirs)
+        return;
+    /* Only a member can add one (by forking): a group with none stays empty, and freezing it
+     * would cost the kernel a system-wide code patch for nothing. */
+    int busy = 0;
+    for (int i = 0; i < c->ndirs && !busy; i++)
+        busy = populated(c->dirs[i], 0);
+    if (!busy)
         return;
     /* frozen (v1), a process forking in a loop cannot create children the sweep would miss */
     int frozen = c->freezer && write_file(c->freezer, "FROZEN") == 0;
@@ -1104,6 +1137,7 @@ static void begin_stop(void) {
             c->state = TERMINATED;
     }
     g.kill_at = now_mono() + g.grace;
+    g.quiet_until = now_mono() + STOPPING_QUIET;
     g.dirty = 1;
 }
 
@@ -1147,6 +1181,8 @@ static void finish(void) {
 
 static int timeout_ms(void) {
     double due = g.kill_at;
+    if (g.dirty && g.quiet_until >= 0 && (due < 0 || g.quiet_until < due))
+        due = g.quiet_until;
     for (int i = 0; i < g.nctrs; i++)
         if (g.ctrs[i].restart_due >= 0 && (due < 0 || g.ctrs[i].restart_due < due))
             due = g.ctrs[i].restart_due;
@@ -1204,7 +1240,7 @@ static void turn(void) {
         g.kill_at = now + KILL_SWEEP;
         kill_everything();
     }
-    if (g.dirty)
+    if (g.dirty && (g.quiet_until < 0 || g.quiet_until <= now))
         write_status();
 }
 
@@ -1243,7 +1279,7 @@ static const char *setup(void) {
     signal(SIGXFSZ, SIG_IGN);
     g.self = getpid();
     g.start_time = proc_start(g.self);
-    g.kill_at = -1;
+    g.kill_at = g.quiet_until = -1;
     g.notify_fd = -1;
     snprintf(g.status_path, sizeof g.status_path, "%s/status.json", g.dir);
     snprintf(g.status_tmp, sizeof g.status_tmp, "%s/status.json.%d.tmp", g.dir, (int)g.self);

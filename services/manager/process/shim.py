@@ -24,7 +24,8 @@ __all__ = ["SPAWN_DEADLINE", "pid_alive", "read_status", "spawn", "stop"]
 SPAWN_DEADLINE = 5.0
 
 
-def spawn(pod_dir: str, layout: Layout | None = None, spec: dict[str, Any] | None = None) -> int:
+def spawn(pod_dir: str, layout: Layout | None = None, spec: dict[str, Any] | None = None,
+          driver: dict[str, Any] | None = None) -> int:
     """Start the shim for POD_DIR, detached (an orphan in its own session); its pid.
 
     ``spec``: the pod spec (:func:`shimctl.parse_spec`'s input); None reads POD_DIR/spec.json.
@@ -34,6 +35,7 @@ def spawn(pod_dir: str, layout: Layout | None = None, spec: dict[str, Any] | Non
     Returns once every container has been started once (exec succeeded or failed) and the
     first status.json is written. One fork+exec of a small program: safe from a threaded
     server, and nothing to poll. ``layout``: the cgroup hierarchies to use (default: detected).
+    ``driver``: the caller's facts about the pod, kept by the shim in status.json's "driver".
     """
     pod_dir = os.path.abspath(pod_dir)
     # a bad spec fails here, in the caller, not in a detached process
@@ -48,7 +50,7 @@ def spawn(pod_dir: str, layout: Layout | None = None, spec: dict[str, Any] | Non
     pod_dirs = Cgroup(parsed.cgroup_parent, layout).dirs() if layout.available else []
     path = os.environ.get("PATH", os.defpath)
     try:
-        run = subprocess.run([binary, pod_dir], input=encode(parsed, groups, pod_dirs, path),
+        run = subprocess.run([binary, pod_dir], input=encode(parsed, groups, pod_dirs, path, driver),
                              capture_output=True, close_fds=True, timeout=SPAWN_DEADLINE, check=False)
     except subprocess.TimeoutExpired:
         # its spawner killed, the shim finds the pipe closed and stops the pod itself

@@ -6,9 +6,11 @@ been validated (:func:`.shimctl.parse_spec`) and its cgroups prepared before it 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from common.errors import InvalidArgument
 from services.manager.process.shimctl import ContainerSpec, PodSpec
@@ -27,13 +29,18 @@ class ContainerGroups:
     error: str | None = None  # could not be prepared: the container ends as CgroupsUnavailable
 
 
-def encode(spec: PodSpec, groups: list[ContainerGroups], pod_dirs: list[str], path: str) -> bytes:
+def encode(spec: PodSpec, groups: list[ContainerGroups], pod_dirs: list[str], path: str,
+           driver: dict[str, Any] | None = None) -> bytes:
     """The compiled shim's input; ``path`` is the PATH a container gets unless its env
-    sets one. InvalidArgument names a field holding a NUL, which exec could not pass on."""
+    sets one; ``driver``, the runtime's own facts, which the shim copies into status.json.
+    InvalidArgument names a field holding a NUL, which exec could not pass on."""
     out: list[bytes] = []
     put = _recorder(out)
     put("pod", spec.pod, "pod")
     put("uid", spec.uid, "uid")
+    if driver is not None:
+        # ASCII JSON: no NUL, and the shim copies it into its own JSON byte for byte
+        put("driver", json.dumps(driver, separators=(",", ":")), "driver")
     put("grace", repr(spec.grace_period), "grace_period")
     if spec.notify is not None:
         put("notify", spec.notify, "notify")
