@@ -156,6 +156,48 @@ def test_shim_survives_its_spawner(pods: Pods) -> None:
     assert alive(c["pid"])
 
 
+def test_a_fork_server_starts_shims_that_outlive_it(pods: Pods) -> None:
+    server = shim.ShimServer()
+    try:
+        made = []
+        for i in range(2):
+            pod = pods.write([{"command": ["sleep", "60"]}])
+            pod.pid = shim.spawn(pod.dir, spec=json.loads(Path(pod.dir, "spec.json").read_text()),
+                                 driver={"n": i, "name": "ü"}, server=server)
+            made.append(pod)
+        server_pid = server._proc.pid if server._proc else 0
+        for i, pod in enumerate(made):
+            status = pod.status()
+            assert status["shim_pid"] == pod.pid and alive(pod.pid)
+            assert status["driver"] == {"n": i, "name": "ü"}   # kept as given
+            assert os.getsid(pod.pid) == pod.pid   # a session of its own
+            assert alive(pod.wait_container(running, "the container to run")["pid"])
+    finally:
+        server.close()
+    wait_for(lambda: not alive(server_pid), what="the server to end with its socket")
+    for pod in made:
+        assert alive(pod.pid) and pod.container()["state"] == "running"
+        os.kill(pod.pid, signal.SIGTERM)
+        wait_for(lambda pod=pod: pod.status().get("state") == "exited", what="the shim to stop")
+
+
+def test_the_fork_server_answers_a_bad_spec_and_is_started_again_once_dead(pods: Pods) -> None:
+    server = shim.ShimServer()
+    try:
+        pod = pods.write([{"command": ["sleep", "60"]}])
+        with pytest.raises(Unavailable, match="could not start the shim: bad spec: a record's length"):
+            shim._through(server, pod.dir, b"pod 3:web\nuid 99:short\n")
+        assert pod.status() == {}
+        assert server._proc is not None
+        server._proc.kill()
+        server._proc.wait()
+        pod.pid = shim.spawn(pod.dir, spec=json.loads(Path(pod.dir, "spec.json").read_text()),
+                             server=server)
+        assert alive(pod.pid) and pod.status()["state"] == "running"
+    finally:
+        server.close()
+
+
 def test_sigterm_stops_a_process_that_ignores_it(pods: Pods) -> None:
     script = (
         "import signal, subprocess, time\n"

@@ -73,6 +73,7 @@ class ProcessRuntime(PodLayout):
         self.backoff = backoff
         self.user = user
         self.notify_socket = notify_socket  # where each shim announces a new status of its pod
+        self.shims = shim.ShimServer()   # forks each pod's shim: no program start per pod
         # Per pod, the files' signature and the live holder as of the last observe: what lets
         # the reconciler's safety-net resync skip a pod nothing happened to (see unchanged()).
         self._seen: dict[str, tuple[_Signature, tuple[int, int] | None]] = {}
@@ -126,7 +127,8 @@ class ProcessRuntime(PodLayout):
                 os.unlink(os.path.join(pdir, stale))
         # returns once every container has started (or failed to) once, and status.json says so
         shim.spawn(pdir, self.layout, self._shim_spec(pod, env_ports),
-                   driver={"uid": pod["uid"], "spec_hash": spec_hash(spec), "endpoints": endpoints})
+                   driver={"uid": pod["uid"], "spec_hash": spec_hash(spec), "endpoints": endpoints},
+                   server=self.shims)
         obs = self.observe(pod)
         if obs is None:
             raise Unavailable(f"the shim of pod {name} did not report", "pod")

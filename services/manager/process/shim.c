@@ -3,11 +3,14 @@
  * hundred KiB of PSS, a millisecond or two to start) instead of a Python interpreter per pod.
  *
  * Usage: riklet-shim POD_DIR < SPEC
+ *        riklet-shim --serve (stdin: a SOCK_SEQPACKET socket; see serve())
  *
  * The program forks; the child calls setsid() and becomes the shim, an orphan from the start.
  * The parent waits on a pipe until the shim has started every container once (each exec
  * succeeded or failed) and written its first POD_DIR/status.json, then prints the shim's pid on
  * stdout and exits 0; on failure it prints the reason on stderr and exits 1 (2: a bad spec).
+ * As a fork-server (--serve), it forks a shim per request instead: the manager's way, which
+ * spares each pod a program start.
  *
  * The shim is a child subreaper: every process of the pod stays its descendant and is reaped
  * by it. It runs each container (own process group, cgroups joined before exec, output to a
@@ -1350,9 +1353,108 @@ static int await_shim(pid_t pid, int fd) {
     return 1;
 }
 
+/* The shim proper, in the child of a fork: its own session, stdin and stdout on /dev/null,
+ * stderr to POD_DIR/shim.log; ready_fd gets "ok" or why it failed. */
+static int become_shim(int ready_fd, int log_fd) {
+    g.ready_fd = ready_fd;
+    setsid(); /* its own session: no signal to the spawner's group reaches the pod */
+    int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (null < 0 || dup2(null, 0) < 0 || dup2(null, 1) < 0 || dup2(log_fd, 2) < 0)
+        return 1;
+    close(null);
+    close(log_fd);
+    return run_shim();
+}
+
+static int open_log(void) {
+    char log_path[PATH_BUF];
+    snprintf(log_path, sizeof log_path, "%s/shim.log", g.dir);
+    return open(log_path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+}
+
+/* A forked child of the server: the request's spec on spec_fd, its answer to answer_fd. */
+static int serve_one(const char *dir, int spec_fd, int answer_fd) {
+    char error[PATH_BUF + 64];
+    signal(SIGCHLD, SIG_DFL); /* the server's SIG_IGN would reap the containers behind its back */
+    g.dir = dir;
+    if (dup2(spec_fd, 0) < 0 || (spec_fd != 0 && close(spec_fd) < 0))
+        return 1;
+    if (load_spec() < 0) {
+        snprintf(error, sizeof error, "bad spec: %s", spec_error);
+        write_all(answer_fd, error, strlen(error));
+        return 2;
+    }
+    int log_fd = open_log();
+    if (log_fd < 0) {
+        snprintf(error, sizeof error, "%s/shim.log: %s", dir, strerror(errno));
+        write_all(answer_fd, error, strlen(error));
+        return 1;
+    }
+    return become_shim(answer_fd, log_fd);
+}
+
+/* `riklet-shim --serve`: a fork-server on stdin, a SOCK_SEQPACKET socket. Each message is a
+ * pod directory with two descriptors: the read end of a pipe carrying the spec, and the write
+ * end of the pipe for the answer. Each request forks a shim; nothing is exec'd, so a pod's
+ * holder costs a fork of this small process (copy-on-write) instead of a program start. The
+ * server ends when the socket's other side closes; its shims, in sessions of their own, go on
+ * (reparented to the nearest subreaper). */
+static int serve(void) {
+    signal(SIGCHLD, SIG_IGN); /* shims that end are reaped by the kernel: nobody waits for them */
+    signal(SIGPIPE, SIG_IGN);
+    for (;;) {
+        char dir[PATH_BUF];
+        union {
+            struct cmsghdr h;
+            char space[CMSG_SPACE(2 * sizeof(int))];
+        } ctl;
+        struct iovec iov = {.iov_base = dir, .iov_len = sizeof dir - 1};
+        struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.space,
+                             .msg_controllen = sizeof ctl.space};
+        ssize_t n = recvmsg(0, &msg, MSG_CMSG_CLOEXEC);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return n == 0 ? 0 : 1;
+        dir[n] = 0;
+        int fds[2] = {-1, -1}, nfds = 0;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
+            if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+                int got = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+                for (int i = 0; i < got; i++) {
+                    int fd;
+                    memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+                    if (nfds < 2)
+                        fds[nfds++] = fd;
+                    else
+                        close(fd);
+                }
+            }
+        if (nfds == 2 && dir[0] == '/' && !(msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC))) {
+            pid_t pid = fork();
+            if (pid == 0) {
+                _exit(serve_one(dir, fds[0], fds[1]));
+            }
+            if (pid < 0) {
+                char error[128];
+                snprintf(error, sizeof error, "fork: %s", strerror(errno));
+                write_all(fds[1], error, strlen(error));
+            }
+        } else if (nfds == 2) {
+            const char *error = "the request is not an absolute pod directory";
+            write_all(fds[1], error, strlen(error));
+        }
+        for (int i = 0; i < nfds; i++)
+            close(fds[i]);
+    }
+}
+
 int main(int argc, char **argv) {
+    if (argc == 2 && !strcmp(argv[1], "--serve"))
+        return serve();
     if (argc != 2 || argv[1][0] != '/') {
-        fprintf(stderr, "usage: riklet-shim POD_DIR < SPEC (POD_DIR an absolute path)\n");
+        fprintf(stderr, "usage: riklet-shim POD_DIR < SPEC (POD_DIR an absolute path)\n"
+                        "       riklet-shim --serve (stdin: a SOCK_SEQPACKET socket)\n");
         return 2;
     }
     g.dir = argv[1];
@@ -1361,11 +1463,9 @@ int main(int argc, char **argv) {
         return 2;
     }
     int word[2];
-    char log_path[PATH_BUF];
-    snprintf(log_path, sizeof log_path, "%s/shim.log", g.dir);
-    int log_fd = open(log_path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+    int log_fd = open_log();
     if (log_fd < 0 || pipe2(word, O_CLOEXEC) < 0) {
-        fprintf(stderr, "riklet-shim: %s: %s\n", log_path, strerror(errno));
+        fprintf(stderr, "riklet-shim: %s/shim.log: %s\n", g.dir, strerror(errno));
         return 1;
     }
     pid_t pid = fork();
@@ -1378,12 +1478,5 @@ int main(int argc, char **argv) {
         return await_shim(pid, word[0]);
     }
     close(word[0]);
-    g.ready_fd = word[1];
-    setsid(); /* its own session: no signal to the spawner's group reaches the pod */
-    int null = open("/dev/null", O_RDWR | O_CLOEXEC);
-    if (null < 0 || dup2(null, 0) < 0 || dup2(null, 1) < 0 || dup2(log_fd, 2) < 0)
-        return 1;
-    close(null);
-    close(log_fd);
-    return run_shim();
+    return become_shim(word[1], log_fd);
 }
