@@ -19,8 +19,8 @@
  * begins, writes wait STOPPING_QUIET, so a pod gone by then is written once, "exited"), and on
  * SIGTERM or SIGINT stops the pod: SIGTERM to each container's group, after the grace period
  * SIGKILL to the groups, the cgroups and every descendant, repeated until none is left; then it
- * removes the cgroups, writes state "exited" and exits. Its own log: POD_DIR/shim.log, one JSON
- * line per event.
+ * removes the cgroups, writes state "exited" ("cgroups_left": true if one stayed) and exits.
+ * Its own log: POD_DIR/shim.log, one JSON line per event.
  *
  * Input: the spec on stdin (read to its end before anything else), written by
  * services/manager/process/shim.py (shimspec.py) from the pod's spec. A sequence of records, each `KEY LEN:BYTES\n` (KEY a word, LEN the decimal length of BYTES;
@@ -110,6 +110,7 @@ static struct {
     long long log_max, log_files, shm_size;
     char **pod_dirs;
     int npod_dirs, nctrs, state, children, epfd, sigfd, notify_fd, dirty, stop_asked, ready_fd;
+    int cgroups_left; /* a group could not be removed at the end (status: "cgroups_left") */
     struct ctr *ctrs;
     long long start_time;
     double kill_at, quiet_until; /* quiet_until: status writes wait until then (a stop) */
@@ -604,6 +605,8 @@ static void write_status(void) {
         j_raw(",\"driver\":");
         j_raw(g.driver);
     }
+    if (g.cgroups_left)
+        j_raw(",\"cgroups_left\":true");
     j_raw(",\"updated_at\":");
     j_time(now_wall());
     j_raw(",\"containers\":[");
@@ -819,24 +822,26 @@ static void kill_cgroup(struct ctr *c) {
 }
 
 /* rmdir a group and the groups under it; a group stays busy a moment after its last task is
- * reaped, so EBUSY is retried for up to a second. */
-static void remove_cgroup(const char *dir) {
+ * reaped, so EBUSY is retried for up to a second. -1 when one is left. */
+static int remove_cgroup(const char *dir) {
+    int left = 0;
     char path[PATH_BUF];
     DIR *d = opendir(dir);
     for (struct dirent *e; d && (e = readdir(d));)
         if (e->d_type == DT_DIR && e->d_name[0] != '.') {
             snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-            remove_cgroup(path);
+            left |= remove_cgroup(path);
         }
     if (d)
         closedir(d);
     for (int waited = 0; rmdir(dir) < 0 && errno != ENOENT; waited += 20) {
         if (errno != EBUSY || waited >= 1000) {
             log_event("WARNING", "removing cgroups failed", "cgroup", dir, "error", strerror(errno), NULL);
-            return;
+            return -1;
         }
         sleep_ms(20);
     }
+    return left;
 }
 
 /* ---- descendants --------------------------------------------------------------------------- */
@@ -1172,9 +1177,9 @@ static void finish(void) {
     }
     for (int i = 0; i < g.nctrs; i++)
         for (int k = 0; k < g.ctrs[i].ndirs; k++)
-            remove_cgroup(g.ctrs[i].dirs[k]);
+            g.cgroups_left |= remove_cgroup(g.ctrs[i].dirs[k]) < 0;
     for (int k = 0; k < g.npod_dirs; k++)
-        remove_cgroup(g.pod_dirs[k]);
+        g.cgroups_left |= remove_cgroup(g.pod_dirs[k]) < 0;
     g.state = POD_EXITED;
     write_status();
     log_event("INFO", "pod stopped", "pod", g.pod, NULL);
