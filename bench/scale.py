@@ -7,9 +7,10 @@ core from /proc/PID/stat: utime+stime of the pods' shims, and of the agent's pro
 cutime+cstime of helpers they reaped), reads PSS from /proc/PID/smaps_rollup (the agent's
 processes; the shims, per pod), times ``--probes`` single pods (the Apply call alone, and from
 Apply to Running), and the
-medians of 10 List calls and 10 /metrics scrapes. After the largest N it deletes every pod
-(seconds until List is empty and every shim gone) and counts what is left: shims, workloads,
-pod directories, cgroup directories. Prints a table per N against the issue's goals and writes
+medians of 10 List calls and 10 /metrics scrapes. After the largest N it deletes every pod,
+one Delete per pod from 8 callers (seconds until List is empty and every shim gone), and counts
+what is left: shims, workloads, pod directories, cgroup directories; then it creates that many
+pods again (at most 1000) and deletes them with one ``Delete(all)`` call, counted the same way. Prints a table per N against the issue's goals and writes
 the same as markdown (``--markdown``).
 
 Before each N it checks that the pods fit in MemAvailable at the per-pod PSS (shim and
@@ -52,6 +53,7 @@ from tests.stack import Agent
 MIB = 1024  # KiB per MiB: PSS is read in KiB
 MEMORY_RESERVE_KIB = 1024 * MIB   # left free for the agent's growth and the machine's others
 STOPPED_FOR_MEMORY = 2            # exit status when the memory guard cut the run short
+AT_ONCE_PODS = 1000               # pods created again after the delete, then deleted in one call
 
 
 @dataclass(frozen=True)
@@ -185,15 +187,17 @@ def measure(agent: Agent, watcher: pods.Watcher, n: int, have: int, args: argpar
     ])
 
 
-def teardown(agent: Agent, watcher: pods.Watcher) -> Table:
-    """Delete everything, then count what is left (polled for a few seconds to settle)."""
+def teardown(agent: Agent, watcher: pods.Watcher, at_once: bool = False) -> Table:
+    """Delete everything, one Delete per pod from several callers (``at_once``: one Delete of
+    all), then count what is left (polled for a few seconds to settle)."""
     pods_root = os.path.join(agent.state_dir, "pods")
     before = look(agent, pods_root)
     shims, workloads = proc.recorded(pods_root)
     shim_keys = sorted(shims.union(before.keys[p] for p in before.shims))
     work_keys = sorted(workloads.union(before.keys[p] for p in before.workloads))
     busy = proc.machine_busy()
-    n, seconds = pods.delete_all(agent, watcher, lambda: not proc.any_alive(shim_keys))
+    delete = pods.delete_all_at_once if at_once else pods.delete_all
+    n, seconds = delete(agent, watcher, lambda: not proc.any_alive(shim_keys))
     busy_per_pod = per_pod_ms(proc.machine_busy() - busy, n)
     group = PodLayout(agent.state_dir).agent_cgroup()
 
@@ -207,7 +211,9 @@ def teardown(agent: Agent, watcher: pods.Watcher) -> Table:
         time.sleep(0.1)
         counts = left()
     leftover = GOALS["leftover"]
-    return Table(f"delete all ({n} pods)", [
+    how = ("one Delete(all) call (rikletctl delete --all)" if at_once
+           else f"one Delete per pod from {pods.CALLERS} callers")
+    return Table(f"delete all ({n} pods): {how}", [
         Row("delete all: first Delete to List empty and every shim gone", seconds, "s", delete_goal(n)),
         Row("machine CPU per pod deleted (every process and the kernel)", busy_per_pod, "ms",
             note="no pods"),
@@ -267,13 +273,19 @@ def main(argv: list[str] | None = None) -> int:
     watcher = pods.Watcher(agent).start()
     try:
         per_n, notes = measure_all(agent, watcher, args)
-        final = teardown(agent, watcher)
-        print(render_text([final]))
+        final = [teardown(agent, watcher)]
+        print(render_text(final))
+        again = min(max(args.pods), AT_ONCE_PODS)
+        if again:   # as many pods again (up to AT_ONCE_PODS), deleted with one call
+            pods.bulk_create(agent, watcher, [f"again-{i:05d}" for i in range(again)])
+            time.sleep(2.0)   # the last status writes settle, as before the first delete
+            final.append(teardown(agent, watcher, at_once=True))
+            print(render_text(final[-1:]))
     finally:
         watcher.close()
         agent.close()
-    write_markdown(args, per_n, [final], notes)
-    misses = failed([*per_n, final])
+    write_markdown(args, per_n, final, notes)
+    misses = failed([*per_n, *final])
     print(f"figures that miss their goal: {len(misses)}" + (" (" + "; ".join(misses) + ")" if misses else ""))
     return STOPPED_FOR_MEMORY if notes else 0
 

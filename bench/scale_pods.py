@@ -242,6 +242,21 @@ def delete_all(agent: Agent, watcher: Watcher, gone: Callable[[], bool]) -> tupl
     return len(names), time.perf_counter() - t0
 
 
+def delete_all_at_once(agent: Agent, watcher: Watcher, gone: Callable[[], bool]) -> tuple[int, float]:
+    """As :func:`delete_all`, with one ``Delete(all=True)`` call (``rikletctl delete --all``)."""
+    names = all_names(agent)
+    t0 = time.perf_counter()
+    agent.stub.Delete(npb.DeleteRequest(all=True), timeout=RPC_TIMEOUT)
+    watcher.wait(lambda: len(watcher.removed.intersection(names)), len(names),
+                 f"waiting for {len(names)} pods to be removed")
+    deadline = time.monotonic() + STALL
+    while agent.stub.List(npb.ListRequest(limit=1), timeout=RPC_TIMEOUT).pods or not gone():
+        if time.monotonic() > deadline:
+            raise Timeout(f"pods or shims still there {STALL:.0f} s after every pod was removed", "pods")
+        time.sleep(0.01)
+    return len(names), time.perf_counter() - t0
+
+
 def _delete(agent: Agent, name: str) -> None:
     try:
         agent.stub.Delete(npb.DeleteRequest(name=name), timeout=RPC_TIMEOUT)

@@ -235,6 +235,13 @@ class Ctl:
                 return pods
 
     def delete(self, args: argparse.Namespace) -> None:
+        if args.all or args.workload:
+            # one call, however many pods: memory marks them all in one transaction
+            reply = self.stub.Delete(npb.DeleteRequest(workload=args.workload or "", all=args.all),
+                                     timeout=30)
+            for name in reply.deleted:
+                print(f"pod/{name} deleted")
+            return
         for name in args.names:
             self.stub.Delete(npb.DeleteRequest(name=name), timeout=10)
             print(f"pod/{name} deleted")
@@ -354,7 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("what", choices=["pods", "pod", "po"])
     sp.add_argument("name", nargs="?")
     sp = add("delete", Ctl.delete, "stop and remove pods", aliases=["rm"])
-    sp.add_argument("names", nargs="+", metavar="pod NAME")
+    sp.add_argument("names", nargs="*", metavar="pod NAME")
+    which = sp.add_mutually_exclusive_group()
+    which.add_argument("--all", action="store_true", help="every pod on the node")
+    which.add_argument("--workload", metavar="NAME", help="every pod of a workload")
     sp = add("stop", Ctl.stop, "stop pods, keeping them (apply starts them again)")
     sp.add_argument("names", nargs="+", metavar="NAME")
     sp = add("logs", Ctl.logs, "print a container's output")
@@ -384,10 +394,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.command = command
     elif command:
         parser.error("'--' only goes with run")
-    if args.cmd in ("delete", "rm") and args.names and args.names[0] in ("pod", "pods", "po"):
-        args.names = args.names[1:]
-        if not args.names:
-            parser.error("delete: give a pod name")
+    if args.cmd in ("delete", "rm"):
+        if args.names and args.names[0] in ("pod", "pods", "po"):
+            args.names = args.names[1:]
+        if bool(args.names) == bool(args.all or args.workload):
+            parser.error("delete: give pod names, or --all, or --workload NAME")
     if args.cmd in ("image", "images") and args.action in ("pull", "import", "rm") and not args.refs:
         parser.error(f"image {args.action}: give {'a file' if args.action == 'import' else 'an image'}")
     if args.cmd == "get" and args.what == "pod" and not args.name:

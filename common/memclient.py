@@ -117,6 +117,13 @@ class MemoryClient:
         record: dict[str, Any] = self._call("pod.set_desired", **args)
         return record
 
+    def delete_many(self, workload: str | None = None) -> list[str]:
+        """Want every pod (or every pod of ``workload``) deleted at once; the names of those
+        newly wanted deleted."""
+        args = {} if workload is None else {"workload": workload}
+        names: list[str] = self._call("pods.delete", **args)["pods"]
+        return names
+
     def remove(self, name: str, uid: str, generation: int) -> None:
         """Forget a deleted pod, only if it is still ``uid`` at ``generation`` (else Conflict)."""
         self._call("pod.remove", name=name, uid=uid, generation=generation)

@@ -173,12 +173,13 @@ def test_a_small_run_prints_every_figure_and_leaves_nothing(tmp_path: Path,
     assert re.search(r"^  pod processes found: shims +3\b", three, re.M), out
     assert re.search(r"^  pod processes found: workloads +3\b", three, re.M), out
     assert re.search(r"^  PSS per pod \(shims / N\) +[0-9.]+ MiB", three, re.M), out
-    deleted = out.split("\ndelete all (3 pods)\n", 1)[1]
-    assert re.search(r"first Delete to List empty and every shim gone +[0-9.]+ s", deleted), out
-    assert re.search(r"machine CPU per pod deleted \(every process and the kernel\) +[0-9.]+ ms",
-                     deleted), out
-    for what in LEFTOVERS:
-        assert re.search(rf"^  left over: {what}.* 0 +0 +✓$", deleted, re.M), f"{what}\n{out}"
+    for how in ("one Delete per pod from 8 callers", "one Delete(all) call (rikletctl delete --all)"):
+        deleted = out.split(f"\ndelete all (3 pods): {how}\n", 1)[1].split("\n\n", 1)[0]
+        assert re.search(r"first Delete to List empty and every shim gone +[0-9.]+ s", deleted), out
+        assert re.search(r"machine CPU per pod deleted \(every process and the kernel\) +[0-9.]+ ms",
+                         deleted), out
+        for what in LEFTOVERS:
+            assert re.search(rf"^  left over: {what}.* 0 +0 +✓$", deleted, re.M), f"{what}\n{out}"
     text = md.read_text(encoding="utf-8")
     assert "| figure | goal | 0 pods | 3 pods |" in text, text
     assert re.search(r"^\| pod processes found: shims \|  \| 0 \| 3 \|$", text, re.M), text

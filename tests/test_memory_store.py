@@ -423,6 +423,33 @@ def test_stamps_page_like_list_and_names_pick_records(store: Store) -> None:
     assert exc.value.field == "args.names[1]"
 
 
+# -- pods.delete: a workload's pods, or every pod, wanted deleted in one transaction ---------
+
+def test_delete_many_wants_a_workloads_pods_or_all_deleted_at_once(store: Store) -> None:
+    store.apply_workload("web", [["web-0", _wl("web")], ["web-1", _wl("web")]])
+    store.apply_workload("db", [["db-0", _wl("db")]])
+    store.set_desired("web-1", "deleted")   # already going: not named again
+    web = store.delete_many("web", request_id="r1")
+    assert web.result == {"pods": ["web-0"]} and [ev.topic for ev in web.events] == ["pod.web-0.desired"]
+    assert store.get("web-0")["generation"] == 2   # a fenced remove names this generation
+    assert store.delete_many("web", request_id="r1").result == {"pods": ["web-0"]}   # a retry
+    everything = store.delete_many()
+    assert everything.result == {"pods": ["db-0"]}
+    assert {p["name"]: p["desired"] for p in store.list()} == {
+        "db-0": "deleted", "web-0": "deleted", "web-1": "deleted"}
+    assert store.delete_many().events == ()
+
+
+@pytest.mark.parametrize("workload", ["", "x" * 254, 7])
+def test_delete_many_refuses_a_bad_workload_and_changes_nothing(store: Store, workload: object) -> None:
+    store.apply_workload("web", [["web-0", _wl("web")]])
+    seq = store.seq
+    with pytest.raises(InvalidArgument) as exc:
+        store.delete_many(workload)
+    assert exc.value.field == "args.workload"
+    assert store.seq == seq and store.get("web-0")["desired"] == "running"
+
+
 # -- workload.apply: a workload's pods in one transaction ------------------------------------
 
 def _wl(workload: str, image: str = "busybox") -> dict[str, Any]:

@@ -127,6 +127,30 @@ def test_fewer_replicas_delete_the_extra_pods_not_the_schedulers(node: Node) -> 
                        "web-9": "running"}
 
 
+def test_delete_takes_a_workload_or_all_in_one_call_and_refuses_an_ambiguous_request(
+        node: Node, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    node.apply(pod("web", replicas=3))
+    node.apply(pod("db", replicas=2))
+    for bad in (npb.DeleteRequest(), npb.DeleteRequest(name="web-0", all=True),
+                npb.DeleteRequest(workload="web", all=True)):
+        with pytest.raises(grpc.RpcError) as exc:
+            node.stub.Delete(bad, timeout=30)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "give one of a pod name, a workload or all" in str(exc.value.details())
+    assert {p["desired"] for p in node.memory.list()} == {"running"}   # nothing changed
+    reply = node.stub.Delete(npb.DeleteRequest(workload="web"), timeout=30)
+    assert list(reply.deleted) == ["web-0", "web-1", "web-2"]
+    assert {p["name"]: p["desired"] for p in node.memory.list()} == {
+        "db-0": "running", "db-1": "running", "web-0": "deleted", "web-1": "deleted", "web-2": "deleted"}
+    monkeypatch.setenv("RIKLET_TOKEN", "unused")
+    capsys.readouterr()
+    assert rikletctl.main(["--endpoint", node.address, "delete", "--all"]) == 0
+    assert capsys.readouterr().out == "pod/db-0 deleted\npod/db-1 deleted\n"
+    assert {p["desired"] for p in node.memory.list()} == {"deleted"}
+    with pytest.raises(SystemExit):
+        rikletctl.main(["--endpoint", node.address, "delete", "pod", "web-0", "--all"])
+
+
 def list_pages(stub: npb_grpc.NodeStub, limit: int, **kw: Any) -> list[list[str]]:
     pages, token = [], ""
     while True:

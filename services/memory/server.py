@@ -79,6 +79,8 @@ OPS: dict[str, Op] = {
     "pod.set_desired": Op(("name", "desired"), ("uid", "generation"),
                           lambda s, a, rid: s.set_desired(a["name"], a["desired"], request_id=rid,
                                                           uid=a.get("uid"), generation=a.get("generation"))),
+    "pods.delete": Op((), ("workload",),
+                      lambda s, a, rid: s.delete_many(a.get("workload"), request_id=rid)),
     "pod.remove": Op(("name", "uid", "generation"), (),
                      lambda s, a, rid: s.remove(a["name"], a["uid"], a["generation"], request_id=rid)),
     "pod.get": Op(("name",), (), lambda s, a, rid: s.get(a["name"])),

@@ -452,6 +452,25 @@ class Store:
 
         return self._write("pod.set_desired", request_id, body)
 
+    def delete_many(self, workload: object = None, request_id: str | None = None) -> Change:
+        """Want every pod deleted, or every pod of ``workload``, in one transaction (one commit,
+        however many pods). Result: ``{"pods": [name, ...]}``, the pods newly wanted deleted."""
+        workload = None if workload is None else check_workload(workload)
+        if workload == "":
+            raise InvalidArgument("a workload has a name", "args.workload")
+
+        def body() -> tuple[Any, Emit]:
+            names, emits = [], []
+            for old in self.list(workload=workload):
+                if old["desired"] == "deleted":
+                    continue
+                rec = self._bumped(old, wanted=True, desired="deleted")
+                names.append(rec["name"])
+                emits.append((f"pod.{rec['name']}.desired", {"kind": "desired", "pod": rec}))
+            return {"pods": names}, emits
+
+        return self._write("pods.delete", request_id, body)
+
     def remove(self, name: str, uid: str, generation: int, request_id: str | None = None) -> Change:
         """Forget a deleted pod; the manager calls this once the pod is cleaned up. Only the
         generation that wanted it deleted can be removed: a pod applied again since is kept."""

@@ -172,7 +172,19 @@ class NodeService(pb_grpc.NodeServicer):
         return self._log_file(name, container)
 
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
-        return pb.DeleteResponse(pod=self._call(context, lambda: self._desire(request.name, "deleted")))
+        return self._call(context, lambda: self._delete(request))
+
+    def _delete(self, request: pb.DeleteRequest) -> pb.DeleteResponse:
+        given = [f for f, set_ in (("name", request.name), ("workload", request.workload),
+                                   ("all", request.all)) if set_]
+        if len(given) != 1:
+            raise InvalidArgument("give one of a pod name, a workload or all", given[-1] if given else "name")
+        if request.name:
+            return pb.DeleteResponse(pod=self._desire(request.name, "deleted"))
+        # Many pods in one transaction: their events reach the reconciler as one batch.
+        names = self.memory.delete_many(request.workload or None)
+        log.info("deleted", extra={"workload": request.workload or None, "pods": len(names)})
+        return pb.DeleteResponse(deleted=names)
 
     def Stop(self, request: pb.StopRequest, context: grpc.ServicerContext) -> pb.StopResponse:
         return pb.StopResponse(pod=self._call(context, lambda: self._desire(request.name, "stopped")))
