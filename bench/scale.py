@@ -10,8 +10,8 @@ Apply to Running), and the
 medians of 10 List calls and 10 /metrics scrapes. After the largest N it deletes every pod,
 one Delete per pod from 8 callers (seconds until List is empty and every shim gone), and counts
 what is left: shims, workloads, pod directories, cgroup directories; then it creates that many
-pods again (at most 1000) and deletes them with one ``Delete(all)`` call, counted the same way. Prints a table per N against the issue's goals and writes
-the same as markdown (``--markdown``).
+pods again (at most 1000) and deletes them with one ``Delete(all)`` call, counted the same way.
+Prints a table per N against the issue's goals and writes the same as markdown (``--markdown``).
 
 Before each N it checks that the pods fit in MemAvailable at the per-pod PSS (shim and
 workload) measured so far, and stops with a message when they would not.

@@ -232,13 +232,7 @@ def delete_all(agent: Agent, watcher: Watcher, gone: Callable[[], bool]) -> tupl
     t0 = time.perf_counter()
     with ThreadPoolExecutor(CALLERS) as pool:
         list(pool.map(lambda n: _delete(agent, n), names))
-    watcher.wait(lambda: len(watcher.removed.intersection(names)), len(names),
-                 f"waiting for {len(names)} pods to be removed")
-    deadline = time.monotonic() + STALL
-    while agent.stub.List(npb.ListRequest(limit=1), timeout=RPC_TIMEOUT).pods or not gone():
-        if time.monotonic() > deadline:
-            raise Timeout(f"pods or shims still there {STALL:.0f} s after every pod was removed", "pods")
-        time.sleep(0.01)
+    _until_gone(agent, watcher, names, gone)
     return len(names), time.perf_counter() - t0
 
 
@@ -247,6 +241,12 @@ def delete_all_at_once(agent: Agent, watcher: Watcher, gone: Callable[[], bool])
     names = all_names(agent)
     t0 = time.perf_counter()
     agent.stub.Delete(npb.DeleteRequest(all=True), timeout=RPC_TIMEOUT)
+    _until_gone(agent, watcher, names, gone)
+    return len(names), time.perf_counter() - t0
+
+
+def _until_gone(agent: Agent, watcher: Watcher, names: list[str], gone: Callable[[], bool]) -> None:
+    """Until every pod named was seen removed, List is empty and ``gone()`` holds."""
     watcher.wait(lambda: len(watcher.removed.intersection(names)), len(names),
                  f"waiting for {len(names)} pods to be removed")
     deadline = time.monotonic() + STALL
@@ -254,7 +254,6 @@ def delete_all_at_once(agent: Agent, watcher: Watcher, gone: Callable[[], bool])
         if time.monotonic() > deadline:
             raise Timeout(f"pods or shims still there {STALL:.0f} s after every pod was removed", "pods")
         time.sleep(0.01)
-    return len(names), time.perf_counter() - t0
 
 
 def _delete(agent: Agent, name: str) -> None:
