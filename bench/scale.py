@@ -273,9 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     watcher = pods.Watcher(agent).start()
     try:
         per_n, notes = measure_all(agent, watcher, args)
+        again = min(len(pods.all_names(agent)), AT_ONCE_PODS)   # what was measured, not asked
         final = [teardown(agent, watcher)]
         print(render_text(final))
-        again = min(max(args.pods), AT_ONCE_PODS)
         if again:   # as many pods again (up to AT_ONCE_PODS), deleted with one call
             pods.bulk_create(agent, watcher, [f"again-{i:05d}" for i in range(again)])
             time.sleep(2.0)   # the last status writes settle, as before the first delete

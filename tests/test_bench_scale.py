@@ -209,7 +209,8 @@ def test_a_run_whose_pods_would_not_fit_stops_before_creating_them(
     assert status == scale.STOPPED_FOR_MEMORY, out
     assert re.search(r"^stopping: 10000000 more pods at [0-9.]+ MiB PSS each .* MemAvailable", out, re.M), out
     assert "\n10000000 pods\n" not in out       # nothing measured at that N
-    deleted = out.split("\ndelete all (0 pods)\n", 1)[1]
+    deleted = out.split("\ndelete all (0 pods): one Delete per pod from 8 callers\n", 1)[1]
+    assert "one Delete(all) call" not in out   # no pods to create again
     for what in LEFTOVERS:                     # the pod that sized one pod is gone too
         assert re.search(rf"^  left over: {what}.* 0 +0 +✓$", deleted, re.M), f"{what}\n{out}"
     assert "Not measured at 10000000 pods and above: stopping:" in md.read_text(encoding="utf-8")
