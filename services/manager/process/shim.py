@@ -96,8 +96,9 @@ def spawn(pod_dir: str, layout: Layout | None = None, spec: dict[str, Any] | Non
     (each file made and replaced costs an inode, which a busy node feels).
 
     Returns once every container has been started once (exec succeeded or failed) and the
-    first status.json is written. One fork+exec of a small program: safe from a threaded
-    server, and nothing to poll. ``layout``: the cgroup hierarchies to use (default: detected).
+    first status.json is written. One fork+exec of a small program (with ``server``, a fork of
+    the server): safe from a threaded server, and nothing to poll. ``layout``: the cgroup
+    hierarchies to use (default: detected).
     ``driver``: the caller's facts about the pod, kept by the shim in status.json's "driver".
     ``server``: fork the shim from this fork-server rather than run the program.
     """
