@@ -26,6 +26,8 @@ pb.ensure()
 from common.pb import node_pb2 as npb  # noqa: E402  (generated just above when missing)
 from common.pb import node_pb2_grpc as npb_grpc  # noqa: E402
 
+from cli import exec as exec_cli  # noqa: E402  (uses the stubs)
+
 DEFAULT_ENDPOINT = "127.0.0.1:9091"
 LIST_PAGE = 500          # pods per List call: `get pods` fetches page after page
 
@@ -334,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="its key (env RIKLET_CLIENT_KEY)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def add(name: str, fn: Callable[[Ctl, argparse.Namespace], None], helptext: str,
+    def add(name: str, fn: Callable[[Ctl, argparse.Namespace], int | None], helptext: str,
             aliases: Sequence[str] = (), output: bool = False) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=helptext, aliases=list(aliases))
         sp.set_defaults(fn=fn)
@@ -379,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("refs", nargs="*", metavar="REF|FILE")
     sp = add("watch", Ctl.watch, "stream pod changes", output=True)
     sp.add_argument("name", nargs="?")
+    exec_cli.register(add)
     return p
 
 
@@ -390,10 +393,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cut = argv.index("--")
         argv, command = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
-    if args.cmd == "run":
+    if args.cmd in ("run", "exec"):
         args.command = command
     elif command:
-        parser.error("'--' only goes with run")
+        parser.error("'--' only goes with run and exec")
     if args.cmd in ("delete", "rm"):
         if args.names and args.names[0] in ("pod", "pods", "po"):
             args.names = args.names[1:]
@@ -407,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctl = Ctl(args.endpoint, getattr(args, "output", "table") == "json", token,
               (args.tls_ca, args.tls_cert, args.tls_key))
     try:
-        args.fn(ctl, args)
+        code = args.fn(ctl, args)
     except InvalidArgument as exc:
         print(f"rikletctl: {exc}", file=sys.stderr)
         return 2
@@ -424,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{args.token_file or default_token_file()}, or set RIKLET_TOKEN / --token-file",
                   file=sys.stderr)
         return 3 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) else 1
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

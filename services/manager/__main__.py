@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     pb.ensure()
     from common.pb import node_pb2  # generated: import after ensure()
     from common.stats_server import StatsServer
+    from services.manager.api.execstream import Execs
     from services.manager.api.listing import add_to_server
     from services.manager.api.node import NodeService
     from services.manager.api.streams import StreamLimits
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     service = NodeService(memory, mirror, RequestClient(cfg.monitor_endpoint, timeout=2.0, retries=1),
                           runtime.log_path, cfg.runtime_stop_grace_period, reconciler.poke,
                           images=containers, policy=Policy.from_config(cfg), offer=reconciler.offer)
+    service.execs = Execs(memory, runtime, containers)
 
     token = auth.load_or_create_token(cfg.token_path)
     tls = bool(cfg.tls_cert_file and cfg.tls_key_file)

@@ -100,6 +100,7 @@ class NodeService(pb_grpc.NodeServicer):
         self._messages = PodMessages()
         self._watchers: list[queue.Queue[tuple[str, dict[str, Any]] | None]] = []
         self._watch_lock = threading.Lock()
+        self.execs: Any = None   # services.manager.api.execstream.Execs, set by the wiring
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -358,6 +359,15 @@ class NodeService(pb_grpc.NodeServicer):
         finally:
             with self._watch_lock:
                 self._watchers.remove(q)
+
+    def Exec(self, request_iterator: Iterator[pb.ExecInput], context: grpc.ServicerContext
+             ) -> Iterator[pb.ExecOutput]:
+        try:
+            if self.execs is None:
+                raise Unavailable("exec is not available on this node", "exec")
+            yield from self.execs.stream(request_iterator, context)
+        except RikletError as exc:
+            context.abort(_GRPC_CODES[exc.code], bounded(str(exc), MAX_GRPC_MESSAGE_BYTES))
 
     def on_change(self, name: str, record: dict[str, Any] | None, previous: dict[str, Any] | None) -> None:
         """Called by the mirror for every pod change; fans out to Watch streams."""

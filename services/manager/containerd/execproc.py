@@ -1,0 +1,122 @@
+"""``exec`` in a containerd container: containerd's own exec (tasks Exec with a process spec),
+its stdio through FIFOs that containerd's shim opens, ResizePty for the terminal.
+
+The process spec is the container's (env, user, working directory, capabilities, no new
+privileges) with the command and terminal replaced, so the command runs as the container's
+main process does, in its namespaces and cgroup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import uuid
+
+from google.protobuf import any_pb2
+
+from common.errors import RikletError, Unavailable
+from services.manager.containerd.client import Containerd
+
+PROCESS_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
+WAIT_SLICE = 3600.0   # one Wait call's deadline; a longer command is waited for again
+
+
+class ContainerdExec:
+    """One command run in a container by containerd."""
+
+    def __init__(self, client: Containerd, cid: str, argv: list[str], tty: bool, stdin: bool,
+                 window: tuple[int, int], fifo_root: str) -> None:
+        self.client, self.cid, self.tty = client, cid, tty
+        self.exec_id = f"exec-{uuid.uuid4().hex[:12]}"
+        container = client._call("containers", "Get", client._msg(
+            "containers", "GetContainerRequest", id=cid)).container
+        process = dict(json.loads(container.spec.value).get("process") or {})
+        process["args"] = list(argv)
+        process["terminal"] = tty
+        process.pop("consoleSize", None)
+        if tty:
+            process["consoleSize"] = {"width": window[0], "height": window[1]}
+        os.makedirs(fifo_root, mode=0o700, exist_ok=True)
+        self.dir = os.path.join(fifo_root, self.exec_id)
+        os.mkdir(self.dir, 0o700)
+        paths = {name: os.path.join(self.dir, name) for name in ("stdin", "stdout", "stderr")}
+        if not stdin:
+            paths["stdin"] = ""        # the command reads end-of-file at once
+        if tty:
+            paths["stderr"] = ""       # a terminal has one output
+        for path in paths.values():
+            if path:
+                os.mkfifo(path, 0o600)
+        # Read ends without blocking (no writer yet: the stream pump polls before it reads,
+        # and Linux reports no hang-up on a FIFO until a writer has come and gone); the stdin
+        # FIFO read-write, the only way to open it before containerd's shim has.
+        self.stdout = os.open(paths["stdout"], os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self.stderr: int | None = None if tty else os.open(
+            paths["stderr"], os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self.stdin: int | None = os.open(paths["stdin"], os.O_RDWR | os.O_CLOEXEC) if stdin else None
+        self.started = False
+        try:
+            client._call("tasks", "Exec", client._msg(
+                "tasks", "ExecProcessRequest", container_id=cid, exec_id=self.exec_id,
+                stdin=paths["stdin"], stdout=paths["stdout"], stderr=paths["stderr"],
+                terminal=tty, spec=any_pb2.Any(type_url=PROCESS_TYPE_URL,
+                                               value=json.dumps(process).encode())), timeout=30)
+            client._call("tasks", "Start", client._msg(
+                "tasks", "StartRequest", container_id=cid, exec_id=self.exec_id), timeout=30)
+            self.started = True
+        except RikletError:
+            self.release()
+            raise
+        if tty:
+            self.resize(*window)
+
+    def resize(self, cols: int, rows: int) -> None:
+        if self.tty:
+            with contextlib.suppress(RikletError):
+                self.client._call("tasks", "ResizePty", self.client._msg(
+                    "tasks", "ResizePtyRequest", container_id=self.cid, exec_id=self.exec_id,
+                    width=cols, height=rows))
+
+    def close_stdin(self) -> None:
+        if self.stdin is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.stdin)
+            self.stdin = None
+            with contextlib.suppress(RikletError):
+                self.client._call("tasks", "CloseIO", self.client._msg(
+                    "tasks", "CloseIORequest", container_id=self.cid, exec_id=self.exec_id, stdin=True))
+
+    def wait(self) -> int:
+        while True:
+            try:
+                reply = self.client._call("tasks", "Wait", self.client._msg(
+                    "tasks", "WaitRequest", container_id=self.cid, exec_id=self.exec_id),
+                    timeout=WAIT_SLICE)
+                return int(reply.exit_status)
+            except Unavailable as exc:
+                if "in time" not in str(exc):
+                    raise
+
+    def kill(self) -> None:
+        with contextlib.suppress(RikletError):
+            self.client._call("tasks", "Kill", self.client._msg(
+                "tasks", "KillRequest", container_id=self.cid, exec_id=self.exec_id,
+                signal=int(signal.SIGKILL), all=False))
+
+    def release(self) -> None:
+        if self.stdin is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.stdin)
+            self.stdin = None
+        for fd in (self.stdout, self.stderr):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        if self.started:
+            with contextlib.suppress(RikletError):
+                self.client._call("tasks", "DeleteProcess", self.client._msg(
+                    "tasks", "DeleteProcessRequest", container_id=self.cid, exec_id=self.exec_id))
+        shutil.rmtree(self.dir, ignore_errors=True)
