@@ -23,10 +23,9 @@ from common.model import MAX_MANIFEST_BYTES, RESTART_POLICIES, dns_label
 from common.units import parse_cpu, parse_memory
 
 pb.ensure()
+from cli import exec as exec_cli  # noqa: E402  (uses the stubs)
 from common.pb import node_pb2 as npb  # noqa: E402  (generated just above when missing)
 from common.pb import node_pb2_grpc as npb_grpc  # noqa: E402
-
-from cli import exec as exec_cli  # noqa: E402  (uses the stubs)
 
 DEFAULT_ENDPOINT = "127.0.0.1:9091"
 LIST_PAGE = 500          # pods per List call: `get pods` fetches page after page
