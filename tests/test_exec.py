@@ -1,0 +1,129 @@
+"""``rikletctl exec`` into process pods, through a real agent: the command runs where the pod's
+process runs (its env, cgroup, namespaces), streams both ways, reports its exit code, gets a
+terminal of the size asked, and dies with its client."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import select
+import signal
+import struct
+import subprocess
+import termios
+from collections.abc import Iterator
+
+import pytest
+
+from tests.stack import BIN, Agent, pid_alive
+from tests.support import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def pod() -> Iterator[tuple[Agent, int]]:
+    """One agent with one process pod ``box`` in its own network and mount namespaces."""
+    a = Agent().start()
+    try:
+        a.ctl("run", "box", "--env", "X=from-the-pod", "--workdir", "/tmp", "--",
+              "unshare", "--net", "--mount", "sleep", "600")
+        pid = int(a.wait_phase("box", "Running")["containers"][0]["pid"])
+        yield a, pid
+    finally:
+        a.close()
+
+
+def ns(pid: int | str, kind: str) -> str:
+    return os.readlink(f"/proc/{pid}/ns/{kind}")
+
+
+def test_env_workdir_and_exit_code(pod: tuple[Agent, int]) -> None:
+    a, _ = pod
+    res = a.ctl("exec", "box", "--", "sh", "-c", 'echo "$X $(pwd)"; echo err >&2; exit 7', check=False)
+    assert (res.returncode, res.stdout, res.stderr) == (7, "from-the-pod /tmp\n", "err\n")
+
+
+def test_stdin_is_streamed(pod: tuple[Agent, int]) -> None:
+    a, _ = pod
+    data = "".join(f"line {i}\n" for i in range(20000))   # several 64 KiB chunks each way
+    res = a.ctl("exec", "-i", "box", "--", "cat", input=data)
+    assert res.stdout == data
+    # without -i the command reads end-of-file at once
+    assert a.ctl("exec", "box", "--", "cat", input="ignored").stdout == ""
+
+
+def test_joins_the_pods_cgroup_and_namespaces(pod: tuple[Agent, int]) -> None:
+    a, pid = pod
+    assert ns(pid, "net") != ns("self", "net")   # the test means something
+    out = a.ctl("exec", "box", "--", "sh", "-c",
+                "cat /proc/self/cgroup; readlink /proc/self/ns/net /proc/self/ns/mnt").stdout
+    with open(f"/proc/{pid}/cgroup", encoding="ascii") as fh:
+        cgroup = fh.read()
+    assert out == cgroup + f"{ns(pid, 'net')}\n{ns(pid, 'mnt')}\n"
+    assert "riklet" in cgroup
+
+
+def test_tty_has_the_window_size(pod: tuple[Agent, int]) -> None:
+    a, _ = pod
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 97, 0, 0))
+    proc = subprocess.Popen([os.path.join(BIN, "rikletctl"), "exec", "-t", "box", "--",
+                             "sh", "-c", "tty; stty size; exit 3"],
+                            env=a.env, stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    out = b""
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 30)
+            assert ready, f"no output from exec -t: {out!r}"
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:   # EIO: rikletctl ended
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert proc.wait(30) == 3
+    finally:
+        proc.kill()
+        os.close(master)
+    lines = out.decode().split()
+    assert lines[0].startswith("/dev/pts/") and lines[1:3] == ["33", "97"], out
+
+
+def test_unknown_pod_and_container_are_named(pod: tuple[Agent, int]) -> None:
+    a, _ = pod
+    res = a.ctl("exec", "nope", "--", "true", check=False)
+    assert res.returncode == 1 and "pod" in res.stderr and "nope" in res.stderr
+    res = a.ctl("exec", "box", "-c", "other", "--", "true", check=False)
+    assert res.returncode == 1 and "container" in res.stderr and "'other'" in res.stderr
+    res = a.ctl("exec", "box", "--", "no-such-program", check=False)
+    assert res.returncode == 127 and "no-such-program" in res.stderr
+
+
+def _pids_running(argv: list[str]) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    if fh.read().split(b"\0")[:-1] == [x.encode() for x in argv]:
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def test_command_dies_with_its_client(pod: tuple[Agent, int]) -> None:
+    a, _ = pod
+    argv = ["sleep", "987"]
+    client = subprocess.Popen([os.path.join(BIN, "rikletctl"), "exec", "box", "--", *argv], env=a.env)
+    try:
+        [pid] = wait_for(lambda: _pids_running(argv), 20, "the exec'd command running")
+        os.kill(client.pid, signal.SIGKILL)
+        client.wait(10)
+        wait_for(lambda: not pid_alive(pid), 20, "the exec'd command killed")
+    finally:
+        client.kill()
