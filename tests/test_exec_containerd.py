@@ -1,0 +1,36 @@
+"""``rikletctl exec`` into a containerd pod: containerd's own exec, in the image's filesystem,
+with the container's env; stdin streamed; the exit code comes back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.test_containerd import CtrAgent
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def ctr(containerd_env: Any, busybox_archive: Any) -> Iterator[CtrAgent]:
+    a = CtrAgent(containerd_env, busybox_archive)
+    try:
+        yield a.start()
+    finally:
+        a.close()
+
+
+def test_exec_in_a_container(ctr: CtrAgent) -> None:
+    a = ctr.agent
+    a.ctl("run", "web", "--image", ctr.image, "--env", "X=inside", "--", "sleep", "600")
+    a.wait_phase("web", "Running", 30)
+    res = a.ctl("exec", "web", "--", "sh", "-c", 'cat /etc/hostname; echo "$X"; echo e >&2; exit 5',
+                check=False)
+    assert (res.returncode, res.stdout, res.stderr) == (5, "web\ninside\n", "e\n"), res.stderr
+    assert a.ctl("exec", "-i", "web", "--", "cat", input="through containerd\n").stdout == \
+        "through containerd\n"
+    assert a.ctl("exec", "web", "--", "cat", input="not sent").stdout == ""
+    res = a.ctl("exec", "web", "-t", "--", "stty", "size", check=False)
+    assert (res.returncode, res.stdout.split()) == (0, ["24", "80"]), res.stderr  # no local terminal
