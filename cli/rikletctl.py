@@ -23,7 +23,8 @@ from common.model import MAX_MANIFEST_BYTES, RESTART_POLICIES, dns_label
 from common.units import parse_cpu, parse_memory
 
 pb.ensure()
-from cli import exec as exec_cli  # noqa: E402  (uses the stubs)
+from cli import apps  # noqa: E402  (uses the stubs)
+from cli import exec as exec_cli  # noqa: E402
 from common.pb import node_pb2 as npb  # noqa: E402  (generated just above when missing)
 from common.pb import node_pb2_grpc as npb_grpc  # noqa: E402
 
@@ -212,14 +213,16 @@ class Ctl:
         if self.json:
             self.show(reply.pods)
             return
-        for pod, changed in zip(reply.pods, reply.changed, strict=False):
-            print(f"pod/{pod.name} {'configured' if changed else 'unchanged'}")
+        for line in apps.applied_lines(self.stub, reply):
+            print(line)
 
     def run(self, args: argparse.Namespace) -> None:
         self._apply(json.dumps(run_manifest(args)), "json")
 
     def get(self, args: argparse.Namespace) -> None:
-        if args.name:
+        if args.what in ("apps", "app"):
+            apps.print_apps(self.list_all(), _age)
+        elif args.name:
             self.show([self.stub.Get(npb.GetRequest(name=args.name), timeout=10)], single=True)
         else:
             self.show(self.list_all())
@@ -244,8 +247,8 @@ class Ctl:
                 print(f"pod/{name} deleted")
             return
         for name in args.names:
-            self.stub.Delete(npb.DeleteRequest(name=name), timeout=10)
-            print(f"pod/{name} deleted")
+            reply = self.stub.Delete(npb.DeleteRequest(name=name), timeout=10)
+            print(apps.deleted_line(self.stub, reply.pod, name))
 
     def stop(self, args: argparse.Namespace) -> None:
         for name in args.names:
@@ -359,10 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--container", help="container name (default: NAME)")
     sp.set_defaults(command=[])  # what follows "--" (split off before parsing)
     sp = add("get", Ctl.get, "show pods", output=True)
-    sp.add_argument("what", choices=["pods", "pod", "po"])
+    sp.add_argument("what", choices=["pods", "pod", "po", "apps", "app"])
     sp.add_argument("name", nargs="?")
     sp = add("delete", Ctl.delete, "stop and remove pods", aliases=["rm"])
-    sp.add_argument("names", nargs="*", metavar="pod NAME")
+    sp.add_argument("names", nargs="*", metavar="[pod|app] NAME")
     which = sp.add_mutually_exclusive_group()
     which.add_argument("--all", action="store_true", help="every pod on the node")
     which.add_argument("--workload", metavar="NAME", help="every pod of a workload")
@@ -397,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif command:
         parser.error("'--' only goes with run and exec")
     if args.cmd in ("delete", "rm"):
-        if args.names and args.names[0] in ("pod", "pods", "po"):
+        if args.names and args.names[0] in ("pod", "pods", "po", "app", "apps"):
             args.names = args.names[1:]
         if bool(args.names) == bool(args.all or args.workload):
             parser.error("delete: give pod names, or --all, or --workload NAME")

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import grpc
 
 from common import rotlog
+from common.app import is_app_file, parse_app
 from common.errors import ErrorCode, InvalidArgument, NotFound, RikletError, Unavailable, bounded
 from common.memclient import MemoryClient
 from common.model import Workload, dns_label, load_manifest, parse_workload
@@ -27,6 +28,7 @@ from common.pb import node_pb2_grpc as pb_grpc
 from common.policy import Policy
 from common.ports import ApplyView, check_ports, wanted_ports
 from common.zmqutil import RequestClient
+from services.manager.api.apps import apply_app
 from services.manager.api.listing import ListReply, PodMessages, pod_message
 from services.manager.applylocks import ApplyLocks
 
@@ -123,7 +125,10 @@ class NodeService(pb_grpc.NodeServicer):
         return self._call(context, lambda: self._apply(request.manifest, request.format))
 
     def _apply(self, manifest: str, fmt: str) -> pb.ApplyResponse:
-        applied = self.apply_document(load_manifest(manifest, fmt))
+        document = load_manifest(manifest, fmt)
+        if is_app_file(document):   # the seed's App file (common/app.py)
+            return apply_app(self, parse_app(document))
+        applied = self.apply_document(document)
         return pb.ApplyResponse(pods=[pod_message(r) for r, _ in applied], changed=[c for _, c in applied])
 
     # -- the core both APIs share (the CHaS HTTP API is a thin adapter over these) -----------
@@ -137,7 +142,12 @@ class NodeService(pb_grpc.NodeServicer):
         ``prepare`` may rewrite the parsed workload under the apply lock, seeing the pods it
         names, the pods of its workload and memory's claimed ports (the CHaS API allocates host
         ports there). Only those records are read: the cost does not grow with the node's pods."""
-        workload = parse_workload(document, self.grace_default)
+        return self.apply_workload(parse_workload(document, self.grace_default), prepare)
+
+    def apply_workload(self, workload: Workload,
+                       prepare: Callable[[Workload, ApplyView], Workload] | None = None
+                       ) -> list[tuple[dict[str, Any], bool]]:
+        """:meth:`apply_document` of a workload already parsed."""
         with self.apply_locks.hold(workload, picks_ports=prepare is not None):
             if prepare is not None or wanted_ports(workload):
                 # Host ports: who holds them is read first (and checked against the node);
