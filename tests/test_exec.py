@@ -12,11 +12,13 @@ import signal
 import struct
 import subprocess
 import termios
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.stack import BIN, Agent, pid_alive
+from tests.stack import BIN, Agent, npb, pid_alive
 from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
@@ -127,3 +129,73 @@ def test_command_dies_with_its_client(pod: tuple[Agent, int]) -> None:
         wait_for(lambda: not pid_alive(pid), 20, "the exec'd command killed")
     finally:
         client.kill()
+
+
+def _read_until(master: int, wanted: bytes, seen: bytearray, timeout: float = 20.0,
+                poke: bytes = b"") -> None:
+    """Read the terminal until ``wanted`` shows (writing ``poke`` first, and again each time
+    nothing came for a second), or fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    if poke:
+        os.write(master, poke)
+    while wanted not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{wanted!r} never came: {bytes(seen)!r}"
+        ready, _, _ = select.select([master], [], [], min(left, 1.0))
+        if ready:
+            seen += os.read(master, 4096)
+        elif poke:
+            os.write(master, poke)
+
+
+def test_window_changes_follow_and_the_terminal_is_restored(pod: tuple[Agent, int]) -> None:
+    a, _ = pod
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 97, 0, 0))
+    before = termios.tcgetattr(slave)
+    proc = subprocess.Popen([os.path.join(BIN, "rikletctl"), "exec", "-i", "-t", "box", "--",
+                             "sh", "-c", "while read x; do stty size; done; exit 4"],
+                            env=a.env, stdin=slave, stdout=slave, stderr=slave)
+    try:
+        seen = bytearray()
+        _read_until(master, b"33 97", seen, poke=b"\r")
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        os.kill(proc.pid, signal.SIGWINCH)      # what the terminal sends its foreground group
+        _read_until(master, b"40 120", seen, poke=b"\r")
+        assert termios.tcgetattr(slave)[3] & termios.ICANON == 0   # raw while it runs
+        os.write(master, b"\x04")               # ^D: end of input for the remote terminal
+        assert proc.wait(20) == 4
+        assert termios.tcgetattr(slave) == before
+    finally:
+        proc.kill()
+        os.close(master)
+        os.close(slave)
+
+
+def test_a_client_that_does_not_read_holds_the_command_back(pod: tuple[Agent, int]) -> None:
+    """1 GiB of output for a client that reads one message: the command ends up blocked on its
+    full pipe, having written a bounded amount, and is killed when the client leaves."""
+    a, _ = pod
+    argv = ["dd", "if=/dev/zero", "bs=65536", "count=16384"]
+    leave = threading.Event()
+
+    def inputs() -> Iterator[npb.ExecInput]:
+        yield npb.ExecInput(start=npb.ExecStart(pod="box", command=argv))
+        leave.wait(60)
+
+    call = a.stub.Exec(inputs())
+    try:
+        assert next(call).stdout
+        [pid] = wait_for(lambda: _pids_running(argv), 20, "dd running")
+
+        def blocked() -> bool:
+            with open(f"/proc/{pid}/wchan", encoding="ascii") as fh:
+                return "pipe" in fh.read()
+        wait_for(blocked, 20, "dd blocked on its full pipe")
+        with open(f"/proc/{pid}/io", encoding="ascii") as fh:
+            written = int(dict(line.split(": ") for line in fh.read().splitlines())["wchar"])
+        assert written < 32 << 20, f"{written} bytes went out to a client that reads nothing"
+    finally:
+        call.cancel()
+        leave.set()
+    wait_for(lambda: not pid_alive(pid), 20, "dd killed with its client gone")
