@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,6 +13,7 @@ import yaml
 from common.app import app_of, app_workload, is_app_file, parse_app
 from common.errors import InvalidArgument
 from tests.support import wait_for
+from tests.test_containerd import CtrAgent, ctr_agent  # noqa: F401  (the fixture)
 
 SEED_FILE = """\
 name: nginx
@@ -74,19 +74,9 @@ def test_bad_fields_are_named(doc: dict[str, Any], field: str, words: str) -> No
 # -- through the agent ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def ctr(containerd_env: Any, busybox_archive: Any) -> Iterator[Any]:
-    from tests.test_containerd import CtrAgent
-    a = CtrAgent(containerd_env, busybox_archive)
-    try:
-        yield a.start()
-    finally:
-        a.close()
-
-
 @pytest.mark.integration
-def test_apply_get_apps_delete(ctr: Any, tmp_path: Any) -> None:
-    a = ctr.agent
+def test_apply_get_apps_delete(ctr_agent: CtrAgent, tmp_path: Any) -> None:  # noqa: F811
+    ctr, a = ctr_agent, ctr_agent.agent
     repo, version = ctr.image.rsplit(":", 1)
     path = os.path.join(tmp_path, "app.yaml")
 

@@ -3,27 +3,15 @@ with the container's env; stdin streamed; the exit code comes back."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import pytest
 
-from tests.test_containerd import CtrAgent
+from tests.test_containerd import CtrAgent, ctr_agent  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def ctr(containerd_env: Any, busybox_archive: Any) -> Iterator[CtrAgent]:
-    a = CtrAgent(containerd_env, busybox_archive)
-    try:
-        yield a.start()
-    finally:
-        a.close()
-
-
-def test_exec_in_a_container(ctr: CtrAgent) -> None:
-    a = ctr.agent
+def test_exec_in_a_container(ctr_agent: CtrAgent) -> None:  # noqa: F811
+    ctr, a = ctr_agent, ctr_agent.agent
     a.ctl("run", "web", "--image", ctr.image, "--env", "X=inside", "--", "sleep", "600")
     a.wait_phase("web", "Running", 30)
     res = a.ctl("exec", "web", "--", "sh", "-c", 'cat /etc/hostname; echo "$X"; echo e >&2; exit 5',
