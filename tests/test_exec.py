@@ -105,7 +105,7 @@ def test_unknown_pod_and_container_are_named(pod: tuple[Agent, int]) -> None:
     assert res.returncode == 127 and "no-such-program" in res.stderr
 
 
-def _pids_running(argv: list[str]) -> list[int]:
+def pids_running(argv: list[str]) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -123,7 +123,7 @@ def test_command_dies_with_its_client(pod: tuple[Agent, int]) -> None:
     argv = ["sleep", "987"]
     client = subprocess.Popen([os.path.join(BIN, "rikletctl"), "exec", "box", "--", *argv], env=a.env)
     try:
-        [pid] = wait_for(lambda: _pids_running(argv), 20, "the exec'd command running")
+        [pid] = wait_for(lambda: pids_running(argv), 20, "the exec'd command running")
         os.kill(client.pid, signal.SIGKILL)
         client.wait(10)
         wait_for(lambda: not pid_alive(pid), 20, "the exec'd command killed")
@@ -186,7 +186,7 @@ def test_a_client_that_does_not_read_holds_the_command_back(pod: tuple[Agent, in
     call = a.stub.Exec(inputs())
     try:
         assert next(call).stdout
-        [pid] = wait_for(lambda: _pids_running(argv), 20, "dd running")
+        [pid] = wait_for(lambda: pids_running(argv), 20, "dd running")
 
         def blocked() -> bool:
             with open(f"/proc/{pid}/wchan", encoding="ascii") as fh:
@@ -199,3 +199,21 @@ def test_a_client_that_does_not_read_holds_the_command_back(pod: tuple[Agent, in
         call.cancel()
         leave.set()
     wait_for(lambda: not pid_alive(pid), 20, "dd killed with its client gone")
+
+
+def test_the_command_dies_with_the_manager(pod: tuple[Agent, int]) -> None:
+    """kill -9 of the manager leaves nobody to read the command or end it: it is killed too
+    (the pod's own process lives on). Last in this module: it restarts the manager."""
+    a, pod_pid = pod
+    argv = ["sleep", "988"]
+    client = subprocess.Popen([os.path.join(BIN, "rikletctl"), "exec", "box", "--", *argv], env=a.env,
+                              stderr=subprocess.DEVNULL)
+    try:
+        [pid] = wait_for(lambda: pids_running(argv), 20, "the exec'd command running")
+        os.kill(a.service_pid("manager"), signal.SIGKILL)
+        wait_for(lambda: not pid_alive(pid), 20, "the exec'd command killed with the manager")
+        assert client.wait(30) != 0
+        a.wait_ready()
+        assert pid_alive(pod_pid)
+    finally:
+        client.kill()

@@ -17,6 +17,7 @@ and write, resize, close_stdin, wait, kill, release.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import queue
 import select
@@ -31,6 +32,10 @@ import grpc
 from common.errors import Conflict, InvalidArgument, NotFound, RikletError, TooLarge
 from common.model import dns_label
 from common.pb import node_pb2 as pb
+from services.manager.containerd.execproc import CommandFailed, ContainerdExec, reap_leftovers
+from services.manager.process.execplan import ProcessExec
+
+log = logging.getLogger(__name__)
 
 MAX_CHUNK = 64 * 1024
 MAX_EXECS = 32
@@ -117,6 +122,17 @@ class Execs:
         self.max_execs = max_execs
         self._slots = threading.BoundedSemaphore(max_execs)
 
+    def fifo_root(self) -> str:
+        return os.path.join(os.path.dirname(self.containerd.root), "exec")
+
+    def clean_leftovers(self) -> None:
+        """At the manager's start: what execs an earlier manager left in containers is killed
+        (processes' execs die with the manager by themselves)."""
+        with contextlib.suppress(RikletError, OSError):
+            reaped = reap_leftovers(self.containerd.client, self.fifo_root())
+            if reaped:
+                log.info("killed execs left by an earlier manager", extra={"execs": reaped})
+
     def open(self, req: ExecRequest) -> ExecProcess:
         try:
             record = self.memory.get(req.pod)
@@ -135,7 +151,6 @@ class Execs:
         return Conflict(f"container {container['name']} of pod {record['name']} is not running", "container")
 
     def _process(self, record: dict[str, Any], container: dict[str, Any], req: ExecRequest) -> ExecProcess:
-        from services.manager.process.execplan import ProcessExec
         observed = self.process.observe(record)
         pids = [int(c["pid"]) for c in (observed.containers if observed else [])
                 if c.get("name") == container["name"] and c.get("state") == "running" and c.get("pid")]
@@ -146,14 +161,12 @@ class Execs:
 
     def _containerd(self, record: dict[str, Any], container: dict[str, Any], req: ExecRequest
                     ) -> ExecProcess:
-        from services.manager.containerd.execproc import ContainerdExec
         cid = self.containerd.container_id(record["name"], container["name"])
         task = self.containerd.client.task(cid)
         if task is None or task.status != "running":
             raise self._not_running(record, container)
-        fifo_root = os.path.join(os.path.dirname(self.containerd.root), "exec")
         return ContainerdExec(self.containerd.client, cid, list(req.command), req.tty, req.stdin,
-                              req.window, fifo_root)
+                              req.window, self.fifo_root())
 
     def stream(self, requests: Iterator[pb.ExecInput], context: grpc.ServicerContext
                ) -> Iterator[pb.ExecOutput]:
@@ -163,7 +176,12 @@ class Execs:
         if not self._slots.acquire(blocking=False):
             raise TooLarge(f"too many execs running on this node: limit {self.max_execs}", "exec")
         try:
-            proc = self.open(req)
+            try:
+                proc = self.open(req)
+            except CommandFailed as failed:   # told as a shell tells it: on stderr, with a code
+                yield pb.ExecOutput(stderr=failed.message.encode()[:MAX_CHUNK])
+                yield pb.ExecOutput(exited=True, exit_code=failed.code)
+                return
             yield from Pump(proc, req).run(requests, context)
         finally:
             self._slots.release()

@@ -103,8 +103,9 @@ class ProcessExec:
             for kind, path in namespaces(pid):
                 ns_fds.append((kind, os.open(path, os.O_RDONLY | os.O_CLOEXEC)))
             uid, gid, groups = identity(pid)
-            plan = {"argv": argv, "tty": tty, "cgroup_procs": cgroup_procs(pid, layout),
-                    "namespaces": ns_fds, "uid": uid, "gid": gid, "groups": groups,
+            plan = {"argv": argv, "tty": tty, "manager": os.getpid(),
+                    "cgroup_procs": cgroup_procs(pid, layout), "namespaces": ns_fds,
+                    "uid": uid, "gid": gid, "groups": groups,
                     "env": environment(pid, container.get("env") or {}),
                     "cwd": container.get("workingDir") or os.readlink(f"/proc/{pid}/cwd")}
         except (FileNotFoundError, ProcessLookupError):

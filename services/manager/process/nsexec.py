@@ -16,9 +16,12 @@ import ctypes
 import fcntl
 import json
 import os
+import signal
 import sys
 import termios
 from typing import Any
+
+PR_SET_PDEATHSIG = 1
 
 
 def _setns(fd: int, kind: str) -> None:
@@ -44,7 +47,20 @@ def enter(plan: dict[str, Any]) -> None:
         os.setgroups(plan["groups"])
         os.setgid(gid)
         os.setuid(uid)
+    die_with(plan["manager"])   # after setuid, which clears it
     os.chdir(plan["cwd"] or "/")
+
+
+def die_with(parent: int | None) -> None:
+    """SIGKILL when the parent (the manager, whose stream feeds this exec; or this helper,
+    in a pod's pid namespace where its pid is not visible) ends: nobody would read the output
+    or end the command any more."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl: {os.strerror(err)}")
+    if parent is not None and os.getppid() != parent:   # it ended before the signal was asked for
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _child_status(status: int) -> int:
@@ -66,6 +82,7 @@ def main(argv: list[str]) -> int:
         pid = os.fork()
         if pid:
             return _child_status(os.waitpid(pid, 0)[1])
+        die_with(None)   # same process group as the helper: a kill of one reaches both
     try:
         os.execvpe(command[0], command, plan["env"])
     except OSError as exc:
