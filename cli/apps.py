@@ -28,9 +28,17 @@ def app_status(pod: npb.Pod) -> str:
     return pod.phase or "Pending"
 
 
-def print_apps(pods: Sequence[npb.Pod], age: Callable[[float], str]) -> None:
+def show(pods: Sequence[npb.Pod], age: Callable[[float], str], as_json: bool = False) -> None:
+    """``get apps``: the apps among ``pods``, as a table or (``-o json``) a list."""
+    found = [(p, app_of(json.loads(p.spec_json or "{}"))) for p in pods]
+    listed = [(p, app) for p, app in found if app is not None]
+    if as_json:
+        print(json.dumps([{"name": p.name, "status": app_status(p), "createdAt": p.created_at,
+                           "phase": p.phase, "reason": p.reason or None, "app": dict(app)}
+                          for p, app in listed], indent=2))
+        return
     rows = [("NAME", "STATUS", "AGE")]
-    rows += [(p.name, app_status(p), age(p.created_at)) for p in pods if is_app(p)]
+    rows += [(p.name, app_status(p), age(p.created_at)) for p, _ in listed]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())

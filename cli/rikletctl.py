@@ -221,7 +221,8 @@ class Ctl:
 
     def get(self, args: argparse.Namespace) -> None:
         if args.what in ("apps", "app"):
-            apps.print_apps(self.list_all(), _age)
+            one = [self.stub.Get(npb.GetRequest(name=args.name), timeout=10)] if args.name else None
+            apps.show(one or self.list_all(), _age, self.json)
         elif args.name:
             self.show([self.stub.Get(npb.GetRequest(name=args.name), timeout=10)], single=True)
         else:

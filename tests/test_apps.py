@@ -102,6 +102,9 @@ def test_apply_get_apps_delete(ctr_agent: CtrAgent, tmp_path: Any) -> None:  # n
                       30, "app1 listed with its status")
     assert set(listed) == {"app1", "app2"}
     assert "plain" in a.ctl("get", "pods").stdout.split()
+    [one] = json.loads(a.ctl("get", "app", "app1", "-o", "json").stdout)
+    assert (one["name"], one["app"]) == ("app1", {"name": "box", "repo": repo, "version": version})
+    assert a.ctl("get", "app", "plain").stdout.splitlines() == ["NAME  STATUS  AGE"]
 
     node = json.loads(a.ctl("node", "-o", "json").stdout)["resources"]["id"]
     assert a.ctl("delete", "app1").stdout == f"app1 deleted on {node}\n"

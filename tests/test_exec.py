@@ -103,6 +103,12 @@ def test_unknown_pod_and_container_are_named(pod: tuple[Agent, int]) -> None:
     assert res.returncode == 1 and "container" in res.stderr and "'other'" in res.stderr
     res = a.ctl("exec", "box", "--", "no-such-program", check=False)
     assert res.returncode == 127 and "no-such-program" in res.stderr
+    a.ctl("run", "done", "--restart", "Never", "--", "true")
+    a.wait_phase("done", "Terminated")
+    res = a.ctl("exec", "done", "--", "true", check=False)
+    assert res.returncode == 1 and "pod: pod done is not running" in res.stderr, res.stderr
+    res = a.ctl("exec", "box", check=False)
+    assert res.returncode == 2 and "CMD" in res.stderr
 
 
 def pids_running(argv: list[str]) -> list[int]:
