@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from common.errors import Conflict, InvalidArgument, NotFound, RikletError, TooLarge
+from common.errors import Conflict, Internal, InvalidArgument, NotFound, RikletError, TooLarge
 from common.model import dns_label
 from common.pb import node_pb2 as pb
 from services.manager.containerd.execproc import CommandFailed, ContainerdExec, reap_leftovers
@@ -143,9 +143,12 @@ class Execs:
         if record.get("desired") != "running" or phase != "Running":
             raise Conflict(f"pod {req.pod} is not running (phase {phase or 'unknown'}, "
                            f"desired {record.get('desired')})", "pod")
-        if container.get("runtime") == "containerd":
-            return self._containerd(record, container, req)
-        return self._process(record, container, req)
+        try:
+            if container.get("runtime") == "containerd":
+                return self._containerd(record, container, req)
+            return self._process(record, container, req)
+        except OSError as exc:   # a pipe, FIFO or namespace file the node could not give
+            raise Internal(f"could not start the command: {exc}", "exec") from exc
 
     def _not_running(self, record: dict[str, Any], container: dict[str, Any]) -> Conflict:
         return Conflict(f"container {container['name']} of pod {record['name']} is not running", "container")
@@ -271,7 +274,11 @@ class Pump:
         self._put(("eof", None))
 
     def _wait(self) -> None:
-        code = self.proc.wait()
+        try:
+            code = self.proc.wait()
+        except RikletError as exc:   # containerd went away: the client is told, not left waiting
+            self._put(("error", exc))
+            return
         self._put(("exit", code))
 
     def _feed(self, requests: Iterator[pb.ExecInput]) -> None:
