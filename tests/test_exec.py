@@ -26,11 +26,13 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def pod() -> Iterator[tuple[Agent, int]]:
-    """One agent with one process pod ``box`` in its own network and mount namespaces."""
+    """One agent with one process pod ``box`` in its own network and mount namespaces, whose
+    process runs as nobody (65534)."""
     a = Agent().start()
     try:
         a.ctl("run", "box", "--env", "X=from-the-pod", "--workdir", "/tmp", "--",
-              "unshare", "--net", "--mount", "sleep", "600")
+              "unshare", "--net", "--mount", "setpriv", "--reuid", "65534", "--regid", "65534",
+              "--clear-groups", "sleep", "600")
         pid = int(a.wait_phase("box", "Running")["containers"][0]["pid"])
         yield a, pid
     finally:
@@ -43,8 +45,9 @@ def ns(pid: int | str, kind: str) -> str:
 
 def test_env_workdir_and_exit_code(pod: tuple[Agent, int]) -> None:
     a, _ = pod
-    res = a.ctl("exec", "box", "--", "sh", "-c", 'echo "$X $(pwd)"; echo err >&2; exit 7', check=False)
-    assert (res.returncode, res.stdout, res.stderr) == (7, "from-the-pod /tmp\n", "err\n")
+    res = a.ctl("exec", "box", "--", "sh", "-c", 'echo "$X $(pwd) $(id -u):$(id -g)"; echo err >&2; exit 7',
+                check=False)
+    assert (res.returncode, res.stdout, res.stderr) == (7, "from-the-pod /tmp 65534:65534\n", "err\n")
 
 
 def test_stdin_is_streamed(pod: tuple[Agent, int]) -> None:
@@ -101,8 +104,8 @@ def test_unknown_pod_and_container_are_named(pod: tuple[Agent, int]) -> None:
     assert res.returncode == 1 and "pod" in res.stderr and "nope" in res.stderr
     res = a.ctl("exec", "box", "-c", "other", "--", "true", check=False)
     assert res.returncode == 1 and "container" in res.stderr and "'other'" in res.stderr
-    res = a.ctl("exec", "box", "--", "no-such-program", check=False)
-    assert res.returncode == 127 and "no-such-program" in res.stderr
+    res = a.ctl("exec", "box", "--", "/no/such-program", check=False)
+    assert res.returncode == 127 and "/no/such-program" in res.stderr
     a.ctl("run", "done", "--restart", "Never", "--", "true")
     a.wait_phase("done", "Terminated")
     res = a.ctl("exec", "done", "--", "true", check=False)

@@ -32,6 +32,16 @@ def test_exec_in_a_container(ctr_agent: CtrAgent) -> None:  # noqa: F811
     res = a.ctl("exec", "web", "--", "no-such-program", check=False)
     assert res.returncode == 127 and "no-such-program" in res.stderr, res.stderr
 
+    # the client killed: the command goes with it
+    argv = ["sleep", "990"]
+    client = subprocess.Popen([os.path.join(BIN, "rikletctl"), "exec", "web", "--", *argv], env=a.env)
+    try:
+        [pid] = wait_for(lambda: pids_running(argv), 20, "the exec'd command running")
+        os.kill(client.pid, signal.SIGKILL)
+        wait_for(lambda: not pid_alive(pid), 20, "the exec'd command killed with its client")
+    finally:
+        client.kill()
+
     # the manager killed: the exec left in the container is killed by the next manager
     argv = ["sleep", "989"]
     client = subprocess.Popen([os.path.join(BIN, "rikletctl"), "exec", "web", "--", *argv], env=a.env,
