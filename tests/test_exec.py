@@ -75,7 +75,7 @@ def test_tty_has_the_window_size(pod: tuple[Agent, int]) -> None:
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 97, 0, 0))
     proc = subprocess.Popen([os.path.join(BIN, "rikletctl"), "exec", "-t", "box", "--",
-                             "sh", "-c", "tty; stty size; exit 3"],
+                             "sh", "-c", 'tty; stty size; echo "$TERM"; exit 3'],
                             env=a.env, stdin=slave, stdout=slave, stderr=slave)
     os.close(slave)
     out = b""
@@ -95,7 +95,7 @@ def test_tty_has_the_window_size(pod: tuple[Agent, int]) -> None:
         proc.kill()
         os.close(master)
     lines = out.decode().split()
-    assert lines[0].startswith("/dev/pts/") and lines[1:3] == ["33", "97"], out
+    assert lines[0].startswith("/dev/pts/") and lines[1:] == ["33", "97", "xterm"], out
 
 
 def test_unknown_pod_and_container_are_named(pod: tuple[Agent, int]) -> None:

@@ -27,8 +27,8 @@ def test_exec_in_a_container(ctr_agent: CtrAgent) -> None:  # noqa: F811
     assert a.ctl("exec", "-i", "web", "--", "cat", input="through containerd\n").stdout == \
         "through containerd\n"
     assert a.ctl("exec", "web", "--", "cat", input="not sent").stdout == ""
-    res = a.ctl("exec", "web", "-t", "--", "stty", "size", check=False)
-    assert (res.returncode, res.stdout.split()) == (0, ["24", "80"]), res.stderr  # no local terminal
+    res = a.ctl("exec", "web", "-t", "--", "sh", "-c", 'stty size; echo "$TERM"', check=False)
+    assert (res.returncode, res.stdout.split()) == (0, ["24", "80", "xterm"]), res.stderr  # no local tty
     res = a.ctl("exec", "web", "--", "no-such-program", check=False)
     assert res.returncode == 127 and "no-such-program" in res.stderr, res.stderr
 

@@ -101,6 +101,9 @@ class ContainerdExec(ExecHandle):
         process.pop("consoleSize", None)
         if tty:
             process["consoleSize"] = {"width": window[0], "height": window[1]}
+            env = list(process.get("env") or [])
+            if not any(str(e).startswith("TERM=") for e in env):
+                process["env"] = [*env, "TERM=xterm"]   # as Docker: a terminal's programs want it
         os.makedirs(fifo_root, mode=0o700, exist_ok=True)
         self.dir = os.path.join(fifo_root, f"{cid}{SEP}{self.exec_id}")
         os.mkdir(self.dir, 0o700)

@@ -88,6 +88,11 @@ def environment(pid: int, fallback: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def with_term(env: dict[str, str], tty: bool) -> dict[str, str]:
+    """A terminal's programs want TERM: ``xterm`` unless the container sets one (as Docker)."""
+    return {**env, "TERM": env.get("TERM", "xterm")} if tty else env
+
+
 def set_window(fd: int, cols: int, rows: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
@@ -106,7 +111,7 @@ class ProcessExec:
             plan = {"argv": argv, "tty": tty, "manager": os.getpid(),
                     "cgroup_procs": cgroup_procs(pid, layout), "namespaces": ns_fds,
                     "uid": uid, "gid": gid, "groups": groups,
-                    "env": environment(pid, container.get("env") or {}),
+                    "env": with_term(environment(pid, container.get("env") or {}), tty),
                     "cwd": container.get("workingDir") or os.readlink(f"/proc/{pid}/cwd")}
         except (FileNotFoundError, ProcessLookupError):
             for _, fd in ns_fds:
