@@ -127,17 +127,23 @@ def pids_running(argv: list[str]) -> list[int]:
     return found
 
 
-def test_command_dies_with_its_client(pod: tuple[Agent, int]) -> None:
-    a, _ = pod
-    argv = ["sleep", "987"]
-    client = subprocess.Popen([os.path.join(BIN, "rikletctl"), "exec", "box", "--", *argv], env=a.env)
+def check_command_dies_with(a: Agent, pod: str, argv: list[str], what: str) -> None:
+    """``rikletctl exec POD -- ARGV``, then kill -9 of ``what`` (the rikletctl ``client``, or
+    the ``manager``): the command goes too, killed by the manager (or the next one)."""
+    client = subprocess.Popen([os.path.join(BIN, "rikletctl"), "exec", pod, "--", *argv], env=a.env,
+                              stderr=subprocess.DEVNULL)
     try:
         [pid] = wait_for(lambda: pids_running(argv), 20, "the exec'd command running")
-        os.kill(client.pid, signal.SIGKILL)
-        client.wait(10)
-        wait_for(lambda: not pid_alive(pid), 20, "the exec'd command killed")
+        os.kill(client.pid if what == "client" else a.service_pid("manager"), signal.SIGKILL)
+        assert client.wait(30) != 0
+        a.wait_ready()
+        wait_for(lambda: not pid_alive(pid), 20, f"the exec'd command killed with its {what}")
     finally:
         client.kill()
+
+
+def test_command_dies_with_its_client(pod: tuple[Agent, int]) -> None:
+    check_command_dies_with(pod[0], "box", ["sleep", "987"], "client")
 
 
 def _read_until(master: int, wanted: bytes, seen: bytearray, timeout: float = 20.0,
@@ -214,15 +220,5 @@ def test_the_command_dies_with_the_manager(pod: tuple[Agent, int]) -> None:
     """kill -9 of the manager leaves nobody to read the command or end it: it is killed too
     (the pod's own process lives on). Last in this module: it restarts the manager."""
     a, pod_pid = pod
-    argv = ["sleep", "988"]
-    client = subprocess.Popen([os.path.join(BIN, "rikletctl"), "exec", "box", "--", *argv], env=a.env,
-                              stderr=subprocess.DEVNULL)
-    try:
-        [pid] = wait_for(lambda: pids_running(argv), 20, "the exec'd command running")
-        os.kill(a.service_pid("manager"), signal.SIGKILL)
-        wait_for(lambda: not pid_alive(pid), 20, "the exec'd command killed with the manager")
-        assert client.wait(30) != 0
-        a.wait_ready()
-        assert pid_alive(pod_pid)
-    finally:
-        client.kill()
+    check_command_dies_with(a, "box", ["sleep", "988"], "manager")
+    assert pid_alive(pod_pid)

@@ -3,16 +3,10 @@ with the container's env; stdin streamed; the exit code comes back."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-
 import pytest
 
-from tests.stack import BIN, pid_alive
-from tests.support import wait_for
 from tests.test_containerd import CtrAgent, ctr_agent  # noqa: F401  (the fixture)
-from tests.test_exec import pids_running
+from tests.test_exec import check_command_dies_with
 
 pytestmark = pytest.mark.integration
 
@@ -32,26 +26,7 @@ def test_exec_in_a_container(ctr_agent: CtrAgent) -> None:  # noqa: F811
     res = a.ctl("exec", "web", "--", "no-such-program", check=False)
     assert res.returncode == 127 and "no-such-program" in res.stderr, res.stderr
 
-    # the client killed: the command goes with it
-    argv = ["sleep", "990"]
-    client = subprocess.Popen([os.path.join(BIN, "rikletctl"), "exec", "web", "--", *argv], env=a.env)
-    try:
-        [pid] = wait_for(lambda: pids_running(argv), 20, "the exec'd command running")
-        os.kill(client.pid, signal.SIGKILL)
-        wait_for(lambda: not pid_alive(pid), 20, "the exec'd command killed with its client")
-    finally:
-        client.kill()
-
+    check_command_dies_with(a, "web", ["sleep", "990"], "client")
     # the manager killed: the exec left in the container is killed by the next manager
-    argv = ["sleep", "989"]
-    client = subprocess.Popen([os.path.join(BIN, "rikletctl"), "exec", "web", "--", *argv], env=a.env,
-                              stderr=subprocess.DEVNULL)
-    try:
-        [pid] = wait_for(lambda: pids_running(argv), 20, "the exec'd command running")
-        os.kill(a.service_pid("manager"), signal.SIGKILL)
-        assert client.wait(30) != 0
-        a.wait_ready()
-        wait_for(lambda: not pid_alive(pid), 20, "the exec left behind killed")
-        assert a.ctl("exec", "web", "--", "true").returncode == 0
-    finally:
-        client.kill()
+    check_command_dies_with(a, "web", ["sleep", "989"], "manager")
+    assert a.ctl("exec", "web", "--", "true").returncode == 0
