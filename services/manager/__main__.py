@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
                           runtime.log_path, cfg.runtime_stop_grace_period, reconciler.poke,
                           images=containers, policy=Policy.from_config(cfg), offer=reconciler.offer)
     service.execs = Execs(memory, runtime, containers)
-    threading.Thread(target=service.execs.clean_leftovers, name="exec-leftovers", daemon=True).start()
+    service.execs.clean_leftovers()
 
     token = auth.load_or_create_token(cfg.token_path)
     tls = bool(cfg.tls_cert_file and cfg.tls_key_file)

@@ -32,7 +32,7 @@ import grpc
 from common.errors import Conflict, Internal, InvalidArgument, NotFound, RikletError, TooLarge
 from common.model import dns_label
 from common.pb import node_pb2 as pb
-from services.manager.containerd.execproc import CommandFailed, ContainerdExec, reap_leftovers
+from services.manager.containerd.execproc import CommandFailed, ContainerdExec, leftovers, reap_leftovers
 from services.manager.process.execplan import ProcessExec
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ MAX_ARGS = 1024
 MAX_ARGV_BYTES = 128 * 1024
 MAX_WINDOW = 10_000
 DEFAULT_WINDOW = (80, 24)
-DRAIN = 2.0                 # after the command ended: how long output still open is read
+DRAIN = 5.0                 # after the command ended: how long output still open is read
 _POLL = 0.5                 # how often a blocked pump looks whether the exec ended
 
 
@@ -126,12 +126,18 @@ class Execs:
         return os.path.join(os.path.dirname(self.containerd.root), "exec")
 
     def clean_leftovers(self) -> None:
-        """At the manager's start: what execs an earlier manager left in containers is killed
-        (processes' execs die with the manager by themselves)."""
-        with contextlib.suppress(RikletError, OSError):
-            reaped = reap_leftovers(self.containerd.client, self.fifo_root())
-            if reaped:
-                log.info("killed execs left by an earlier manager", extra={"execs": reaped})
+        """At the manager's start, before it serves: the execs an earlier manager left in
+        containers are killed, in the background (processes' execs die with the manager by
+        themselves). Which ones is read now, so that no exec of this manager is taken."""
+        left = leftovers(self.fifo_root())
+
+        def reap() -> None:
+            with contextlib.suppress(RikletError, OSError):
+                reaped = reap_leftovers(self.containerd.client, self.fifo_root(), left)
+                if reaped:
+                    log.info("killed execs left by an earlier manager", extra={"execs": reaped})
+        if left:
+            threading.Thread(target=reap, name="exec-leftovers", daemon=True).start()
 
     def open(self, req: ExecRequest) -> ExecProcess:
         try:

@@ -33,13 +33,17 @@ class CommandFailed(Exception):
         self.message, self.code = message, code
 
 
-def reap_leftovers(client: Containerd, fifo_root: str) -> list[str]:
-    """Kill and remove the execs an earlier manager left running (it ended, and their clients
-    with it: nobody reads them any more); returns the exec ids."""
+def leftovers(fifo_root: str) -> list[str]:
+    """The FIFO directories of execs that exist now (at the manager's start: an earlier one's)."""
     try:
-        names = os.listdir(fifo_root)
+        return os.listdir(fifo_root)
     except FileNotFoundError:
         return []
+
+
+def reap_leftovers(client: Containerd, fifo_root: str, names: list[str]) -> list[str]:
+    """Kill and remove the execs an earlier manager left running (it ended, and their clients
+    with it: nobody reads them any more), by their FIFO directories; returns the exec ids."""
     reaped = []
     for name in names:
         cid, sep, exec_id = name.partition(SEP)
