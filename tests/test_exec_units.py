@@ -56,6 +56,13 @@ def test_containers_are_picked_by_name() -> None:
         pick_container(two, "nope")
 
 
+class Context:
+    """What Exec asks of a gRPC call: to hear when it ends."""
+
+    def add_callback(self, callback: Any) -> bool:
+        return True
+
+
 class SlowMemory:
     """A memory whose get waits until let go, then knows no pod."""
 
@@ -76,18 +83,18 @@ def test_the_node_caps_execs_running_at_once() -> None:
 
     def first() -> None:
         try:
-            next(execs.stream(iter([start()]), None))  # type: ignore[arg-type]
+            next(execs.stream(iter([start()]), Context()))  # type: ignore[arg-type]
         except NotFound as exc:
             errors.append(exc)
 
     t = threading.Thread(target=first)
     t.start()
     assert memory.entered.wait(10)
-    second: Iterator[pb.ExecOutput] = execs.stream(iter([start()]), None)  # type: ignore[arg-type]
+    second: Iterator[pb.ExecOutput] = execs.stream(iter([start()]), Context())  # type: ignore[arg-type]
     with pytest.raises(TooLarge, match="limit 1"):
         next(second)
     memory.go.set()
     t.join(10)
     assert errors and errors[0].field == "pod"   # the unknown pod is named as the exec's pod
     with pytest.raises(NotFound):               # and its slot is free again
-        next(execs.stream(iter([start()]), None))  # type: ignore[arg-type]
+        next(execs.stream(iter([start()]), Context()))  # type: ignore[arg-type]

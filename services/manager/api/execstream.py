@@ -181,6 +181,17 @@ class Execs:
                ) -> Iterator[pb.ExecOutput]:
         """The whole exec; RikletErrors (bad start, unknown pod, the cap) are raised to the
         caller's boundary before any output."""
+        # The client may leave while the command starts: heard from now on, so that a command
+        # started for a client already gone is killed at once.
+        left = threading.Event()
+        pumps: list[Pump] = []
+
+        def on_end() -> None:
+            left.set()
+            for pump in pumps:
+                pump.abandon()
+        if not context.add_callback(on_end):
+            left.set()   # the call has already ended
         req = parse_start(next(requests, None))
         if not self._slots.acquire(blocking=False):
             raise TooLarge(f"too many execs running on this node: limit {self.max_execs}", "exec")
@@ -191,7 +202,11 @@ class Execs:
                 yield pb.ExecOutput(stderr=failed.message.encode()[:MAX_CHUNK])
                 yield pb.ExecOutput(exited=True, exit_code=failed.code)
                 return
-            yield from Pump(proc, req).run(requests, context)
+            pump = Pump(proc, req)
+            pumps.append(pump)
+            if left.is_set():
+                pump.abandon()
+            yield from pump.run(requests)
         finally:
             self._slots.release()
 
@@ -205,10 +220,8 @@ class Pump:
         self.out: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=OUT_QUEUE)
         self.done = threading.Event()
 
-    def run(self, requests: Iterator[pb.ExecInput], context: grpc.ServicerContext
-            ) -> Iterator[pb.ExecOutput]:
+    def run(self, requests: Iterator[pb.ExecInput]) -> Iterator[pb.ExecOutput]:
         proc = self.proc
-        context.add_callback(self._abandon)   # the client went away, or the call ended
         if proc.stdin is not None:
             os.set_blocking(proc.stdin, False)
         outputs = [(fd, kind) for fd, kind in ((proc.stdout, "stdout"), (proc.stderr, "stderr"))
@@ -249,7 +262,8 @@ class Pump:
             threads[-1].join()   # the command is reaped before its descriptors go
             proc.release()
 
-    def _abandon(self) -> None:
+    def abandon(self) -> None:
+        """The client went away (or the call ended): the command is killed, the pump stops."""
         if not self.done.is_set():
             self.done.set()
             self.proc.kill()
@@ -305,7 +319,7 @@ class Pump:
         except RikletError as exc:
             self._put(("error", exc))
         except grpc.RpcError:
-            pass      # the client went away: _abandon kills the command
+            pass      # the client went away: abandon() kills the command
         finally:
             # No more input can come (the client closed its side, or left).
             with contextlib.suppress(OSError):
