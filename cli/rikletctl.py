@@ -59,12 +59,14 @@ def pod_json(pod: npb.Pod) -> dict[str, Any]:
         "name": pod.name, "uid": pod.uid, "workload": pod.workload, "phase": pod.phase,
         "reason": pod.reason or None, "message": pod.message or None, "desired": pod.desired,
         "version": pod.version, "generation": pod.generation, "createdAt": pod.created_at,
-        "restartCount": pod.restart_count,
-        "exitCode": status.get("exitCode"),
+        "restartCount": pod.restart_count, "ready": pod.ready,
+        "exitCode": status.get("exitCode"), "conditions": status.get("conditions") or [],
         "containers": [{
             "name": c.name, "state": c.state, "pid": c.pid or None, "restartCount": c.restart_count,
             "exitCode": c.exit_code if c.has_exit_code else None, "reason": c.reason or None,
             "startedAt": c.started_at or None, "finishedAt": c.finished_at or None,
+            "ready": c.ready, "started": c.started,
+            "lastTerminationReason": c.last_termination_reason or None,
         } for c in pod.containers],
         "ports": spec.get("ports", []),
         "endpoints": [{"host_port": e.host_port or None, "protocol": e.protocol,
@@ -82,13 +84,14 @@ def _age(created: float) -> str:
 
 
 def print_table(pods: Sequence[npb.Pod]) -> None:
-    rows = [("NAME", "PHASE", "RESTARTS", "PID", "PORTS", "AGE")]
+    rows = [("NAME", "READY", "PHASE", "RESTARTS", "PID", "PORTS", "AGE")]
     for p in pods:
+        ready = f"{sum(1 for c in p.containers if c.ready)}/{len(p.containers)}"
         pids = ",".join(str(c.pid) for c in p.containers if c.pid and c.state == "running") or "-"
         ports = ",".join(f"{e.host_port}->{e.port}/{e.protocol.lower()}" if e.host_port
                          else f"{e.port}/{e.protocol.lower()}" for e in p.endpoints) or "-"
         phase = f"{p.phase} ({p.reason})" if p.reason else p.phase
-        rows.append((p.name, phase, str(p.restart_count), pids, ports, _age(p.created_at)))
+        rows.append((p.name, ready, phase, str(p.restart_count), pids, ports, _age(p.created_at)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())

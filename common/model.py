@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from common.errors import InvalidArgument, excerpt
+from common.probespec import PROBES, parse_probes
 from common.units import parse_cpu, parse_duration, parse_memory
 
 MAX_MANIFEST_BYTES = 256 * 1024
@@ -69,7 +70,7 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _TOP_KEYS = {"apiVersion", "kind", "name", "replicas", "spec", "metadata"}
 _SPEC_KEYS = {"containers", "restartPolicy", "terminationGracePeriodSeconds", "hostNetwork"}
 _CONTAINER_KEYS = {"name", "image", "env", "ports", "command", "args", "workingDir", "resources",
-                   "runtime"}
+                   "runtime", *PROBES}
 _PORT_KEYS = {"port", "target_port", "targetPort", "protocol", "type", "name", "balance"}
 BALANCES = ("round_robin", "least_connections")
 
@@ -401,6 +402,10 @@ def _container(raw: object, field: str) -> tuple[dict[str, Any], list[dict[str, 
         else {"cpu_millis": None, "memory_bytes": None},
     }
     ports = _ports(c["ports"], f"{field}.ports", name) if c.get("ports") is not None else []
+    raw_ports: list[Any] = c["ports"] if isinstance(c.get("ports"), list) else [c.get("ports")]
+    named: list[Mapping[str, Any]] = [{"name": raw.get("name"), "target_port": port["target_port"]}
+                                      for raw, port in zip(raw_ports, ports, strict=False)]
+    spec.update(parse_probes(c, field, named))
     return spec, ports
 
 

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     blocked = blocked_ports.Reader(blocked_ports.path_in(cfg.paths_state_dir), refreshed_elsewhere=True)
     runtime.blocked_ports = containers.blocked_ports = blocked
     reconciler = Reconciler(memory, {"process": runtime, "containerd": containers}, mirror,
-                            resync_interval=cfg.reconcile_resync_interval, blocked=blocked)
+                            resync_interval=cfg.reconcile_resync_interval, blocked=blocked, probes=True)
     shim_events = ShimEvents(events_path(cfg.paths_run_dir), reconciler.shim_said)
     containers.on_progress = reconciler.progress
     service = NodeService(memory, mirror, RequestClient(cfg.monitor_endpoint, timeout=2.0, retries=1),

@@ -21,7 +21,7 @@ from typing import Any
 from common import cgroups
 from common.errors import RikletError, Unavailable
 from common.jsonfile import read_json, write_json
-from services.manager.process import shim, shimctl
+from services.manager.process import probeexec, shim, shimctl
 from services.manager.runtime import Observed, PodLayout, PodRecord, spec_hash
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,15 @@ class ProcessRuntime(PodLayout):
         # Per pod, the files' signature and the live holder as of the last observe: what lets
         # the reconciler's safety-net resync skip a pod nothing happened to (see unchanged()).
         self._seen: dict[str, tuple[_Signature, tuple[int, int] | None]] = {}
+
+    async def probe_exec(self, pod: PodRecord, container: str, argv: list[str],
+                         timeout: float) -> tuple[int, bytes]:
+        """An exec probe's command, run as ``container`` runs (see :mod:`.probeexec`)."""
+        c = next(c for c in pod["spec"]["containers"] if c["name"] == container)
+        group = cgroups.Cgroup(f"{self.cgroup_parent(pod['name'])}/{container}", self.layout)
+        return await probeexec.run(argv, timeout, env=probeexec.container_env(c),
+                                   cwd=c.get("workingDir") or self.pod_dir(pod["name"]),
+                                   user=self.user, group=group if group.exists() else None)
 
     # -- observing ---------------------------------------------------------------------------
 

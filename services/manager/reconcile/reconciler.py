@@ -33,6 +33,7 @@ from typing import Any
 from common import blocked_ports
 from common.errors import Conflict, NotFound, RikletError, Unavailable
 from common.memclient import MemoryClient
+from services.manager.probes import Prober
 from services.manager.reconcile.pidwatch import PidWatch
 from services.manager.reconcile.schedule import Clock, Pacer, Timers
 from services.manager.reconcile.status import Phase, derive, same
@@ -55,7 +56,7 @@ class Reconciler:
     def __init__(self, memory: MemoryClient, runtimes: Mapping[str, Runtime],
                  pods: Any, interval: float = 0.5, workers: int = 8, *,
                  resync_interval: float = 30.0, blocked: blocked_ports.Reader | None = None,
-                 clock: Clock = time.monotonic) -> None:
+                 clock: Clock = time.monotonic, probes: bool = False) -> None:
         self.memory = memory
         self.runtimes = runtimes
         self.pods = pods              # a PodMirror: .get(name), .names()
@@ -65,6 +66,8 @@ class Reconciler:
         self.timers = Timers()
         self.pacer = Pacer(resync_interval, clock())
         self.holders = PidWatch(self.poke)
+        # containers' health probes; their results come back through adjust() in each sync
+        self.prober = Prober(self.poke) if probes else None
         self.syncs = 0                         # syncs run, for tests and diagnostics
         self.resync_skipped = 0                # resync looks a driver found needless
         self._queue: queue.PriorityQueue[tuple[int, int, str]] = queue.PriorityQueue()
@@ -86,6 +89,8 @@ class Reconciler:
         if self.blocked is not None:
             self.blocked.refresh()   # the first observations already see the blocked ports
         self.holders.start()
+        if self.prober is not None:
+            self.prober.start()
         for t in self._threads:
             t.start()
         self.poke()   # every pod once at start: what changed while no manager ran
@@ -98,6 +103,8 @@ class Reconciler:
         for t in self._threads:
             t.join(timeout=5)
         self.holders.stop()
+        if self.prober is not None:
+            self.prober.stop()
 
     def poke(self, name: str | None = None) -> None:
         """Something changed: sync ``name`` (or every pod) before the routine checks."""
@@ -232,6 +239,8 @@ class Reconciler:
                     self._stopping.pop(name, None)
                 self.holders.forget(name)
                 self.timers.cancel(name)
+                if self.prober is not None:
+                    self.prober.forget(name)
             with self._lock:
                 if name not in self._again:
                     self._running.discard(name)
@@ -311,6 +320,8 @@ class Reconciler:
                 return None
             log.info("pod started", extra={"pod": record["name"]})
         if obs is not None:
+            if self.prober is not None:
+                obs = self.prober.adjust(record, obs, desired, runtime)
             self._publish(record, derive(obs, desired))
         return obs
 
@@ -343,6 +354,8 @@ class Reconciler:
 
     def _sync_stop(self, record: PodRecord, runtime: Runtime, obs: Observed | None,
                    desired: str) -> Observed | None:
+        if self.prober is not None:
+            self.prober.forget(record["name"])
         if obs is not None and obs.alive:
             asked, now = (record["uid"], record["generation"]), self.clock()
             with self._lock:
