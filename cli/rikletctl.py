@@ -55,6 +55,8 @@ class Usage(Exception):
 def pod_json(pod: npb.Pod) -> dict[str, Any]:
     status = json.loads(pod.status_json or "{}")
     spec = json.loads(pod.spec_json or "{}")
+    limits = {c.get("name"): c.get("resources") for c in status.get("containers") or []
+              if isinstance(c, dict) and c.get("resources")}
     return {
         "name": pod.name, "uid": pod.uid, "workload": pod.workload, "phase": pod.phase,
         "reason": pod.reason or None, "message": pod.message or None, "desired": pod.desired,
@@ -67,6 +69,7 @@ def pod_json(pod: npb.Pod) -> dict[str, Any]:
             "startedAt": c.started_at or None, "finishedAt": c.finished_at or None,
             "ready": c.ready, "started": c.started,
             "lastTerminationReason": c.last_termination_reason or None,
+            "resources": limits.get(c.name),
         } for c in pod.containers],
         "ports": spec.get("ports", []),
         "endpoints": [{"host_port": e.host_port or None, "protocol": e.protocol,
@@ -254,6 +257,15 @@ class Ctl:
             self.stub.Stop(npb.StopRequest(name=name), timeout=10)
             print(f"pod/{name} stopped")
 
+    def resize(self, args: argparse.Namespace) -> None:
+        reply = self.stub.Resize(npb.ResizeRequest(name=args.name, container=args.container or "",
+                                                   cpu=args.cpu or "", memory=args.memory or ""),
+                                 timeout=30)
+        if self.json:
+            self.show([reply.pod], single=True)
+        else:
+            print(f"pod/{reply.pod.name} resized")
+
     def logs(self, args: argparse.Namespace) -> None:
         req = npb.LogsRequest(name=args.name, container=args.container or "", follow=args.follow,
                               tail=args.tail if args.tail is not None else 0)
@@ -370,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--workload", metavar="NAME", help="every pod of a workload")
     sp = add("stop", Ctl.stop, "stop pods, keeping them (apply starts them again)")
     sp.add_argument("names", nargs="+", metavar="NAME")
+    sp = add("resize", Ctl.resize, "change a container's cpu/memory limits in place (no restart)",
+             output=True)
+    sp.add_argument("name")
+    sp.add_argument("-c", "--container")
+    sp.add_argument("--cpu", help="cores, e.g. 1 or 500m")
+    sp.add_argument("--memory", help="bytes, e.g. 256m")
     sp = add("logs", Ctl.logs, "print a container's output")
     sp.add_argument("name")
     sp.add_argument("-c", "--container")

@@ -78,11 +78,15 @@ class MemoryClient:
         self._all.append(rpc)
         return rpc
 
-    def apply(self, name: str, spec: dict[str, Any], uid: str | None = None) -> dict[str, Any]:
-        """Returns ``{"pod": record, "changed": bool}``."""
+    def apply(self, name: str, spec: dict[str, Any], uid: str | None = None,
+              generation: int | None = None) -> dict[str, Any]:
+        """Returns ``{"pod": record, "changed": bool}``; Conflict when ``generation`` is given
+        and the pod is no longer at it."""
         args: dict[str, Any] = {"name": name, "spec": spec}
         if uid is not None:
             args["uid"] = uid
+        if generation is not None:
+            args["generation"] = generation
         result: dict[str, Any] = self._call("pod.apply", **args)
         return result
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
+import os
 import socket
 import sys
 import threading
@@ -264,3 +265,59 @@ def test_startup_holds_liveness_and_a_liveness_failure_restarts_the_container(
     pod = wait_for(running_again, timeout=30, what="the container running again, started and ready")
     c = pod["containers"][0]
     assert c["lastTerminationReason"] == "Unhealthy" and c["started"] is True and pod["ready"] is True
+
+
+# -- in-place resize -------------------------------------------------------------------------------
+
+def cgroup_limits(agent: Agent, pod: str, container: str) -> tuple[str, str]:
+    """(cpu, memory) limits of a container's group as the kernel has them."""
+    from common import cgroups
+    from services.manager.runtime import PodLayout
+    group = cgroups.Cgroup(f"{PodLayout(agent.state_dir).cgroup_parent(pod)}/{container}")
+    dirs = group.dirs()
+    def read(*names: str) -> str:
+        for d in dirs:
+            for n in names:
+                path = os.path.join(d, n)
+                if os.path.exists(path):
+                    with open(path, encoding="ascii") as fh:
+                        return fh.read().strip()
+        return "?"
+    return read("cpu.max", "cpu.cfs_quota_us"), read("memory.max", "memory.limit_in_bytes")
+
+
+def test_resize_changes_limits_in_place_and_refuses_below_usage(probing_agent: Agent) -> None:
+    agent = probing_agent
+    hog = "x = bytearray(48 << 20); import time; time.sleep(1000)"   # holds 48 MiB
+    agent.ctl("run", "sized", "--cpu", "0.5", "--memory", "256m", "--", PY, "-c", hog)
+    pod = agent.wait_phase("sized", "Running")
+    pid, restarts = pod["containers"][0]["pid"], pod["restartCount"]
+    assert cgroup_limits(agent, "sized", "sized")[1] == str(256 << 20)
+
+    out = agent.ctl("resize", "sized", "--cpu", "1", "--memory", "128m").stdout
+    assert "resized" in out
+    wait_for(lambda: cgroup_limits(agent, "sized", "sized")[1] == str(128 << 20), timeout=15,
+             what="the new memory limit in the container's cgroup")
+    cpu = cgroup_limits(agent, "sized", "sized")[0]
+    assert cpu.split()[0] == "100000"      # 1 core of a 100 ms period, in place
+    pod = wait_for(lambda: (p := agent.pod("sized"))["containers"][0].get("pid") == pid and p,
+                   what="the pod as it was")
+    assert pod["restartCount"] == restarts and pod["phase"] == "Running"
+    wait_for(lambda: agent.pod("sized")["containers"][0]["resources"] == {
+        "cpu_millis": 1000, "memory_bytes": 128 << 20}, what="the limits in effect in the status")
+    assert json.loads(agent.ctl("get", "pod", "sized", "-o", "json").stdout)["spec"]["containers"][0][
+        "resources"] == {"cpu_millis": 1000, "memory_bytes": 128 << 20}
+
+    # wait until the hog's 48 MiB show as used, then ask for less: refused with the figures
+    wait_for(lambda: (agent_usage(agent) or 0) > 40 << 20, what="the container's memory in use")
+    low = agent.ctl("resize", "sized", "--memory", "16m", check=False)
+    assert low.returncode == 1 and "below what container 'sized' uses now" in low.stderr
+    assert "16.0 MiB" in low.stderr
+    assert cgroup_limits(agent, "sized", "sized")[1] == str(128 << 20)
+    bad = agent.ctl("resize", "sized", "-c", "nope", "--cpu", "1", check=False)
+    assert bad.returncode == 1 and "no container 'nope'" in bad.stderr
+
+
+def agent_usage(agent: Agent) -> int | None:
+    from services.manager.runtime import PodLayout
+    return PodLayout(agent.state_dir).memory_usage("sized", "sized")

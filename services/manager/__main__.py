@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     service = NodeService(memory, mirror, RequestClient(cfg.monitor_endpoint, timeout=2.0, retries=1),
                           runtime.log_path, cfg.runtime_stop_grace_period, reconciler.poke,
                           images=containers, policy=Policy.from_config(cfg), offer=reconciler.offer)
+    service.usage_of = runtime.memory_usage   # both drivers' groups are <pod group>/<container>
 
     token = auth.load_or_create_token(cfg.token_path)
     tls = bool(cfg.tls_cert_file and cfg.tls_key_file)

@@ -8,7 +8,7 @@ before that commit.
 
 Ops (each declares its arguments; an unknown one is rejected naming ``args.<key>``)::
 
-    pod.apply       {name, spec, uid?}                   -> {"pod": record, "changed": bool}
+    pod.apply       {name, spec, uid?, generation?}      -> {"pod": record, "changed": bool}
     workload.apply  {workload, pods: [[name, spec]]}      -> {"pods": [{"pod", "changed"}]}; the
                     workload's other pods wanted deleted; all or nothing
     pod.set_status  {name, uid, status, expect_version?, generation?} -> record
@@ -68,8 +68,9 @@ class Op:
 
 
 OPS: dict[str, Op] = {
-    "pod.apply": Op(("name", "spec"), ("uid",),
-                    lambda s, a, rid: s.apply(a["name"], a["spec"], a.get("uid"), request_id=rid)),
+    "pod.apply": Op(("name", "spec"), ("uid", "generation"),
+                    lambda s, a, rid: s.apply(a["name"], a["spec"], a.get("uid"), request_id=rid,
+                                              generation=a.get("generation"))),
     "workload.apply": Op(("workload", "pods"), (),
                          lambda s, a, rid: s.apply_workload(a["workload"], a["pods"], request_id=rid)),
     "pod.set_status": Op(("name", "uid", "status"), ("expect_version", "generation"),

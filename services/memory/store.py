@@ -343,12 +343,16 @@ class Store:
     # -- writes ---------------------------------------------------------------------------------
 
     def apply(self, name: str, spec: dict[str, Any], uid: str | None = None,
-              request_id: str | None = None) -> Change:
-        """Create or replace a pod's spec and want it running. Idempotent by name."""
+              request_id: str | None = None, generation: int | None = None) -> Change:
+        """Create or replace a pod's spec and want it running. Idempotent by name. With
+        ``generation`` (and ``uid``), only over the pod as it was read (a resize)."""
         name, spec_text = check_name(name), canonical(spec, "args.spec")
         uid = None if uid is None else check_uid(uid)
+        generation = None if generation is None else check_version(generation, "args.generation")
 
         def body() -> tuple[Any, Emit]:
+            if generation is not None:
+                _fence(self._existing(name), uid, generation)
             return self._apply_one(name, spec, spec_text, uid)
 
         return self._write("pod.apply", request_id, body)

@@ -27,6 +27,7 @@ from common.pb import node_pb2_grpc as pb_grpc
 from common.policy import Policy
 from common.ports import ApplyView, check_ports, wanted_ports
 from common.zmqutil import RequestClient
+from services.manager.api import resize
 from services.manager.api.listing import ListReply, PodMessages, pod_message
 from services.manager.applylocks import ApplyLocks
 
@@ -98,6 +99,8 @@ class NodeService(pb_grpc.NodeServicer):
         # RIK scheduler link); applies that cannot meet run side by side.
         self.apply_locks = ApplyLocks()
         self._messages = PodMessages()
+        # (pod, container) -> memory in use now: a resize below it is refused (set by main)
+        self.usage_of: resize.UsageOf | None = None
         self._watchers: list[queue.Queue[tuple[str, dict[str, Any]] | None]] = []
         self._watch_lock = threading.Lock()
 
@@ -151,6 +154,8 @@ class NodeService(pb_grpc.NodeServicer):
             else:
                 for _, spec in workload.pods:
                     self.policy.check(spec)
+            for name, spec in workload.pods:   # a re-apply may lower a running pod's memory
+                resize.check_memory(self.mirror.get(name), spec, self.usage_of)
             # One write: the pods, the ownership of their names, and the extra replicas' delete,
             # all or nothing.
             results = self.memory.apply_workload(workload.name, workload.pods)
@@ -191,6 +196,21 @@ class NodeService(pb_grpc.NodeServicer):
 
     def _desire(self, name: str, desired: str) -> pb.Pod:
         return pod_message(self.desire(name, desired))
+
+    def Resize(self, request: pb.ResizeRequest, context: grpc.ServicerContext) -> pb.ResizeResponse:
+        return self._call(context, lambda: self._resize(request))
+
+    def _resize(self, request: pb.ResizeRequest) -> pb.ResizeResponse:
+        record = self._record(request.name)
+        spec = resize.resized_spec(record, request.container, request.cpu, request.memory)
+        resize.check_memory(record, spec, self.usage_of, "memory")
+        with self.apply_locks.keys({("pod", record["name"]), ("workload", spec.get("workload", ""))}):
+            # fenced: a pod applied or deleted since it was read is not resized (Conflict)
+            result = self.memory.apply(record["name"], spec, uid=record["uid"],
+                                       generation=record["generation"])
+        self.offer(result["pod"])
+        log.info("resize asked", extra={"pod": record["name"], "container": request.container})
+        return pb.ResizeResponse(pod=pod_message(result["pod"]))
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.Pod:
         return self._call(context, lambda: pod_message(self._record(request.name)))

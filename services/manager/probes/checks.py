@@ -146,6 +146,7 @@ async def run_check(probe: Mapping[str, Any], host: str, run: ExecRunner | None)
         coro = http(spec.get("host") or host, int(spec["port"]), spec["path"], spec["scheme"],
                     spec.get("httpHeaders") or [])
     try:
-        return await asyncio.wait_for(coro, timeout)
+        async with asyncio.timeout(timeout):   # no task of its own, unlike wait_for
+            return await coro
     except TimeoutError:
         return False, f"timeout: no answer within {timeout:g}s"

@@ -35,9 +35,10 @@ from common.errors import Conflict, NotFound, RikletError, Unavailable
 from common.memclient import MemoryClient
 from services.manager.probes import Prober
 from services.manager.reconcile.pidwatch import PidWatch
+from services.manager.reconcile.resize import Sizer
 from services.manager.reconcile.schedule import Clock, Pacer, Timers
 from services.manager.reconcile.status import Phase, derive, same
-from services.manager.runtime import Observed, PodRecord, Runtime, spec_hash
+from services.manager.runtime import Observed, PodRecord, Runtime, same_spec
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class Reconciler:
         self.holders = PidWatch(self.poke)
         # containers' health probes; their results come back through adjust() in each sync
         self.prober = Prober(self.poke) if probes else None
+        self.sizer = Sizer()
         self.syncs = 0                         # syncs run, for tests and diagnostics
         self.resync_skipped = 0                # resync looks a driver found needless
         self._queue: queue.PriorityQueue[tuple[int, int, str]] = queue.PriorityQueue()
@@ -241,6 +243,7 @@ class Reconciler:
                 self.timers.cancel(name)
                 if self.prober is not None:
                     self.prober.forget(name)
+                self.sizer.forget(name)
             with self._lock:
                 if name not in self._again:
                     self._running.discard(name)
@@ -294,7 +297,7 @@ class Reconciler:
         obs = runtime.observe(record)
         if desired in ("deleted", "stopped"):
             return self._sync_stop(record, runtime, obs, desired)
-        if obs is not None and obs.alive and obs.spec_hash != spec_hash(record["spec"]):
+        if obs is not None and obs.alive and not same_spec(obs.spec_hash, record["spec"]):
             log.info("spec changed: replacing containers", extra={"pod": record["name"]})
             self._publish(record, {**(record.get("status") or {}), "phase": Phase.TERMINATING.value})
             runtime.stop(record)
@@ -319,10 +322,13 @@ class Reconciler:
                 self.timers.schedule(record["name"], self.clock() + self.interval)
                 return None
             log.info("pod started", extra={"pod": record["name"]})
+            self.sizer.started(record)
+        elif obs is not None and obs.alive:
+            self.sizer.check(record, runtime)
         if obs is not None:
             if self.prober is not None:
                 obs = self.prober.adjust(record, obs, desired, runtime)
-            self._publish(record, derive(obs, desired))
+            self._publish(record, self.sizer.annotate(record, derive(obs, desired)))
         return obs
 
     def progress(self, record: PodRecord, message: str) -> None:
@@ -350,7 +356,7 @@ class Reconciler:
         if obs.alive:
             return False
         # Not alive: start again if it was lost, stopped by us earlier, or runs an older spec.
-        return obs.lost or obs.stopped or obs.spec_hash != spec_hash(record["spec"])
+        return obs.lost or obs.stopped or not same_spec(obs.spec_hash, record["spec"])
 
     def _sync_stop(self, record: PodRecord, runtime: Runtime, obs: Observed | None,
                    desired: str) -> Observed | None:

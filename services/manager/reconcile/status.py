@@ -18,7 +18,7 @@ __all__ = ["Phase", "derive", "readiness", "same"]
 
 _CONTAINER_FIELDS = ("name", "state", "pid", "restartCount", "exitCode", "signal", "reason",
                      "message", "startedAt", "finishedAt", "nextRestartAt", "ready", "started",
-                     "lastTerminationReason")
+                     "lastTerminationReason", "resources")
 
 
 def _failed(c: Mapping[str, Any]) -> bool:
