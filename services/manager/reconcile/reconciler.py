@@ -21,7 +21,6 @@ therefore never remove or mislabel the pod applied after it.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import queue
@@ -33,6 +32,7 @@ from typing import Any
 from common import blocked_ports
 from common.errors import Conflict, NotFound, RikletError, Unavailable
 from common.memclient import MemoryClient
+from services.manager.podevents import NullRecorder, Records, StatusEvents
 from services.manager.reconcile.pidwatch import PidWatch
 from services.manager.reconcile.schedule import Clock, Pacer, Timers
 from services.manager.reconcile.status import Phase, derive, same
@@ -55,8 +55,10 @@ class Reconciler:
     def __init__(self, memory: MemoryClient, runtimes: Mapping[str, Runtime],
                  pods: Any, interval: float = 0.5, workers: int = 8, *,
                  resync_interval: float = 30.0, blocked: blocked_ports.Reader | None = None,
-                 clock: Clock = time.monotonic) -> None:
+                 clock: Clock = time.monotonic, recorder: Records | None = None) -> None:
         self.memory = memory
+        self.recorder = recorder or NullRecorder()    # pod events: what happened, for users
+        self.status_events = StatusEvents(self.recorder)
         self.runtimes = runtimes
         self.pods = pods              # a PodMirror: .get(name), .names()
         self.interval = interval      # a failed sync is tried again this much later
@@ -232,6 +234,7 @@ class Reconciler:
                     self._stopping.pop(name, None)
                 self.holders.forget(name)
                 self.timers.cancel(name)
+                self.status_events.forget(name)
             with self._lock:
                 if name not in self._again:
                     self._running.discard(name)
@@ -365,8 +368,12 @@ class Reconciler:
             self.timers.cancel(record["name"])   # its Terminating is moot: the pod has stopped
         if desired == "deleted":
             runtime.cleanup(record)
-            with contextlib.suppress(NotFound):
+            try:
                 self.memory.remove(record["name"], record["uid"], record["generation"])
+            except NotFound:
+                return None   # removed already: its Deleted was said then
+            self.recorder.record(record["name"], "Deleted", "the pod is stopped and removed",
+                                 uid=record["uid"])
             log.info("pod deleted", extra={"pod": record["name"]})
             return None
         if obs is not None and not obs.stopped:
@@ -384,6 +391,7 @@ class Reconciler:
         status = {**old, **status, "transitionAt": time.time()} if old.get("phase") != status.get(
             "phase") else {**old, **status}
         self.memory.set_status(record["name"], record["uid"], status, generation=record["generation"])
+        self.status_events.observed(record, old, status)   # the one place a status is written
 
 
 def _host_ports(record: PodRecord) -> set[blocked_ports.Key]:
