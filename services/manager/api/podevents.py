@@ -108,7 +108,7 @@ class EventsApi:
             return pb.TopResponse(
                 cpu_cores=round(cores * _figure(cpu.get("currentUsage")) / 100.0, 4),
                 cpu_capacity=int(cores), memory_bytes=max(0, total - int(_figure(mem.get("freeMemory")))),
-                memory_capacity=total, pods=running)
+                memory_capacity=total, pods=running, node=str(node.get("id") or ""))
         result: pb.TopResponse = self._call(context, run)
         return result
 
