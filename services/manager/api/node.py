@@ -157,9 +157,9 @@ class NodeService(EventsApi, pb_grpc.NodeServicer):
             # all or nothing.
             results = self.memory.apply_workload(workload.name, workload.pods)
         records = [r["pod"] for r in results]
+        self._applied_events([r["pod"] for r in results if r.get("changed", True)])   # before any start
         for r in records:
             self.offer(r)
-        self._applied_events([r["pod"] for r in results if r.get("changed", True)])
         log.info("applied", extra={"workload": workload.name, "pods": [r["name"] for r in records]})
         return [(r["pod"], bool(r.get("changed", True))) for r in results]
 

@@ -147,10 +147,12 @@ class Recorder:
                     return
                 batch = [self._pending[i] for i in range(min(len(self._pending), self._max_batch))]
             if not self._flush(batch):
-                with self._cond:
+                retry_at = time.monotonic() + RETRY_AFTER
+                with self._cond:   # new events wake the wait: only a stop or the time ends it
+                    while not self._stopping and (left := retry_at - time.monotonic()) > 0:
+                        self._cond.wait(left)
                     if self._stopping:
                         return
-                    self._cond.wait(RETRY_AFTER)
 
     def _flush(self, batch: list[PodEvent]) -> bool:
         """One write; False when memory could not be reached (the batch stays queued)."""
