@@ -83,6 +83,8 @@ def test_a_crash_loop_is_told_in_order_and_kept_after_delete_and_restart(agent: 
         assert expected in described, f"{expected!r} not in:\n{described}"
 
     # A follower sees what happens next: the delete, and the pod gone.
+    bad = agent.ctl("events", "Not_A_Pod", check=False)
+    assert bad.returncode == 1 and "invalid_argument: pod:" in bad.stderr
     watch = subprocess.Popen([os.path.join(BIN, "rikletctl"), "events", "crashy", "-w"], env=agent.env,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
