@@ -56,13 +56,18 @@ def test_exits_name_oom_kills_completions_and_signals() -> None:
     running = status("Running", container("running", startedAt=T0))
     oom = status("Error", container("terminated", exitCode=137, reason="OOMKilled", finishedAt=T0 + 1),
                  reason="OOMKilled")
-    done = status("Terminated", container("terminated", exitCode=0, reason="Completed", finishedAt=T0 + 1))
+    done = status("Terminated", container("terminated", exitCode=0, reason="Completed", finishedAt=T0 + 1),
+                  reason="Completed")
     killed = status("Error", container("terminated", exitCode=137, signal=9, reason="Signaled",
                                        finishedAt=T0 + 1), reason="Signaled")
     assert reasons(running, oom) == ["OOMKilled"]
     assert reasons(running, done) == ["Completed"]
     (t,) = transitions(running, killed)
     assert t.reason == "Failed" and "killed by signal 9" in t.message
+    stopped = status("Terminated", container("terminated", exitCode=143, signal="SIGTERM", reason="Signaled",
+                                              message="killed by SIGTERM", finishedAt=T0 + 1))
+    (t,) = transitions(running, stopped)   # asked for: a stop, not a failure
+    assert (t.reason, t.type, t.message) == ("Stopped", "Normal", "container c stopped (killed by SIGTERM)")
 
 
 def test_pod_level_failures_and_port_conflicts() -> None:

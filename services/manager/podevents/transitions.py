@@ -34,28 +34,34 @@ def _containers(status: Status | None) -> dict[str, Mapping[str, Any]]:
     return {str(c.get("name")): c for c in items if isinstance(c, Mapping) and c.get("name")}
 
 
-def _exit_of(name: str, c: Mapping[str, Any]) -> Transition:
+def _exit_of(name: str, c: Mapping[str, Any], stopping: bool) -> Transition:
     code, reason, signal = c.get("exitCode"), c.get("reason"), c.get("signal")
-    how = (f"killed by signal {signal}" if signal else f"exited with code {code}" if code is not None
-           else "could not start")
-    detail = f": {c['message']}" if c.get("message") else ""
+    if signal:
+        how = f"killed by {signal}" if str(signal).startswith("SIG") else f"killed by signal {signal}"
+    else:
+        how = f"exited with code {code}" if code is not None else "could not start"
+    detail = f": {c['message']}" if c.get("message") and c["message"] != how else ""
     key = ("exit", name, c.get("finishedAt"), c.get("restartCount"))
+    at = c.get("finishedAt")
     if reason == "OOMKilled":
         return Transition("OOMKilled", f"container {name} was killed for lack of memory ({how})",
-                          WARNING, name, c.get("finishedAt"), key)
+                          WARNING, name, at, key)
+    if stopping:   # asked for: a stop or a delete
+        return Transition("Stopped", f"container {name} stopped ({how})", NORMAL, name, at, key)
     if reason in (None, "Completed") and (code or 0) == 0 and not signal:
-        return Transition("Completed", f"container {name} {how}", NORMAL, name, c.get("finishedAt"), key)
-    return Transition("Failed", f"container {name} {how} ({reason or 'Error'}){detail}", WARNING, name,
-                      c.get("finishedAt"), key)
+        return Transition("Completed", f"container {name} {how}", NORMAL, name, at, key)
+    return Transition("Failed", f"container {name} {how} ({reason or 'Error'}){detail}", WARNING, name, at,
+                      key)
 
 
-def _container_changes(name: str, old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[Transition]:
+def _container_changes(name: str, old: Mapping[str, Any] | None, new: Mapping[str, Any],
+                       stopping: bool = False) -> list[Transition]:
     out: list[Transition] = []
     state, was = new.get("state"), (old or {}).get("state")
     count = int(new.get("restartCount") or 0)
     if state != "running" and new.get("finishedAt") and (
             was == "running" or (old or {}).get("finishedAt") != new.get("finishedAt")):
-        out.append(_exit_of(name, new))
+        out.append(_exit_of(name, new, stopping))
     elif state != "running" and new.get("reason") and not new.get("finishedAt") and (
             (old or {}).get("reason") != new.get("reason")):
         out.append(Transition("Failed", f"container {name}: {new.get('reason')}"
@@ -77,9 +83,10 @@ def _container_changes(name: str, old: Mapping[str, Any] | None, new: Mapping[st
 def transitions(old: Status | None, new: Status) -> list[Transition]:
     """The events that writing ``new`` over ``old`` means, oldest first."""
     before = _containers(old)
+    stopping = new.get("phase") in ("Terminating", "Terminated") and new.get("reason") != "Completed"
     out: list[Transition] = []
     for name, c in _containers(new).items():
-        out.extend(_container_changes(name, before.get(name), c))
+        out.extend(_container_changes(name, before.get(name), c, stopping))
     old_phase, old_reason = (old or {}).get("phase"), (old or {}).get("reason")
     phase, reason = new.get("phase"), new.get("reason")
     if phase == "Error" and (old_phase, old_reason) != (phase, reason):
