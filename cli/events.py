@@ -132,7 +132,8 @@ def describe(ctl: Any, args: argparse.Namespace) -> None:
     evs = list(ctl.stub.Events(npb.EventsRequest(pod=args.name), timeout=30))
     status, spec = json.loads(pod.status_json or "{}"), json.loads(pod.spec_json or "{}")
     try:
-        node = ctl.stub.Top(npb.TopRequest(), timeout=10).node or "<unknown>"
+        info = ctl.stub.NodeInfo(npb.NodeInfoRequest(), timeout=10)
+        node = json.loads(info.resources_json or "{}").get("id") or "<unknown>"
     except grpc.RpcError:   # the monitor is down: the pod is shown without its node's name
         node = "<unknown>"
     phase = f"{pod.phase} ({pod.reason})" if pod.reason else pod.phase

@@ -60,6 +60,11 @@ def _text(value: object, field: str, limit: int, pattern: re.Pattern[str] | None
     return value
 
 
+def check_pod(value: object, field: str) -> str:
+    """A pod name as events name it (a DNS label)."""
+    return _text(value, field, 63, _NAME_RE)
+
+
 def parse(data: object, field: str) -> PodEvent:
     """An event from outside (an IPC frame): every field checked, the first bad one named."""
     if not isinstance(data, dict):

@@ -50,6 +50,11 @@ def test_a_crash_loop_reads_started_failed_backoff_started() -> None:
     started = transitions(crashed, again)
     assert [t.reason for t in started] == ["Started"] and "(restart 1)" in started[0].message
     assert reasons(running, running) == [] and reasons(again, again) == []
+    # a whole run between two looks (the manager was restarting): still told, in order
+    missed = status("Error", container("waiting", exitCode=1, reason="Error", startedAt=T0 + 2,
+                                       restartCount=1, finishedAt=T0 + 3, nextRestartAt=T0 + 5),
+                    reason="Error")
+    assert reasons(crashed, missed) == ["Started", "Failed", "BackOff"]
 
 
 def test_exits_name_oom_kills_completions_and_signals() -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from common.errors import InvalidArgument
-from common.podevent import PodEvent, parse
+from common.podevent import PodEvent, check_pod, parse
 
 PER_POD = 50
 NODE_CAP = 20000
@@ -104,10 +104,8 @@ class EventLog:
         where: list[str] = []
         params: list[Any] = []
         if pod is not None:
-            if not isinstance(pod, str) or not 0 < len(pod) <= 63:
-                raise InvalidArgument("must be a pod name", "args.pod")
             where.append("pod = ?")
-            params.append(pod)
+            params.append(check_pod(pod, "args.pod"))
         if after is not None:
             where.append("seq > ?")
             params.append(_int(after, "args.after", 0, 2**63 - 1))

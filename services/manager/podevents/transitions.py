@@ -54,29 +54,37 @@ def _exit_of(name: str, c: Mapping[str, Any], stopping: bool) -> Transition:
                       key)
 
 
+def _started(name: str, c: Mapping[str, Any]) -> Transition:
+    count = int(c.get("restartCount") or 0)
+    again = f" (restart {count})" if count else ""
+    return Transition("Started", f"started container {name}{again}", NORMAL, name, c.get("startedAt"),
+                      ("start", name, c.get("startedAt"), count))
+
+
 def _container_changes(name: str, old: Mapping[str, Any] | None, new: Mapping[str, Any],
                        stopping: bool = False) -> list[Transition]:
+    old = old or {}
+    state, count = new.get("state"), int(new.get("restartCount") or 0)
     out: list[Transition] = []
-    state, was = new.get("state"), (old or {}).get("state")
-    count = int(new.get("restartCount") or 0)
-    if state != "running" and new.get("finishedAt") and (
-            was == "running" or (old or {}).get("finishedAt") != new.get("finishedAt")):
+    # A run that began since the last status, even one that also ended before this look.
+    if (new.get("startedAt") and new.get("startedAt") != old.get("startedAt")) or (
+            state == "running" and old.get("state") != "running"):
+        out.append(_started(name, new))
+    if state == "running":
+        return out
+    ended = new.get("finishedAt")
+    if ended and (old.get("state") == "running" or old.get("finishedAt") != ended):
         out.append(_exit_of(name, new, stopping))
-    elif state != "running" and new.get("reason") and not new.get("finishedAt") and (
-            (old or {}).get("reason") != new.get("reason")):
+    elif new.get("reason") and not new.get("finishedAt") and old.get("reason") != new.get("reason"):
         out.append(Transition("Failed", f"container {name}: {new.get('reason')}"
                               + (f": {new['message']}" if new.get("message") else ""),
                               WARNING, name, None, ("fail", name, new.get("reason"), count)))
     nxt = new.get("nextRestartAt")
-    if state != "running" and nxt and nxt != (old or {}).get("nextRestartAt"):
+    if nxt and nxt != old.get("nextRestartAt"):
         wait = max(0.0, float(nxt) - float(new.get("finishedAt") or nxt))
         out.append(Transition("BackOff", f"back-off {wait:g}s restarting failed container {name} "
                               f"(restart {count + 1})", WARNING, name, new.get("finishedAt"),
                               ("backoff", name, nxt)))
-    if state == "running" and (was != "running" or (old or {}).get("startedAt") != new.get("startedAt")):
-        again = f" (restart {count})" if count else ""
-        out.append(Transition("Started", f"started container {name}{again}", NORMAL, name,
-                              new.get("startedAt"), ("start", name, new.get("startedAt"), count)))
     return out
 
 
