@@ -211,3 +211,54 @@ def test_a_follower_that_falls_behind_is_dropped_not_grown() -> None:
     finally:
         rec.stop()
 
+
+
+# -- the Events call: replay, then live, nothing twice ------------------------------------------------
+
+class FakeContext:
+    """A client that goes away after 30 s: a stream that never delivers ends, and fails the test."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[Any] = []
+        self.until = time.monotonic() + 30
+
+    def add_callback(self, fn: Any) -> None:
+        self.callbacks.append(fn)
+
+    def is_active(self) -> bool:
+        return time.monotonic() < self.until
+
+    def abort(self, code: Any, message: str) -> None:
+        raise RuntimeError(f"{code}: {message}")
+
+
+def test_events_replays_memory_then_follows_without_gap_or_repeat() -> None:
+    from common.pb import node_pb2 as pb
+    from services.manager.api.podevents import EventsApi
+
+    now = time.time()
+    stored = [{**make("web", "Started", f"n{i}", now).to_dict(), "seq": i} for i in (1, 2, 3)]
+    seqs = iter(range(3, 10))   # the live writer's first event is one memory had already listed
+
+    class Memory:
+        def list_events(self, pod: Any, after: Any, limit: Any) -> dict[str, Any]:
+            return {"events": stored, "last": 3}
+
+    class Api(EventsApi):
+        def _call(self, context: Any, fn: Any) -> Any:
+            return fn()
+
+    api = Api()
+    api.memory, api.monitor = Memory(), None
+    api.recorder = Recorder(lambda batch: [next(seqs) for _ in batch])
+    api.recorder.start()
+    try:
+        stream = api.Events(pb.EventsRequest(pod="web", follow=True), FakeContext())
+        got = [next(stream).seq for _ in range(3)]
+        for i in range(3):
+            api.recorder.record("web", "BackOff", f"live {i}")
+        got += [next(stream).seq for _ in range(2)]
+        assert got == [1, 2, 3, 4, 5]
+        stream.close()
+    finally:
+        api.recorder.stop()
