@@ -170,7 +170,7 @@ class NodeService(EventsApi, pb_grpc.NodeServicer):
         self.offer(record)
         if desired != "running" and (recorder := self.recorder) is not None:
             recorder.record(record["name"], "Killing", f"stopping the pod: it is wanted {desired}",
-                                 uid=record["uid"])
+                            uid=record["uid"])
         return record
 
     def _applied_events(self, records: list[dict[str, Any]]) -> None:

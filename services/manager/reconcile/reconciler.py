@@ -290,8 +290,9 @@ class Reconciler:
             return self._sync_stop(record, runtime, obs, desired)
         if obs is not None and obs.alive and obs.spec_hash != spec_hash(record["spec"]):
             log.info("spec changed: replacing containers", extra={"pod": record["name"]})
-            self.recorder.record(record["name"], "Killing", "the spec changed: replacing the containers",
-                                 uid=record["uid"])
+            if (record.get("status") or {}).get("phase") != Phase.TERMINATING.value:   # said once
+                self.recorder.record(record["name"], "Killing", "the spec changed: replacing the containers",
+                                     uid=record["uid"])
             self._publish(record, {**(record.get("status") or {}), "phase": Phase.TERMINATING.value})
             runtime.stop(record)
             return obs  # the next sync (the holder's exit) starts the new spec once the old is gone
