@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 
 import grpc
 
+from cli import events as events_cli
 from common import auth, config, pb
 from common.errors import InvalidArgument
 from common.model import MAX_MANIFEST_BYTES, RESTART_POLICIES, dns_label
@@ -400,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("refs", nargs="*", metavar="REF|FILE")
     sp = add("watch", Ctl.watch, "stream pod changes", output=True)
     sp.add_argument("name", nargs="?")
+    events_cli.register(add)
     return p
 
 

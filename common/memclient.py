@@ -155,6 +155,18 @@ class MemoryClient:
         record: dict[str, Any] = self._call("pod.find", uid=uid)
         return record
 
+    def add_events(self, events: Iterable[dict[str, Any]]) -> list[int]:
+        """Keep pod events (``common.podevent.PodEvent.to_dict()``); their sequence numbers."""
+        result = self._call("events.add", events=[dict(e) for e in events])
+        return [int(seq) for seq in result["seqs"]]
+
+    def list_events(self, pod: str | None = None, after: int | None = None,
+                    limit: int | None = None) -> dict[str, Any]:
+        """``{"events": [...], "last": seq}``: the newest ``limit`` events, oldest first."""
+        args = {k: v for k, v in (("pod", pod), ("after", after), ("limit", limit)) if v is not None}
+        result: dict[str, Any] = self._call("events.list", **args)
+        return result
+
     def stamps(self, after: str | None = None, limit: int | None = None,
                workload: str | None = None) -> list[tuple[str, str, int]]:
         """A page of pods as (name, uid, version) only."""

@@ -265,6 +265,17 @@ def test_startup_holds_liveness_and_a_liveness_failure_restarts_the_container(
     pod = wait_for(running_again, timeout=30, what="the container running again, started and ready")
     c = pod["containers"][0]
     assert c["lastTerminationReason"] == "Unhealthy" and c["started"] is True and pod["ready"] is True
+    said = events_of(agent, "slow")
+    unhealthy = [m for t, r, m in said if (t, r) == ("Warning", "Unhealthy")]
+    assert any(m.startswith("Startup probe failed: command 'sh' exited with 1") for m in unhealthy)
+    assert "Liveness probe failed: command 'sh' exited with 1" in unhealthy
+    assert ("Normal", "Killing", "Container app failed liveness probe, will be restarted") in said
+
+
+def events_of(agent: Agent, pod: str) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of each event, from `rikletctl events POD -o json`."""
+    out = json.loads(agent.ctl("events", pod, "-o", "json").stdout)
+    return [(e["type"], e["reason"], e["message"]) for e in out]
 
 
 # -- in-place resize -------------------------------------------------------------------------------
@@ -314,6 +325,8 @@ def test_resize_changes_limits_in_place_and_refuses_below_usage(probing_agent: A
     assert low.returncode == 1 and "below what container 'sized' uses now" in low.stderr
     assert "16.0 MiB" in low.stderr
     assert cgroup_limits(agent, "sized", "sized")[1] == str(128 << 20)
+    wait_for(lambda: ("Normal", "Resized", "limits set in place: cpu 1000m, memory 128Mi")
+             in events_of(agent, "sized"), what="a Resized event")
     bad = agent.ctl("resize", "sized", "-c", "nope", "--cpu", "1", check=False)
     assert bad.returncode == 1 and "no container 'nope'" in bad.stderr
 

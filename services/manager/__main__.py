@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     from services.manager.containerd.client import Containerd
     from services.manager.containerd.cni import PodNetworks
     from services.manager.containerd.runtime import ContainerdRuntime
+    from services.manager.podevents import Recorder
     from services.manager.process import ProcessRuntime
     from services.manager.reconcile.events import ShimEvents
     from services.manager.reconcile.events import path_in as events_path
@@ -90,13 +91,18 @@ def main(argv: list[str] | None = None) -> None:
     # One reader of the proxy's blocked ports for both drivers, refreshed by the reconciler.
     blocked = blocked_ports.Reader(blocked_ports.path_in(cfg.paths_state_dir), refreshed_elsewhere=True)
     runtime.blocked_ports = containers.blocked_ports = blocked
+    recorder = Recorder(memory.add_events)   # pod events, written to memory in batches
+    recorder.start()
+    containers.recorder = recorder
     reconciler = Reconciler(memory, {"process": runtime, "containerd": containers}, mirror,
-                            resync_interval=cfg.reconcile_resync_interval, blocked=blocked, probes=True)
+                            resync_interval=cfg.reconcile_resync_interval, blocked=blocked,
+                            recorder=recorder, probes=True)
     shim_events = ShimEvents(events_path(cfg.paths_run_dir), reconciler.shim_said)
     containers.on_progress = reconciler.progress
     service = NodeService(memory, mirror, RequestClient(cfg.monitor_endpoint, timeout=2.0, retries=1),
                           runtime.log_path, cfg.runtime_stop_grace_period, reconciler.poke,
-                          images=containers, policy=Policy.from_config(cfg), offer=reconciler.offer)
+                          images=containers, policy=Policy.from_config(cfg), offer=reconciler.offer,
+                          recorder=recorder)
     service.usage_of = runtime.memory_usage   # both drivers' groups are <pod group>/<container>
 
     token = auth.load_or_create_token(cfg.token_path)
@@ -142,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         link = SchedulerLink(cfg.scheduler_address, cfg.node_id, memory, mirror, reconciler.poke,
                              service.apply_locks, cfg.runtime_stop_grace_period, Policy.from_config(cfg),
                              offer=reconciler.offer)
+        link.recorder = recorder
         link.start()
         log.info("RIK mode", extra={"scheduler": cfg.scheduler_address, "node": cfg.node_id})
     for name in ("", SERVICE_NAME):
@@ -164,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     stats_server.stop()
     shim_events.stop()
     reconciler.stop()
+    recorder.stop()
     mirror.stop()
     # Workloads are left running on purpose: their shims do not depend on this process. Their
     # cgroups stay with them; the agent's empty groups (no pod, or pods gone) are removed, so a

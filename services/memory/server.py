@@ -23,6 +23,8 @@ Ops (each declares its arguments; an unknown one is rejected naming ``args.<key>
     pod.claimed     {low, high}                          -> [[protocol, port]] claimed in the range
     pod.find        {uid}                                -> record
     snapshot        {}                                   -> {"seq", "epoch", "pods"}
+    events.add      {events: [event]}                    -> {"seqs": [int]} (common.podevent)
+    events.list     {pod?, after?, limit?}               -> {"events": [event], "last": seq}
 """
 
 from __future__ import annotations
@@ -95,6 +97,9 @@ OPS: dict[str, Op] = {
     "pod.claimed": Op(("low", "high"), (), lambda s, a, rid: s.claimed(a["low"], a["high"])),
     "pod.find": Op(("uid",), (), lambda s, a, rid: s.find(a["uid"])),
     "snapshot": Op((), (), lambda s, a, rid: s.snapshot()),
+    "events.add": Op(("events",), (), lambda s, a, rid: s.add_events(a["events"], request_id=rid)),
+    "events.list": Op((), ("pod", "after", "limit"),
+                      lambda s, a, rid: s.events.list(a.get("pod"), a.get("after"), a.get("limit"))),
 }
 
 

@@ -29,6 +29,7 @@ from common.ports import ApplyView, check_ports, wanted_ports
 from common.zmqutil import RequestClient
 from services.manager.api import resize
 from services.manager.api.listing import ListReply, PodMessages, pod_message
+from services.manager.api.podevents import EventsApi
 from services.manager.applylocks import ApplyLocks
 
 log = logging.getLogger(__name__)
@@ -78,13 +79,14 @@ def _continue_from(token: str) -> str:
         raise InvalidArgument("not a continue token a List reply gave", "continue_token") from None
 
 
-class NodeService(pb_grpc.NodeServicer):
+class NodeService(EventsApi, pb_grpc.NodeServicer):
     def __init__(self, memory: MemoryClient, mirror: Any, monitor: RequestClient,
                  log_path: Callable[[str, str], str], grace_default: float,
                  poke: Callable[[str | None], None], images: Any = None,
                  policy: Policy | None = None,
-                 offer: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 offer: Callable[[dict[str, Any]], None] | None = None, recorder: Any = None) -> None:
         self.memory = memory
+        self.recorder = recorder      # pod events (services.manager.podevents.Recorder), or None
         self.policy = policy or Policy()
         self.images = images          # the containerd runtime: list, pull, import, remove
         self.mirror = mirror
@@ -160,6 +162,7 @@ class NodeService(pb_grpc.NodeServicer):
             # all or nothing.
             results = self.memory.apply_workload(workload.name, workload.pods)
         records = [r["pod"] for r in results]
+        self._applied_events([r["pod"] for r in results if r.get("changed", True)])   # before any start
         for r in records:
             self.offer(r)
         log.info("applied", extra={"workload": workload.name, "pods": [r["name"] for r in records]})
@@ -170,7 +173,24 @@ class NodeService(pb_grpc.NodeServicer):
         result = self.memory.set_desired(self._pod_name(name), desired)
         record: dict[str, Any] = result.get("pod", result)
         self.offer(record)
+        if desired != "running" and (recorder := self.recorder) is not None:
+            recorder.record(record["name"], "Killing", f"stopping the pod: it is wanted {desired}",
+                            uid=record["uid"])
         return record
+
+    def _applied_events(self, records: list[dict[str, Any]]) -> None:
+        """Scheduled for a new pod, Applied for one whose spec or desired state changed."""
+        recorder = self.recorder
+        if recorder is None:
+            return
+        for r in records:
+            workload = (r.get("spec") or {}).get("workload") or r["name"]
+            if r.get("generation", 1) == 1:
+                recorder.record(r["name"], "Scheduled", f"accepted on this node (workload {workload})",
+                                uid=r["uid"])
+            else:
+                recorder.record(r["name"], "Applied", f"wanted running at generation {r['generation']}",
+                                uid=r["uid"])
 
     def log_file(self, name: str, container: str = "") -> str:
         """The path of a container's current log file (created empty if it has not started)."""
@@ -188,6 +208,9 @@ class NodeService(pb_grpc.NodeServicer):
             return pb.DeleteResponse(pod=self._desire(request.name, "deleted"))
         # Many pods in one transaction: their events reach the reconciler as one batch.
         names = self.memory.delete_many(request.workload or None)
+        if (recorder := self.recorder) is not None:
+            for name in names:
+                recorder.record(name, "Killing", "stopping the pod: it is wanted deleted")
         log.info("deleted", extra={"workload": request.workload or None, "pods": len(names)})
         return pb.DeleteResponse(deleted=names)
 

@@ -49,6 +49,7 @@ from services.manager.containerd.client import (
 )
 from services.manager.containerd.exits import StartFailure, classify, should_restart
 from services.manager.containerd.images import Images
+from services.manager.podevents import NullRecorder, Records
 from services.manager.runtime import Observed, PodLayout, PodRecord, spec_hash
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class ContainerdRuntime(PodLayout, Images):
         self.backoff = backoff
         self.user = user
         self.on_progress: Progress | None = None
+        self.recorder: Records = NullRecorder()   # pod events: Pulling, Pulled
         self.logger = logdriver.install(state_dir)
 
     # -- names -------------------------------------------------------------------------------
@@ -230,7 +232,7 @@ class ContainerdRuntime(PodLayout, Images):
         cid = self.container_id(pod["name"], c["name"])
         try:
             image = normalize_ref(c["image"])
-            self.ensure_image(image, lambda msg: self._progress(pod, msg))
+            self._ensure_image(pod, c["name"], image)
             self._create_container(pod, c, cid, image, driver)
             self.client.delete_task(cid)  # a stopped task left by an interrupted restart
             pid = self.client.create_task(cid, logdriver.uri(
@@ -252,6 +254,17 @@ class ContainerdRuntime(PodLayout, Images):
         if not first:
             rec["restartCount"] = int(rec.get("restartCount") or 0) + 1
         rec.update(state="running", pid=pid, startedAt=time.time(), nextRestartAt=None)
+
+    def _ensure_image(self, pod: PodRecord, container: str, image: str) -> None:
+        """The image on the node, pulled first if needed, with Pulling and Pulled events."""
+        if self.client.has_image(image):
+            return
+        said = {"uid": pod["uid"], "container": container}
+        self.recorder.record(pod["name"], "Pulling", f"pulling image {image}", **said)
+        began = time.monotonic()
+        self.ensure_image(image, lambda msg: self._progress(pod, msg))
+        self.recorder.record(pod["name"], "Pulled",
+                             f"pulled image {image} in {time.monotonic() - began:.1f}s", **said)
 
     def _progress(self, pod: PodRecord, message: str) -> None:
         if self.on_progress is not None:

@@ -21,7 +21,6 @@ therefore never remove or mislabel the pod applied after it.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import queue
@@ -33,6 +32,7 @@ from typing import Any
 from common import blocked_ports
 from common.errors import Conflict, NotFound, RikletError, Unavailable
 from common.memclient import MemoryClient
+from services.manager.podevents import NullRecorder, Records, StatusEvents
 from services.manager.probes import Prober
 from services.manager.reconcile.pidwatch import PidWatch
 from services.manager.reconcile.resize import Sizer
@@ -57,8 +57,11 @@ class Reconciler:
     def __init__(self, memory: MemoryClient, runtimes: Mapping[str, Runtime],
                  pods: Any, interval: float = 0.5, workers: int = 8, *,
                  resync_interval: float = 30.0, blocked: blocked_ports.Reader | None = None,
-                 clock: Clock = time.monotonic, probes: bool = False) -> None:
+                 clock: Clock = time.monotonic, recorder: Records | None = None,
+                 probes: bool = False) -> None:
         self.memory = memory
+        self.recorder = recorder or NullRecorder()    # pod events: what happened, for users
+        self.status_events = StatusEvents(self.recorder)
         self.runtimes = runtimes
         self.pods = pods              # a PodMirror: .get(name), .names()
         self.interval = interval      # a failed sync is tried again this much later
@@ -68,8 +71,8 @@ class Reconciler:
         self.pacer = Pacer(resync_interval, clock())
         self.holders = PidWatch(self.poke)
         # containers' health probes; their results come back through adjust() in each sync
-        self.prober = Prober(self.poke) if probes else None
-        self.sizer = Sizer()
+        self.prober = Prober(self.poke, self.recorder) if probes else None
+        self.sizer = Sizer(self.recorder)
         self.syncs = 0                         # syncs run, for tests and diagnostics
         self.resync_skipped = 0                # resync looks a driver found needless
         self._queue: queue.PriorityQueue[tuple[int, int, str]] = queue.PriorityQueue()
@@ -244,6 +247,7 @@ class Reconciler:
                 if self.prober is not None:
                     self.prober.forget(name)
                 self.sizer.forget(name)
+                self.status_events.forget(name)
             with self._lock:
                 if name not in self._again:
                     self._running.discard(name)
@@ -299,6 +303,9 @@ class Reconciler:
             return self._sync_stop(record, runtime, obs, desired)
         if obs is not None and obs.alive and not same_spec(obs.spec_hash, record["spec"]):
             log.info("spec changed: replacing containers", extra={"pod": record["name"]})
+            if (record.get("status") or {}).get("phase") != Phase.TERMINATING.value:   # said once
+                self.recorder.record(record["name"], "Killing", "the spec changed: replacing the containers",
+                                     uid=record["uid"])
             self._publish(record, {**(record.get("status") or {}), "phase": Phase.TERMINATING.value})
             runtime.stop(record)
             return obs  # the next sync (the holder's exit) starts the new spec once the old is gone
@@ -384,8 +391,12 @@ class Reconciler:
             self.timers.cancel(record["name"])   # its Terminating is moot: the pod has stopped
         if desired == "deleted":
             runtime.cleanup(record)
-            with contextlib.suppress(NotFound):
+            try:
                 self.memory.remove(record["name"], record["uid"], record["generation"])
+            except NotFound:
+                return None   # removed already: its Deleted was said then
+            self.recorder.record(record["name"], "Deleted", "the pod is stopped and removed",
+                                 uid=record["uid"])
             log.info("pod deleted", extra={"pod": record["name"]})
             return None
         if obs is not None and not obs.stopped:
@@ -403,6 +414,7 @@ class Reconciler:
         status = {**old, **status, "transitionAt": time.time()} if old.get("phase") != status.get(
             "phase") else {**old, **status}
         self.memory.set_status(record["name"], record["uid"], status, generation=record["generation"])
+        self.status_events.observed(record, old, status)   # the one place a status is written
 
 
 def _host_ports(record: PodRecord) -> set[blocked_ports.Key]:

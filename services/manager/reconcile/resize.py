@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from typing import Any
 
 from common.errors import RikletError
@@ -21,10 +20,10 @@ log = logging.getLogger(__name__)
 
 
 class Sizer:
-    def __init__(self, on_resized: Callable[[PodRecord, list[str]], None] | None = None) -> None:
+    def __init__(self, recorder: Any = None) -> None:
         self._lock = threading.Lock()
         self._applied: dict[str, tuple[str, Limits]] = {}   # pod -> (uid, limits set)
-        self.on_resized = on_resized
+        self.recorder = recorder      # pod events: Resized, ResizeFailed
 
     def started(self, record: PodRecord) -> None:
         """The pod was just started with its spec's limits."""
@@ -52,14 +51,19 @@ class Sizer:
             resize(record)
         except RikletError as exc:
             log.warning("resize refused", extra={"pod": name, "error": str(exc)})
+            if self.recorder is not None:
+                self.recorder.record(name, "ResizeFailed", f"the kernel refused the new limits: {exc}",
+                                     type="Warning", uid=record["uid"])
             self.started(record)   # not tried again until the limits change once more
             return str(exc)
         self.started(record)
         if before is not None and before[0] == record["uid"]:
             changed = [c for (c, *old), (_, *new) in zip(before[1], want, strict=False) if old != new]
             log.info("resized in place", extra={"pod": name, "containers": changed})
-            if changed and self.on_resized is not None:
-                self.on_resized(record, changed)
+            for c, cpu, mem in want:
+                if c in changed and self.recorder is not None:
+                    self.recorder.record(name, "Resized", f"limits set in place: cpu {_cores(cpu)}, "
+                                         f"memory {_bytes(mem)}", uid=record["uid"], container=c)
         return None
 
     def annotate(self, record: PodRecord, status: dict[str, Any]) -> dict[str, Any]:
@@ -76,3 +80,11 @@ class Sizer:
                 if c.get("name") in limits:
                     c["resources"] = limits[c["name"]]
         return status
+
+
+def _cores(millis: int | None) -> str:
+    return "unlimited" if millis is None else f"{millis}m"
+
+
+def _bytes(n: int | None) -> str:
+    return "unlimited" if n is None else f"{n / (1 << 20):g}Mi"

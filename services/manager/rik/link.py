@@ -31,6 +31,7 @@ from common.policy import Policy
 from common.ports import ApplyView, check_ports
 from common.rik import CHANNEL_OPTIONS, Backoff, StatusSender, describe, pod_name_for
 from services.manager.applylocks import ApplyLocks
+from services.manager.podevents import NullRecorder, Records
 from services.manager.rik import instances
 from services.manager.rik.instances import Report
 
@@ -59,6 +60,7 @@ class SchedulerLink:
         self.mirror = mirror
         self.poke = poke
         self.offer = offer or (lambda record: poke(record["name"]))   # see NodeService.offer
+        self.recorder: Records = NullRecorder()   # pod events: Scheduled, Killing
         self.write_locks = write_locks  # shared with the Node API: applies that could meet take turns
         self.grace = grace
         self.sender = StatusSender(address, node_id, on_connect=self.resend_all)
@@ -175,6 +177,9 @@ class SchedulerLink:
                                             "changed": result.get("changed", True)})
         with self._report_lock:
             self._rejected.pop(instance_id, None)
+        if result.get("changed", True):
+            self.recorder.record(record["name"], "Scheduled", f"instance {instance_id} of the RIK scheduler",
+                                 uid=record["uid"])
         self.offer(record)
         # The same CREATE again (a restarted scheduler) changes nothing, so no change event
         # will report it: say where the instance stands now.
@@ -215,6 +220,8 @@ class SchedulerLink:
             self._send(instances.unknown_report(instance_id))
             return
         record = result.get("pod", result)
+        self.recorder.record(name, "Killing", f"stopping the pod: the RIK scheduler destroyed instance "
+                             f"{instance_id}", uid=record.get("uid"))
         log.info("instance destroying", extra={"instance": instance_id, "pod": name})
         self.poke(name)
         self._tell(instances.pod_report(instance_id, record), record, force=True)
