@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     from services.manager.reconcile.pidwatch import raise_fd_limit
     from services.manager.reconcile.reconciler import Reconciler
     from services.manager.rik.link import SchedulerLink
+    from services.manager.volumes.store import VolumeStore
 
     make_run_dir(cfg.paths_run_dir)
     raise_fd_limit()  # the reconciler holds a pidfd per live pod
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     containers.on_progress = reconciler.progress
     service = NodeService(memory, mirror, RequestClient(cfg.monitor_endpoint, timeout=2.0, retries=1),
                           runtime.log_path, cfg.runtime_stop_grace_period, reconciler.poke,
-                          images=containers, policy=Policy.from_config(cfg), offer=reconciler.offer)
+                          images=containers, policy=Policy.from_config(cfg), offer=reconciler.offer,
+                          volumes=VolumeStore(cfg.paths_state_dir))
 
     token = auth.load_or_create_token(cfg.token_path)
     tls = bool(cfg.tls_cert_file and cfg.tls_key_file)

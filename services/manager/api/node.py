@@ -28,7 +28,9 @@ from common.policy import Policy
 from common.ports import ApplyView, check_ports, wanted_ports
 from common.zmqutil import RequestClient
 from services.manager.api.listing import ListReply, PodMessages, pod_message
+from services.manager.api.volumes import VolumeRpcs, check_claims
 from services.manager.applylocks import ApplyLocks
+from services.manager.volumes.store import VolumeStore
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +79,15 @@ def _continue_from(token: str) -> str:
         raise InvalidArgument("not a continue token a List reply gave", "continue_token") from None
 
 
-class NodeService(pb_grpc.NodeServicer):
+class NodeService(VolumeRpcs, pb_grpc.NodeServicer):
     def __init__(self, memory: MemoryClient, mirror: Any, monitor: RequestClient,
                  log_path: Callable[[str, str], str], grace_default: float,
                  poke: Callable[[str | None], None], images: Any = None,
                  policy: Policy | None = None,
-                 offer: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 offer: Callable[[dict[str, Any]], None] | None = None,
+                 volumes: VolumeStore | None = None) -> None:
         self.memory = memory
+        self.volumes = volumes        # named volumes (rpcs in api/volumes.py)
         self.policy = policy or Policy()
         self.images = images          # the containerd runtime: list, pull, import, remove
         self.mirror = mirror
@@ -147,10 +151,12 @@ class NodeService(pb_grpc.NodeServicer):
                     current = ApplyView(self.memory, workload)  # the ports it chose have holders too
                 for _, spec in workload.pods:
                     self.policy.check(spec)
+                    check_claims(spec, self.volumes)
                 check_ports(workload, current)
             else:
                 for _, spec in workload.pods:
                     self.policy.check(spec)
+                    check_claims(spec, self.volumes)
             # One write: the pods, the ownership of their names, and the extra replicas' delete,
             # all or nothing.
             results = self.memory.apply_workload(workload.name, workload.pods)
