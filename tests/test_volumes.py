@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -69,6 +70,13 @@ def delete(agent: Agent, name: str) -> None:
 def test_named_volume_outlives_its_pod_and_rm_waits_for_users(vagent: Agent, host_dir: str) -> None:
     mnt = target(host_dir, "data")
     assert "volume data created" in vagent.ctl("volume", "create", "data", "--size", "64Mi").stdout
+    # acknowledged means durable: the manager killed right after, the volume is there
+    manager = vagent.service_pid("manager")
+    os.kill(manager, signal.SIGKILL)
+    wait_for(lambda: vagent.statuses().get("manager") == "RUNNING"
+             and vagent.service_pid("manager") != manager, 30, what="manager back")
+    vagent.wait_ready()
+    assert "data" in vagent.ctl("volume", "ls").stdout
     claim = [{"name": "d", "persistentVolumeClaim": {"claimName": "data"}}]
     vagent.ctl("apply", "-f", "-", input=pod("writer", [sh(
         "w", f"echo kept-across-pods > {mnt}/note && echo written && exec sleep 300",
