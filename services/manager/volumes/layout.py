@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.errors import InvalidArgument
+from services.manager.volumes import tmpfs
 from services.manager.volumes.store import DATA
 
 EMPTY_DIRS = "volumes"   # under the pod's directory
@@ -138,3 +139,14 @@ def _prepare(spec: Mapping[str, Any], pod_dir: str, state_dir: str, host_targets
         if mounts:
             out.mounts[c["name"]] = mounts
     return out
+
+
+def container_mounts(spec: Mapping[str, Any], pod_dir: str, state_dir: str) -> dict[str, list[list[Any]]]:
+    """For a container runtime (a root filesystem of its own per container): the volumes made
+    ready, Memory emptyDirs mounted as tmpfs on the node, and per container its
+    ``[source, target, read_only]`` binds (JSON, kept in the pod's driver.json)."""
+    vols = prepare(spec, pod_dir, state_dir, host_targets=False)
+    for directory, size in vols.tmpfs:
+        tmpfs.mount(directory, size, "spec.volumes")
+    return {name: [[m.source, m.target, m.read_only] for m in mounts]
+            for name, mounts in vols.mounts.items()}
