@@ -323,6 +323,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("volumes.host_path_prefixes", _path_prefixes, lambda: (), "RIKLET_HOST_PATH_PREFIXES", None,
             "host directories hostPath volumes may name (comma-separated absolute paths; empty: "
             "no hostPath volume)"),
+    Setting("volumes.size_check_interval", _positive_duration, lambda: 10.0, None, None,
+            "how often disk emptyDirs with a sizeLimit are measured (a pod over its limit is evicted)"),
     Setting("runtime.user", _user, lambda: "65534:65534", "RIKLET_WORKLOAD_USER", None,
             "UID[:GID] workloads run as unless their image names a user (0: root)"),
     Setting("monitoring.metrics_enabled", _bool, lambda: True, None, None,
@@ -412,6 +414,7 @@ class Config:
     policy_allow_host_network: bool
     runtime_user: tuple[int, int]
     volumes_host_path_prefixes: tuple[str, ...]
+    volumes_size_check_interval: float
     monitoring_metrics_enabled: bool
     logging_file: str | None
     restart_backoff_initial: float

@@ -31,7 +31,7 @@ def host_dir() -> Iterator[str]:
 def vagent(host_dir: str) -> Iterator[Agent]:
     allowed = os.path.join(host_dir, "allowed")
     os.mkdir(allowed)
-    a = Agent(f"volumes:\n  host_path_prefixes: [{allowed}]\n").start()
+    a = Agent(f"volumes:\n  host_path_prefixes: [{allowed}]\n  size_check_interval: 300ms\n").start()
     try:
         yield a
     except BaseException:
@@ -164,3 +164,20 @@ def test_host_path_follows_policy_and_mount_points_must_exist(vagent: Agent, hos
     assert "spec.containers[0].volumeMounts[0].mountPath" in failed["message"]
     assert not os.path.exists(nowhere)
     delete(vagent, "nomnt")
+
+
+def test_a_disk_empty_dir_over_its_size_limit_evicts_the_pod(vagent: Agent, host_dir: str) -> None:
+    m = target(host_dir, "full")
+    vagent.ctl("apply", "-f", "-", input=pod("hog", [sh(
+        "h", f"head -c 1048576 /dev/zero > {m}/ok; echo under; until [ -f {m}/go ]; do sleep 0.1; "
+        f"done; head -c 3145728 /dev/zero > {m}/over; echo over; exec sleep 300",
+        [{"name": "s", "mountPath": m}])], [{"name": "s", "emptyDir": {"sizeLimit": "2Mi"}}]))
+    wait_for(lambda: "under" in logs(vagent, "hog"), 20, what="hog under its limit")
+    assert vagent.pod("hog")["phase"] == "Running"   # measured, and left alone: 1 MiB of 2
+    with open(os.path.join(vagent.state_dir, "pods", "hog", "volumes", "s", "go"), "w"):
+        pass
+    evicted = vagent.wait_phase("hog", "Terminated", 30)
+    assert evicted["reason"] == "EmptyDirSizeLimit" and "'s'" in evicted["message"]
+    assert "over" in logs(vagent, "hog")
+    delete(vagent, "hog")
+    assert not os.path.exists(os.path.join(vagent.state_dir, "pods", "hog"))

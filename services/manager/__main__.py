@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     from services.manager.reconcile.pidwatch import raise_fd_limit
     from services.manager.reconcile.reconciler import Reconciler
     from services.manager.rik.link import SchedulerLink
+    from services.manager.volumes.sizewatch import SizeWatch
     from services.manager.volumes.store import VolumeStore
 
     make_run_dir(cfg.paths_run_dir)
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         log_max_files=cfg.logs_max_files, backoff=backoff,
         insecure_registries=cfg.containerd_insecure_registries, user=cfg.runtime_user)
     service: NodeService | None = None
+    sizes = SizeWatch(memory, runtime.pod_dir, cfg.volumes_size_check_interval)
     reconciler: Reconciler | None = None
     link: SchedulerLink | None = None
 
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
             service.on_change(name, record, before)
         if reconciler is not None:
             reconciler.changed(name, record, before)
+        sizes.changed(name, record, before)
         if link is not None:
             link.on_change(name, record, before)
 
@@ -150,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     log.info("manager serving", extra={"address": cfg.api_address})
 
     done = threading.Event()
+    threading.Thread(target=sizes.run, args=(done,), name="emptydir-sizes", daemon=True).start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     done.wait()

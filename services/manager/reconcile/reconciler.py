@@ -37,6 +37,7 @@ from services.manager.reconcile.pidwatch import PidWatch
 from services.manager.reconcile.schedule import Clock, Pacer, Timers
 from services.manager.reconcile.status import Phase, derive, same
 from services.manager.runtime import Observed, PodRecord, Runtime, spec_hash
+from services.manager.volumes.sizewatch import evicted_reason
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +375,8 @@ class Reconciler:
             obs = runtime.observe(record)
         status = derive(obs, desired) if obs is not None else {
             "phase": Phase.TERMINATED.value, "containers": [], "endpoints": []}
-        self._publish(record, {**status, "phase": Phase.TERMINATED.value})
+        # a pod stopped for outgrowing an emptyDir says so (services/manager/volumes/sizewatch.py)
+        self._publish(record, {**status, "phase": Phase.TERMINATED.value, **evicted_reason(record)})
         return obs
 
     def _publish(self, record: PodRecord, status: dict[str, Any]) -> None:
