@@ -93,3 +93,20 @@ def test_host_path_is_refused_by_default_and_allowed_under_a_configured_prefix()
     allowed.check(spec)
     with pytest.raises(PermissionDenied):   # a prefix is a directory, not a string prefix
         Policy(host_path_prefixes=("/sr",)).check(spec)
+
+
+def test_chas_deploy_body_takes_volumes_as_extensions() -> None:
+    from services.manager.chas.deploy import body_field, parse_deploy
+
+    req = parse_deploy({"name": "web", "command": ["true"],
+                        "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": "data"}}],
+                        "volumeMounts": [{"name": "d", "mountPath": "/data"}]})
+    spec = parse_workload(req.document).pods[0][1]
+    assert spec["volumes"][0]["persistentVolumeClaim"]["claimName"] == "data"
+    assert spec["containers"][0]["volumeMounts"][0]["mountPath"] == "/data"
+    bad = parse_deploy({"name": "web", "command": ["true"],
+                        "volumeMounts": [{"name": "x", "mountPath": "/m"}]})
+    with pytest.raises(InvalidArgument) as err:
+        parse_workload(bad.document)
+    assert body_field(err.value.field) == "volumeMounts[0].name"
+    assert body_field("spec.volumes[0].hostPath.path") == "volumes[0].hostPath.path"
