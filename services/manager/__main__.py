@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.scheduler_address:
         link = SchedulerLink(cfg.scheduler_address, cfg.node_id, memory, mirror, reconciler.poke,
                              service.apply_locks, cfg.runtime_stop_grace_period, Policy.from_config(cfg),
-                             offer=reconciler.offer)
+                             offer=reconciler.offer, volumes=service.volumes)
         link.start()
         log.info("RIK mode", extra={"scheduler": cfg.scheduler_address, "node": cfg.node_id})
     for name in ("", SERVICE_NAME):

@@ -9,36 +9,22 @@ one). Create and remove hold the volume's apply-lock key, as an apply claiming i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 
-from common.errors import InvalidArgument, Unavailable
+from common.errors import Unavailable
 from common.memclient import MemoryClient
 from common.model import dns_label
 from common.pb import node_pb2 as pb
 from common.units import parse_memory
 from services.manager.applylocks import ApplyLocks
-from services.manager.volumes.store import VolumeInfo, VolumeStore, claimed_by, usage
+from services.manager.volumes.store import VolumeInfo, VolumeStore, check_claims, claimed_by, usage
 
-T = TypeVar("T")
+__all__ = ["VolumeRpcs", "check_claims"]
+
 _PAGE = 500   # pods read from memory at a time when looking for a volume's users
-
-
-def check_claims(spec: Mapping[str, Any], store: VolumeStore | None) -> None:
-    """InvalidArgument naming the field when a pod claims a volume this node does not have.
-    Called under the apply locks, which hold each claimed volume's key."""
-    for i, vol in enumerate(spec.get("volumes") or ()):
-        claim = vol.get("persistentVolumeClaim")
-        if claim is None:
-            continue
-        field = f"spec.volumes[{i}].persistentVolumeClaim.claimName"
-        if store is None:
-            raise Unavailable("this node keeps no named volumes", field)
-        if not store.exists(claim["claimName"]):
-            raise InvalidArgument(f"no volume {claim['claimName']} on this node (make it with "
-                                  f"rikletctl volume create {claim['claimName']})", field)
 
 
 def _message(info: VolumeInfo, pods: list[str] | None = None, used: int = 0) -> pb.Volume:

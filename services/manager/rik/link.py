@@ -33,6 +33,7 @@ from common.rik import CHANNEL_OPTIONS, Backoff, StatusSender, describe, pod_nam
 from services.manager.applylocks import ApplyLocks
 from services.manager.rik import instances
 from services.manager.rik.instances import Report
+from services.manager.volumes.store import VolumeStore, check_claims
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,10 @@ class SchedulerLink:
     def __init__(self, address: str, node_id: str, memory: MemoryClient, mirror: PodMirror,
                  poke: Callable[[str], None], write_locks: ApplyLocks, grace: float,
                  policy: Policy | None = None,
-                 offer: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 offer: Callable[[dict[str, Any]], None] | None = None,
+                 volumes: VolumeStore | None = None) -> None:
         self.address = address
+        self.volumes = volumes   # named volumes a pod may claim
         self.policy = policy or Policy()
         self.node_id = node_id
         self.memory = memory
@@ -188,6 +191,7 @@ class SchedulerLink:
             if existing is not None and instance_id_of(existing) != instance_id:
                 raise Conflict(f"pod {name} exists on this node and is not this instance's", "instance_id")
             self.policy.check(spec)
+            check_claims(spec, self.volumes)
             check_ports(workload, current)
             return self.memory.apply(name, spec)
 

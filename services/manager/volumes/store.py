@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common.errors import AlreadyExists, Conflict, InvalidArgument, NotFound
+from common.errors import AlreadyExists, Conflict, InvalidArgument, NotFound, Unavailable
 from common.model import dns_label
 from common.volumes import claims
 
@@ -154,3 +154,18 @@ class VolumeStore:
 def claimed_by(records: Iterable[Mapping[str, Any]], name: str) -> list[str]:
     """The pods among ``records`` (memory's, with their spec) whose spec claims volume ``name``."""
     return sorted(r["name"] for r in records if name in claims(r.get("spec") or {}))
+
+
+def check_claims(spec: Mapping[str, Any], store: VolumeStore | None) -> None:
+    """InvalidArgument naming the field when a pod claims a volume this node does not have.
+    Called under the apply locks, which hold each claimed volume's key."""
+    for i, vol in enumerate(spec.get("volumes") or ()):
+        claim = vol.get("persistentVolumeClaim")
+        if claim is None:
+            continue
+        field = f"spec.volumes[{i}].persistentVolumeClaim.claimName"
+        if store is None:
+            raise Unavailable("this node keeps no named volumes", field)
+        if not store.exists(claim["claimName"]):
+            raise InvalidArgument(f"no volume {claim['claimName']} on this node (make it with "
+                                  f"rikletctl volume create {claim['claimName']})", field)
