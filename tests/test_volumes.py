@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.stack import Agent
+from tests.stack import Agent, chas_agent
 from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
@@ -31,14 +31,8 @@ def host_dir() -> Iterator[str]:
 def vagent(host_dir: str) -> Iterator[Agent]:
     allowed = os.path.join(host_dir, "allowed")
     os.mkdir(allowed)
-    a = Agent(f"volumes:\n  host_path_prefixes: [{allowed}]\n  size_check_interval: 300ms\n").start()
-    try:
+    with chas_agent(f"volumes:\n  host_path_prefixes: [{allowed}]\n  size_check_interval: 300ms\n") as a:
         yield a
-    except BaseException:
-        a.dump_logs()
-        raise
-    finally:
-        a.close()
 
 
 def target(host_dir: str, name: str) -> str:
