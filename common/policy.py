@@ -3,6 +3,7 @@ deploy, RIK instances) before anything is written. A refusal names the rule that
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -68,7 +69,10 @@ class Policy:
 
     def _check_host_paths(self, spec: Mapping[str, Any]) -> None:
         for i, path in host_paths(spec):
-            if not under_prefix(path, self.host_path_prefixes):
+            # where it leads now, too: a symlink under an allowed prefix must not lead out of it
+            real = os.path.realpath(path)
+            if not under_prefix(path, self.host_path_prefixes) or not under_prefix(
+                    real, tuple(os.path.realpath(p) for p in self.host_path_prefixes)):
                 allowed = (f"only paths under {', '.join(self.host_path_prefixes)}"
                            if self.host_path_prefixes else "no hostPath volume")
                 raise PermissionDenied(f"refused by volumes.host_path_prefixes: {path} is not allowed "

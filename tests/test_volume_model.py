@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -110,3 +111,18 @@ def test_chas_deploy_body_takes_volumes_as_extensions() -> None:
         parse_workload(bad.document)
     assert body_field(err.value.field) == "volumeMounts[0].name"
     assert body_field("spec.volumes[0].hostPath.path") == "volumes[0].hostPath.path"
+
+
+
+def host_path_spec(path: Any) -> dict[str, Any]:
+    return parse_workload(workload([{"name": "h", "hostPath": {"path": str(path)}}])).pods[0][1]
+
+
+def test_a_symlink_under_the_prefix_cannot_lead_out_of_it(tmp_path: Any) -> None:
+    os.symlink("/etc", tmp_path / "escape")
+    os.mkdir(tmp_path / "inside")
+    policy = Policy(host_path_prefixes=(str(tmp_path),))
+    policy.check(host_path_spec(tmp_path / "inside"))
+    with pytest.raises(PermissionDenied) as err:
+        policy.check(host_path_spec(tmp_path / "escape"))
+    assert err.value.field == "spec.volumes[0].hostPath.path"
