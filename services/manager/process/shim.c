@@ -955,6 +955,9 @@ static void exec_search(char **argv, char **envp) {
 /* The container's volumes, bind-mounted in a mount namespace of its own (a copy of the pod's,
  * which is private: nothing propagates to the node), before it changes user. */
 static int mount_volumes(struct ctr *c, char *stage, size_t size) {
+    snprintf(stage, size, "volume mounts: the pod has no private mount namespace (see shim.log)");
+    if (!g.private_ns)
+        return errno = EPERM, -1; /* a copy of the node's shared mounts would propagate back */
     snprintf(stage, size, "volume mounts: unshare(CLONE_NEWNS)");
     if (unshare(CLONE_NEWNS) < 0)
         return -1;
@@ -1305,10 +1308,9 @@ static void private_shm(void) {
         what = "mount --make-rprivate /";
         if (mount("none", "/", NULL, MS_REC | MS_PRIVATE, NULL) == 0) {
             what = "mount tmpfs on /dev/shm";
-            if (mount("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, options) == 0) {
-                g.private_ns = 1;
+            g.private_ns = 1; /* what volumes need: nothing mounted here reaches the node */
+            if (mount("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, options) == 0)
                 return;
-            }
         }
     }
     char error[256];
