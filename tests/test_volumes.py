@@ -84,6 +84,8 @@ def test_named_volume_outlives_its_pod_and_rm_waits_for_users(vagent: Agent, hos
     assert inspect["pods"] == ["writer"] and inspect["sizeBytes"] == 64 << 20
 
     delete(vagent, "writer")
+    vagent.supervisorctl("restart", "riklet:*")   # the whole agent: the volume and its data stay
+    vagent.wait_ready()
     vagent.ctl("apply", "-f", "-", input=pod("reader", [sh(
         "r", f"cat {mnt}/note; exec sleep 300", [{"name": "d", "mountPath": mnt, "readOnly": True}])],
         claim))
