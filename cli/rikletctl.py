@@ -24,6 +24,7 @@ from common.model import MAX_MANIFEST_BYTES, RESTART_POLICIES, dns_label
 from common.units import parse_cpu, parse_memory
 
 pb.ensure()
+from cli import volume  # noqa: E402  (imports the generated stubs)
 from common.pb import node_pb2 as npb  # noqa: E402  (generated just above when missing)
 from common.pb import node_pb2_grpc as npb_grpc  # noqa: E402
 
@@ -327,6 +328,9 @@ class Ctl:
         for ref in args.refs:
             print(f"deleted {self.stub.RemoveImage(npb.RemoveImageRequest(image=ref), timeout=30).image}")
 
+    def volume(self, args: argparse.Namespace) -> None:
+        volume.run(self.stub, args, self.json)
+
     def watch(self, args: argparse.Namespace) -> None:
         for ev in self.stub.Watch(npb.WatchRequest(name=args.name or "")):
             if self.json:
@@ -399,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
              output=True)
     sp.add_argument("action", choices=["ls", "list", "pull", "import", "rm"])
     sp.add_argument("refs", nargs="*", metavar="REF|FILE")
+    volume.add_parser(sub, add, Ctl.volume)
     sp = add("watch", Ctl.watch, "stream pod changes", output=True)
     sp.add_argument("name", nargs="?")
     events_cli.register(add)
@@ -424,6 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("delete: give pod names, or --all, or --workload NAME")
     if args.cmd in ("image", "images") and args.action in ("pull", "import", "rm") and not args.refs:
         parser.error(f"image {args.action}: give {'a file' if args.action == 'import' else 'an image'}")
+    if args.cmd in ("volume", "volumes"):
+        volume.check_args(parser, args)
     if args.cmd == "get" and args.what == "pod" and not args.name:
         parser.error("get pod: give a pod name")
     token = os.environ.get("RIKLET_TOKEN") or auth.read_token(args.token_file or default_token_file())

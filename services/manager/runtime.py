@@ -71,6 +71,7 @@ class PodLayout:
     agents side by side on one machine never share a group."""
 
     def __init__(self, state_dir: str) -> None:
+        self.state_dir = state_dir
         self.root = os.path.join(state_dir, "pods")
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         self.agent_id = hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:8]

@@ -30,7 +30,9 @@ from common.zmqutil import RequestClient
 from services.manager.api import resize
 from services.manager.api.listing import ListReply, PodMessages, pod_message
 from services.manager.api.podevents import EventsApi
+from services.manager.api.volumes import VolumeRpcs, check_claims
 from services.manager.applylocks import ApplyLocks
+from services.manager.volumes.store import VolumeStore
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +81,16 @@ def _continue_from(token: str) -> str:
         raise InvalidArgument("not a continue token a List reply gave", "continue_token") from None
 
 
-class NodeService(EventsApi, pb_grpc.NodeServicer):
+class NodeService(EventsApi, VolumeRpcs, pb_grpc.NodeServicer):
     def __init__(self, memory: MemoryClient, mirror: Any, monitor: RequestClient,
                  log_path: Callable[[str, str], str], grace_default: float,
                  poke: Callable[[str | None], None], images: Any = None,
                  policy: Policy | None = None,
-                 offer: Callable[[dict[str, Any]], None] | None = None, recorder: Any = None) -> None:
+                 offer: Callable[[dict[str, Any]], None] | None = None, recorder: Any = None,
+                 volumes: VolumeStore | None = None) -> None:
         self.memory = memory
         self.recorder = recorder      # pod events (services.manager.podevents.Recorder), or None
+        self.volumes = volumes        # named volumes (rpcs in api/volumes.py)
         self.policy = policy or Policy()
         self.images = images          # the containerd runtime: list, pull, import, remove
         self.mirror = mirror
@@ -152,10 +156,12 @@ class NodeService(EventsApi, pb_grpc.NodeServicer):
                     current = ApplyView(self.memory, workload)  # the ports it chose have holders too
                 for _, spec in workload.pods:
                     self.policy.check(spec)
+                    check_claims(spec, self.volumes)
                 check_ports(workload, current)
             else:
                 for _, spec in workload.pods:
                     self.policy.check(spec)
+                    check_claims(spec, self.volumes)
             for name, spec in workload.pods:   # a re-apply may lower a running pod's memory
                 resize.check_memory(self.mirror.get(name), spec, self.usage_of)
             # One write: the pods, the ownership of their names, and the extra replicas' delete,

@@ -30,7 +30,7 @@ STATUSES: Mapping[Phase, str] = {
 }
 
 DEPLOY_KEYS = ("image", "name", "exposed_ports", "resources", "environment", "command", "args",
-               *PROBES)
+               "volumes", "volumeMounts", *PROBES)   # these: riklet's extensions, as in a pod spec
 PORT_KEYS = ("container", "protocol", "host")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 
@@ -171,12 +171,16 @@ def parse_deploy(data: object) -> DeployRequest:
     if environment is not None:
         container["env"] = _environment(environment)
 
-    for kind in PROBES:   # riklet's extension: Kubernetes' probes, checked here to name the field
+    for kind in PROBES:   # Kubernetes' probes, checked here to name the field
         if _opt(data, kind) is not None:
             parse_probe(data[kind], kind, {})
             container[kind] = data[kind]
-
-    document = {"apiVersion": "v1", "kind": "Pod", "name": name, "spec": {"containers": [container]}}
+    if _opt(data, "volumeMounts") is not None:   # checked by the core, as a pod's
+        container["volumeMounts"] = data["volumeMounts"]
+    spec: dict[str, Any] = {"containers": [container]}
+    if _opt(data, "volumes") is not None:
+        spec["volumes"] = data["volumes"]
+    document = {"apiVersion": "v1", "kind": "Pod", "name": name, "spec": spec}
     if len(json.dumps(document)) > MAX_STORED:
         raise InvalidArgument(f"the deployment is larger than {MAX_STORED // 1024} KiB once stored", "body")
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -261,6 +265,8 @@ def body_field(field: str | None) -> str | None:
         return "body"
     if not field.startswith("spec"):
         return field
+    if field.startswith("spec.volumes"):
+        return field[len("spec."):]
     rest = re.sub(r"^spec\.containers(\[\d+\])?\.?", "", field)
     if rest == field or not rest:
         return "body"

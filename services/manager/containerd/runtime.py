@@ -51,6 +51,8 @@ from services.manager.containerd.exits import StartFailure, classify, should_res
 from services.manager.containerd.images import Images
 from services.manager.podevents import NullRecorder, Records
 from services.manager.runtime import Observed, PodLayout, PodRecord, spec_hash
+from services.manager.volumes import tmpfs
+from services.manager.volumes.layout import container_mounts
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +216,8 @@ class ContainerdRuntime(PodLayout, Images):
         driver = {"runtime": self.name, "uid": pod["uid"], "spec_hash": spec_hash(spec), "stopped": False,
                   "ip": ip, "netns": netns, "hostNetwork": host_network, "etc": etc,
                   "endpoints": self._endpoints(spec, ip, host_network)}
+        if spec.get("volumes"):   # kept only when the pod has some
+            driver["mounts"] = container_mounts(spec, pdir, self.state_dir)
         write_json(os.path.join(pdir, "driver.json"), driver)
         states: dict[str, Any] = {}
         for c in spec["containers"]:
@@ -284,7 +288,8 @@ class ContainerdRuntime(PodLayout, Images):
             hostname=pod["name"], netns=driver.get("netns"),
             cgroups_path=f"/{self.cgroup_parent(pod['name'])}/{c['name']}",
             memory_bytes=c["resources"].get("memory_bytes"), cpu_millis=c["resources"].get("cpu_millis"),
-            etc_files=driver.get("etc") or {}, user=ocispec.user_of(config, self.user))
+            etc_files=driver.get("etc") or {}, user=ocispec.user_of(config, self.user),
+            volumes=[tuple(m) for m in (driver.get("mounts") or {}).get(c["name"], [])])
         labels = {LABEL_AGENT: self.agent_id, LABEL_POD: pod["name"], LABEL_UID: pod["uid"],
                   LABEL_CONTAINER: c["name"]}
         with self.client.lease() as lease:
@@ -338,6 +343,7 @@ class ContainerdRuntime(PodLayout, Images):
             cgroups.prune(self.cgroup_parent(pod["name"]))
         if self.networks is not None:
             self.networks.teardown(pod["name"])
+        tmpfs.unmount_under(self.pod_dir(pod["name"]))   # Memory emptyDirs: not into the tree
         shutil.rmtree(self.pod_dir(pod["name"]), ignore_errors=True)
 
     def _remove_containers(self, pod: str) -> None:

@@ -23,6 +23,7 @@ from common.errors import RikletError, Unavailable
 from common.jsonfile import read_json, write_json
 from services.manager.process import probeexec, shim, shimctl
 from services.manager.runtime import Observed, PodLayout, PodRecord, spec_hash
+from services.manager.volumes import layout as volume_layout
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +239,7 @@ class ProcessRuntime(PodLayout):
     def _shim_spec(self, pod: PodRecord, env_ports: dict[str, dict[str, str]]) -> dict[str, Any]:
         spec = pod["spec"]
         pdir = self.pod_dir(pod["name"])
+        vols = volume_layout.prepare(spec, pdir, self.state_dir, host_targets=True)
         return {
             "pod": pod["name"], "uid": pod["uid"],
             "grace_period": float(spec.get("gracePeriod", self.grace_default)),
@@ -246,6 +248,7 @@ class ProcessRuntime(PodLayout):
                     "max_files": self.log_max_files},
             "backoff": self.backoff,
             "notify": self.notify_socket,
+            "tmpfs": [[d, size or 0] for d, size in vols.tmpfs],
             "containers": [{
                 "name": c["name"], "command": list(c["command"]) + list(c.get("args") or []),
                 "env": {**c.get("env", {}), **env_ports.get(c["name"], {})},
@@ -254,6 +257,7 @@ class ProcessRuntime(PodLayout):
                 "memory_bytes": c["resources"].get("memory_bytes"),
                 "restart_policy": spec.get("restartPolicy", "Always"),
                 "user": list(self.user) if self.user is not None else None,
+                "mounts": [[m.source, m.target, m.read_only] for m in vols.mounts.get(c["name"], ())],
             } for c in spec["containers"]],
         }
 

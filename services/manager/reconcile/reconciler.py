@@ -39,6 +39,7 @@ from services.manager.reconcile.resize import Sizer
 from services.manager.reconcile.schedule import Clock, Pacer, Timers
 from services.manager.reconcile.status import Phase, derive, same
 from services.manager.runtime import Observed, PodRecord, Runtime, same_spec
+from services.manager.volumes.sizewatch import evicted_reason
 
 log = logging.getLogger(__name__)
 
@@ -404,7 +405,8 @@ class Reconciler:
             obs = runtime.observe(record)
         status = derive(obs, desired) if obs is not None else {
             "phase": Phase.TERMINATED.value, "containers": [], "endpoints": []}
-        self._publish(record, {**status, "phase": Phase.TERMINATED.value})
+        # a pod stopped for outgrowing an emptyDir says so (services/manager/volumes/sizewatch.py)
+        self._publish(record, {**status, "phase": Phase.TERMINATED.value, **evicted_reason(record)})
         return obs
 
     def _publish(self, record: PodRecord, status: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ from services.manager.applylocks import ApplyLocks
 from services.manager.podevents import NullRecorder, Records
 from services.manager.rik import instances
 from services.manager.rik.instances import Report
+from services.manager.volumes.store import VolumeStore, check_claims
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,10 @@ class SchedulerLink:
     def __init__(self, address: str, node_id: str, memory: MemoryClient, mirror: PodMirror,
                  poke: Callable[[str], None], write_locks: ApplyLocks, grace: float,
                  policy: Policy | None = None,
-                 offer: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 offer: Callable[[dict[str, Any]], None] | None = None,
+                 volumes: VolumeStore | None = None) -> None:
         self.address = address
+        self.volumes = volumes   # named volumes a pod may claim
         self.policy = policy or Policy()
         self.node_id = node_id
         self.memory = memory
@@ -193,6 +196,7 @@ class SchedulerLink:
             if existing is not None and instance_id_of(existing) != instance_id:
                 raise Conflict(f"pod {name} exists on this node and is not this instance's", "instance_id")
             self.policy.check(spec)
+            check_claims(spec, self.volumes)
             check_ports(workload, current)
             return self.memory.apply(name, spec)
 
