@@ -162,8 +162,9 @@ class NodeService(EventsApi, VolumeRpcs, pb_grpc.NodeServicer):
                 for _, spec in workload.pods:
                     self.policy.check(spec)
                     check_claims(spec, self.volumes)
-            for name, spec in workload.pods:   # a re-apply may lower a running pod's memory
-                resize.check_memory(self.mirror.get(name), spec, self.usage_of)
+            if self.usage_of is not None and self.mirror is not None:
+                for name, spec in workload.pods:   # a re-apply may lower a running pod's memory
+                    resize.check_memory(self.mirror.get(name), spec, self.usage_of)
             # One write: the pods, the ownership of their names, and the extra replicas' delete,
             # all or nothing.
             results = self.memory.apply_workload(workload.name, workload.pods)
