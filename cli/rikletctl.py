@@ -17,13 +17,14 @@ from typing import Any, BinaryIO
 
 import grpc
 
+from cli import events as events_cli
 from common import auth, config, pb
 from common.errors import InvalidArgument
 from common.model import MAX_MANIFEST_BYTES, RESTART_POLICIES, dns_label
 from common.units import parse_cpu, parse_memory
 
 pb.ensure()
-from cli import apps  # noqa: E402  (uses the stubs)
+from cli import apps, volume  # noqa: E402  (they import the generated stubs)
 from cli import exec as exec_cli  # noqa: E402
 from common.pb import node_pb2 as npb  # noqa: E402  (generated just above when missing)
 from common.pb import node_pb2_grpc as npb_grpc  # noqa: E402
@@ -57,16 +58,21 @@ class Usage(Exception):
 def pod_json(pod: npb.Pod) -> dict[str, Any]:
     status = json.loads(pod.status_json or "{}")
     spec = json.loads(pod.spec_json or "{}")
+    limits = {c.get("name"): c.get("resources") for c in status.get("containers") or []
+              if isinstance(c, dict) and c.get("resources")}
     return {
         "name": pod.name, "uid": pod.uid, "workload": pod.workload, "phase": pod.phase,
         "reason": pod.reason or None, "message": pod.message or None, "desired": pod.desired,
         "version": pod.version, "generation": pod.generation, "createdAt": pod.created_at,
-        "restartCount": pod.restart_count,
-        "exitCode": status.get("exitCode"),
+        "restartCount": pod.restart_count, "ready": pod.ready,
+        "exitCode": status.get("exitCode"), "conditions": status.get("conditions") or [],
         "containers": [{
             "name": c.name, "state": c.state, "pid": c.pid or None, "restartCount": c.restart_count,
             "exitCode": c.exit_code if c.has_exit_code else None, "reason": c.reason or None,
             "startedAt": c.started_at or None, "finishedAt": c.finished_at or None,
+            "ready": c.ready, "started": c.started,
+            "lastTerminationReason": c.last_termination_reason or None,
+            "resources": limits.get(c.name),
         } for c in pod.containers],
         "ports": spec.get("ports", []),
         "endpoints": [{"host_port": e.host_port or None, "protocol": e.protocol,
@@ -84,13 +90,14 @@ def _age(created: float) -> str:
 
 
 def print_table(pods: Sequence[npb.Pod]) -> None:
-    rows = [("NAME", "PHASE", "RESTARTS", "PID", "PORTS", "AGE")]
+    rows = [("NAME", "READY", "PHASE", "RESTARTS", "PID", "PORTS", "AGE")]
     for p in pods:
+        ready = f"{sum(1 for c in p.containers if c.ready)}/{len(p.containers)}"
         pids = ",".join(str(c.pid) for c in p.containers if c.pid and c.state == "running") or "-"
         ports = ",".join(f"{e.host_port}->{e.port}/{e.protocol.lower()}" if e.host_port
                          else f"{e.port}/{e.protocol.lower()}" for e in p.endpoints) or "-"
         phase = f"{p.phase} ({p.reason})" if p.reason else p.phase
-        rows.append((p.name, phase, str(p.restart_count), pids, ports, _age(p.created_at)))
+        rows.append((p.name, ready, phase, str(p.restart_count), pids, ports, _age(p.created_at)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
@@ -256,6 +263,15 @@ class Ctl:
             self.stub.Stop(npb.StopRequest(name=name), timeout=10)
             print(f"pod/{name} stopped")
 
+    def resize(self, args: argparse.Namespace) -> None:
+        reply = self.stub.Resize(npb.ResizeRequest(name=args.name, container=args.container or "",
+                                                   cpu=args.cpu or "", memory=args.memory or ""),
+                                 timeout=30)
+        if self.json:
+            self.show([reply.pod], single=True)
+        else:
+            print(f"pod/{reply.pod.name} resized")
+
     def logs(self, args: argparse.Namespace) -> None:
         req = npb.LogsRequest(name=args.name, container=args.container or "", follow=args.follow,
                               tail=args.tail if args.tail is not None else 0)
@@ -316,6 +332,9 @@ class Ctl:
         for ref in args.refs:
             print(f"deleted {self.stub.RemoveImage(npb.RemoveImageRequest(image=ref), timeout=30).image}")
 
+    def volume(self, args: argparse.Namespace) -> None:
+        volume.run(self.stub, args, self.json)
+
     def watch(self, args: argparse.Namespace) -> None:
         for ev in self.stub.Watch(npb.WatchRequest(name=args.name or "")):
             if self.json:
@@ -372,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--workload", metavar="NAME", help="every pod of a workload")
     sp = add("stop", Ctl.stop, "stop pods, keeping them (apply starts them again)")
     sp.add_argument("names", nargs="+", metavar="NAME")
+    sp = add("resize", Ctl.resize, "change a container's cpu/memory limits in place (no restart)",
+             output=True)
+    sp.add_argument("name")
+    sp.add_argument("-c", "--container")
+    sp.add_argument("--cpu", help="cores, e.g. 1 or 500m")
+    sp.add_argument("--memory", help="bytes, e.g. 256m")
     sp = add("logs", Ctl.logs, "print a container's output")
     sp.add_argument("name")
     sp.add_argument("-c", "--container")
@@ -382,9 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
              output=True)
     sp.add_argument("action", choices=["ls", "list", "pull", "import", "rm"])
     sp.add_argument("refs", nargs="*", metavar="REF|FILE")
+    volume.add_parser(sub, add, Ctl.volume)
     sp = add("watch", Ctl.watch, "stream pod changes", output=True)
     sp.add_argument("name", nargs="?")
     exec_cli.register(add)
+    events_cli.register(add)
     return p
 
 
@@ -407,6 +434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("delete: give pod names, or --all, or --workload NAME")
     if args.cmd in ("image", "images") and args.action in ("pull", "import", "rm") and not args.refs:
         parser.error(f"image {args.action}: give {'a file' if args.action == 'import' else 'an image'}")
+    if args.cmd in ("volume", "volumes"):
+        volume.check_args(parser, args)
     if args.cmd == "get" and args.what == "pod" and not args.name:
         parser.error("get pod: give a pod name")
     token = os.environ.get("RIKLET_TOKEN") or auth.read_token(args.token_file or default_token_file())

@@ -138,6 +138,17 @@ def _optional_memory(value: object, field: str) -> int | None:
     return None if value in (None, "") else parse_memory(value, field)
 
 
+def _path_prefixes(value: object, field: str) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+        raise InvalidArgument("expected a list of absolute paths", field)
+    paths = tuple(os.path.normpath(i.strip()) for i in items if i.strip())
+    for path in paths:
+        if not path.startswith("/") or "\0" in path:
+            raise InvalidArgument(f"expected absolute paths, got {path!r}", field)
+    return paths
+
+
 def _user(value: object, field: str) -> tuple[int, int]:
     text = _str(value, field)
     uid, _, gid = text.partition(":")
@@ -309,6 +320,11 @@ SETTINGS: tuple[Setting, ...] = (
             "host ports a pod may ask for"),
     Setting("policy.allow_host_network", _bool, lambda: False, None, None,
             "whether pods may use hostNetwork"),
+    Setting("volumes.host_path_prefixes", _path_prefixes, lambda: (), "RIKLET_HOST_PATH_PREFIXES", None,
+            "host directories hostPath volumes may name (comma-separated absolute paths; empty: "
+            "no hostPath volume)"),
+    Setting("volumes.size_check_interval", _positive_duration, lambda: 10.0, None, None,
+            "how often disk emptyDirs with a sizeLimit are measured (a pod over its limit is evicted)"),
     Setting("runtime.user", _user, lambda: "65534:65534", "RIKLET_WORKLOAD_USER", None,
             "UID[:GID] workloads run as unless their image names a user (0: root)"),
     Setting("monitoring.metrics_enabled", _bool, lambda: True, None, None,
@@ -397,6 +413,8 @@ class Config:
     policy_host_ports: tuple[int, int]
     policy_allow_host_network: bool
     runtime_user: tuple[int, int]
+    volumes_host_path_prefixes: tuple[str, ...]
+    volumes_size_check_interval: float
     monitoring_metrics_enabled: bool
     logging_file: str | None
     restart_backoff_initial: float

@@ -78,11 +78,15 @@ class MemoryClient:
         self._all.append(rpc)
         return rpc
 
-    def apply(self, name: str, spec: dict[str, Any], uid: str | None = None) -> dict[str, Any]:
-        """Returns ``{"pod": record, "changed": bool}``."""
+    def apply(self, name: str, spec: dict[str, Any], uid: str | None = None,
+              generation: int | None = None) -> dict[str, Any]:
+        """Returns ``{"pod": record, "changed": bool}``; Conflict when ``generation`` is given
+        and the pod is no longer at it."""
         args: dict[str, Any] = {"name": name, "spec": spec}
         if uid is not None:
             args["uid"] = uid
+        if generation is not None:
+            args["generation"] = generation
         result: dict[str, Any] = self._call("pod.apply", **args)
         return result
 
@@ -150,6 +154,18 @@ class MemoryClient:
         """A pod by uid (NotFound naming ``uid``)."""
         record: dict[str, Any] = self._call("pod.find", uid=uid)
         return record
+
+    def add_events(self, events: Iterable[dict[str, Any]]) -> list[int]:
+        """Keep pod events (``common.podevent.PodEvent.to_dict()``); their sequence numbers."""
+        result = self._call("events.add", events=[dict(e) for e in events])
+        return [int(seq) for seq in result["seqs"]]
+
+    def list_events(self, pod: str | None = None, after: int | None = None,
+                    limit: int | None = None) -> dict[str, Any]:
+        """``{"events": [...], "last": seq}``: the newest ``limit`` events, oldest first."""
+        args = {k: v for k, v in (("pod", pod), ("after", after), ("limit", limit)) if v is not None}
+        result: dict[str, Any] = self._call("events.list", **args)
+        return result
 
     def stamps(self, after: str | None = None, limit: int | None = None,
                workload: str | None = None) -> list[tuple[str, str, int]]:

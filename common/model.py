@@ -24,7 +24,9 @@ from typing import Any
 import yaml
 
 from common.errors import InvalidArgument, excerpt
+from common.probespec import PROBES, parse_probes
 from common.units import parse_cpu, parse_duration, parse_memory
+from common.volumes import parse_mounts, parse_volumes
 
 MAX_MANIFEST_BYTES = 256 * 1024
 MAX_DEPTH = 32          # levels of nested objects and lists in a manifest (a pod needs about 6)
@@ -67,9 +69,10 @@ _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 
 _TOP_KEYS = {"apiVersion", "kind", "name", "replicas", "spec", "metadata"}
-_SPEC_KEYS = {"containers", "restartPolicy", "terminationGracePeriodSeconds", "hostNetwork"}
+_SPEC_KEYS = {"containers", "restartPolicy", "terminationGracePeriodSeconds", "hostNetwork",
+              "volumes"}
 _CONTAINER_KEYS = {"name", "image", "env", "ports", "command", "args", "workingDir", "resources",
-                   "runtime"}
+                   "runtime", "volumeMounts", *PROBES}
 _PORT_KEYS = {"port", "target_port", "targetPort", "protocol", "type", "name", "balance"}
 BALANCES = ("round_robin", "least_connections")
 
@@ -368,7 +371,8 @@ def _quantity(value: object, field: str) -> object:
     return value
 
 
-def _container(raw: object, field: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _container(raw: object, field: str, volumes: list[dict[str, Any]] | None = None
+               ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     c = _obj(raw, field)
     _check_keys(c, _CONTAINER_KEYS, field)
     name = dns_label(c.get("name"), f"{field}.name")
@@ -393,14 +397,20 @@ def _container(raw: object, field: str) -> tuple[dict[str, Any], list[dict[str, 
         raise InvalidArgument("expected an absolute path", f"{field}.workingDir")
     if workdir is not None:
         _text(workdir, f"{field}.workingDir", MAX_PATH, "a path")
-    spec = {
+    spec: dict[str, Any] = {
         "name": name, "image": image, "runtime": runtime, "command": command, "args": args,
         "env": _env(c["env"], f"{field}.env") if "env" in c else {},
         "workingDir": workdir,
         "resources": _resources(c["resources"], f"{field}.resources") if "resources" in c
         else {"cpu_millis": None, "memory_bytes": None},
     }
+    if c.get("volumeMounts") is not None:   # kept only when given: older specs hash the same
+        spec["volumeMounts"] = parse_mounts(c["volumeMounts"], f"{field}.volumeMounts", volumes or [])
     ports = _ports(c["ports"], f"{field}.ports", name) if c.get("ports") is not None else []
+    raw_ports: list[Any] = c["ports"] if isinstance(c.get("ports"), list) else [c.get("ports")]
+    named: list[Mapping[str, Any]] = [{"name": raw.get("name"), "target_port": port["target_port"]}
+                                      for raw, port in zip(raw_ports, ports, strict=False)]
+    spec.update(parse_probes(c, field, named))
     return spec, ports
 
 
@@ -425,10 +435,11 @@ def parse_workload(data: Mapping[str, Any], default_grace: float = 10.0) -> Work
         raise InvalidArgument("expected a non-empty list of containers", "spec.containers")
     if len(raw_containers) > MAX_CONTAINERS:
         raise InvalidArgument(f"more than {MAX_CONTAINERS} containers", "spec.containers")
+    volumes = parse_volumes(spec["volumes"]) if spec.get("volumes") is not None else None
     containers: list[dict[str, Any]] = []
     ports: list[dict[str, Any]] = []
     for i, raw in enumerate(raw_containers):
-        container, container_ports = _container(raw, f"spec.containers[{i}]")
+        container, container_ports = _container(raw, f"spec.containers[{i}]", volumes)
         if any(prev["name"] == container["name"] for prev in containers):
             raise InvalidArgument(f"duplicate container name {container['name']!r}",
                                   f"spec.containers[{i}].name")
@@ -455,6 +466,8 @@ def parse_workload(data: Mapping[str, Any], default_grace: float = 10.0) -> Work
         raise InvalidArgument("expected true or false", "spec.hostNetwork")
     base = {"workload": name, "kind": kind, "restartPolicy": policy, "gracePeriod": grace,
             "hostNetwork": host_network, "containers": containers, "ports": ports}
+    if volumes is not None:
+        base["volumes"] = volumes
     names = [name] if replicas == 1 else [f"{name}-{i}" for i in range(replicas)]
     for pod in names:
         dns_label(pod, "name")  # the replica suffix must still fit a DNS label

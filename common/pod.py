@@ -69,9 +69,17 @@ def instance_id_of(record: Mapping[str, Any]) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def ready_of(record: Mapping[str, Any]) -> bool:
+    """Whether a pod is ready: its readiness probes pass (status ``ready``). A status written
+    before readiness existed says nothing, and a pod that says nothing counts as ready."""
+    status = record.get("status")
+    return not isinstance(status, Mapping) or status.get("ready") is not False
+
+
 def serving(record: Mapping[str, Any]) -> bool:
-    """Whether a pod should receive traffic: wanted running and running."""
-    return desired_of(record) is Desired.RUNNING and phase_of(record) is Phase.RUNNING
+    """Whether a pod should receive traffic: wanted running, running and ready."""
+    return (desired_of(record) is Desired.RUNNING and phase_of(record) is Phase.RUNNING
+            and ready_of(record))
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +95,15 @@ class ContainerStatus:
     started_at: float | None = None
     finished_at: float | None = None
     next_restart_at: float | None = None
+    ready: bool | None = None             # readiness: running and its readiness probe passes
+    started: bool | None = None           # its startup probe passed (or it has none)
+    last_termination_reason: str | None = None   # why its previous run ended, when riklet knows
 
     _WIRE = (("pid", "pid"), ("restart_count", "restartCount"), ("exit_code", "exitCode"),
              ("signal", "signal"), ("reason", "reason"), ("message", "message"),
              ("started_at", "startedAt"), ("finished_at", "finishedAt"),
-             ("next_restart_at", "nextRestartAt"))
+             ("next_restart_at", "nextRestartAt"), ("ready", "ready"), ("started", "started"),
+             ("last_termination_reason", "lastTerminationReason"))
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], where: str = "containers") -> ContainerStatus:
@@ -126,6 +138,8 @@ class PodStatus:
     internal_ip: str | None = None
     started_at: float | None = None
     transition_at: float | None = None
+    ready: bool | None = None
+    conditions: tuple[Mapping[str, Any], ...] = ()
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any] | None) -> PodStatus:
@@ -141,7 +155,8 @@ class PodStatus:
                              for i, c in enumerate(containers)),
             endpoints=tuple(data.get("endpoints") or ()), cgroup=data.get("cgroup"),
             pids=tuple(int(p) for p in data.get("pids") or ()), internal_ip=data.get("internalIp"),
-            started_at=data.get("startedAt"), transition_at=data.get("transitionAt"))
+            started_at=data.get("startedAt"), transition_at=data.get("transitionAt"),
+            ready=data.get("ready"), conditions=tuple(data.get("conditions") or ()))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -150,12 +165,16 @@ class PodStatus:
             "containers": [c.to_json() for c in self.containers],
             "endpoints": [dict(e) for e in self.endpoints], "cgroup": self.cgroup,
             "pids": list(self.pids), "internalIp": self.internal_ip, "startedAt": self.started_at,
-            "transitionAt": self.transition_at,
+            "transitionAt": self.transition_at, "ready": self.ready,
+            "conditions": [dict(c) for c in self.conditions],
         }
 
     @property
     def ready_containers(self) -> int:
-        return sum(1 for c in self.containers if c.state is ContainerState.RUNNING)
+        """Containers ready (running, readiness passing); a status from before readiness
+        existed counts the running ones."""
+        return sum(1 for c in self.containers if c.ready or (c.ready is None and c.state is
+                                                              ContainerState.RUNNING))
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from typing import Any, cast
 import grpc
 
 from common import pb
-from common.pod import Desired, Phase, desired_of, phase_of
+from common.pod import Desired, Phase, desired_of, phase_of, ready_of
 
 pb.ensure()
 from common.pb import rik_common_pb2 as cpb  # noqa: E402
@@ -53,7 +53,10 @@ def status_of(record: Mapping[str, Any]) -> int:
     DESTROY right away, and every reporter (manager, monitor) says the same thing."""
     if desired_of(record) is Desired.DELETED:
         return int(cpb.DESTROYING)
-    return int(PHASE_STATUS[phase_of(record)])
+    phase = phase_of(record)
+    if phase is Phase.RUNNING and not ready_of(record):
+        return int(cpb.CREATING)   # running but not ready (its probes): not serving yet
+    return int(PHASE_STATUS[phase])
 
 
 def pod_name_for(instance_id: str) -> str:

@@ -254,6 +254,9 @@ def test_pull_from_registry_ls_and_rm(containerd_env: Any, busybox_archive: Any,
         ref = f"{registry.address}/busybox:latest"
         a.agent.ctl("run", "pulled", "--image", ref, "--", "sleep", "3600")
         a.agent.wait_phase("pulled", "Running", 60)
+        told = json.loads(a.agent.ctl("events", "pulled", "-o", "json").stdout)
+        assert [e["reason"] for e in told][:4] == ["Scheduled", "Pulling", "Pulled", "Started"]
+        assert told[2]["container"] == "pulled" and f"pulled image {ref} in " in told[2]["message"]
         names = [i["name"] for i in json.loads(a.agent.ctl("image", "ls", "-o", "json").stdout)]
         assert ref in names and a.image in names
 
@@ -273,6 +276,11 @@ def test_pull_from_registry_ls_and_rm(containerd_env: Any, busybox_archive: Any,
         a.agent.ctl("run", "missing", "--image", f"{registry.address}/nope:1", "--", "true")
         pod = a.agent.wait_phase("missing", "Error", 60)
         assert pod["reason"] == "ErrImagePull" and "nope" in (pod["message"] or "")
+        def failures() -> list[dict[str, Any]]:
+            told = json.loads(a.agent.ctl("events", "missing", "-o", "json").stdout)
+            return [e for e in told if e["reason"] == "Failed"]
+        failed = wait_for(failures, 30, "the failed pull told")
+        assert failed[0]["type"] == "Warning" and "ErrImagePull" in failed[0]["message"]
     finally:
         rep = getattr(request.node, "rep_call", None)
         if rep is not None and rep.failed:

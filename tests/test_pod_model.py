@@ -28,11 +28,13 @@ def record(**changes: Any) -> dict[str, Any]:
                    "restartCount": 2, "containers": [
                        {"name": "app", "state": "running", "pid": 42, "restartCount": 2,
                         "exitCode": None, "signal": None, "reason": None, "message": None,
-                        "startedAt": 10.0, "finishedAt": None, "nextRestartAt": None}],
+                        "startedAt": 10.0, "finishedAt": None, "nextRestartAt": None,
+                        "ready": True, "started": True, "lastTerminationReason": None}],
                    "endpoints": [{"host_port": 8080, "protocol": "TCP", "address": "127.0.0.1",
                                   "port": 9000}],
                    "cgroup": "riklet/x/web-0", "pids": [42], "internalIp": "127.0.0.1",
-                   "startedAt": 10.0, "transitionAt": 11.0},
+                   "startedAt": 10.0, "transitionAt": 11.0, "ready": True,
+                   "conditions": [{"type": "Ready", "status": "True"}]},
         "created_at": 1.0, "updated_at": 2.0,
     }
     base.update(changes)
@@ -59,6 +61,16 @@ def test_defaults_are_spelled_once() -> None:
     ("running", "Creating", False), ("running", "Error", False)])
 def test_only_running_pods_wanted_running_serve(desired: str, phase: str, expected: bool) -> None:
     assert serving(record(desired=desired, status={"phase": phase})) is expected
+
+
+def test_a_running_pod_that_is_not_ready_does_not_serve() -> None:
+    assert not serving(record(status={"phase": "Running", "ready": False}))
+    assert serving(record(status={"phase": "Running", "ready": True}))
+    typed = PodRecord.from_json(record())
+    assert typed.status.ready_containers == 1
+    unready = record()
+    unready["status"]["containers"][0]["ready"] = False
+    assert PodRecord.from_json(unready).status.ready_containers == 0
 
 
 @pytest.mark.parametrize(("changes", "field"), [

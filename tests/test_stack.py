@@ -127,6 +127,9 @@ def test_memory_limit_kills_and_reports_oom(agent: Agent) -> None:
     pod = agent.wait_phase("hog", "Error", timeout=30)
     assert pod["reason"] == "OOMKilled"
     assert pod["exitCode"] == 137
+    told = wait_for(lambda: [e for e in json.loads(agent.ctl("events", "hog", "-o", "json").stdout)
+                             if e["reason"] == "OOMKilled"], 10, what="the OOM kill told")
+    assert told[0]["type"] == "Warning" and "lack of memory" in told[0]["message"]
 
 
 def test_restart_policy_on_failure_counts_restarts(agent: Agent) -> None:

@@ -43,12 +43,15 @@ def main(argv: list[str] | None = None) -> None:
     from services.manager.containerd.client import Containerd
     from services.manager.containerd.cni import PodNetworks
     from services.manager.containerd.runtime import ContainerdRuntime
+    from services.manager.podevents import Recorder
     from services.manager.process import ProcessRuntime
     from services.manager.reconcile.events import ShimEvents
     from services.manager.reconcile.events import path_in as events_path
     from services.manager.reconcile.pidwatch import raise_fd_limit
     from services.manager.reconcile.reconciler import Reconciler
     from services.manager.rik.link import SchedulerLink
+    from services.manager.volumes.sizewatch import SizeWatch
+    from services.manager.volumes.store import VolumeStore
 
     make_run_dir(cfg.paths_run_dir)
     raise_fd_limit()  # the reconciler holds a pidfd per live pod
@@ -73,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         log_max_files=cfg.logs_max_files, backoff=backoff,
         insecure_registries=cfg.containerd_insecure_registries, user=cfg.runtime_user)
     service: NodeService | None = None
+    sizes = SizeWatch(memory, runtime.pod_dir, cfg.volumes_size_check_interval)
     reconciler: Reconciler | None = None
     link: SchedulerLink | None = None
 
@@ -81,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             service.on_change(name, record, before)
         if reconciler is not None:
             reconciler.changed(name, record, before)
+        sizes.changed(name, record, before)
         if link is not None:
             link.on_change(name, record, before)
 
@@ -91,13 +96,20 @@ def main(argv: list[str] | None = None) -> None:
     # One reader of the proxy's blocked ports for both drivers, refreshed by the reconciler.
     blocked = blocked_ports.Reader(blocked_ports.path_in(cfg.paths_state_dir), refreshed_elsewhere=True)
     runtime.blocked_ports = containers.blocked_ports = blocked
+    recorder = Recorder(memory.add_events)   # pod events, written to memory in batches
+    recorder.start()
+    sizes.recorder = recorder
+    containers.recorder = recorder
     reconciler = Reconciler(memory, {"process": runtime, "containerd": containers}, mirror,
-                            resync_interval=cfg.reconcile_resync_interval, blocked=blocked)
+                            resync_interval=cfg.reconcile_resync_interval, blocked=blocked,
+                            recorder=recorder, probes=True)
     shim_events = ShimEvents(events_path(cfg.paths_run_dir), reconciler.shim_said)
     containers.on_progress = reconciler.progress
     service = NodeService(memory, mirror, RequestClient(cfg.monitor_endpoint, timeout=2.0, retries=1),
                           runtime.log_path, cfg.runtime_stop_grace_period, reconciler.poke,
-                          images=containers, policy=Policy.from_config(cfg), offer=reconciler.offer)
+                          images=containers, policy=Policy.from_config(cfg), offer=reconciler.offer,
+                          recorder=recorder, volumes=VolumeStore(cfg.paths_state_dir))
+    service.usage_of = runtime.memory_usage   # both drivers' groups are <pod group>/<container>
     service.execs = Execs(memory, runtime, containers)
     service.execs.clean_leftovers()
 
@@ -143,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.scheduler_address:
         link = SchedulerLink(cfg.scheduler_address, cfg.node_id, memory, mirror, reconciler.poke,
                              service.apply_locks, cfg.runtime_stop_grace_period, Policy.from_config(cfg),
-                             offer=reconciler.offer)
+                             offer=reconciler.offer, volumes=service.volumes)
+        link.recorder = recorder
         link.start()
         log.info("RIK mode", extra={"scheduler": cfg.scheduler_address, "node": cfg.node_id})
     for name in ("", SERVICE_NAME):
@@ -151,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     log.info("manager serving", extra={"address": cfg.api_address})
 
     done = threading.Event()
+    threading.Thread(target=sizes.run, args=(done,), name="emptydir-sizes", daemon=True).start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
@@ -166,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     stats_server.stop()
     shim_events.stop()
     reconciler.stop()
+    recorder.stop()
     mirror.stop()
     # Workloads are left running on purpose: their shims do not depend on this process. Their
     # cgroups stay with them; the agent's empty groups (no pod, or pods gone) are removed, so a

@@ -8,6 +8,8 @@ it asks for host ports or picks them (the CHaS API allocates from a range), the 
 the node's host ports. Applies of different port-less workloads, the bulk of a dense node,
 no longer queue behind one another while each waits for memory.
 
+A named volume it claims is a key too, which volume create and remove hold.
+
 Locks are taken in one order (sorted keys), so two applies never wait for each other.
 """
 
@@ -19,6 +21,7 @@ from contextlib import contextmanager
 
 from common.model import Workload
 from common.ports import wanted_ports
+from common.volumes import claims
 
 Key = tuple[str, str]
 PORTS: Key = ("ports", "")
@@ -35,6 +38,8 @@ class ApplyLocks:
     def hold(self, workload: Workload, picks_ports: bool = False) -> Iterator[None]:
         """Hold what an apply of ``workload`` needs; ``picks_ports``: it may choose host ports."""
         keys = {("pod", name) for name, _ in workload.pods} | {("workload", workload.name)}
+        # a claimed named volume: its create/remove cannot slip between this check and write
+        keys |= {("volume", claim) for _, spec in workload.pods for claim in claims(spec)}
         if picks_ports or wanted_ports(workload):
             keys.add(PORTS)
         with self.keys(keys):

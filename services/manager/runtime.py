@@ -9,14 +9,38 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from common import blocked_ports
+from common import blocked_ports, cgroups
+from common.errors import RikletError
 
 PodRecord = Mapping[str, Any]
 
 
-def spec_hash(spec: Mapping[str, Any]) -> str:
-    """A stable digest of a pod spec: when it changes, the pod's containers are replaced."""
+def legacy_spec_hash(spec: Mapping[str, Any]) -> str:
+    """The digest drivers recorded before in-place resize: the whole spec, resources included."""
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def spec_hash(spec: Mapping[str, Any]) -> str:
+    """A stable digest of a pod spec without its containers' resources: when it changes, the
+    pod's containers are replaced; a change of resources alone is applied in place."""
+    shape = {**spec, "containers": [{k: v for k, v in c.items() if k != "resources"}
+                                    for c in spec.get("containers") or ()]}
+    return "s" + hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def same_spec(recorded: str, spec: Mapping[str, Any]) -> bool:
+    """Whether a driver's recorded digest is of ``spec`` (a pod started before in-place resize
+    recorded the whole spec's: one whose resources changed since is replaced, as then)."""
+    return recorded == spec_hash(spec) or recorded == legacy_spec_hash(spec)
+
+
+Limits = tuple[tuple[str, int | None, int | None], ...]
+
+
+def limits_of(spec: Mapping[str, Any]) -> Limits:
+    """Each container's (name, cpu millis, memory bytes) limits."""
+    return tuple((c["name"], (c.get("resources") or {}).get("cpu_millis"),
+                  (c.get("resources") or {}).get("memory_bytes")) for c in spec.get("containers") or ())
 
 
 @dataclass(frozen=True)
@@ -47,6 +71,7 @@ class PodLayout:
     agents side by side on one machine never share a group."""
 
     def __init__(self, state_dir: str) -> None:
+        self.state_dir = state_dir
         self.root = os.path.join(state_dir, "pods")
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         self.agent_id = hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:8]
@@ -60,6 +85,21 @@ class PodLayout:
 
     def cgroup_parent(self, name: str) -> str:
         return f"riklet/{self.agent_id}/{name}"
+
+    def resize(self, pod: PodRecord) -> None:
+        """Set every container's cgroup limits to the spec's, in place (the same processes go
+        on); the same for both drivers, whose containers' groups are ``<pod group>/<name>``."""
+        layout = getattr(self, "layout", None)
+        for name, cpu, memory in limits_of(pod["spec"]):
+            cgroups.Cgroup(f"{self.cgroup_parent(pod['name'])}/{name}", layout).set_limits(cpu, memory)
+
+    def memory_usage(self, pod_name: str, container: str) -> int | None:
+        """A container's working set now (bytes), None when it has no group."""
+        group = cgroups.Cgroup(f"{self.cgroup_parent(pod_name)}/{container}", getattr(self, "layout", None))
+        try:
+            return group.usage().memory_bytes if group.exists() else None
+        except RikletError:
+            return None
 
     def agent_cgroup(self) -> str:
         """The parent of every pod group of this agent (``riklet/`` itself is shared)."""

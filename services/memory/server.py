@@ -8,7 +8,7 @@ before that commit.
 
 Ops (each declares its arguments; an unknown one is rejected naming ``args.<key>``)::
 
-    pod.apply       {name, spec, uid?}                   -> {"pod": record, "changed": bool}
+    pod.apply       {name, spec, uid?, generation?}      -> {"pod": record, "changed": bool}
     workload.apply  {workload, pods: [[name, spec]]}      -> {"pods": [{"pod", "changed"}]}; the
                     workload's other pods wanted deleted; all or nothing
     pod.set_status  {name, uid, status, expect_version?, generation?} -> record
@@ -23,6 +23,8 @@ Ops (each declares its arguments; an unknown one is rejected naming ``args.<key>
     pod.claimed     {low, high}                          -> [[protocol, port]] claimed in the range
     pod.find        {uid}                                -> record
     snapshot        {}                                   -> {"seq", "epoch", "pods"}
+    events.add      {events: [event]}                    -> {"seqs": [int]} (common.podevent)
+    events.list     {pod?, after?, limit?}               -> {"events": [event], "last": seq}
 """
 
 from __future__ import annotations
@@ -68,8 +70,9 @@ class Op:
 
 
 OPS: dict[str, Op] = {
-    "pod.apply": Op(("name", "spec"), ("uid",),
-                    lambda s, a, rid: s.apply(a["name"], a["spec"], a.get("uid"), request_id=rid)),
+    "pod.apply": Op(("name", "spec"), ("uid", "generation"),
+                    lambda s, a, rid: s.apply(a["name"], a["spec"], a.get("uid"), request_id=rid,
+                                              generation=a.get("generation"))),
     "workload.apply": Op(("workload", "pods"), (),
                          lambda s, a, rid: s.apply_workload(a["workload"], a["pods"], request_id=rid)),
     "pod.set_status": Op(("name", "uid", "status"), ("expect_version", "generation"),
@@ -94,6 +97,9 @@ OPS: dict[str, Op] = {
     "pod.claimed": Op(("low", "high"), (), lambda s, a, rid: s.claimed(a["low"], a["high"])),
     "pod.find": Op(("uid",), (), lambda s, a, rid: s.find(a["uid"])),
     "snapshot": Op((), (), lambda s, a, rid: s.snapshot()),
+    "events.add": Op(("events",), (), lambda s, a, rid: s.add_events(a["events"], request_id=rid)),
+    "events.list": Op((), ("pod", "after", "limit"),
+                      lambda s, a, rid: s.events.list(a.get("pod"), a.get("after"), a.get("limit"))),
 }
 
 

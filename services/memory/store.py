@@ -35,6 +35,8 @@ from typing import Any
 from common.errors import Conflict, Internal, InvalidArgument, NotFound
 from common.ipc import Event
 from common.pod import Phase, instance_id_of
+from services.memory.eventlog import TABLES as EVENT_TABLES
+from services.memory.eventlog import EventLog
 
 DB_NAME = "riklet.db"
 SCHEMA_VERSION = 3
@@ -218,9 +220,11 @@ class Store:
                 self._db.execute("ALTER TABLE pods ADD COLUMN workload TEXT NOT NULL DEFAULT ''")
                 self._reindex()
             self._script(_INDEXES)
+            self._script(EVENT_TABLES)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('seq', '0'), ('epoch', ?)",
                              (uuid.uuid4().hex,))
+        self.events = EventLog(self._db, clock)
 
     def _script(self, script: str) -> None:
         for statement in script.split(";"):
@@ -343,12 +347,16 @@ class Store:
     # -- writes ---------------------------------------------------------------------------------
 
     def apply(self, name: str, spec: dict[str, Any], uid: str | None = None,
-              request_id: str | None = None) -> Change:
-        """Create or replace a pod's spec and want it running. Idempotent by name."""
+              request_id: str | None = None, generation: int | None = None) -> Change:
+        """Create or replace a pod's spec and want it running. Idempotent by name. With
+        ``generation`` (and ``uid``), only over the pod as it was read (a resize)."""
         name, spec_text = check_name(name), canonical(spec, "args.spec")
         uid = None if uid is None else check_uid(uid)
+        generation = None if generation is None else check_version(generation, "args.generation")
 
         def body() -> tuple[Any, Emit]:
+            if generation is not None:
+                _fence(self._existing(name), uid, generation)
             return self._apply_one(name, spec, spec_text, uid)
 
         return self._write("pod.apply", request_id, body)
@@ -487,6 +495,11 @@ class Store:
             return None, [(f"pod.{name}.removed", {"kind": "removed", "name": name, "uid": uid})]
 
         return self._write("pod.remove", request_id, body)
+
+    def add_events(self, events: object, request_id: str | None = None) -> Change:
+        """Keep pod events (a bounded history, see :mod:`.eventlog`); their sequence numbers."""
+        checked = EventLog.check(events)
+        return self._write("events.add", request_id, lambda: ({"seqs": self.events.add(checked)}, []))
 
     # -- reads ----------------------------------------------------------------------------------
 

@@ -30,7 +30,9 @@ def pod_message(record: Mapping[str, Any]) -> pb.Pod:
             name=c.get("name") or "", state=c.get("state") or "", pid=int(c.get("pid") or 0),
             restart_count=int(c.get("restartCount") or 0), has_exit_code=code is not None,
             exit_code=int(code or 0), reason=c.get("reason") or "",
-            started_at=float(c.get("startedAt") or 0), finished_at=float(c.get("finishedAt") or 0)))
+            started_at=float(c.get("startedAt") or 0), finished_at=float(c.get("finishedAt") or 0),
+            ready=bool(c.get("ready", c.get("state") == "running")), started=bool(c.get("started")),
+            last_termination_reason=c.get("lastTerminationReason") or ""))
     endpoints = [pb.Endpoint(host_port=int(e.get("host_port") or 0), protocol=e.get("protocol", ""),
                              address=e.get("address", ""), port=int(e.get("port") or 0))
                  for e in status.get("endpoints") or []]
@@ -41,7 +43,8 @@ def pod_message(record: Mapping[str, Any]) -> pb.Pod:
         version=int(record.get("version", 0)), generation=int(record.get("generation", 0)),
         created_at=float(record.get("created_at", 0)),
         restart_count=int(status.get("restartCount") or 0), containers=containers,
-        endpoints=endpoints, spec_json=spec_json, status_json=status_json)
+        endpoints=endpoints, spec_json=spec_json, status_json=status_json,
+        ready=status.get("phase") == "Running" and status.get("ready") is not False)
 
 
 def _varint(n: int) -> bytes:

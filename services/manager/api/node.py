@@ -28,9 +28,13 @@ from common.pb import node_pb2_grpc as pb_grpc
 from common.policy import Policy
 from common.ports import ApplyView, check_ports, wanted_ports
 from common.zmqutil import RequestClient
+from services.manager.api import resize
 from services.manager.api.apps import apply_app
 from services.manager.api.listing import ListReply, PodMessages, pod_message
+from services.manager.api.podevents import EventsApi
+from services.manager.api.volumes import VolumeRpcs, check_claims
 from services.manager.applylocks import ApplyLocks
+from services.manager.volumes.store import VolumeStore
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +83,16 @@ def _continue_from(token: str) -> str:
         raise InvalidArgument("not a continue token a List reply gave", "continue_token") from None
 
 
-class NodeService(pb_grpc.NodeServicer):
+class NodeService(EventsApi, VolumeRpcs, pb_grpc.NodeServicer):
     def __init__(self, memory: MemoryClient, mirror: Any, monitor: RequestClient,
                  log_path: Callable[[str, str], str], grace_default: float,
                  poke: Callable[[str | None], None], images: Any = None,
                  policy: Policy | None = None,
-                 offer: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 offer: Callable[[dict[str, Any]], None] | None = None, recorder: Any = None,
+                 volumes: VolumeStore | None = None) -> None:
         self.memory = memory
+        self.recorder = recorder      # pod events (services.manager.podevents.Recorder), or None
+        self.volumes = volumes        # named volumes (rpcs in api/volumes.py)
         self.policy = policy or Policy()
         self.images = images          # the containerd runtime: list, pull, import, remove
         self.mirror = mirror
@@ -100,6 +107,8 @@ class NodeService(pb_grpc.NodeServicer):
         # RIK scheduler link); applies that cannot meet run side by side.
         self.apply_locks = ApplyLocks()
         self._messages = PodMessages()
+        # (pod, container) -> memory in use now: a resize below it is refused (set by main)
+        self.usage_of: resize.UsageOf | None = None
         self._watchers: list[queue.Queue[tuple[str, dict[str, Any]] | None]] = []
         self._watch_lock = threading.Lock()
         self.execs: Any = None   # services.manager.api.execstream.Execs, set by the wiring
@@ -158,14 +167,20 @@ class NodeService(pb_grpc.NodeServicer):
                     current = ApplyView(self.memory, workload)  # the ports it chose have holders too
                 for _, spec in workload.pods:
                     self.policy.check(spec)
+                    check_claims(spec, self.volumes)
                 check_ports(workload, current)
             else:
                 for _, spec in workload.pods:
                     self.policy.check(spec)
+                    check_claims(spec, self.volumes)
+            if self.usage_of is not None and self.mirror is not None:
+                for name, spec in workload.pods:   # a re-apply may lower a running pod's memory
+                    resize.check_memory(self.mirror.get(name), spec, self.usage_of)
             # One write: the pods, the ownership of their names, and the extra replicas' delete,
             # all or nothing.
             results = self.memory.apply_workload(workload.name, workload.pods)
         records = [r["pod"] for r in results]
+        self._applied_events([r["pod"] for r in results if r.get("changed", True)])   # before any start
         for r in records:
             self.offer(r)
         log.info("applied", extra={"workload": workload.name, "pods": [r["name"] for r in records]})
@@ -176,7 +191,24 @@ class NodeService(pb_grpc.NodeServicer):
         result = self.memory.set_desired(self._pod_name(name), desired)
         record: dict[str, Any] = result.get("pod", result)
         self.offer(record)
+        if desired != "running" and (recorder := self.recorder) is not None:
+            recorder.record(record["name"], "Killing", f"stopping the pod: it is wanted {desired}",
+                            uid=record["uid"])
         return record
+
+    def _applied_events(self, records: list[dict[str, Any]]) -> None:
+        """Scheduled for a new pod, Applied for one whose spec or desired state changed."""
+        recorder = self.recorder
+        if recorder is None:
+            return
+        for r in records:
+            workload = (r.get("spec") or {}).get("workload") or r["name"]
+            if r.get("generation", 1) == 1:
+                recorder.record(r["name"], "Scheduled", f"accepted on this node (workload {workload})",
+                                uid=r["uid"])
+            else:
+                recorder.record(r["name"], "Applied", f"wanted running at generation {r['generation']}",
+                                uid=r["uid"])
 
     def log_file(self, name: str, container: str = "") -> str:
         """The path of a container's current log file (created empty if it has not started)."""
@@ -194,6 +226,9 @@ class NodeService(pb_grpc.NodeServicer):
             return pb.DeleteResponse(pod=self._desire(request.name, "deleted"))
         # Many pods in one transaction: their events reach the reconciler as one batch.
         names = self.memory.delete_many(request.workload or None)
+        if (recorder := self.recorder) is not None:
+            for name in names:
+                recorder.record(name, "Killing", "stopping the pod: it is wanted deleted")
         log.info("deleted", extra={"workload": request.workload or None, "pods": len(names)})
         return pb.DeleteResponse(deleted=names)
 
@@ -202,6 +237,21 @@ class NodeService(pb_grpc.NodeServicer):
 
     def _desire(self, name: str, desired: str) -> pb.Pod:
         return pod_message(self.desire(name, desired))
+
+    def Resize(self, request: pb.ResizeRequest, context: grpc.ServicerContext) -> pb.ResizeResponse:
+        return self._call(context, lambda: self._resize(request))
+
+    def _resize(self, request: pb.ResizeRequest) -> pb.ResizeResponse:
+        record = self._record(request.name)
+        spec = resize.resized_spec(record, request.container, request.cpu, request.memory)
+        resize.check_memory(record, spec, self.usage_of, "memory")
+        with self.apply_locks.keys({("pod", record["name"]), ("workload", spec.get("workload", ""))}):
+            # fenced: a pod applied or deleted since it was read is not resized (Conflict)
+            result = self.memory.apply(record["name"], spec, uid=record["uid"],
+                                       generation=record["generation"])
+        self.offer(result["pod"])
+        log.info("resize asked", extra={"pod": record["name"], "container": request.container})
+        return pb.ResizeResponse(pod=pod_message(result["pod"]))
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.Pod:
         return self._call(context, lambda: pod_message(self._record(request.name)))

@@ -32,7 +32,7 @@ from common import auth
 from common.errors import Conflict as ConflictError
 from common.errors import InvalidArgument, NotFound, RikletError, Unavailable
 from common.model import Workload, host_ports
-from common.pod import Phase, instance_id_of, phase_of
+from common.pod import Phase, instance_id_of, phase_of, ready_of
 from common.ports import ApplyView, bindable
 from common.zmqutil import RequestClient
 from services.manager.chas.conn import (
@@ -256,8 +256,9 @@ class ChasApi:
             problems.append(f"memory: {exc}")
             mirror = getattr(self.service, "mirror", None)
             records = list(mirror.pods().values()) if mirror is not None else []
-        running = sum(1 for r in records if isinstance(r, dict) and r.get("desired") == "running"
-                      and phase_of(r) is Phase.RUNNING)
+        running = [r for r in records if isinstance(r, dict) and r.get("desired") == "running"
+                   and phase_of(r) is Phase.RUNNING]
+        not_ready = sum(1 for r in running if not ready_of(r))
         free = total = 0
         path = self.disk_path
         while not os.path.exists(path) and path != os.path.dirname(path):
@@ -275,7 +276,8 @@ class ChasApi:
             "status": "healthy" if healthy else "unhealthy",
             "resources": {"cpu_usage": round(cpu, 2), "memory_usage": round(memory, 2),
                           "disk_available": format_gb(free), "disk_available_bytes": free,
-                          "container_count": running},
+                          "container_count": len(running) - not_ready,
+                          "containers_not_ready": not_ready},
             "uptime": max(0, int(time.time() - self.started_at)),
             "problems": problems,
         }

@@ -13,7 +13,8 @@ from typing import Any
 
 from common.errors import InvalidArgument, excerpt
 from common.model import dns_label
-from common.pod import Desired, Phase, desired_of, phase_of
+from common.pod import Desired, Phase, desired_of, phase_of, ready_of
+from common.probespec import PROBES, parse_probe
 from common.units import parse_cpu, parse_memory
 
 MAX_STORED = 200 * 1024            # JSON bytes of a deployment once normalized (memory keeps 256 KiB)
@@ -28,7 +29,8 @@ STATUSES: Mapping[Phase, str] = {
     Phase.ERROR: "error", Phase.TERMINATING: "terminating", Phase.TERMINATED: "stopped",
 }
 
-DEPLOY_KEYS = ("image", "name", "exposed_ports", "resources", "environment", "command", "args")
+DEPLOY_KEYS = ("image", "name", "exposed_ports", "resources", "environment", "command", "args",
+               "volumes", "volumeMounts", *PROBES)   # these: riklet's extensions, as in a pod spec
 PORT_KEYS = ("container", "protocol", "host")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 
@@ -40,6 +42,17 @@ def container_status(record: Mapping[str, Any]) -> str:
     if desired_of(record) is Desired.DELETED:
         return "terminating"
     return STATUSES[phase_of(record)]
+
+
+def container_health(record: Mapping[str, Any]) -> str | None:
+    """A running pod's health by its probes: "healthy" when ready, "starting" while a startup
+    probe has not passed, else "unhealthy"; None when it is not running."""
+    if phase_of(record) is not Phase.RUNNING or desired_of(record) is not Desired.RUNNING:
+        return None
+    if ready_of(record):
+        return "healthy"
+    containers = (record.get("status") or {}).get("containers") or []
+    return "starting" if any(c.get("started") is False for c in containers) else "unhealthy"
 
 
 def container_summary(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -54,6 +67,7 @@ def container_summary(record: Mapping[str, Any]) -> dict[str, Any]:
         "image": image,
         "status": container_status(record),
         "reason": status.get("reason") or None,
+        "health": container_health(record),
         "ports": [{"host": p.get("port") or None, "container": p.get("target_port") or None,
                    "protocol": str(p.get("protocol", "TCP")).lower()}
                   for p in spec.get("ports") or []],
@@ -157,7 +171,16 @@ def parse_deploy(data: object) -> DeployRequest:
     if environment is not None:
         container["env"] = _environment(environment)
 
-    document = {"apiVersion": "v1", "kind": "Pod", "name": name, "spec": {"containers": [container]}}
+    for kind in PROBES:   # Kubernetes' probes, checked here to name the field
+        if _opt(data, kind) is not None:
+            parse_probe(data[kind], kind, {})
+            container[kind] = data[kind]
+    if _opt(data, "volumeMounts") is not None:   # checked by the core, as a pod's
+        container["volumeMounts"] = data["volumeMounts"]
+    spec: dict[str, Any] = {"containers": [container]}
+    if _opt(data, "volumes") is not None:
+        spec["volumes"] = data["volumes"]
+    document = {"apiVersion": "v1", "kind": "Pod", "name": name, "spec": spec}
     if len(json.dumps(document)) > MAX_STORED:
         raise InvalidArgument(f"the deployment is larger than {MAX_STORED // 1024} KiB once stored", "body")
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -242,6 +265,8 @@ def body_field(field: str | None) -> str | None:
         return "body"
     if not field.startswith("spec"):
         return field
+    if field.startswith("spec.volumes"):
+        return field[len("spec."):]
     rest = re.sub(r"^spec\.containers(\[\d+\])?\.?", "", field)
     if rest == field or not rest:
         return "body"

@@ -55,7 +55,9 @@ def user_of(image_config: Mapping[str, Any], default: tuple[int, int] = (0, 0)) 
 
 def build(*, argv: list[str], env: list[str], cwd: str, hostname: str, netns: str | None,
           cgroups_path: str, memory_bytes: int | None, cpu_millis: int | None,
-          etc_files: Mapping[str, str], user: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+          etc_files: Mapping[str, str], user: tuple[int, int] = (0, 0),
+          volumes: Sequence[tuple[Any, ...]] = ()) -> dict[str, Any]:
+    """``volumes``: (source on the node, mountPath, read-only) of the container's volume mounts."""
     namespaces: list[dict[str, str]] = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
     if netns is not None:
         namespaces.append({"type": "network", "path": netns})
@@ -82,6 +84,8 @@ def build(*, argv: list[str], env: list[str], cwd: str, hostname: str, netns: st
     ]
     mounts += [{"destination": dest, "type": "bind", "source": src, "options": ["rbind", "ro"]}
                for dest, src in sorted(etc_files.items())]
+    mounts += [{"destination": str(dest), "type": "bind", "source": str(src),
+                "options": ["rbind", "ro" if read_only else "rw"]} for src, dest, read_only in volumes]
     caps = list(CAPABILITIES)
     return {
         "ociVersion": "1.0.2-dev",

@@ -17,6 +17,7 @@ log and by :meth:`ContainerdRuntime.orphans`, never killed: an operator decides 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -47,9 +48,14 @@ from services.manager.containerd.client import (
     Containerd,
     TaskState,
 )
+from services.manager.containerd.execproc import ContainerdExec
 from services.manager.containerd.exits import StartFailure, classify, should_restart
 from services.manager.containerd.images import Images
+from services.manager.podevents import NullRecorder, Records
+from services.manager.probes import execprobe
 from services.manager.runtime import Observed, PodLayout, PodRecord, spec_hash
+from services.manager.volumes import tmpfs
+from services.manager.volumes.layout import container_mounts
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +80,7 @@ class ContainerdRuntime(PodLayout, Images):
         self.backoff = backoff
         self.user = user
         self.on_progress: Progress | None = None
+        self.recorder: Records = NullRecorder()   # pod events: Pulling, Pulled
         self.logger = logdriver.install(state_dir)
 
     # -- names -------------------------------------------------------------------------------
@@ -212,6 +219,8 @@ class ContainerdRuntime(PodLayout, Images):
         driver = {"runtime": self.name, "uid": pod["uid"], "spec_hash": spec_hash(spec), "stopped": False,
                   "ip": ip, "netns": netns, "hostNetwork": host_network, "etc": etc,
                   "endpoints": self._endpoints(spec, ip, host_network)}
+        if spec.get("volumes"):   # kept only when the pod has some
+            driver["mounts"] = container_mounts(spec, pdir, self.state_dir)
         write_json(os.path.join(pdir, "driver.json"), driver)
         states: dict[str, Any] = {}
         for c in spec["containers"]:
@@ -230,7 +239,7 @@ class ContainerdRuntime(PodLayout, Images):
         cid = self.container_id(pod["name"], c["name"])
         try:
             image = normalize_ref(c["image"])
-            self.ensure_image(image, lambda msg: self._progress(pod, msg))
+            self._ensure_image(pod, c["name"], image)
             self._create_container(pod, c, cid, image, driver)
             self.client.delete_task(cid)  # a stopped task left by an interrupted restart
             pid = self.client.create_task(cid, logdriver.uri(
@@ -253,6 +262,17 @@ class ContainerdRuntime(PodLayout, Images):
             rec["restartCount"] = int(rec.get("restartCount") or 0) + 1
         rec.update(state="running", pid=pid, startedAt=time.time(), nextRestartAt=None)
 
+    def _ensure_image(self, pod: PodRecord, container: str, image: str) -> None:
+        """The image on the node, pulled first if needed, with Pulling and Pulled events."""
+        if self.client.has_image(image):
+            return
+        said = {"uid": pod["uid"], "container": container}
+        self.recorder.record(pod["name"], "Pulling", f"pulling image {image}", **said)
+        began = time.monotonic()
+        self.ensure_image(image, lambda msg: self._progress(pod, msg))
+        self.recorder.record(pod["name"], "Pulled",
+                             f"pulled image {image} in {time.monotonic() - began:.1f}s", **said)
+
     def _progress(self, pod: PodRecord, message: str) -> None:
         if self.on_progress is not None:
             with contextlib.suppress(Exception):
@@ -271,7 +291,8 @@ class ContainerdRuntime(PodLayout, Images):
             hostname=pod["name"], netns=driver.get("netns"),
             cgroups_path=f"/{self.cgroup_parent(pod['name'])}/{c['name']}",
             memory_bytes=c["resources"].get("memory_bytes"), cpu_millis=c["resources"].get("cpu_millis"),
-            etc_files=driver.get("etc") or {}, user=ocispec.user_of(config, self.user))
+            etc_files=driver.get("etc") or {}, user=ocispec.user_of(config, self.user),
+            volumes=[tuple(m) for m in (driver.get("mounts") or {}).get(c["name"], [])])
         labels = {LABEL_AGENT: self.agent_id, LABEL_POD: pod["name"], LABEL_UID: pod["uid"],
                   LABEL_CONTAINER: c["name"]}
         with self.client.lease() as lease:
@@ -284,6 +305,16 @@ class ContainerdRuntime(PodLayout, Images):
                                ) from None
             with contextlib.suppress(AlreadyExists):
                 self.client.create_container(cid, image, spec, labels, lease)
+
+    async def probe_exec(self, pod: PodRecord, container: str, argv: list[str],
+                         timeout: float) -> tuple[int, bytes]:
+        """An exec probe's command, through containerd's exec as ``rikletctl exec`` runs one."""
+        cid = self.container_id(pod["name"], container)
+        fifo_root = os.path.join(os.path.dirname(self.root), "exec")
+
+        def start() -> ContainerdExec:
+            return ContainerdExec(self.client, cid, argv, False, False, (80, 24), fifo_root)
+        return await asyncio.to_thread(execprobe.run, start, execprobe.wait_containerd, timeout)
 
     def stop(self, pod: PodRecord) -> None:
         pdir = self.pod_dir(pod["name"])
@@ -325,6 +356,7 @@ class ContainerdRuntime(PodLayout, Images):
             cgroups.prune(self.cgroup_parent(pod["name"]))
         if self.networks is not None:
             self.networks.teardown(pod["name"])
+        tmpfs.unmount_under(self.pod_dir(pod["name"]))   # Memory emptyDirs: not into the tree
         shutil.rmtree(self.pod_dir(pod["name"]), ignore_errors=True)
 
     def _remove_containers(self, pod: str) -> None:

@@ -10,6 +10,7 @@ manager. Pods started by an earlier version kept the facts in ``driver.json``, s
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -19,10 +20,13 @@ import socket
 from typing import Any
 
 from common import cgroups
-from common.errors import RikletError, Unavailable
+from common.errors import Conflict, RikletError, Unavailable
 from common.jsonfile import read_json, write_json
+from services.manager.probes import execprobe
 from services.manager.process import shim, shimctl
+from services.manager.process.execplan import ProcessExec
 from services.manager.runtime import Observed, PodLayout, PodRecord, spec_hash
+from services.manager.volumes import layout as volume_layout
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +100,20 @@ class ProcessRuntime(PodLayout):
         # Per pod, the files' signature and the live holder as of the last observe: what lets
         # the reconciler's safety-net resync skip a pod nothing happened to (see unchanged()).
         self._seen: dict[str, tuple[_Signature, tuple[int, int] | None]] = {}
+
+    async def probe_exec(self, pod: PodRecord, container: str, argv: list[str],
+                         timeout: float) -> tuple[int, bytes]:
+        """An exec probe's command, run as ``rikletctl exec`` runs one in ``container``."""
+        spec = next(c for c in pod["spec"]["containers"] if c["name"] == container)
+
+        def start() -> ProcessExec:
+            obs = self.observe(pod)
+            pids = [int(c["pid"]) for c in (obs.containers if obs else ())
+                    if c.get("name") == container and c.get("state") == "running" and c.get("pid")]
+            if not pids:
+                raise Conflict(f"container {container} is not running", "container")
+            return ProcessExec(pids[0], spec, argv, False, False, (80, 24), self.layout)
+        return await asyncio.to_thread(execprobe.run, start, execprobe.wait_popen, timeout)
 
     # -- observing ---------------------------------------------------------------------------
 
@@ -229,6 +247,7 @@ class ProcessRuntime(PodLayout):
     def _shim_spec(self, pod: PodRecord, env_ports: dict[str, dict[str, str]]) -> dict[str, Any]:
         spec = pod["spec"]
         pdir = self.pod_dir(pod["name"])
+        vols = volume_layout.prepare(spec, pdir, self.state_dir, host_targets=True)
         return {
             "pod": pod["name"], "uid": pod["uid"],
             "grace_period": float(spec.get("gracePeriod", self.grace_default)),
@@ -237,6 +256,7 @@ class ProcessRuntime(PodLayout):
                     "max_files": self.log_max_files},
             "backoff": self.backoff,
             "notify": self.notify_socket,
+            "tmpfs": [[d, size or 0] for d, size in vols.tmpfs],
             "containers": [{
                 "name": c["name"], "command": list(c["command"]) + list(c.get("args") or []),
                 "env": {**c.get("env", {}), **env_ports.get(c["name"], {})},
@@ -245,6 +265,7 @@ class ProcessRuntime(PodLayout):
                 "memory_bytes": c["resources"].get("memory_bytes"),
                 "restart_policy": spec.get("restartPolicy", "Always"),
                 "user": list(self.user) if self.user is not None else None,
+                "mounts": [[m.source, m.target, m.read_only] for m in vols.mounts.get(c["name"], ())],
             } for c in spec["containers"]],
         }
 

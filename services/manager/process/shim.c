@@ -39,6 +39,11 @@
  *     freezer FILE (v1 freezer.state: frozen while its members are killed)
  *     oom_file FILE | oom_key KEY (the OOM-kill counter: `KEY N` line of FILE)
  *     cgroup_error MESSAGE (its cgroups could not be prepared: ends as CgroupsUnavailable)
+ *     mount_src PATH | mount_dst PATH | mount_ro 0|1 (repeated, in order: a volume bind-mounted
+ *     on mount_dst in the container's own mount namespace before exec; with any, the container
+ *     also gets no_new_privs, so no setuid program trusts what a volume put over host paths)
+ *   tmpfs DIR | tmpfs_size BYTES (pod records, repeated in order: a Memory emptyDir, a tmpfs
+ *   mounted on DIR in the pod's private mount namespace; 0: the kernel's default size)
  */
 #define _GNU_SOURCE
 /* Messages and paths are cut to their buffers on purpose (the limits are documented above). */
@@ -91,8 +96,8 @@ struct term {
 struct ctr {
     /* from the spec */
     const char *name, *log_path, *cwd, *cgroup, *freezer, *oom_file, *oom_key, *cg_error;
-    char **argv, **envp, **dirs;
-    int nargv, nenv, ndirs, policy, has_user;
+    char **argv, **envp, **dirs, **mnt_src, **mnt_dst, **mnt_ro;
+    int nargv, nenv, ndirs, nmounts, policy, has_user;
     uid_t uid;
     gid_t gid;
     /* observed; times below 0 mean "none" */
@@ -108,8 +113,8 @@ static struct {
     const char *dir, *pod, *uid, *notify, *driver;
     double grace, bo_initial, bo_max, bo_reset;
     long long log_max, log_files, shm_size;
-    char **pod_dirs;
-    int npod_dirs, nctrs, state, children, epfd, sigfd, notify_fd, dirty, stop_asked, ready_fd;
+    char **pod_dirs, **tmpfs, **tmpfs_size;
+    int ntmpfs, private_ns, npod_dirs, nctrs, state, children, epfd, sigfd, notify_fd, dirty, stop_asked, ready_fd;
     int cgroups_left; /* a group could not be removed at the end (status: "cgroups_left") */
     struct ctr *ctrs;
     long long start_time;
@@ -394,6 +399,15 @@ static int parse_container(struct ctr *c, struct rec *r, int from, int to) {
     c->argv = collect(r, from, to, "argv", &c->nargv);
     c->envp = collect(r, from, to, "env", &c->nenv);
     c->dirs = collect(r, from, to, "cgroup_dir", &c->ndirs);
+    int nsrc, ndst, nro;
+    c->mnt_src = collect(r, from, to, "mount_src", &nsrc);
+    c->mnt_dst = collect(r, from, to, "mount_dst", &ndst);
+    c->mnt_ro = collect(r, from, to, "mount_ro", &nro);
+    if (!c->mnt_src || !c->mnt_dst || !c->mnt_ro)
+        return spec_error = "out of memory", -1;
+    if (nsrc != ndst || nsrc != nro)
+        return spec_error = "mount_src, mount_dst and mount_ro do not pair up", -1;
+    c->nmounts = nsrc;
     const char *policy = find(r, from, to, "policy"), *user = find(r, from, to, "user");
     if (!c->argv || !c->envp || !c->dirs)
         return spec_error = "out of memory", -1;
@@ -453,6 +467,11 @@ static int parse_spec(char *buf, size_t len) {
     if (g.log_max < 1 || g.log_files < 1)
         return spec_error = "log_max and log_files must be at least 1", -1;
     g.pod_dirs = collect(r, 0, first, "pod_cgroup", &g.npod_dirs);
+    int nsizes = 0;
+    g.tmpfs = collect(r, 0, first, "tmpfs", &g.ntmpfs);
+    g.tmpfs_size = collect(r, 0, first, "tmpfs_size", &nsizes);
+    if (!g.tmpfs || !g.tmpfs_size || nsizes != g.ntmpfs)
+        return spec_error = "tmpfs and tmpfs_size do not pair up", -1;
     for (int i = first; i < n; i++)
         g.nctrs += !strcmp(r[i].key, "container");
     g.ctrs = calloc((size_t)g.nctrs + 1, sizeof *g.ctrs);
@@ -933,6 +952,27 @@ static void exec_search(char **argv, char **envp) {
     errno = saved ? saved : last;
 }
 
+/* The container's volumes, bind-mounted in a mount namespace of its own (a copy of the pod's,
+ * which is private: nothing propagates to the node), before it changes user. */
+static int mount_volumes(struct ctr *c, char *stage, size_t size) {
+    snprintf(stage, size, "volume mounts: the pod has no private mount namespace (see shim.log)");
+    if (!g.private_ns)
+        return errno = EPERM, -1; /* a copy of the node's shared mounts would propagate back */
+    snprintf(stage, size, "volume mounts: unshare(CLONE_NEWNS)");
+    if (unshare(CLONE_NEWNS) < 0)
+        return -1;
+    for (int i = 0; i < c->nmounts; i++) {
+        snprintf(stage, size, "volume mount %s on %s", c->mnt_src[i], c->mnt_dst[i]);
+        if (mount(c->mnt_src[i], c->mnt_dst[i], NULL, MS_BIND | MS_REC, NULL) < 0)
+            return -1;
+        if (!strcmp(c->mnt_ro[i], "1") &&
+            mount(NULL, c->mnt_dst[i], NULL, MS_BIND | MS_REMOUNT | MS_RDONLY, NULL) < 0)
+            return -1;
+    }
+    snprintf(stage, size, "prctl(PR_SET_NO_NEW_PRIVS)");
+    return prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+}
+
 static void exec_child(struct ctr *c, int out, int go, int err) {
     char stage[PATH_BUF], ok;
     snprintf(stage, sizeof stage, "%s", c->argv[0]);
@@ -953,6 +993,8 @@ static void exec_child(struct ctr *c, int out, int go, int err) {
         if (setgroups(0, NULL) < 0 || setgid(c->gid) < 0 || setuid(c->uid) < 0)
             goto fail;
     }
+    if (c->nmounts && mount_volumes(c, stage, sizeof stage) < 0)
+        goto fail;
     if (c->cwd && *c->cwd) {
         snprintf(stage, sizeof stage, "working_dir %s", c->cwd);
         if (chdir(c->cwd) < 0)
@@ -1266,6 +1308,7 @@ static void private_shm(void) {
         what = "mount --make-rprivate /";
         if (mount("none", "/", NULL, MS_REC | MS_PRIVATE, NULL) == 0) {
             what = "mount tmpfs on /dev/shm";
+            g.private_ns = 1; /* what volumes need: nothing mounted here reaches the node */
             if (mount("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, options) == 0)
                 return;
         }
@@ -1273,6 +1316,24 @@ static void private_shm(void) {
     char error[256];
     snprintf(error, sizeof error, "%s: %s", what, strerror(errno));
     log_event("WARNING", "no private /dev/shm: the pod shares the host's", "error", error, NULL);
+}
+
+/* Memory emptyDirs: a tmpfs on each directory, in the pod's private mount namespace only, so
+ * that every container sees the same one and it is gone with the shim. */
+static const char *mount_tmpfs(void) {
+    static char error[PATH_BUF + 128];
+    for (int i = 0; i < g.ntmpfs; i++) {
+        char options[64];
+        long long size = atoll(g.tmpfs_size[i]);
+        snprintf(options, sizeof options, size > 0 ? "mode=1777,size=%lld" : "mode=1777", size);
+        if (!g.private_ns)
+            return snprintf(error, sizeof error, "emptyDir %s (medium Memory): no private mount "
+                            "namespace for its tmpfs", g.tmpfs[i]), error;
+        if (mount("tmpfs", g.tmpfs[i], "tmpfs", MS_NOSUID | MS_NODEV, options) < 0)
+            return snprintf(error, sizeof error, "emptyDir %s (medium Memory): mount tmpfs: %s",
+                            g.tmpfs[i], strerror(errno)), error;
+    }
+    return NULL;
 }
 
 static const char *setup(void) {
@@ -1301,6 +1362,9 @@ static const char *setup(void) {
     if (g.notify)
         g.notify_fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     private_shm();
+    const char *tmpfs_error = mount_tmpfs();
+    if (tmpfs_error)
+        return tmpfs_error;
     for (int i = 0; i < g.nctrs; i++)
         if (log_open(&g.ctrs[i]) < 0) {
             g.ctrs[i].log_broken = 1;

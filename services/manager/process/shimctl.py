@@ -75,6 +75,8 @@ class ContainerSpec:
     memory_bytes: int | None = None
     restart_policy: RestartPolicy = RestartPolicy.ALWAYS
     user: tuple[int, int] | None = None   # (uid, gid) to run as; None: the shim's own
+    # (source, target, read-only) bind mounts, in the container's own mount namespace
+    mounts: tuple[tuple[str, str, bool], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,8 @@ class PodSpec:
     grace_period: float = 30.0
     backoff: BackoffSpec = BackoffSpec()
     notify: str | None = None  # a unix datagram socket told the pod's name after each status write
+    # (directory, size or 0) tmpfs mounts in the pod's mount namespace: Memory emptyDirs
+    tmpfs: tuple[tuple[str, int], ...] = ()
 
 
 class Reason(StrEnum):
@@ -169,6 +173,7 @@ def parse_spec(data: object) -> PodSpec:
         grace_period=_number(obj, "grace_period", "", 30.0),
         backoff=_backoff(_get(obj, "backoff", "", dict, {})),
         notify=_notify(_get(obj, "notify", "", (str, type(None)), None)),
+        tmpfs=tuple((_abs(d, "tmpfs"), _size(n, "tmpfs")) for d, n in _pairs(obj, "tmpfs", "", 2)),
     )
 
 
@@ -255,7 +260,29 @@ def _container(data: object, where: str) -> ContainerSpec:
         cpu_millis=_positive_int(obj, "cpu_millis", where, None),
         memory_bytes=_positive_int(obj, "memory_bytes", where, None),
         restart_policy=RestartPolicy(policy),
+        mounts=tuple((_abs(src, f"{where}.mounts"), _abs(dst, f"{where}.mounts"), bool(ro))
+                     for src, dst, ro in _pairs(obj, "mounts", where, 3)),
     )
+
+
+def _pairs(obj: dict[str, Any], key: str, where: str, n: int) -> list[list[Any]]:
+    """A list of n-item lists (``mounts``, ``tmpfs``)."""
+    items = _get(obj, key, where, list, [])
+    if not all(isinstance(i, (list, tuple)) and len(i) == n for i in items):
+        raise InvalidArgument(f"expected a list of {n}-item lists", _field(where, key))
+    return [list(i) for i in items]
+
+
+def _abs(value: object, field: str) -> str:
+    if not isinstance(value, str) or not os.path.isabs(value):
+        raise InvalidArgument(f"expected an absolute path, got {value!r}", field)
+    return value
+
+
+def _size(value: object, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgument("expected a size in bytes (0: the kernel's default)", field)
+    return value
 
 
 def _log(obj: dict[str, Any]) -> LogSpec:

@@ -52,6 +52,9 @@ def encode(spec: PodSpec, groups: list[ContainerGroups], pod_dirs: list[str], pa
     put("shm_size", str(sum(x for x in limits if x) if all(limits) else 0), "containers")
     for d in pod_dirs:
         put("pod_cgroup", d, "cgroup_parent")
+    for directory, size in spec.tmpfs:
+        put("tmpfs", directory, "tmpfs")
+        put("tmpfs_size", str(size), "tmpfs")
     for i, (c, cg) in enumerate(zip(spec.containers, groups, strict=True)):
         _flat_container(put, c, cg, spec.log.dir, path, f"containers[{i}]")
     return b"".join(out)
@@ -92,3 +95,7 @@ def _flat_container(put: _Put, c: ContainerSpec, cg: ContainerGroups, log_dir: s
         put("oom_key", cg.oom[1], "cgroup_parent")
     if cg.error is not None:
         put("cgroup_error", cg.error, "cgroup_parent")
+    for source, target, read_only in c.mounts:
+        put("mount_src", source, f"{where}.mounts")
+        put("mount_dst", target, f"{where}.mounts")
+        put("mount_ro", "1" if read_only else "0", f"{where}.mounts")

@@ -21,7 +21,6 @@ therefore never remove or mislabel the pod applied after it.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import queue
@@ -33,10 +32,14 @@ from typing import Any
 from common import blocked_ports
 from common.errors import Conflict, NotFound, RikletError, Unavailable
 from common.memclient import MemoryClient
+from services.manager.podevents import NullRecorder, Records, StatusEvents
+from services.manager.probes import Prober
 from services.manager.reconcile.pidwatch import PidWatch
+from services.manager.reconcile.resize import Sizer
 from services.manager.reconcile.schedule import Clock, Pacer, Timers
 from services.manager.reconcile.status import Phase, derive, same
-from services.manager.runtime import Observed, PodRecord, Runtime, spec_hash
+from services.manager.runtime import Observed, PodRecord, Runtime, same_spec
+from services.manager.volumes.sizewatch import evicted_reason
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +58,11 @@ class Reconciler:
     def __init__(self, memory: MemoryClient, runtimes: Mapping[str, Runtime],
                  pods: Any, interval: float = 0.5, workers: int = 8, *,
                  resync_interval: float = 30.0, blocked: blocked_ports.Reader | None = None,
-                 clock: Clock = time.monotonic) -> None:
+                 clock: Clock = time.monotonic, recorder: Records | None = None,
+                 probes: bool = False) -> None:
         self.memory = memory
+        self.recorder = recorder or NullRecorder()    # pod events: what happened, for users
+        self.status_events = StatusEvents(self.recorder)
         self.runtimes = runtimes
         self.pods = pods              # a PodMirror: .get(name), .names()
         self.interval = interval      # a failed sync is tried again this much later
@@ -65,6 +71,9 @@ class Reconciler:
         self.timers = Timers()
         self.pacer = Pacer(resync_interval, clock())
         self.holders = PidWatch(self.poke)
+        # containers' health probes; their results come back through adjust() in each sync
+        self.prober = Prober(self.poke, self.recorder) if probes else None
+        self.sizer = Sizer(self.recorder)
         self.syncs = 0                         # syncs run, for tests and diagnostics
         self.resync_skipped = 0                # resync looks a driver found needless
         self._queue: queue.PriorityQueue[tuple[int, int, str]] = queue.PriorityQueue()
@@ -86,6 +95,8 @@ class Reconciler:
         if self.blocked is not None:
             self.blocked.refresh()   # the first observations already see the blocked ports
         self.holders.start()
+        if self.prober is not None:
+            self.prober.start()
         for t in self._threads:
             t.start()
         self.poke()   # every pod once at start: what changed while no manager ran
@@ -98,6 +109,8 @@ class Reconciler:
         for t in self._threads:
             t.join(timeout=5)
         self.holders.stop()
+        if self.prober is not None:
+            self.prober.stop()
 
     def poke(self, name: str | None = None) -> None:
         """Something changed: sync ``name`` (or every pod) before the routine checks."""
@@ -232,6 +245,10 @@ class Reconciler:
                     self._stopping.pop(name, None)
                 self.holders.forget(name)
                 self.timers.cancel(name)
+                if self.prober is not None:
+                    self.prober.forget(name)
+                self.sizer.forget(name)
+                self.status_events.forget(name)
             with self._lock:
                 if name not in self._again:
                     self._running.discard(name)
@@ -285,8 +302,11 @@ class Reconciler:
         obs = runtime.observe(record)
         if desired in ("deleted", "stopped"):
             return self._sync_stop(record, runtime, obs, desired)
-        if obs is not None and obs.alive and obs.spec_hash != spec_hash(record["spec"]):
+        if obs is not None and obs.alive and not same_spec(obs.spec_hash, record["spec"]):
             log.info("spec changed: replacing containers", extra={"pod": record["name"]})
+            if (record.get("status") or {}).get("phase") != Phase.TERMINATING.value:   # said once
+                self.recorder.record(record["name"], "Killing", "the spec changed: replacing the containers",
+                                     uid=record["uid"])
             self._publish(record, {**(record.get("status") or {}), "phase": Phase.TERMINATING.value})
             runtime.stop(record)
             return obs  # the next sync (the holder's exit) starts the new spec once the old is gone
@@ -310,8 +330,13 @@ class Reconciler:
                 self.timers.schedule(record["name"], self.clock() + self.interval)
                 return None
             log.info("pod started", extra={"pod": record["name"]})
+            self.sizer.started(record)
+        elif obs is not None and obs.alive:
+            self.sizer.check(record, runtime)
         if obs is not None:
-            self._publish(record, derive(obs, desired))
+            if self.prober is not None:
+                obs = self.prober.adjust(record, obs, desired, runtime)
+            self._publish(record, self.sizer.annotate(record, derive(obs, desired)))
         return obs
 
     def progress(self, record: PodRecord, message: str) -> None:
@@ -339,10 +364,12 @@ class Reconciler:
         if obs.alive:
             return False
         # Not alive: start again if it was lost, stopped by us earlier, or runs an older spec.
-        return obs.lost or obs.stopped or obs.spec_hash != spec_hash(record["spec"])
+        return obs.lost or obs.stopped or not same_spec(obs.spec_hash, record["spec"])
 
     def _sync_stop(self, record: PodRecord, runtime: Runtime, obs: Observed | None,
                    desired: str) -> Observed | None:
+        if self.prober is not None:
+            self.prober.forget(record["name"])
         if obs is not None and obs.alive:
             asked, now = (record["uid"], record["generation"]), self.clock()
             with self._lock:
@@ -365,8 +392,12 @@ class Reconciler:
             self.timers.cancel(record["name"])   # its Terminating is moot: the pod has stopped
         if desired == "deleted":
             runtime.cleanup(record)
-            with contextlib.suppress(NotFound):
+            try:
                 self.memory.remove(record["name"], record["uid"], record["generation"])
+            except NotFound:
+                return None   # removed already: its Deleted was said then
+            self.recorder.record(record["name"], "Deleted", "the pod is stopped and removed",
+                                 uid=record["uid"])
             log.info("pod deleted", extra={"pod": record["name"]})
             return None
         if obs is not None and not obs.stopped:
@@ -374,7 +405,8 @@ class Reconciler:
             obs = runtime.observe(record)
         status = derive(obs, desired) if obs is not None else {
             "phase": Phase.TERMINATED.value, "containers": [], "endpoints": []}
-        self._publish(record, {**status, "phase": Phase.TERMINATED.value})
+        # a pod stopped for outgrowing an emptyDir says so (services/manager/volumes/sizewatch.py)
+        self._publish(record, {**status, "phase": Phase.TERMINATED.value, **evicted_reason(record)})
         return obs
 
     def _publish(self, record: PodRecord, status: dict[str, Any]) -> None:
@@ -384,6 +416,7 @@ class Reconciler:
         status = {**old, **status, "transitionAt": time.time()} if old.get("phase") != status.get(
             "phase") else {**old, **status}
         self.memory.set_status(record["name"], record["uid"], status, generation=record["generation"])
+        self.status_events.observed(record, old, status)   # the one place a status is written
 
 
 def _host_ports(record: PodRecord) -> set[blocked_ports.Key]:

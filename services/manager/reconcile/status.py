@@ -13,11 +13,12 @@ from common.blocked_ports import REASON as BLOCKED_REASON
 from common.pod import Phase
 from services.manager.runtime import Observed
 
-__all__ = ["Phase", "derive", "same"]
+__all__ = ["Phase", "derive", "readiness", "same"]
 
 
 _CONTAINER_FIELDS = ("name", "state", "pid", "restartCount", "exitCode", "signal", "reason",
-                     "message", "startedAt", "finishedAt", "nextRestartAt")
+                     "message", "startedAt", "finishedAt", "nextRestartAt", "ready", "started",
+                     "lastTerminationReason", "resources")
 
 
 def _failed(c: Mapping[str, Any]) -> bool:
@@ -27,15 +28,35 @@ def _failed(c: Mapping[str, Any]) -> bool:
 def derive(obs: Observed, desired: str) -> dict[str, Any]:
     """The status a pod shows for an observation (phase, reason, exit code, containers...)."""
     containers = [{k: c.get(k) for k in _CONTAINER_FIELDS} for c in obs.containers]
+    for c in containers:   # without probes, a running container is started and ready
+        for key in ("ready", "started"):
+            if c[key] is None:
+                c[key] = c["state"] == "running"
     phase, reason, message, exit_code = _phase(obs, containers, desired)
-    return {
+    return readiness({
         "phase": phase.value, "reason": reason, "message": message, "exitCode": exit_code,
         "restartCount": sum(int(c.get("restartCount") or 0) for c in containers),
         "containers": containers,
         "endpoints": obs.endpoints if phase == Phase.RUNNING else [],
         "cgroup": obs.cgroup, "pids": obs.pids, "internalIp": obs.internal_ip,
         "startedAt": obs.started_at,
-    }
+    })
+
+
+def readiness(status: dict[str, Any]) -> dict[str, Any]:
+    """``status`` with its pod-level readiness from its containers': ``ready`` and the Ready
+    condition (Kubernetes' spelling), False with the containers not ready as the reason."""
+    containers = status.get("containers") or []
+    unready = [c["name"] for c in containers if not c.get("ready")]
+    ready = status.get("phase") == Phase.RUNNING.value and bool(containers) and not unready
+    condition: dict[str, Any] = {"type": "Ready", "status": "True" if ready else "False"}
+    if not ready:
+        condition["reason"] = "ContainersNotReady" if unready else "PodNotRunning"
+        if unready:
+            condition["message"] = f"containers with unready status: [{' '.join(unready)}]"
+    status["ready"] = ready
+    status["conditions"] = [condition]
+    return status
 
 
 def _phase(obs: Observed, containers: list[dict[str, Any]], desired: str

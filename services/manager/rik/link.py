@@ -31,8 +31,10 @@ from common.policy import Policy
 from common.ports import ApplyView, check_ports
 from common.rik import CHANNEL_OPTIONS, Backoff, StatusSender, describe, pod_name_for
 from services.manager.applylocks import ApplyLocks
+from services.manager.podevents import NullRecorder, Records
 from services.manager.rik import instances
 from services.manager.rik.instances import Report
+from services.manager.volumes.store import VolumeStore, check_claims
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +53,17 @@ class SchedulerLink:
     def __init__(self, address: str, node_id: str, memory: MemoryClient, mirror: PodMirror,
                  poke: Callable[[str], None], write_locks: ApplyLocks, grace: float,
                  policy: Policy | None = None,
-                 offer: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 offer: Callable[[dict[str, Any]], None] | None = None,
+                 volumes: VolumeStore | None = None) -> None:
         self.address = address
+        self.volumes = volumes   # named volumes a pod may claim
         self.policy = policy or Policy()
         self.node_id = node_id
         self.memory = memory
         self.mirror = mirror
         self.poke = poke
         self.offer = offer or (lambda record: poke(record["name"]))   # see NodeService.offer
+        self.recorder: Records = NullRecorder()   # pod events: Scheduled, Killing
         self.write_locks = write_locks  # shared with the Node API: applies that could meet take turns
         self.grace = grace
         self.sender = StatusSender(address, node_id, on_connect=self.resend_all)
@@ -175,6 +180,9 @@ class SchedulerLink:
                                             "changed": result.get("changed", True)})
         with self._report_lock:
             self._rejected.pop(instance_id, None)
+        if result.get("changed", True):
+            self.recorder.record(record["name"], "Scheduled", f"instance {instance_id} of the RIK scheduler",
+                                 uid=record["uid"])
         self.offer(record)
         # The same CREATE again (a restarted scheduler) changes nothing, so no change event
         # will report it: say where the instance stands now.
@@ -188,6 +196,7 @@ class SchedulerLink:
             if existing is not None and instance_id_of(existing) != instance_id:
                 raise Conflict(f"pod {name} exists on this node and is not this instance's", "instance_id")
             self.policy.check(spec)
+            check_claims(spec, self.volumes)
             check_ports(workload, current)
             return self.memory.apply(name, spec)
 
@@ -215,6 +224,8 @@ class SchedulerLink:
             self._send(instances.unknown_report(instance_id))
             return
         record = result.get("pod", result)
+        self.recorder.record(name, "Killing", f"stopping the pod: the RIK scheduler destroyed instance "
+                             f"{instance_id}", uid=record.get("uid"))
         log.info("instance destroying", extra={"instance": instance_id, "pod": name})
         self.poke(name)
         self._tell(instances.pod_report(instance_id, record), record, force=True)
