@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from common.errors import InvalidArgument, excerpt
+from common.fields import check_keys as _keys
 
 PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
 HANDLERS = ("exec", "httpGet", "tcpSocket")
@@ -42,12 +43,6 @@ def _obj(value: object, field: str) -> Mapping[str, Any]:
     return value
 
 
-def _keys(obj: Mapping[str, Any], allowed: set[str], field: str) -> None:
-    for key in obj:
-        if key not in allowed:
-            name = key if isinstance(key, str) and len(key) <= 63 else excerpt(key)
-            raise InvalidArgument(f"unknown field (allowed: {', '.join(sorted(allowed))})",
-                                  f"{field}.{name}")
 
 
 def _int(value: object, field: str, lo: int, hi: int) -> int:

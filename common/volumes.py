@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from common.errors import InvalidArgument, excerpt
+from common.fields import check_keys as _keys
 from common.units import parse_memory
 
 MAX_VOLUMES = 64
@@ -44,12 +45,6 @@ def _label(value: object, field: str) -> str:
     return dns_label(value, field)
 
 
-def _keys(obj: Mapping[str, Any], allowed: set[str], field: str) -> None:
-    for key in obj:
-        if key not in allowed:
-            name = key if isinstance(key, str) and len(key) <= 63 else excerpt(key)
-            raise InvalidArgument(f"unknown field (allowed: {', '.join(sorted(allowed))})",
-                                  f"{field}.{name}")
 
 
 def _obj(value: object, field: str) -> dict[str, Any]:

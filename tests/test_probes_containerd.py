@@ -6,22 +6,14 @@ fails."""
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 
 from tests.support import free_port, wait_for
 from tests.test_containerd import CtrAgent, ctr_agent, http_get  # noqa: F401  (the fixture)
+from tests.test_probes import refused
 
 pytestmark = pytest.mark.integration
-
-
-def refused(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
-            return False
-    except ConnectionRefusedError:
-        return True
 
 
 def test_probes_of_a_containerd_pod(ctr_agent: CtrAgent) -> None:  # noqa: F811

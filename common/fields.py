@@ -1,0 +1,17 @@
+"""Small checks shared by the parsers of untrusted documents (probes, volumes)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from common.errors import InvalidArgument, excerpt
+
+
+def check_keys(obj: Mapping[str, Any], allowed: set[str], field: str) -> None:
+    """Refuse a key of ``obj`` (at ``field``) that is not in ``allowed``, naming it."""
+    for key in obj:
+        if key not in allowed:
+            name = key if isinstance(key, str) and len(key) <= 63 else excerpt(key)
+            raise InvalidArgument(f"unknown field (allowed: {', '.join(sorted(allowed))})",
+                                  f"{field}.{name}")
