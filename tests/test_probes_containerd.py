@@ -1,7 +1,7 @@
-"""Health probes of a containerd pod: an httpGet readiness probe reaches the pod's own IP (its
-network namespace, through the CNI bridge) and gates the proxy's host port; an exec liveness
-probe runs through containerd's exec inside the image and restarts the container when it
-fails."""
+"""Health probes and in-place resize of a containerd pod: an httpGet readiness probe reaches
+the pod's own IP (its network namespace, through the CNI bridge) and gates the proxy's host
+port; an exec liveness probe runs through containerd's exec inside the image and restarts the
+container when it fails; new limits reach the container's cgroup without a restart."""
 
 from __future__ import annotations
 
@@ -47,3 +47,17 @@ def test_probes_of_a_containerd_pod(ctr_agent: CtrAgent) -> None:  # noqa: F811
     assert any(e["reason"] == "Unhealthy" and "Liveness probe failed: command 'sh' exited with 1"
                in e["message"] for e in said)
     assert first["restartCount"] == 0
+
+
+def test_resize_a_containerd_pod_in_place(ctr_agent: CtrAgent) -> None:  # noqa: F811
+    from tests.test_probes import cgroup_limits
+    a = ctr_agent
+    a.agent.ctl("run", "sized", "--image", a.image, "--memory", "64m", "--", "sleep", "600")
+    pod = a.agent.wait_phase("sized", "Running", 30)
+    pid = pod["containers"][0]["pid"]
+    assert cgroup_limits(a.agent, "sized", "sized")[1] == str(64 << 20)
+    a.agent.ctl("resize", "sized", "--memory", "96m", "--cpu", "0.5")
+    wait_for(lambda: cgroup_limits(a.agent, "sized", "sized")[1] == str(96 << 20), 15, "the new limits")
+    pod = a.agent.pod("sized")
+    assert pod["containers"][0]["pid"] == pid and pod["restartCount"] == 0 and pod["phase"] == "Running"
+    assert cgroup_limits(a.agent, "sized", "sized")[0].split()[0] == "50000"
