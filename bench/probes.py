@@ -107,12 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     servers = subprocess.Popen([sys.executable, "-c", SERVERS, str(args.pods)], stdout=subprocess.PIPE,
                                text=True)
-    agent = Agent().start()
+    assert servers.stdout is not None
+    # every listener bound before the agent picks its own free ports
+    ports = [int(p) for p in servers.stdout.readline().split()]
+    try:
+        agent = Agent().start()
+    except BaseException:
+        servers.kill()
+        raise
     watcher = pods.Watcher(agent).start()
     pods_root = os.path.join(agent.state_dir, "pods")
     try:
-        assert servers.stdout is not None
-        ports = [int(p) for p in servers.stdout.readline().split()]
         create(agent, watcher, {f"plain-{i:05d}": manifest(f"plain-{i:05d}", None, args.period)
                                 for i in range(args.pods)})
         time.sleep(5)   # the last status writes settle
