@@ -334,3 +334,27 @@ def test_resize_changes_limits_in_place_and_refuses_below_usage(probing_agent: A
 def agent_usage(agent: Agent) -> int | None:
     from services.manager.runtime import PodLayout
     return PodLayout(agent.state_dir).memory_usage("sized", "sized")
+
+
+def test_a_restarted_manager_keeps_what_the_probes_had_found() -> None:
+    """The prober of a manager that restarted starts from the stored status of the same run of
+    the container: a ready pod stays ready (and routed) until its probe says otherwise; a new
+    run of the container starts not ready, as Kubernetes does."""
+    from services.manager.probes import Prober
+    from services.manager.runtime import Observed
+    probed = {"name": "c", "command": ["x"],
+              "readinessProbe": {"tcpSocket": {"port": 1, "host": None}, "initialDelaySeconds": 0,
+                                 "periodSeconds": 10, "timeoutSeconds": 1, "successThreshold": 1,
+                                 "failureThreshold": 3},
+              "startupProbe": {"exec": {"command": ["true"]}, "initialDelaySeconds": 0, "periodSeconds": 10,
+                               "timeoutSeconds": 1, "successThreshold": 1, "failureThreshold": 3}}
+    running = {"name": "c", "state": "running", "pid": 4242, "startedAt": 100.0}
+    record = {"name": "p", "uid": "u", "spec": {"containers": [probed]},
+              "status": {"containers": [{**running, "ready": True, "started": True}]}}
+    obs = Observed(alive=True, spec_hash="s", stopped=False, lost=False, containers=[running])
+    seen = Prober(lambda name: None).adjust(record, obs, "running").containers[0]
+    assert (seen["ready"], seen["started"]) == (True, True)
+    another_run = Observed(alive=True, spec_hash="s", stopped=False, lost=False,
+                           containers=[{**running, "pid": 4243, "startedAt": 200.0}])
+    seen = Prober(lambda name: None).adjust(record, another_run, "running").containers[0]
+    assert (seen["ready"], seen["started"]) == (False, False)

@@ -201,9 +201,17 @@ class Prober:
             def runner(argv: list[str], timeout: float) -> Any:
                 return exec_fn(record, cname, argv, timeout)
         grace = float(record["spec"].get("gracePeriod") or 10.0)
+        # The same run of the container as the stored status shows (a manager that restarted):
+        # what its probes had found holds until they find otherwise, so a restart of the manager
+        # never takes a ready pod out of the proxy's routes.
+        stored = (record.get("status") or {}).get("containers") or ()
+        before: Mapping[str, Any] = next(
+            (c for c in stored if c.get("name") == cname and c.get("pid") == inc[2]
+             and float(c.get("startedAt") or 0.0) == inc[1]), {})
         return _Container(pod=record["name"], uid=inc[0], name=cname, started_at=inc[1], pid=inc[2],
                           host=obs.internal_ip or "127.0.0.1", grace=grace, run=runner, runs=runs,
-                          started="startupProbe" not in runs, ready="readinessProbe" not in runs)
+                          started="startupProbe" not in runs or before.get("started") is True,
+                          ready="readinessProbe" not in runs or before.get("ready") is True)
 
     # -- on the loop ---------------------------------------------------------------------------
 

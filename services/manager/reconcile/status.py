@@ -17,8 +17,9 @@ __all__ = ["Phase", "derive", "readiness", "same"]
 
 
 _CONTAINER_FIELDS = ("name", "state", "pid", "restartCount", "exitCode", "signal", "reason",
-                     "message", "startedAt", "finishedAt", "nextRestartAt", "ready", "started",
-                     "lastTerminationReason", "resources")
+                     "message", "startedAt", "finishedAt", "nextRestartAt", "ready", "started")
+# written only when known: most containers never have them (a status is written and read often)
+_OPTIONAL_FIELDS = ("lastTerminationReason",)
 
 
 def _failed(c: Mapping[str, Any]) -> bool:
@@ -28,6 +29,8 @@ def _failed(c: Mapping[str, Any]) -> bool:
 def derive(obs: Observed, desired: str) -> dict[str, Any]:
     """The status a pod shows for an observation (phase, reason, exit code, containers...)."""
     containers = [{k: c.get(k) for k in _CONTAINER_FIELDS} for c in obs.containers]
+    for c, seen in zip(containers, obs.containers, strict=True):
+        c.update((k, seen[k]) for k in _OPTIONAL_FIELDS if seen.get(k) is not None)
     for c in containers:   # without probes, a running container is started and ready
         for key in ("ready", "started"):
             if c[key] is None:
