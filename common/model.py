@@ -24,6 +24,8 @@ from typing import Any
 import yaml
 
 from common.errors import InvalidArgument, excerpt
+from common.fields import check_int as _int
+from common.fields import check_object as _obj
 from common.probespec import PROBES, parse_probes
 from common.units import parse_cpu, parse_duration, parse_memory
 from common.volumes import parse_mounts, parse_volumes
@@ -271,18 +273,6 @@ def _text(value: object, field: str, limit: int, what: str = "a string") -> str:
 def _one_of(value: object, choices: tuple[str, ...], field: str) -> str:
     if not isinstance(value, str) or value not in choices:
         raise InvalidArgument(f"{excerpt(value)} is not one of {', '.join(choices)}", field)
-    return value
-
-
-def _obj(value: object, field: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise InvalidArgument("expected an object", field)
-    return value
-
-
-def _int(value: object, field: str, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise InvalidArgument(f"expected an integer from {lo} to {hi}", field)
     return value
 
 

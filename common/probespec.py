@@ -14,7 +14,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from common.errors import InvalidArgument, excerpt
+from common.fields import check_int as _int
 from common.fields import check_keys as _keys
+from common.fields import check_object as _obj
 
 PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
 HANDLERS = ("exec", "httpGet", "tcpSocket")
@@ -37,18 +39,6 @@ MAX_ARGV = 256
 MAX_ARG = 4096
 
 
-def _obj(value: object, field: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise InvalidArgument("expected an object", field)
-    return value
-
-
-
-
-def _int(value: object, field: str, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise InvalidArgument(f"expected an integer from {lo} to {hi}", field)
-    return value
 
 
 def _str(value: object, field: str, limit: int) -> str:
