@@ -112,16 +112,16 @@ bench-proxy-restart: install
 chaos: install
 	$(BIN)/python -m bench.chaos --ops 150 --pods 10 --seed 1
 
-# Issue 14's figures at 0, 100, 1000 and 5000 `sleep` process pods (idle CPU, PSS per pod and of
-# the services, Apply->Running, bulk pods/s, Apply call, List, /metrics, delete all, leftovers)
-# against the goals; the markdown goes to bench/last-scale.md. Stops before an N whose pods
-# would not fit in memory. About 10 minutes; --quick for a smoke run.
 # Health probes' cost: 1,000 pods with an httpGet readiness and a tcpSocket liveness probe every
 # 10 s, the agent's CPU against the same pods without probes. About 6 minutes.
 .PHONY: bench-probes
 bench-probes: install
 	$(BIN)/python -m bench.probes --pods 1000 --period 10 --seconds 60
 
+# Issue 14's figures at 0, 100, 1000 and 5000 `sleep` process pods (idle CPU, PSS per pod and of
+# the services, Apply->Running, bulk pods/s, Apply call, List, /metrics, delete all, leftovers)
+# against the goals; the markdown goes to bench/last-scale.md. Stops before an N whose pods
+# would not fit in memory. About 10 minutes; --quick for a smoke run.
 .PHONY: bench-scale
 bench-scale: install
 	$(BIN)/python -m bench.scale $(SCALE_ARGS)
