@@ -26,9 +26,12 @@ from services.proxy.routes import Endpoint
 GOAL_PERCENT = 3.0
 
 # Run in a helper process: many listeners on loopback that serve as a workload does: accept, read
-# (a request that never comes), close on EOF. Prints their ports.
+# (a request that never comes), close on EOF. Prints their ports. With "http" after the count,
+# each request gets an empty 200 and the connection is closed (bench.probes' servers).
 LISTENERS = """
 import selectors, socket, sys
+HTTP = b"HTTP/1.1 200 OK\\r\\nContent-Length: 0\\r\\nConnection: close\\r\\n\\r\\n"
+ANSWER = HTTP if sys.argv[2:] == ["http"] else b""
 sel = selectors.DefaultSelector()
 for _ in range(int(sys.argv[1])):
     s = socket.socket()
@@ -44,9 +47,13 @@ while True:
                 conn = key.fileobj.accept()[0]
                 conn.setblocking(False)
                 sel.register(conn, selectors.EVENT_READ, False)
-            elif not key.fileobj.recv(4096):
-                sel.unregister(key.fileobj)
-                key.fileobj.close()
+            else:
+                data = key.fileobj.recv(4096)
+                if data and ANSWER:
+                    key.fileobj.send(ANSWER)
+                if not data or ANSWER:
+                    sel.unregister(key.fileobj)
+                    key.fileobj.close()
         except OSError:
             sel.unregister(key.fileobj)
             key.fileobj.close()

@@ -1,6 +1,7 @@
 """What health probes cost (issue 15): N process pods probed every ``--period`` seconds.
 
 Starts a private agent and one helper process holding N loopback listeners that answer HTTP
+(``bench.health_cost``'s listeners, with "http")
 (each pod's "server": N real servers would measure the servers, not the prober). Then:
 
 1. creates N ``sleep`` pods without probes, and measures the agent's CPU (its services, as
@@ -29,40 +30,11 @@ from typing import Any
 
 from bench import scale_pods as pods
 from bench import scale_proc as proc
+from bench.health_cost import LISTENERS
 from bench.scale import idle_cpu
 from tests.stack import Agent, npb
 
 GOAL_PERCENT = 3.0    # "a few % of a core" for 1,000 pods probed every 10 s
-
-# N listeners on loopback answering every request with an empty 200 and closing.
-SERVERS = """
-import selectors, socket, sys
-sel = selectors.DefaultSelector()
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(128)
-    s.setblocking(False)
-    sel.register(s, selectors.EVENT_READ, True)
-print(" ".join(str(k.fileobj.getsockname()[1]) for k in sel.get_map().values()), flush=True)
-ANSWER = b"HTTP/1.1 200 OK\\r\\nContent-Length: 0\\r\\nConnection: close\\r\\n\\r\\n"
-while True:
-    for key, _ in sel.select():
-        try:
-            if key.data:
-                conn = key.fileobj.accept()[0]
-                conn.setblocking(False)
-                sel.register(conn, selectors.EVENT_READ, False)
-            else:
-                if key.fileobj.recv(4096):
-                    key.fileobj.send(ANSWER)
-                sel.unregister(key.fileobj)
-                key.fileobj.close()
-        except OSError:
-            sel.unregister(key.fileobj)
-            key.fileobj.close()
-"""
-
 
 def manifest(name: str, port: int | None, period: int) -> str:
     container: dict[str, Any] = {"name": "c", "command": ["sleep", "infinity"]}
@@ -105,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--period", type=int, default=10, help="probe period, seconds")
     ap.add_argument("--seconds", type=float, default=60.0, help="each idle window")
     args = ap.parse_args(argv)
-    servers = subprocess.Popen([sys.executable, "-c", SERVERS, str(args.pods)], stdout=subprocess.PIPE,
-                               text=True)
+    servers = subprocess.Popen([sys.executable, "-c", LISTENERS, str(args.pods), "http"],
+                               stdout=subprocess.PIPE, text=True)
     assert servers.stdout is not None
     # every listener bound before the agent picks its own free ports
     ports = [int(p) for p in servers.stdout.readline().split()]

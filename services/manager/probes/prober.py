@@ -33,9 +33,10 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from common.probespec import PROBES
+from services.manager.podevents import NullRecorder, Records
 from services.manager.probes.checks import ExecRunner, run_check
 from services.manager.runtime import Observed, PodRecord
 
@@ -43,17 +44,6 @@ log = logging.getLogger(__name__)
 
 UNHEALTHY = "Unhealthy"
 TICK = 0.1     # seconds: the grid probes are run on
-
-
-class Recorder(Protocol):
-    def record(self, pod: str, reason: str, message: str, *, type: str = "Normal",
-               uid: str | None = None, container: str | None = None) -> None: ...
-
-
-class _NoRecorder:
-    def record(self, pod: str, reason: str, message: str, *, type: str = "Normal",
-               uid: str | None = None, container: str | None = None) -> None:
-        return None
 
 
 @dataclasses.dataclass(eq=False)
@@ -91,9 +81,9 @@ class _Container:
 
 
 class Prober:
-    def __init__(self, poke: Callable[[str], None], recorder: Recorder | None = None) -> None:
+    def __init__(self, poke: Callable[[str], None], recorder: Records | None = None) -> None:
         self.poke = poke
-        self.recorder: Recorder = recorder or _NoRecorder()
+        self.recorder: Records = recorder or NullRecorder()
         self.attempts = 0                       # probe attempts run, for tests and the bench
         self._lock = threading.Lock()
         self._pods: dict[str, dict[str, _Container]] = {}
