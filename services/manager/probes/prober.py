@@ -123,6 +123,8 @@ class Prober:
 
     def forget(self, name: str) -> None:
         """The pod is gone or not wanted running: its probes stop."""
+        if name not in self._pods and not self._killed:
+            return   # every stop and delete of a pod without probes comes here: nothing to do
         with self._lock:
             containers = self._pods.pop(name, None)
             for key in [k for k in self._killed if k[0] == name]:
