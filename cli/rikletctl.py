@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 import grpc
 
 from cli import events as events_cli
-from common import auth, config, pb
+from common import auth, config, paths, pb
 from common.errors import InvalidArgument
 from common.model import MAX_MANIFEST_BYTES, RESTART_POLICIES, dns_label
 from common.units import parse_cpu, parse_memory
@@ -161,7 +161,7 @@ def default_token_file() -> str:
     try:
         return config.load().token_path
     except InvalidArgument:
-        return os.path.join(os.environ.get("RIKLET_STATE_DIR", "./.riklet/state"), "api-token")
+        return os.path.join(os.environ.get("RIKLET_STATE_DIR", paths.default_state_dir()), "api-token")
 
 
 def open_channel(endpoint: str, token: str | None, ca: str | None = None, cert: str | None = None,

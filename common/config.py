@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from common import paths
 from common.errors import InvalidArgument
 from common.units import parse_duration, parse_memory
 
@@ -248,9 +249,9 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("paths.run_dir", _path, lambda: "./.riklet/run", "RIKLET_RUN_DIR", "--run-dir",
+    Setting("paths.run_dir", _path, paths.default_run_dir, "RIKLET_RUN_DIR", "--run-dir",
             "IPC sockets (created 0700)"),
-    Setting("paths.state_dir", _path, lambda: "./.riklet/state", "RIKLET_STATE_DIR", "--state-dir",
+    Setting("paths.state_dir", _path, paths.default_state_dir, "RIKLET_STATE_DIR", "--state-dir",
             "database, logs, shim records"),
     Setting("node.id", _str, socket.gethostname, "NODE_ID", "--node-id", "this node's id"),
     Setting("api.address", _address, lambda: "127.0.0.1:9091", "RIKLET_API_ADDRESS",

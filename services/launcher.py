@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Any
 
-from common import config
+from common import config, paths
 from common.errors import InvalidArgument, Unavailable
 from common.parentwatch import SUPERVISOR_PID_ENV
 from common.subreaper import become_subreaper
@@ -29,8 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def defaults(environ: dict[str, str], root: str = ROOT) -> dict[str, str]:
     env = dict(environ)
-    env.setdefault("RIKLET_RUN_DIR", os.path.join(root, ".riklet", "run"))
-    env.setdefault("RIKLET_STATE_DIR", os.path.join(root, ".riklet", "state"))
+    env.setdefault("RIKLET_RUN_DIR", os.path.normpath(os.path.join(root, paths.default_run_dir())))
+    env.setdefault("RIKLET_STATE_DIR", os.path.normpath(os.path.join(root, paths.default_state_dir())))
     env.setdefault("RIKLET_CONFIG", "")
     bindir = os.path.dirname(sys.executable)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", os.defpath)
