@@ -128,7 +128,8 @@ Url = Annotated[Annotated[str, Meta(pattern=r"^https?://\S+$")] | None,
                 Before(lambda v: _empty_is_none(v.rstrip("/")) if isinstance(v, str) else v)]
 SocketPath = Annotated[str, Before(lambda v: v.removeprefix("unix://") if isinstance(v, str) else v),
                        Meta(pattern="^/")]
-Name = Annotated[str, Before(_text), Meta(pattern=r"^[A-Za-z0-9._-]{1,15}$")]    # an interface or snapshotter name
+# an interface or snapshotter name
+Name = Annotated[str, Before(_text), Meta(pattern=r"^[A-Za-z0-9._-]{1,15}$")]
 Subnet = Annotated[str, After(_subnet)]
 IP = Annotated[str, After(_ip)]
 Hosts = Annotated[tuple[Annotated[str, Meta(pattern=r"^[^/\s]+$")], ...], Before(_list)]   # HOST[:PORT]
