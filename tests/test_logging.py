@@ -115,7 +115,8 @@ def test_a_record_too_big_for_a_datagram_goes_as_a_memfd(journald: tuple[str, so
     assert entry["MESSAGE"] == ["big"] and entry["PAYLOAD"] == [big] and entry["POD"] == ["web"]
 
 
-def test_auto_means_run_by_systemd_with_a_journal(journald: tuple[str, socket.socket], tmp_path: Path) -> None:
+def test_auto_means_run_by_systemd_with_a_journal(journald: tuple[str, socket.socket],
+                                                  tmp_path: Path) -> None:
     path = journald[0]
     assert rlog.wants_journal("auto", {"INVOCATION_ID": "0123abcd"}, path)
     assert rlog.wants_journal("auto", {"JOURNAL_STREAM": "8:1234"}, path)
@@ -164,7 +165,8 @@ def write_at_once(path: Path, services: list[str], max_size: int, max_files: int
 
 
 def log_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.parent.iterdir() if p.name.startswith(path.name) and not p.name.endswith(".lock"))
+    return sorted(p for p in path.parent.iterdir()
+                  if p.name.startswith(path.name) and not p.name.endswith(".lock"))
 
 
 def test_two_services_rotating_one_file_lose_and_double_no_line(tmp_path: Path) -> None:
