@@ -76,17 +76,18 @@ class JournalHandler(logging.Handler):
         self.service = service
         self.path = path
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.dropped = 0        # records the journal did not take (not running, gone): stderr has them
 
     def fields(self, record: logging.LogRecord) -> list[tuple[str, str]]:
         message = record.getMessage()
         if record.exc_info:
             message += "\n" + logging.Formatter().formatException(record.exc_info)
-        out = [("MESSAGE", message),
-               ("PRIORITY", str(_PRIORITY.get(record.levelno, 6))),
-               ("SYSLOG_IDENTIFIER", f"riklet-{self.service}"),
-               ("CODE_FILE", record.pathname), ("CODE_LINE", str(record.lineno)),
-               ("CODE_FUNC", record.funcName), ("LOGGER", record.name),
-               ("RIKLET_SERVICE", self.service)]
+        known: list[tuple[str, object]] = [
+            ("MESSAGE", message), ("PRIORITY", _PRIORITY.get(record.levelno, 6)),
+            ("SYSLOG_IDENTIFIER", f"riklet-{self.service}"), ("CODE_FILE", record.pathname),
+            ("CODE_LINE", record.lineno), ("CODE_FUNC", record.funcName), ("LOGGER", record.name),
+            ("RIKLET_SERVICE", self.service)]
+        out = [(name, str(value)) for name, value in known if value is not None]
         taken = {name for name, _ in out}
         for key, value in vars(record).items():
             name = None if key in _STD or key.startswith("_") else field_name(key)
@@ -97,6 +98,8 @@ class JournalHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self.send(encode(self.fields(record)))
+        except OSError:
+            self.dropped += 1
         except Exception:
             self.handleError(record)
 

@@ -188,3 +188,10 @@ def test_rotation_keeps_max_files_copies(tmp_path: Path) -> None:
     assert all(f.stat().st_size <= 4096 for f in log_files(path))
     newest = [json.loads(line)["n"] for line in path.read_text().splitlines()]
     assert max(newest) == 799                                         # the last lines are in FILE
+
+
+def test_a_missing_journal_drops_records_quietly(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    handler = journal.JournalHandler("memory", str(tmp_path / "gone.sock"))
+    handler.handle(logging.makeLogRecord({"msg": "hello", "levelno": logging.INFO}))
+    assert handler.dropped == 1 and capfd.readouterr().err == ""     # stderr keeps the JSON line
+    handler.close()
