@@ -77,6 +77,8 @@ class JournalHandler(logging.Handler):
         self.service = service
         self.path = path
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        with contextlib.suppress(OSError):      # as libsystemd does: room for bursts (capped by wmem_max)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
         self.dropped = 0        # records the journal did not take (not running, gone): stderr has them
 
     def fields(self, record: logging.LogRecord) -> list[tuple[str, str]]:
