@@ -1,442 +1,205 @@
 """riklet's configuration: defaults < CHaS file < riklet's YAML file < environment < flags.
 
-Every setting is declared once in :data:`SETTINGS` with its YAML key, environment variable,
-flag and parser. The CHaS Node Agent's file (``/etc/chas/node-agent.yaml``, seed 003) is read
-too, its keys mapped onto the same settings by :data:`CHAS_KEYS`. An unknown YAML key or a
-value that does not parse is an error naming the file (or variable, or flag) and the key.
+Every setting is a field of :class:`Config`, a msgspec struct: the field's type carries its
+constraints (:mod:`common.configtypes`), its ``opt(...)`` its environment variable, flag and
+help; the YAML key is the attribute with its first ``_`` made a ``.`` (``api_max_streams`` is
+``api.max_streams``). The CHaS Node Agent's file (``/etc/chas/node-agent.yaml``, seed 003) is
+read too, its keys mapped onto the same settings by :data:`CHAS_KEYS`. Each raw value is
+validated on its own, so an unknown YAML key or a value that does not parse is an error naming
+the file (or variable, or flag) and the key.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
-import ipaddress
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, get_origin
 
+import msgspec
 import yaml
 
 from common import paths
+from common.configtypes import (
+    IP,
+    Address,
+    After,
+    Before,
+    Bool,
+    Count,
+    CountOrZero,
+    Duration,
+    Hosts,
+    Level,
+    Memory,
+    Name,
+    OptionalAddress,
+    OptionalCpu,
+    OptionalMemory,
+    OptionalPath,
+    Path,
+    PathPrefixes,
+    Port,
+    PortRange,
+    PositiveDuration,
+    ProxyMode,
+    Resolution,
+    Runtime,
+    SocketPath,
+    Subnet,
+    Text,
+    Tristate,
+    Url,
+    User,
+)
 from common.errors import InvalidArgument
-from common.units import parse_duration, parse_memory
 
 
-def _str(value: object, field: str) -> str:
-    if not isinstance(value, (str, int)) or isinstance(value, bool) or str(value) == "":
-        raise InvalidArgument("expected a non-empty string", field)
-    return str(value)
-
-
-def _address(value: object, field: str) -> str:
-    text = _str(value, field)
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidArgument(f"expected HOST:PORT, got {text!r}", field)
-    return text
-
-
-def _level(value: object, field: str) -> str:
-    text = _str(value, field).upper()
-    if text not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
-        raise InvalidArgument(f"unknown log level {value!r}", field)
-    return text
-
-
-def _runtime(value: object, field: str) -> str:
-    text = _str(value, field)
-    if text not in {"process", "containerd"}:
-        raise InvalidArgument(f"unknown runtime {text!r} (process, containerd)", field)
-    return text
-
-
-def _socket_path(value: object, field: str) -> str:
-    text = _str(value, field)
-    if text.startswith("unix://"):
-        text = text[len("unix://"):]
-    if not text.startswith("/"):
-        raise InvalidArgument(f"expected an absolute unix socket path, got {text!r}", field)
-    return text
-
-
-def _subnet(value: object, field: str) -> str:
-    try:
-        net = ipaddress.ip_network(_str(value, field), strict=True)
-    except ValueError as exc:
-        raise InvalidArgument(f"expected an IPv4 subnet like 10.88.0.0/16: {exc}", field) from exc
-    if net.version != 4 or net.prefixlen > 28:
-        raise InvalidArgument("expected an IPv4 subnet of at least 16 addresses", field)
-    return str(net)
-
-
-def _name(value: object, field: str) -> str:
-    text = _str(value, field)
-    if not all(ch.isalnum() or ch in "._-" for ch in text) or len(text) > 15:
-        raise InvalidArgument("expected at most 15 letters, digits, '.', '_' or '-'", field)
-    return text
-
-
-def _hosts(value: object, field: str) -> tuple[str, ...]:
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
-        raise InvalidArgument("expected a list of registry hosts (HOST or HOST:PORT)", field)
-    hosts = tuple(i.strip() for i in items if i.strip())
-    for h in hosts:
-        if "/" in h or " " in h:
-            raise InvalidArgument(f"expected HOST or HOST:PORT, got {h!r}", field)
-    return hosts
-
-
-def _url(value: object, field: str) -> str | None:
-    if value in (None, ""):
-        return None
-    text = _str(value, field).rstrip("/")
-    scheme, sep, rest = text.partition("://")
-    if scheme not in ("http", "https") or not sep or not rest or " " in rest:
-        raise InvalidArgument(f"expected an http:// or https:// URL, got {text!r}", field)
-    return text
-
-
-def _port(value: object, field: str) -> int:
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 65536:
-        raise InvalidArgument("expected a port number (0 to 65535; 0 turns the listener off)", field)
-    return value
-
-
-def _port_range(value: object, field: str) -> tuple[int, int]:
-    text = _str(value, field)
-    lo, sep, hi = text.partition("-")
-    if not sep or not lo.isdigit() or not hi.isdigit() or not 0 < int(lo) <= int(hi) < 65536:
-        raise InvalidArgument(f"expected LOW-HIGH within 1-65535, got {text!r}", field)
-    return int(lo), int(hi)
-
-
-def _bool(value: object, field: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise InvalidArgument("expected true or false", field)
-
-
-def _optional_path(value: object, field: str) -> str | None:
-    return None if value in (None, "") else os.path.abspath(_str(value, field))
-
-
-def _optional_cpu(value: object, field: str) -> int | None:
-    from common.units import parse_cpu
-    return None if value in (None, "") else parse_cpu(value, field)
-
-
-def _optional_memory(value: object, field: str) -> int | None:
-    return None if value in (None, "") else parse_memory(value, field)
-
-
-def _path_prefixes(value: object, field: str) -> tuple[str, ...]:
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
-        raise InvalidArgument("expected a list of absolute paths", field)
-    paths = tuple(os.path.normpath(i.strip()) for i in items if i.strip())
-    for path in paths:
-        if not path.startswith("/") or "\0" in path:
-            raise InvalidArgument(f"expected absolute paths, got {path!r}", field)
-    return paths
-
-
-def _user(value: object, field: str) -> tuple[int, int]:
-    text = _str(value, field)
-    uid, _, gid = text.partition(":")
-    if not uid.isdigit() or (gid and not gid.isdigit()):
-        raise InvalidArgument(f"expected UID or UID:GID (numbers), got {text!r}", field)
-    return int(uid), int(gid or uid)
-
-
-def _host_ip(value: object, field: str) -> str:
-    return _ip(value, field)
+def opt(*, help: str, env: str | None = None, flag: str | None = None) -> msgspec.Meta:
+    """A setting's environment variable, flag and help, kept in its type's metadata."""
+    return msgspec.Meta(description=help, extra={"env": env, "flag": flag})
 
 
 def _primary_ip() -> str:
     """The address other machines reach this node at: the source of the default route."""
-    import contextlib
     with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.connect(("192.0.2.1", 9))  # TEST-NET-1: nothing is sent, only a route is chosen
         return str(s.getsockname()[0])
     return "127.0.0.1"
 
 
-def _count(value: object, field: str) -> int:
-    if isinstance(value, str) and value.isdigit():  # from a flag or the environment
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgument("expected a positive integer", field)
-    return value
-
-
-def _count_or_zero(value: object, field: str) -> int:
-    return 0 if value in (0, "0") else _count(value, field)
-
-
-def _duration_or_zero(value: object, field: str) -> float:
-    secs = parse_duration(value, field)
-    if secs < 0:
-        raise InvalidArgument("must not be negative", field)
-    return secs
-
-
-def _ip(value: object, field: str) -> str:
-    # An IP literal only: the proxy opens listeners on its data path, which must never resolve.
-    try:
-        return str(ipaddress.ip_address(_str(value, field)))
-    except ValueError as exc:
-        raise InvalidArgument(f"expected an IP address, got {value!r}", field) from exc
-
-
-def _positive(value: object, field: str) -> float:
-    secs = parse_duration(value, field)
-    if secs <= 0:
-        raise InvalidArgument("must be more than zero", field)
-    return secs
-
-
-def _positive_duration(value: object, field: str) -> float:
-    secs = parse_duration(value, field)
-    if secs <= 0:
-        raise InvalidArgument("must be a positive duration", field)
-    return secs
-
-
-def _optional_address(value: object, field: str) -> str | None:
-    return None if value in (None, "") else _address(value, field)
-
-
-def _resolution(value: object, field: str) -> float:
-    secs = parse_duration(value, field)
-    if not 0.05 <= secs <= 3600:
-        raise InvalidArgument("expected between 50ms and 1h", field)
-    return secs
-
-
-def _proxy_mode(value: object, field: str) -> str:
-    text = _str(value, field).lower()
-    if text not in ("auto", "kernel", "userspace"):
-        raise InvalidArgument(f"unknown proxy mode {value!r} (auto, kernel, userspace)", field)
-    return text
-
-
-def _path(value: object, field: str) -> str:
-    return os.path.abspath(_str(value, field))
-
-
-@dataclass(frozen=True)
-class Setting:
-    key: str                      # dotted YAML key, also the attribute name with '.' -> '_'
-    parse: Callable[[object, str], Any]
-    default: Callable[[], Any]
-    env: str | None = None
-    flag: str | None = None
-    help: str = ""
-
-    @property
-    def attr(self) -> str:
-        return self.key.replace(".", "_")
-
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting("paths.run_dir", _path, paths.default_run_dir, "RIKLET_RUN_DIR", "--run-dir",
-            "IPC sockets (created 0700)"),
-    Setting("paths.state_dir", _path, paths.default_state_dir, "RIKLET_STATE_DIR", "--state-dir",
-            "database, logs, shim records"),
-    Setting("node.id", _str, socket.gethostname, "NODE_ID", "--node-id", "this node's id"),
-    Setting("api.address", _address, lambda: "127.0.0.1:9091", "RIKLET_API_ADDRESS",
-            "--api-address", "Node API (gRPC) listen address"),
-    Setting("api.max_streams", _count, lambda: 64, None, None,
-            "streaming calls (watch, logs -f, image pull/import) the Node API serves at once"),
-    Setting("api.max_streams_per_client", _count, lambda: 32, None, None,
-            "streaming calls one client (one host) may hold open at once"),
-    Setting("metrics.address", _address, lambda: "127.0.0.1:9092", "RIKLET_METRICS_ADDRESS",
-            "--metrics-address", "Prometheus /metrics listen address"),
-    Setting("logging.level", _level, lambda: "INFO", "LOG_LEVEL", "--log-level", "log level"),
-    Setting("runtime.default", _runtime, lambda: "process", "RIKLET_RUNTIME", "--runtime",
-            "runtime for containers that do not say"),
-    Setting("runtime.stop_grace_period", parse_duration, lambda: 10.0, None, None,
-            "SIGTERM to SIGKILL delay when a pod does not set one"),
-    Setting("reconcile.resync_interval", _positive_duration, lambda: 30.0, "RIKLET_RESYNC_INTERVAL",
-            "--resync-interval", "every pod is observed once per this long, spread evenly (a "
-            "safety net: changes reach the manager as events)"),
-    Setting("containerd.address", _socket_path, lambda: "/run/containerd/containerd.sock",
-            "CONTAINERD_SOCKET", "--containerd-socket", "containerd's gRPC socket"),
-    Setting("containerd.namespace", _name, lambda: "riklet", "RIKLET_CONTAINERD_NAMESPACE", None,
-            "containerd namespace the agent's containers and images live in"),
-    Setting("containerd.snapshotter", _name, lambda: "overlayfs", "RIKLET_SNAPSHOTTER", None,
-            "containerd snapshotter for container filesystems"),
-    Setting("containerd.insecure_registries", _hosts, lambda: (), "RIKLET_INSECURE_REGISTRIES", None,
-            "registries pulled from over plain HTTP (comma-separated HOST:PORT)"),
-    Setting("network.bridge", _name, lambda: "riklet0", "RIKLET_BRIDGE", None,
-            "bridge the pods' interfaces are attached to"),
-    Setting("network.subnet", _subnet, lambda: "10.88.0.0/16", "RIKLET_POD_SUBNET", "--pod-subnet",
-            "pod IP addresses are taken from this subnet"),
-    Setting("network.cni_path", _path, lambda: "/usr/lib/cni", "CNI_PATH", None,
-            "directory of the CNI plugins (bridge, host-local, loopback)"),
-    Setting("chas.api_url", _url, lambda: None, "CHAS_API_URL", "--chas-url",
-            "the CHaS API server to register with and report health to; unset: no reports"),
-    Setting("chas.token_file", _optional_path, lambda: None, "CHAS_API_TOKEN_FILE", None,
-            "bearer token sent to the CHaS API server (a file holding it), if it wants one"),
-    Setting("chas.port", _port, lambda: 9090, "NODE_PORT", "--node-port",
-            "port of the CHaS HTTP API (0: off)"),
-    Setting("chas.bind_address", _host_ip, lambda: "127.0.0.1", "RIKLET_CHAS_BIND_ADDRESS", None,
-            "address the CHaS HTTP API listens on"),
-    Setting("chas.health_interval", _positive, lambda: 30.0, "HEALTH_INTERVAL", "--health-interval",
-            "seconds between health reports to the CHaS API server"),
-    Setting("chas.host_ports", _port_range, lambda: "30000-32767", "RIKLET_HOST_PORTS", None,
-            "host ports the agent picks from when a deploy request gives none"),
-    Setting("chas.max_connections", _count, lambda: 128, None, None,
-            "connections the CHaS HTTP API holds at once; the oldest idle one is closed for a new one"),
-    Setting("chas.header_timeout", _positive, lambda: 10.0, None, None,
-            "a connection must send a request's headers within this long (else it is closed)"),
-    Setting("node.hostname", _str, socket.gethostname, None, None, "hostname reported to CHaS"),
-    Setting("node.ip_address", _host_ip, _primary_ip, "NODE_IP", None,
-            "address reported to CHaS (default: the source address of the default route)"),
-    Setting("auth.token_file", _optional_path, lambda: None, "RIKLET_TOKEN_FILE", "--token-file",
-            "bearer token both APIs require (default <state_dir>/api-token; made 0600 when absent)"),
-    Setting("tls.cert_file", _optional_path, lambda: None, "RIKLET_TLS_CERT", "--tls-cert",
-            "certificate (PEM) both APIs serve; with tls.key_file turns TLS on"),
-    Setting("tls.key_file", _optional_path, lambda: None, "RIKLET_TLS_KEY", "--tls-key", "its key (PEM)"),
-    Setting("tls.ca_file", _optional_path, lambda: None, "RIKLET_TLS_CA", "--tls-ca",
-            "CA (PEM) client certificates must be signed by: turns on mutual TLS"),
-    Setting("security.insecure", _bool, lambda: False, "RIKLET_INSECURE", "--insecure",
-            "allow listening on a non-loopback address without TLS"),
-    Setting("policy.allowed_registries", _hosts, lambda: (), "RIKLET_ALLOWED_REGISTRIES", None,
-            "registries images may come from (HOST[:PORT]; empty: any)"),
-    Setting("policy.max_cpu", _optional_cpu, lambda: None, None, None, "most CPU a pod may ask for"),
-    Setting("policy.max_memory", _optional_memory, lambda: None, None, None,
-            "most memory a pod may ask for"),
-    Setting("policy.host_ports", _port_range, lambda: "1-65535", None, None,
-            "host ports a pod may ask for"),
-    Setting("policy.allow_host_network", _bool, lambda: False, None, None,
-            "whether pods may use hostNetwork"),
-    Setting("volumes.host_path_prefixes", _path_prefixes, lambda: (), "RIKLET_HOST_PATH_PREFIXES", None,
-            "host directories hostPath volumes may name (comma-separated absolute paths; empty: "
-            "no hostPath volume)"),
-    Setting("volumes.size_check_interval", _positive_duration, lambda: 10.0, None, None,
-            "how often disk emptyDirs with a sizeLimit are measured (a pod over its limit is evicted)"),
-    Setting("runtime.user", _user, lambda: "65534:65534", "RIKLET_WORKLOAD_USER", None,
-            "UID[:GID] workloads run as unless their image names a user (0: root)"),
-    Setting("monitoring.metrics_enabled", _bool, lambda: True, None, None,
-            "serve Prometheus metrics"),
-    Setting("logging.file", _optional_path, lambda: None, None, None,
-            "also append the services' JSON log lines to this file"),
-    Setting("restart.backoff_initial", parse_duration, lambda: 1.0, None, None,
-            "first restart delay of a crashing container"),
-    Setting("restart.backoff_max", parse_duration, lambda: 300.0, None, None,
-            "longest restart delay"),
-    Setting("restart.backoff_reset", parse_duration, lambda: 600.0, None, None,
-            "running this long resets the back-off"),
-    Setting("logs.max_size", parse_memory, lambda: 10 * 1024 * 1024, None, None,
-            "rotate a container log at this size"),
-    Setting("logs.max_files", _count, lambda: 3, None, None, "rotated files kept per container"),
-    Setting("scheduler.address", _optional_address, lambda: None, "RIKLET_SCHEDULER", "--scheduler",
-            "a RIK scheduler's HOST:PORT; unset, the agent runs stand-alone"),
-    Setting("monitoring.metric_resolution", _resolution, lambda: 5.0, "RIKLET_METRIC_RESOLUTION",
-            "--metric-resolution", "how often metrics are pushed to the scheduler (5s, 500ms, 1m)"),
-    Setting("proxy.mode", _proxy_mode, lambda: "auto", "RIKLET_PROXY_MODE", "--proxy-mode",
-            "kernel (nftables DNAT), userspace (the proxy forwards), or auto: kernel where nftables "
-            "works and the proxy has CAP_NET_ADMIN"),
-    Setting("proxy.health_interval", _positive, lambda: 2.0, None, None,
-            "kernel mode: how often each endpoint of a port with several is probed (TCP connect)"),
-    Setting("proxy.health_timeout", _positive, lambda: 1.0, None, None,
-            "kernel mode: a probe not connected within this long fails"),
-    Setting("proxy.health_fall", _count, lambda: 2, None, None,
-            "kernel mode: failed probes in a row that take an endpoint out of the kernel's maps"),
-    Setting("proxy.health_rise", _count, lambda: 1, None, None,
-            "kernel mode: passed probes in a row that put it back"),
-    Setting("proxy.bind_address", _ip, lambda: "0.0.0.0", "RIKLET_PROXY_BIND_ADDRESS",
-            "--bind-address", "address the host ports listen on"),
-    Setting("proxy.connect_timeout", _positive, lambda: 3.0, None, "--connect-timeout",
-            "wait for an endpoint this long before trying the next one"),
-    Setting("proxy.udp_max_flows", _count, lambda: 4096, None, "--udp-max-flows",
-            "UDP flows kept per route; the least recently used is evicted"),
-    Setting("proxy.udp_idle_timeout", _positive, lambda: 60.0, None, "--udp-idle-timeout",
-            "an idle UDP flow is closed after this long"),
-    Setting("proxy.max_connections", _count_or_zero, lambda: 4096, None, "--max-connections",
-            "TCP clients per host port; more are reset at once (0: no limit)"),
-    Setting("proxy.idle_timeout", _duration_or_zero, lambda: 3600.0, None, "--idle-timeout",
-            "a TCP connection with no byte either way for this long is closed (0: never)"),
-)
-
-_BY_KEY = {s.key: s for s in SETTINGS}
-
-
-@dataclass(frozen=True)
-class Config:
-    paths_run_dir: str
-    paths_state_dir: str
-    node_id: str
-    api_address: str
-    api_max_streams: int
-    api_max_streams_per_client: int
-    metrics_address: str
-    logging_level: str
-    runtime_default: str
-    runtime_stop_grace_period: float
-    reconcile_resync_interval: float
-    containerd_address: str
-    containerd_namespace: str
-    containerd_snapshotter: str
-    containerd_insecure_registries: tuple[str, ...]
-    network_bridge: str
-    network_subnet: str
-    network_cni_path: str
-    chas_api_url: str | None
-    chas_token_file: str | None
-    chas_port: int
-    chas_bind_address: str
-    chas_health_interval: float
-    chas_host_ports: tuple[int, int]
-    chas_max_connections: int
-    chas_header_timeout: float
-    node_hostname: str
-    node_ip_address: str
-    auth_token_file: str | None
-    tls_cert_file: str | None
-    tls_key_file: str | None
-    tls_ca_file: str | None
-    security_insecure: bool
-    policy_allowed_registries: tuple[str, ...]
-    policy_max_cpu: int | None
-    policy_max_memory: int | None
-    policy_host_ports: tuple[int, int]
-    policy_allow_host_network: bool
-    runtime_user: tuple[int, int]
-    volumes_host_path_prefixes: tuple[str, ...]
-    volumes_size_check_interval: float
-    monitoring_metrics_enabled: bool
-    logging_file: str | None
-    restart_backoff_initial: float
-    restart_backoff_max: float
-    restart_backoff_reset: float
-    logs_max_size: int
-    logs_max_files: int
-    scheduler_address: str | None
-    monitoring_metric_resolution: float
-    proxy_mode: str
-    proxy_health_interval: float
-    proxy_health_timeout: float
-    proxy_health_fall: int
-    proxy_health_rise: int
-    proxy_bind_address: str
-    proxy_connect_timeout: float
-    proxy_udp_max_flows: int
-    proxy_udp_idle_timeout: float
-    proxy_max_connections: int
-    proxy_idle_timeout: float
-    sources: Mapping[str, str]     # key -> where its value came from
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    paths_run_dir: Annotated[Path, opt(env="RIKLET_RUN_DIR", flag="--run-dir",
+        help="IPC sockets (created 0700)")] = msgspec.field(default_factory=paths.default_run_dir)
+    paths_state_dir: Annotated[Path, opt(env="RIKLET_STATE_DIR", flag="--state-dir",
+        help="database, logs, shim records")] = msgspec.field(default_factory=paths.default_state_dir)
+    node_id: Annotated[Text, opt(env="NODE_ID", flag="--node-id",
+        help="this node's id")] = msgspec.field(default_factory=socket.gethostname)
+    api_address: Annotated[Address, opt(env="RIKLET_API_ADDRESS", flag="--api-address",
+        help="Node API (gRPC) listen address")] = "127.0.0.1:9091"
+    api_max_streams: Annotated[Count, opt(
+        help="streaming calls (watch, logs -f, image pull/import) the Node API serves at once")] = 64
+    api_max_streams_per_client: Annotated[Count, opt(
+        help="streaming calls one client (one host) may hold open at once")] = 32
+    metrics_address: Annotated[Address, opt(env="RIKLET_METRICS_ADDRESS", flag="--metrics-address",
+        help="Prometheus /metrics listen address")] = "127.0.0.1:9092"
+    logging_level: Annotated[Level, opt(env="LOG_LEVEL", flag="--log-level", help="log level")] = "INFO"
+    runtime_default: Annotated[Runtime, opt(env="RIKLET_RUNTIME", flag="--runtime",
+        help="runtime for containers that do not say")] = "process"
+    runtime_stop_grace_period: Annotated[Duration, opt(
+        help="SIGTERM to SIGKILL delay when a pod does not set one")] = 10.0
+    reconcile_resync_interval: Annotated[PositiveDuration, opt(
+        env="RIKLET_RESYNC_INTERVAL", flag="--resync-interval",
+        help="every pod is observed once per this long, spread evenly (a safety net: changes reach the "
+        "manager as events)")] = 30.0
+    containerd_address: Annotated[SocketPath, opt(env="CONTAINERD_SOCKET", flag="--containerd-socket",
+        help="containerd's gRPC socket")] = "/run/containerd/containerd.sock"
+    containerd_namespace: Annotated[Name, opt(env="RIKLET_CONTAINERD_NAMESPACE",
+        help="containerd namespace the agent's containers and images live in")] = "riklet"
+    containerd_snapshotter: Annotated[Name, opt(env="RIKLET_SNAPSHOTTER",
+        help="containerd snapshotter for container filesystems")] = "overlayfs"
+    containerd_insecure_registries: Annotated[Hosts, opt(env="RIKLET_INSECURE_REGISTRIES",
+        help="registries pulled from over plain HTTP (comma-separated HOST:PORT)")] = ()
+    network_bridge: Annotated[Name, opt(env="RIKLET_BRIDGE",
+        help="bridge the pods' interfaces are attached to")] = "riklet0"
+    network_subnet: Annotated[Subnet, opt(env="RIKLET_POD_SUBNET", flag="--pod-subnet",
+        help="pod IP addresses are taken from this subnet")] = "10.88.0.0/16"
+    network_cni_path: Annotated[Path, opt(env="CNI_PATH",
+        help="directory of the CNI plugins (bridge, host-local, loopback)")] = "/usr/lib/cni"
+    chas_api_url: Annotated[Url, opt(env="CHAS_API_URL", flag="--chas-url",
+        help="the CHaS API server to register with and report health to; unset: no reports")] = None
+    chas_token_file: Annotated[OptionalPath, opt(env="CHAS_API_TOKEN_FILE",
+        help="bearer token sent to the CHaS API server (a file holding it), if it wants one")] = None
+    chas_port: Annotated[Port, opt(env="NODE_PORT", flag="--node-port",
+        help="port of the CHaS HTTP API (0: off)")] = 9090
+    chas_bind_address: Annotated[IP, opt(env="RIKLET_CHAS_BIND_ADDRESS",
+        help="address the CHaS HTTP API listens on")] = "127.0.0.1"
+    chas_health_interval: Annotated[PositiveDuration, opt(env="HEALTH_INTERVAL", flag="--health-interval",
+        help="seconds between health reports to the CHaS API server")] = 30.0
+    chas_host_ports: Annotated[PortRange, opt(env="RIKLET_HOST_PORTS",
+        help="host ports the agent picks from when a deploy request gives none")] = (30000, 32767)
+    chas_max_connections: Annotated[Count, opt(
+        help="connections the CHaS HTTP API holds at once; the oldest idle one is closed for a new "
+        "one")] = 128
+    chas_header_timeout: Annotated[PositiveDuration, opt(
+        help="a connection must send a request's headers within this long (else it is closed)")] = 10.0
+    node_hostname: Annotated[Text, opt(
+        help="hostname reported to CHaS")] = msgspec.field(default_factory=socket.gethostname)
+    node_ip_address: Annotated[IP, opt(env="NODE_IP",
+        help="address reported to CHaS (default: the source address of the default "
+        "route)")] = msgspec.field(default_factory=_primary_ip)
+    auth_token_file: Annotated[OptionalPath, opt(env="RIKLET_TOKEN_FILE", flag="--token-file",
+        help="bearer token both APIs require (default <state_dir>/api-token; made 0600 when absent)")] = None
+    tls_cert_file: Annotated[OptionalPath, opt(env="RIKLET_TLS_CERT", flag="--tls-cert",
+        help="certificate (PEM) both APIs serve; with tls.key_file turns TLS on")] = None
+    tls_key_file: Annotated[OptionalPath, opt(env="RIKLET_TLS_KEY", flag="--tls-key",
+        help="its key (PEM)")] = None
+    tls_ca_file: Annotated[OptionalPath, opt(env="RIKLET_TLS_CA", flag="--tls-ca",
+        help="CA (PEM) client certificates must be signed by: turns on mutual TLS")] = None
+    security_insecure: Annotated[Bool, opt(env="RIKLET_INSECURE", flag="--insecure",
+        help="allow listening on a non-loopback address without TLS")] = False
+    policy_allowed_registries: Annotated[Hosts, opt(env="RIKLET_ALLOWED_REGISTRIES",
+        help="registries images may come from (HOST[:PORT]; empty: any)")] = ()
+    policy_max_cpu: Annotated[OptionalCpu, opt(help="most CPU a pod may ask for")] = None
+    policy_max_memory: Annotated[OptionalMemory, opt(help="most memory a pod may ask for")] = None
+    policy_host_ports: Annotated[PortRange, opt(help="host ports a pod may ask for")] = (1, 65535)
+    policy_allow_host_network: Annotated[Bool, opt(help="whether pods may use hostNetwork")] = False
+    volumes_host_path_prefixes: Annotated[PathPrefixes, opt(env="RIKLET_HOST_PATH_PREFIXES",
+        help="host directories hostPath volumes may name (comma-separated absolute paths; empty: no "
+        "hostPath volume)")] = ()
+    volumes_size_check_interval: Annotated[PositiveDuration, opt(
+        help="how often disk emptyDirs with a sizeLimit are measured (a pod over its limit is "
+        "evicted)")] = 10.0
+    runtime_user: Annotated[User, opt(env="RIKLET_WORKLOAD_USER",
+        help="UID[:GID] workloads run as unless their image names a user (0: root)")] = (65534, 65534)
+    monitoring_metrics_enabled: Annotated[Bool, opt(help="serve Prometheus metrics")] = True
+    logging_file: Annotated[OptionalPath, opt(
+        help="also write the services' JSON log lines to this file, rotated by size")] = None
+    logging_max_size: Annotated[Memory, opt(
+        help="rotate logging.file when a line would take it past this size")] = 10 * 1024 * 1024
+    logging_max_files: Annotated[Count, opt(
+        help="rotated copies of logging.file kept (FILE.1 the newest)")] = 5
+    logging_journald: Annotated[Tristate, opt(env="RIKLET_LOG_JOURNALD", help=(
+        "log to the systemd journal with structured fields: auto (when run by systemd and its socket "
+        "exists), true or false"))] = "auto"
+    restart_backoff_initial: Annotated[Duration, opt(
+        help="first restart delay of a crashing container")] = 1.0
+    restart_backoff_max: Annotated[Duration, opt(help="longest restart delay")] = 300.0
+    restart_backoff_reset: Annotated[Duration, opt(help="running this long resets the back-off")] = 600.0
+    logs_max_size: Annotated[Memory, opt(help="rotate a container log at this size")] = 10 * 1024 * 1024
+    logs_max_files: Annotated[Count, opt(help="rotated files kept per container")] = 3
+    scheduler_address: Annotated[OptionalAddress, opt(env="RIKLET_SCHEDULER", flag="--scheduler",
+        help="a RIK scheduler's HOST:PORT; unset, the agent runs stand-alone")] = None
+    monitoring_metric_resolution: Annotated[Resolution, opt(
+        env="RIKLET_METRIC_RESOLUTION", flag="--metric-resolution",
+        help="how often metrics are pushed to the scheduler (5s, 500ms, 1m)")] = 5.0
+    proxy_mode: Annotated[ProxyMode, opt(env="RIKLET_PROXY_MODE", flag="--proxy-mode",
+        help="kernel (nftables DNAT), userspace (the proxy forwards), or auto: kernel where nftables works "
+        "and the proxy has CAP_NET_ADMIN")] = "auto"
+    proxy_health_interval: Annotated[PositiveDuration, opt(
+        help="kernel mode: how often each endpoint of a port with several is probed (TCP connect)")] = 2.0
+    proxy_health_timeout: Annotated[PositiveDuration, opt(
+        help="kernel mode: a probe not connected within this long fails")] = 1.0
+    proxy_health_fall: Annotated[Count, opt(
+        help="kernel mode: failed probes in a row that take an endpoint out of the kernel's maps")] = 2
+    proxy_health_rise: Annotated[Count, opt(help="kernel mode: passed probes in a row that put it back")] = 1
+    proxy_bind_address: Annotated[IP, opt(env="RIKLET_PROXY_BIND_ADDRESS", flag="--bind-address",
+        help="address the host ports listen on")] = "0.0.0.0"
+    proxy_connect_timeout: Annotated[PositiveDuration, opt(flag="--connect-timeout",
+        help="wait for an endpoint this long before trying the next one")] = 3.0
+    proxy_udp_max_flows: Annotated[Count, opt(flag="--udp-max-flows",
+        help="UDP flows kept per route; the least recently used is evicted")] = 4096
+    proxy_udp_idle_timeout: Annotated[PositiveDuration, opt(flag="--udp-idle-timeout",
+        help="an idle UDP flow is closed after this long")] = 60.0
+    proxy_max_connections: Annotated[CountOrZero, opt(flag="--max-connections",
+        help="TCP clients per host port; more are reset at once (0: no limit)")] = 4096
+    proxy_idle_timeout: Annotated[Duration, opt(flag="--idle-timeout",
+        help="a TCP connection with no byte either way for this long is closed (0: never)")] = 3600.0
+    sources: Mapping[str, str] = msgspec.field(default_factory=dict)   # key -> where its value came from
 
     @property
     def agent_id(self) -> str:
@@ -468,6 +231,52 @@ class Config:
     @property
     def proxy_endpoint(self) -> str:
         return f"ipc://{self.paths_run_dir}/proxy.sock"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One field of :class:`Config` as the sources see it: its key, variable, flag and checks."""
+    key: str                      # dotted YAML key; the attribute is the key with '.' -> '_'
+    attr: str
+    type: Any                     # the field's Annotated type, constraints included
+    default: Callable[[], Any]
+    env: str | None
+    flag: str | None
+    help: str
+    before: tuple[Callable[[Any], Any], ...]
+    after: tuple[Callable[[Any], Any], ...]
+
+    def parse(self, raw: object, where: str) -> Any:
+        """``raw`` (YAML, environment or flag text) as this setting's value; an error names ``where``."""
+        try:
+            value = raw
+            for step in self.before:
+                value = step(value)
+            value = msgspec.convert(value, self.type, strict=False)   # strict=False: "5" is 5
+            for step in self.after:
+                value = step(value)
+            return value
+        except InvalidArgument as exc:
+            message = exc.message
+        except (msgspec.ValidationError, ValueError, TypeError) as exc:
+            message = str(exc)
+        raise InvalidArgument(message[:1].lower() + message[1:], where)
+
+
+def _setting(info: msgspec.structs.FieldInfo) -> Setting:
+    extras = info.type.__metadata__ if get_origin(info.type) is Annotated else ()
+    meta = next(m for m in reversed(extras) if isinstance(m, msgspec.Meta) and m.extra)
+    extra = meta.extra or {}
+    default = info.default_factory if info.default is msgspec.NODEFAULT else (lambda: info.default)
+    return Setting(info.name.replace("_", ".", 1), info.name, info.type, default, extra["env"], extra["flag"],
+                   meta.description or "",
+                   tuple(m.step for m in extras if isinstance(m, Before)),
+                   tuple(m.step for m in extras if isinstance(m, After)))
+
+
+SETTINGS: tuple[Setting, ...] = tuple(
+    _setting(f) for f in msgspec.structs.fields(Config) if f.name != "sources")
+_BY_KEY = {s.key: s for s in SETTINGS}
 
 
 # The CHaS Node Agent's configuration file (seed 003, "Configuration"): read alongside riklet's

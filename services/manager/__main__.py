@@ -30,7 +30,7 @@ MEMORY_CONCURRENCY = 8   # memory requests the manager may have in flight at onc
 def main(argv: list[str] | None = None) -> None:
     watch_parent("riklet-manager")
     cfg, _ = config.parse_args("riklet-manager", argv)
-    logsetup.setup("manager", cfg.logging_level, cfg.logging_file)
+    logsetup.configure("manager", cfg)
     pb.ensure()
     from common.pb import node_pb2  # generated: import after ensure()
     from common.stats_server import StatsServer

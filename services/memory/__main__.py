@@ -20,7 +20,7 @@ log = logging.getLogger("services.memory")
 def main(argv: Sequence[str] | None = None) -> int:
     watch_parent("riklet-memory")
     cfg, _ = parse_args("riklet-memory", argv)
-    logsetup.setup("memory", cfg.logging_level, cfg.logging_file)
+    logsetup.configure("memory", cfg)
     try:
         server = MemoryServer(cfg)
     except Unavailable as exc:

@@ -106,7 +106,7 @@ def start_pusher(cfg: config.Config, monitor: Monitor) -> MetricPusher | None:
 def main(argv: Sequence[str] | None = None) -> int:
     watch_parent("riklet-monitor")
     cfg, _ = config.parse_args("riklet-monitor", argv)
-    rlog.setup("monitor", cfg.logging_level, cfg.logging_file)
+    rlog.configure("monitor", cfg)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

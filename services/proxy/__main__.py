@@ -38,7 +38,7 @@ class _Tag(logging.Filter):
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     cfg, ns = config.parse_args("riklet-proxy", args, extra=_flags)
-    common_log.setup("proxy", cfg.logging_level, cfg.logging_file)
+    common_log.configure("proxy", cfg)
     tag = _Tag("worker" if ns.worker else "keeper")
     for handler in logging.getLogger().handlers:
         handler.addFilter(tag)

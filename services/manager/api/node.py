@@ -183,7 +183,7 @@ class NodeService(EventsApi, VolumeRpcs, pb_grpc.NodeServicer):
         self._applied_events([r["pod"] for r in results if r.get("changed", True)])   # before any start
         for r in records:
             self.offer(r)
-        log.info("applied", extra={"workload": workload.name, "pods": [r["name"] for r in records]})
+        log.info("applied", extra={"workload": workload.name, "pod": [r["name"] for r in records]})
         return [(r["pod"], bool(r.get("changed", True))) for r in results]
 
     def desire(self, name: str, desired: str) -> dict[str, Any]:

@@ -176,7 +176,7 @@ class PodNetworks:
             if known is not None:
                 return known
             if os.path.exists(self.netns_path(pod)) or os.path.exists(self._record_path(pod)):
-                log.info("pod %s: cleaning up a previous network before setup", pod)
+                log.info("cleaning up a previous network before setup", extra={"pod": pod})
                 self._teardown(pod)
             netns = self.netns_path(pod)
             bridge, loopback = self._bridge_config(), self._loopback_config()   # asks VERSION first
@@ -221,12 +221,12 @@ class PodNetworks:
             try:
                 self._plugin(plugin, "DEL", pod, ifname, config())
             except errors.RikletError as exc:
-                log.warning("pod %s: undoing a failed setup: %s", pod, exc)
+                log.warning("undoing a failed setup", extra={"pod": pod, "error": str(exc)})
         try:
             if os.path.exists(self.netns_path(pod)):
                 self._ip_netns("delete", pod)
         except errors.RikletError as exc:
-            log.warning("pod %s: undoing a failed setup: %s", pod, exc)
+            log.warning("undoing a failed setup", extra={"pod": pod, "error": str(exc)})
         _remove(self._record_path(pod))
 
     def _lock(self, pod: str) -> threading.Lock:
