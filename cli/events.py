@@ -72,7 +72,7 @@ def events(ctl: Any, args: argparse.Namespace) -> None:
             for e in stream:
                 print(json.dumps(event_json(e)), flush=True)
         else:
-            print(json.dumps([event_json(e) for e in stream], indent=2))
+            ctl.print_doc([event_json(e) for e in stream])
         return
     if not args.watch:
         rows = [event_row(e) for e in stream]
@@ -176,9 +176,9 @@ def top(ctl: Any, args: argparse.Namespace) -> None:
         cpu_pct = round(100 * reply.cpu_cores / reply.cpu_capacity) if reply.cpu_capacity else 0
         mem_pct = round(100 * reply.memory_bytes / reply.memory_capacity) if reply.memory_capacity else 0
         if ctl.json:
-            print(json.dumps({"name": reply.node, "cpuCores": reply.cpu_cores, "cpuPercent": cpu_pct,
+            ctl.print_doc({"name": reply.node, "cpuCores": reply.cpu_cores, "cpuPercent": cpu_pct,
                               "cpuCapacity": reply.cpu_capacity, "memoryBytes": reply.memory_bytes,
-                              "memoryPercent": mem_pct, "memoryCapacity": reply.memory_capacity}, indent=2))
+                              "memoryPercent": mem_pct, "memoryCapacity": reply.memory_capacity})
             return
         table([("NAME", "CPU(cores)", "CPU%", "MEMORY(bytes)", "MEMORY%"),
                (reply.node or "-", cpu_text(reply.cpu_cores), f"{cpu_pct}%", memory_text(reply.memory_bytes),
@@ -186,9 +186,9 @@ def top(ctl: Any, args: argparse.Namespace) -> None:
         return
     pods = [p for p in reply.pods if not args.name or p.name == args.name]
     if ctl.json:
-        print(json.dumps([{"name": p.name, "cpuCores": p.cpu_cores, "memoryBytes": p.memory_bytes,
+        ctl.print_doc([{"name": p.name, "cpuCores": p.cpu_cores, "memoryBytes": p.memory_bytes,
                            "cpuLimitCores": p.cpu_limit_cores, "memoryLimitBytes": p.memory_limit_bytes}
-                          for p in pods], indent=2))
+                          for p in pods])
         return
     if not pods:
         print("No running pods.")
