@@ -52,27 +52,31 @@ def changes(seen: dict[str, str], layers: Iterable[Any]) -> list[str]:
     return lines
 
 
-def show(stream: Iterable[Any], err: TextIO | None = None, out: TextIO | None = None,
+def show(ref: str, stream: Iterable[Any], err: TextIO | None = None, out: TextIO | None = None,
          tty: bool | None = None) -> None:
+    """Prints the pull of ``ref`` as the agent reports it in ``stream`` (PullProgress messages)."""
     err, out = err or sys.stderr, out or sys.stdout
     tty = err.isatty() if tty is None else tty
     began, drawn = time.monotonic(), 0
     seen: dict[str, str] = {}
+    fetched = 0
     for msg in stream:
+        fetched = msg.bytes_done or fetched
         if msg.done:
             if tty and drawn == 0 and msg.layers:   # too quick for a frame: show the last one
-                err.write("\n".join(frame(msg.image, msg.layers, msg.bytes_done, msg.bytes_total,
+                err.write("\n".join(frame(ref, msg.layers, msg.bytes_done, msg.bytes_total,
                                           time.monotonic() - began)) + "\n")
-            elif not tty:
+            elif not tty and msg.layers:
                 for line in changes(seen, msg.layers):
                     print(line, file=err)
+            if not tty and seen:
+                print(f"{ref}: {mib(fetched)} in {time.monotonic() - began:.1f} s", file=err)
             print(msg.image, file=out, flush=True)
             continue
         if not msg.layers:
             print(msg.message, file=err, flush=True)
         elif tty:
-            lines = frame(msg.message.split(": ", 1)[0].removeprefix("pulling image "), msg.layers,
-                          msg.bytes_done, msg.bytes_total, time.monotonic() - began)
+            lines = frame(ref, msg.layers, msg.bytes_done, msg.bytes_total, time.monotonic() - began)
             up = f"\x1b[{drawn}F" if drawn else ""
             err.write(up + "".join(f"\x1b[2K{line}\n" for line in lines))
             err.flush()

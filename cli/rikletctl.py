@@ -249,7 +249,7 @@ class Ctl:
 
     def _image_pull(self, args: argparse.Namespace) -> None:
         for ref in args.refs:
-            pull.show(self.stub.PullImage(npb.PullImageRequest(image=ref)))
+            pull.show(ref, self.stub.PullImage(npb.PullImageRequest(image=ref)))
 
     def _image_import(self, args: argparse.Namespace) -> None:
         def chunks() -> Any:
