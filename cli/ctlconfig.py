@@ -111,7 +111,7 @@ def parse(text: str, path: str) -> CtlConfig:
     current = data.get("current-context")
     if current is not None and not isinstance(current, str):
         raise InvalidArgument(f"{path}: must be a context name", "current-context")
-    raw = data.get("contexts") or []
+    raw = [] if data.get("contexts") is None else data["contexts"]
     if not isinstance(raw, list):
         raise InvalidArgument(f"{path}: must be a list of contexts", "contexts")
     base = os.path.dirname(os.path.abspath(path))
