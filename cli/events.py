@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from cli.output import DOCS
 from common import pb
 
 pb.ensure()
@@ -199,12 +200,12 @@ def top(ctl: Any, args: argparse.Namespace) -> None:
 
 def register(add: Add) -> None:
     """The commands, added to rikletctl's parser by its ``add`` helper."""
-    sp = add("events", events, "what happened to pods (or one pod), oldest first", output=True)
+    sp = add("events", events, "what happened to pods (or one pod), oldest first", output=DOCS)
     sp.add_argument("pod", nargs="?", help="only this pod's events")
     sp.add_argument("-w", "--watch", action="store_true", help="then print new events as they happen")
     sp = add("describe", describe, "one pod in full: containers, state, resources, events")
     sp.add_argument("what", choices=["pod", "pods", "po"])
     sp.add_argument("name")
-    sp = add("top", top, "CPU and memory in use now: top node, top pods [NAME]", output=True)
+    sp = add("top", top, "CPU and memory in use now: top node, top pods [NAME]", output=DOCS)
     sp.add_argument("what", choices=["node", "nodes", "pod", "pods", "po"])
     sp.add_argument("name", nargs="?")

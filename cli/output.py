@@ -17,6 +17,7 @@ from typing import Any, Generic, TypeVar
 import yaml
 
 FORMATS = ("table", "wide", "json", "yaml", "name")
+DOCS = ("table", "json", "yaml")    # a command that shows one document, not a list of objects
 T = TypeVar("T")
 
 

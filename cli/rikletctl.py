@@ -26,7 +26,7 @@ pb.ensure()
 from cli import apps, completion, connect, output, pods, pull, volume  # noqa: E402  (stubs made above)
 from cli import exec as exec_cli  # noqa: E402
 from cli import watch as watch_cli  # noqa: E402
-from cli.output import FORMATS  # noqa: E402
+from cli.output import DOCS, FORMATS  # noqa: E402
 from common.pb import node_pb2 as npb  # noqa: E402  (generated just above when missing)
 from common.pb import node_pb2_grpc as npb_grpc  # noqa: E402
 
@@ -282,11 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def add(name: str, fn: Callable[[Ctl, argparse.Namespace], int | None], helptext: str,
-            aliases: Sequence[str] = (), output: bool = False) -> argparse.ArgumentParser:
+            aliases: Sequence[str] = (), output: bool | Sequence[str] = False) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=helptext, aliases=list(aliases))
         sp.set_defaults(fn=fn)
         if output:
-            sp.add_argument("-o", "--output", choices=FORMATS, default="table")
+            sp.add_argument("-o", "--output", choices=FORMATS if output is True else output, default="table")
         return sp
 
     sp = add("apply", Ctl.apply, "create or update a workload from a JSON or YAML file", output=True)
@@ -327,13 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-c", "--container")
     sp.add_argument("-f", "--follow", action="store_true")
     sp.add_argument("--tail", type=int)
-    add("node", Ctl.node, "node resources and usage", output=True)
+    add("node", Ctl.node, "node resources and usage", output=DOCS)
     sp = add("image", Ctl.image, "containerd images: ls, pull REF, import FILE, rm REF", aliases=["images"],
              output=True)
     sp.add_argument("action", choices=["ls", "list", "pull", "import", "rm"])
     sp.add_argument("refs", nargs="*", metavar="REF|FILE")
     volume.add_parser(sub, add, Ctl.volume)
-    sp = add("watch", Ctl.watch, "stream pod changes", output=True)
+    sp = add("watch", Ctl.watch, "stream pod changes", output=("table", "json"))
     sp.add_argument("name", nargs="?")
     exec_cli.register(add)
     events_cli.register(add)
