@@ -173,3 +173,16 @@ def test_pull_progress_plain_and_on_a_terminal() -> None:
                       SimpleNamespace(done=True, image="img", layers=[], bytes_done=0)], old, io.StringIO(),
               tty=True)
     assert old.getvalue() == "50%\n"
+
+
+def test_the_agent_keeps_each_download_of_a_pull_until_its_end() -> None:
+    from services.manager.containerd.images import Layers
+    seen = Layers()
+    assert seen.update([("layer-a", 5, 10), ("manifest-m", 1, 2)]) == (
+        ("layer-a", "downloading", 5, 10), ("manifest-m", "downloading", 1, 2))
+    # containerd lists only the downloads in progress: one that left the list is done
+    assert seen.update([("layer-a", 8, 10)]) == (("layer-a", "downloading", 8, 10),
+                                                 ("manifest-m", "done", 2, 2))
+    seen.finish([("sha256:b", 7), ("sha256:c", 3)])   # the manifest's layers, some never seen
+    assert seen.update([]) == (("layer-a", "done", 10, 10), ("manifest-m", "done", 2, 2),
+                               ("layer-sha256:b", "done", 7, 7), ("layer-sha256:c", "done", 3, 3))
