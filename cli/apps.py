@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+from cli import output
+from cli.pods import app_listing
 from common.app import app_of
 from common.pb import node_pb2 as npb
 
@@ -28,20 +30,10 @@ def app_status(pod: npb.Pod) -> str:
     return pod.phase or "Pending"
 
 
-def show(pods: Sequence[npb.Pod], age: Callable[[float], str], as_json: bool = False) -> None:
-    """``get apps``: the apps among ``pods``, as a table or (``-o json``) a list."""
-    found = [(p, app_of(json.loads(p.spec_json or "{}"))) for p in pods]
-    listed = [(p, app) for p, app in found if app is not None]
-    if as_json:
-        print(json.dumps([{"name": p.name, "status": app_status(p), "createdAt": p.created_at,
-                           "phase": p.phase, "reason": p.reason or None, "app": dict(app)}
-                          for p, app in listed], indent=2))
-        return
-    rows = [("NAME", "STATUS", "AGE")]
-    rows += [(p.name, app_status(p), age(p.created_at)) for p, _ in listed]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+def show(pods: Sequence[npb.Pod], fmt: str = "table") -> None:
+    """``get apps``: the apps among ``pods``, in any of rikletctl's output formats."""
+    listed = [p for p in pods if app_of(json.loads(p.spec_json or "{}")) is not None]
+    output.emit(app_listing(app_status), listed, fmt)
 
 
 def node_name(stub: Any) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from cli.output import DOCS
 from common import pb
 
 pb.ensure()
@@ -72,7 +73,7 @@ def events(ctl: Any, args: argparse.Namespace) -> None:
             for e in stream:
                 print(json.dumps(event_json(e)), flush=True)
         else:
-            print(json.dumps([event_json(e) for e in stream], indent=2))
+            ctl.print_doc([event_json(e) for e in stream])
         return
     if not args.watch:
         rows = [event_row(e) for e in stream]
@@ -176,9 +177,9 @@ def top(ctl: Any, args: argparse.Namespace) -> None:
         cpu_pct = round(100 * reply.cpu_cores / reply.cpu_capacity) if reply.cpu_capacity else 0
         mem_pct = round(100 * reply.memory_bytes / reply.memory_capacity) if reply.memory_capacity else 0
         if ctl.json:
-            print(json.dumps({"name": reply.node, "cpuCores": reply.cpu_cores, "cpuPercent": cpu_pct,
+            ctl.print_doc({"name": reply.node, "cpuCores": reply.cpu_cores, "cpuPercent": cpu_pct,
                               "cpuCapacity": reply.cpu_capacity, "memoryBytes": reply.memory_bytes,
-                              "memoryPercent": mem_pct, "memoryCapacity": reply.memory_capacity}, indent=2))
+                              "memoryPercent": mem_pct, "memoryCapacity": reply.memory_capacity})
             return
         table([("NAME", "CPU(cores)", "CPU%", "MEMORY(bytes)", "MEMORY%"),
                (reply.node or "-", cpu_text(reply.cpu_cores), f"{cpu_pct}%", memory_text(reply.memory_bytes),
@@ -186,9 +187,9 @@ def top(ctl: Any, args: argparse.Namespace) -> None:
         return
     pods = [p for p in reply.pods if not args.name or p.name == args.name]
     if ctl.json:
-        print(json.dumps([{"name": p.name, "cpuCores": p.cpu_cores, "memoryBytes": p.memory_bytes,
+        ctl.print_doc([{"name": p.name, "cpuCores": p.cpu_cores, "memoryBytes": p.memory_bytes,
                            "cpuLimitCores": p.cpu_limit_cores, "memoryLimitBytes": p.memory_limit_bytes}
-                          for p in pods], indent=2))
+                          for p in pods])
         return
     if not pods:
         print("No running pods.")
@@ -199,12 +200,12 @@ def top(ctl: Any, args: argparse.Namespace) -> None:
 
 def register(add: Add) -> None:
     """The commands, added to rikletctl's parser by its ``add`` helper."""
-    sp = add("events", events, "what happened to pods (or one pod), oldest first", output=True)
+    sp = add("events", events, "what happened to pods (or one pod), oldest first", output=DOCS)
     sp.add_argument("pod", nargs="?", help="only this pod's events")
     sp.add_argument("-w", "--watch", action="store_true", help="then print new events as they happen")
     sp = add("describe", describe, "one pod in full: containers, state, resources, events")
     sp.add_argument("what", choices=["pod", "pods", "po"])
     sp.add_argument("name")
-    sp = add("top", top, "CPU and memory in use now: top node, top pods [NAME]", output=True)
+    sp = add("top", top, "CPU and memory in use now: top node, top pods [NAME]", output=DOCS)
     sp.add_argument("what", choices=["node", "nodes", "pod", "pods", "po"])
     sp.add_argument("name", nargs="?")

@@ -11,25 +11,27 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 
 import grpc
 
 from cli import events as events_cli
-from common import auth, config, paths, pb
+from common import config, paths, pb
 from common.errors import InvalidArgument
 from common.model import MAX_MANIFEST_BYTES, RESTART_POLICIES, dns_label
 from common.units import parse_cpu, parse_memory
 
 pb.ensure()
-from cli import apps, volume  # noqa: E402  (they import the generated stubs)
+from cli import apps, completion, connect, output, pods, pull, volume  # noqa: E402  (stubs made above)
 from cli import exec as exec_cli  # noqa: E402
+from cli import watch as watch_cli  # noqa: E402
+from cli.output import DOCS, FORMATS  # noqa: E402
 from common.pb import node_pb2 as npb  # noqa: E402  (generated just above when missing)
 from common.pb import node_pb2_grpc as npb_grpc  # noqa: E402
 
-DEFAULT_ENDPOINT = "127.0.0.1:9091"
+pod_json, _age = pods.pod_json, pods.age
+DEFAULT_ENDPOINT = connect.DEFAULT_ENDPOINT
 LIST_PAGE = 500          # pods per List call: `get pods` fetches page after page
 
 
@@ -53,54 +55,6 @@ def proxy_line(proxy: dict[str, Any] | None) -> str:
 
 class Usage(Exception):
     pass
-
-
-def pod_json(pod: npb.Pod) -> dict[str, Any]:
-    status = json.loads(pod.status_json or "{}")
-    spec = json.loads(pod.spec_json or "{}")
-    limits = {c.get("name"): c.get("resources") for c in status.get("containers") or []
-              if isinstance(c, dict) and c.get("resources")}
-    return {
-        "name": pod.name, "uid": pod.uid, "workload": pod.workload, "phase": pod.phase,
-        "reason": pod.reason or None, "message": pod.message or None, "desired": pod.desired,
-        "version": pod.version, "generation": pod.generation, "createdAt": pod.created_at,
-        "restartCount": pod.restart_count, "ready": pod.ready,
-        "exitCode": status.get("exitCode"), "conditions": status.get("conditions") or [],
-        "containers": [{
-            "name": c.name, "state": c.state, "pid": c.pid or None, "restartCount": c.restart_count,
-            "exitCode": c.exit_code if c.has_exit_code else None, "reason": c.reason or None,
-            "startedAt": c.started_at or None, "finishedAt": c.finished_at or None,
-            "ready": c.ready, "started": c.started,
-            "lastTerminationReason": c.last_termination_reason or None,
-            "resources": limits.get(c.name),
-        } for c in pod.containers],
-        "ports": spec.get("ports", []),
-        "endpoints": [{"host_port": e.host_port or None, "protocol": e.protocol,
-                       "address": e.address, "port": e.port} for e in pod.endpoints],
-        "spec": spec,
-    }
-
-
-def _age(created: float) -> str:
-    secs = max(0, int(time.time() - created))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if secs >= size:
-            return f"{secs // size}{unit}"
-    return f"{secs}s"
-
-
-def print_table(pods: Sequence[npb.Pod]) -> None:
-    rows = [("NAME", "READY", "PHASE", "RESTARTS", "PID", "PORTS", "AGE")]
-    for p in pods:
-        ready = f"{sum(1 for c in p.containers if c.ready)}/{len(p.containers)}"
-        pids = ",".join(str(c.pid) for c in p.containers if c.pid and c.state == "running") or "-"
-        ports = ",".join(f"{e.host_port}->{e.port}/{e.protocol.lower()}" if e.host_port
-                         else f"{e.port}/{e.protocol.lower()}" for e in p.endpoints) or "-"
-        phase = f"{p.phase} ({p.reason})" if p.reason else p.phase
-        rows.append((p.name, ready, phase, str(p.restart_count), pids, ports, _age(p.created_at)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
 
 
 def _port_flag(text: str, i: int) -> dict[str, Any]:
@@ -164,19 +118,7 @@ def default_token_file() -> str:
         return os.path.join(os.environ.get("RIKLET_STATE_DIR", paths.default_state_dir()), "api-token")
 
 
-def open_channel(endpoint: str, token: str | None, ca: str | None = None, cert: str | None = None,
-                 key: str | None = None) -> grpc.Channel:
-    if ca or cert:
-        def read(path: str | None) -> bytes | None:
-            if not path:
-                return None
-            with open(path, "rb") as fh:
-                return fh.read()
-        creds = grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
-        channel = grpc.secure_channel(endpoint, creds)
-    else:
-        channel = grpc.insecure_channel(endpoint)
-    return grpc.intercept_channel(channel, *auth.grpc_client_interceptors(token))
+open_channel = connect.open_channel
 
 
 def read_manifest(stream: BinaryIO, name: str) -> str:
@@ -192,18 +134,18 @@ def read_manifest(stream: BinaryIO, name: str) -> str:
 
 
 class Ctl:
-    def __init__(self, endpoint: str, out_json: bool = False, token: str | None = None,
+    def __init__(self, endpoint: str, fmt: str = "table", token: str | None = None,
                  tls: tuple[str | None, str | None, str | None] = (None, None, None)) -> None:
         self.channel = open_channel(endpoint, token, *tls)
         self.stub = npb_grpc.NodeStub(self.channel)
-        self.json = out_json
+        self.fmt = fmt
+        self.json = fmt in ("json", "yaml")   # a document rather than a table (yaml: printed as yaml)
 
     def show(self, pods: Sequence[npb.Pod], single: bool = False) -> None:
-        if self.json:
-            data: Any = pod_json(pods[0]) if single else [pod_json(p) for p in pods]
-            print(json.dumps(data, indent=2))
-        else:
-            print_table(pods)
+        output.emit(watch_cli.listing(self), pods, self.fmt, single)
+
+    def print_doc(self, data: Any) -> None:
+        print(output.dump(data, "yaml" if self.fmt == "yaml" else "json").rstrip("\n"))
 
     def apply(self, args: argparse.Namespace) -> None:
         if args.filename == "-":
@@ -217,7 +159,7 @@ class Ctl:
 
     def _apply(self, text: str, fmt: str) -> None:
         reply = self.stub.Apply(npb.ApplyRequest(manifest=text, format=fmt), timeout=30)
-        if self.json:
+        if self.fmt != "table":
             self.show(reply.pods)
             return
         for line in apps.applied_lines(self.stub, reply):
@@ -226,14 +168,17 @@ class Ctl:
     def run(self, args: argparse.Namespace) -> None:
         self._apply(json.dumps(run_manifest(args)), "json")
 
-    def get(self, args: argparse.Namespace) -> None:
+    def get(self, args: argparse.Namespace) -> int | None:
         if args.what in ("apps", "app"):
             one = [self.stub.Get(npb.GetRequest(name=args.name), timeout=10)] if args.name else None
-            apps.show(one or self.list_all(), _age, self.json)
+            apps.show(one or self.list_all(), self.fmt)
+        elif args.watch or args.watch_only:
+            return watch_cli.watch(self, args)
         elif args.name:
             self.show([self.stub.Get(npb.GetRequest(name=args.name), timeout=10)], single=True)
         else:
             self.show(self.list_all())
+        return None
 
     def list_all(self) -> list[npb.Pod]:
         """Every pod, a page at a time (each reply stays small whatever the node holds)."""
@@ -267,7 +212,7 @@ class Ctl:
         reply = self.stub.Resize(npb.ResizeRequest(name=args.name, container=args.container or "",
                                                    cpu=args.cpu or "", memory=args.memory or ""),
                                  timeout=30)
-        if self.json:
+        if self.fmt != "table":
             self.show([reply.pod], single=True)
         else:
             print(f"pod/{reply.pod.name} resized")
@@ -285,7 +230,7 @@ class Ctl:
         data = {"resources": json.loads(info.resources_json), "realtime": json.loads(info.realtime_json),
                 "proxy": json.loads(info.proxy_json) if info.proxy_json else None}
         if self.json:
-            print(json.dumps(data, indent=2))
+            self.print_doc(data)
             return
         res, rt = data["resources"], data["realtime"]
         print(f"node {res.get('id')}: {res.get('cpu')} cpus, {res.get('memory', 0) // 2**20} MiB, "
@@ -300,23 +245,11 @@ class Ctl:
 
     def _image_ls(self, args: argparse.Namespace) -> None:
         images = self.stub.ListImages(npb.ListImagesRequest(), timeout=30).images
-        if self.json:
-            print(json.dumps([{"name": i.name, "digest": i.digest, "size": i.size,
-                               "createdAt": i.created_at} for i in images], indent=2))
-            return
-        rows = [("NAME", "DIGEST", "AGE")]
-        rows += [(i.name, i.digest[:19], _age(i.created_at)) for i in images]
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        for r in rows:
-            print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+        output.emit(pods.image_listing(), images, self.fmt)
 
     def _image_pull(self, args: argparse.Namespace) -> None:
         for ref in args.refs:
-            for msg in self.stub.PullImage(npb.PullImageRequest(image=ref)):
-                if msg.done:
-                    print(msg.image)
-                else:
-                    print(msg.message, file=sys.stderr, flush=True)
+            pull.show(ref, self.stub.PullImage(npb.PullImageRequest(image=ref)))
 
     def _image_import(self, args: argparse.Namespace) -> None:
         def chunks() -> Any:
@@ -333,7 +266,7 @@ class Ctl:
             print(f"deleted {self.stub.RemoveImage(npb.RemoveImageRequest(image=ref), timeout=30).image}")
 
     def volume(self, args: argparse.Namespace) -> None:
-        volume.run(self.stub, args, self.json)
+        volume.run(self.stub, args, self.fmt)
 
     def watch(self, args: argparse.Namespace) -> None:
         for ev in self.stub.Watch(npb.WatchRequest(name=args.name or "")):
@@ -345,25 +278,15 @@ class Ctl:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rikletctl", description="Drive a riklet node agent.")
-    p.add_argument("--endpoint", default=os.environ.get("RIKLET_ENDPOINT", DEFAULT_ENDPOINT),
-                   help="Node API address (env RIKLET_ENDPOINT, default %(default)s)")
-    p.add_argument("--token-file", default=os.environ.get("RIKLET_TOKEN_FILE"),
-                   help="the agent's API token file (env RIKLET_TOKEN_FILE; default: the agent's "
-                        "<state_dir>/api-token); env RIKLET_TOKEN gives the token itself")
-    p.add_argument("--tls-ca", default=os.environ.get("RIKLET_CLIENT_CA"),
-                   help="CA certificate (PEM) of an agent serving TLS (env RIKLET_CLIENT_CA)")
-    p.add_argument("--tls-cert", default=os.environ.get("RIKLET_CLIENT_CERT"),
-                   help="client certificate (PEM) for mutual TLS (env RIKLET_CLIENT_CERT)")
-    p.add_argument("--tls-key", default=os.environ.get("RIKLET_CLIENT_KEY"),
-                   help="its key (env RIKLET_CLIENT_KEY)")
+    connect.add_flags(p)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def add(name: str, fn: Callable[[Ctl, argparse.Namespace], int | None], helptext: str,
-            aliases: Sequence[str] = (), output: bool = False) -> argparse.ArgumentParser:
+            aliases: Sequence[str] = (), output: bool | Sequence[str] = False) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=helptext, aliases=list(aliases))
         sp.set_defaults(fn=fn)
         if output:
-            sp.add_argument("-o", "--output", choices=["table", "json"], default="table")
+            sp.add_argument("-o", "--output", choices=FORMATS if output is True else output, default="table")
         return sp
 
     sp = add("apply", Ctl.apply, "create or update a workload from a JSON or YAML file", output=True)
@@ -384,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("get", Ctl.get, "show pods", output=True)
     sp.add_argument("what", choices=["pods", "pod", "po", "apps", "app"])
     sp.add_argument("name", nargs="?")
+    sp.add_argument("-w", "--watch", action="store_true", help="then a row for each change (pods)")
+    sp.add_argument("--watch-only", action="store_true", help="only the changes, no table first")
     sp = add("delete", Ctl.delete, "stop and remove pods", aliases=["rm"])
     sp.add_argument("names", nargs="*", metavar="[pod|app] NAME")
     which = sp.add_mutually_exclusive_group()
@@ -402,22 +327,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-c", "--container")
     sp.add_argument("-f", "--follow", action="store_true")
     sp.add_argument("--tail", type=int)
-    add("node", Ctl.node, "node resources and usage", output=True)
+    add("node", Ctl.node, "node resources and usage", output=DOCS)
     sp = add("image", Ctl.image, "containerd images: ls, pull REF, import FILE, rm REF", aliases=["images"],
              output=True)
     sp.add_argument("action", choices=["ls", "list", "pull", "import", "rm"])
     sp.add_argument("refs", nargs="*", metavar="REF|FILE")
     volume.add_parser(sub, add, Ctl.volume)
-    sp = add("watch", Ctl.watch, "stream pod changes", output=True)
+    sp = add("watch", Ctl.watch, "stream pod changes", output=("table", "json"))
     sp.add_argument("name", nargs="?")
     exec_cli.register(add)
     events_cli.register(add)
+    connect.register(add)
+    completion.register(add, sub)
+    connect.add_to_commands(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["__complete"]:   # the completion scripts' question (cli/completion.py)
+        return completion.complete(parser, argv[1:])
     command: list[str] = []
     if "--" in argv:  # everything after "--" is the workload's argv, flags included
         cut = argv.index("--")
@@ -438,10 +368,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         volume.check_args(parser, args)
     if args.cmd == "get" and args.what == "pod" and not args.name:
         parser.error("get pod: give a pod name")
-    token = os.environ.get("RIKLET_TOKEN") or auth.read_token(args.token_file or default_token_file())
-    ctl = Ctl(args.endpoint, getattr(args, "output", "table") == "json", token,
-              (args.tls_ca, args.tls_cert, args.tls_key))
+    if args.cmd == "get" and (args.watch or args.watch_only) and args.what in ("apps", "app"):
+        parser.error("get -w: watches pods")
+    target: connect.Target | None = None
     try:
+        if not getattr(args, "local", False):   # `config` and `completion` talk to no agent
+            target = connect.resolve(args, default_token_file)
+        fmt = getattr(args, "output", "table")
+        ctl = Ctl(target.endpoint, fmt, target.token, target.tls) if target else None
         code = args.fn(ctl, args)
     except InvalidArgument as exc:
         print(f"rikletctl: {exc}", file=sys.stderr)
@@ -456,7 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rikletctl: {code.name.lower()}: {exc.details()}", file=sys.stderr)
         if code == grpc.StatusCode.UNAUTHENTICATED:
             print("rikletctl: the agent wants its API token: run as a user who can read "
-                  f"{args.token_file or default_token_file()}, or set RIKLET_TOKEN / --token-file",
+                  f"{target.token_file if target else default_token_file()}, or set RIKLET_TOKEN / "
+                  "--token-file",
                   file=sys.stderr)
         return 3 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) else 1
     return code or 0

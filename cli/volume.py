@@ -3,56 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from typing import Any
 
+from cli import output
+from cli.pods import volume_doc, volume_listing
 from common.pb import node_pb2 as npb
 
 
-def _json(v: npb.Volume, detail: bool = False) -> dict[str, Any]:
-    out: dict[str, Any] = {"name": v.name, "sizeBytes": v.size_bytes or None, "createdAt": v.created_at,
-                           "path": v.path}
-    if detail:
-        out.update(usedBytes=v.used_bytes, pods=list(v.pods))
-    return out
-
-
-def _size(n: int) -> str:
-    value, unit = float(n), ""
-    for unit in ("", "Ki", "Mi", "Gi", "Ti"):
-        if value < 1024 or unit == "Ti":
-            break
-        value /= 1024
-    return f"{value:.4g}{unit}"
-
-
-def _age(created: float) -> str:
-    secs = max(0, int(time.time() - created))
-    for span, unit in ((86400, "d"), (3600, "h"), (60, "m")):
-        if secs >= span:
-            return f"{secs // span}{unit}"
-    return f"{secs}s"
-
-
-def run(stub: Any, args: argparse.Namespace, out_json: bool) -> None:
-    action = args.action
+def run(stub: Any, args: argparse.Namespace, fmt: str) -> None:
+    action, out_json = args.action, fmt in ("json", "yaml")
     if action == "create":
         v = stub.CreateVolume(npb.CreateVolumeRequest(name=args.names[0], size=args.size or ""), timeout=30)
-        print(json.dumps(_json(v), indent=2) if out_json else f"volume {v.name} created")
+        print(output.dump(volume_doc(v), fmt).rstrip("\n") if out_json else f"volume {v.name} created")
     elif action in ("ls", "list"):
         vols = stub.ListVolumes(npb.ListVolumesRequest(), timeout=30).volumes
-        if out_json:
-            print(json.dumps([_json(v) for v in vols], indent=2))
-            return
-        rows = [("NAME", "SIZE", "AGE")] + [(v.name, _size(v.size_bytes) if v.size_bytes else "-",
-                                             _age(v.created_at)) for v in vols]
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        for r in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        output.emit(volume_listing(), vols, fmt)
     elif action == "inspect":
         v = stub.InspectVolume(npb.InspectVolumeRequest(name=args.names[0]), timeout=60)
-        print(json.dumps(_json(v, detail=True), indent=2))
+        print(output.dump(volume_doc(v, detail=True), "yaml" if fmt == "yaml" else "json").rstrip("\n"))
     else:
         for name in args.names:
             v = stub.RemoveVolume(npb.RemoveVolumeRequest(name=name), timeout=60)

@@ -32,6 +32,7 @@ from services.manager.api import resize
 from services.manager.api.apps import apply_app
 from services.manager.api.listing import ListReply, PodMessages, pod_message
 from services.manager.api.podevents import EventsApi
+from services.manager.api.pulls import pull_progress
 from services.manager.api.volumes import VolumeRpcs, check_claims
 from services.manager.applylocks import ApplyLocks
 from services.manager.volumes.store import VolumeStore
@@ -328,12 +329,12 @@ class NodeService(EventsApi, VolumeRpcs, pb_grpc.NodeServicer):
                   ) -> Iterator[pb.PullProgress]:
         ref = self._call(context, lambda: _image_ref(request.image))
         runtime = self._call(context, self._image_runtime)
-        messages: queue.Queue[str | None] = queue.Queue()
+        messages: queue.Queue[Any] = queue.Queue()
         result: list[Any] = []
 
         def pull() -> None:
             try:
-                result.append(runtime.pull(ref, messages.put))
+                result.append(runtime.pull(ref, messages.put, messages.put))
             except RikletError as exc:
                 result.append(exc)
             finally:
@@ -341,7 +342,7 @@ class NodeService(EventsApi, VolumeRpcs, pb_grpc.NodeServicer):
 
         threading.Thread(target=pull, name="pull", daemon=True).start()
         while (msg := messages.get()) is not None:
-            yield pb.PullProgress(message=msg)
+            yield pull_progress(msg)
         outcome = result[0] if result else Unavailable("the pull ended without a result", "image")
         if isinstance(outcome, RikletError):
             context.abort(_GRPC_CODES[outcome.code], str(outcome))

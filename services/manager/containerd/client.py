@@ -168,6 +168,16 @@ class Containerd:
 
     def image_config(self, name: str) -> tuple[dict[str, Any], str]:
         """The image's config (Entrypoint, Cmd, Env...) and the chain id of its unpacked rootfs."""
+        manifest = self._manifest(name)
+        config = json.loads(self.read_blob(manifest["config"]["digest"]))
+        return config, chain_id(list((config.get("rootfs") or {}).get("diff_ids") or []))
+
+    def image_layers(self, name: str) -> list[tuple[str, int]]:
+        """The image's layers for this platform: (digest, size)."""
+        return [(str(la.get("digest")), int(la.get("size") or 0)) for la in self._manifest(name).get("layers")
+                or [] if isinstance(la, dict)]
+
+    def _manifest(self, name: str) -> dict[str, Any]:
         img = self._call("images", "Get", self._msg("images", "GetImageRequest", name=name)).image
         desc: dict[str, Any] = {"mediaType": img.target.media_type, "digest": img.target.digest}
         for _ in range(3):
@@ -180,14 +190,18 @@ class Containerd:
             if not matches:
                 raise NotFound(f"image {name} has no linux/{ARCH} manifest", "image")
             desc = matches[0]
-        manifest = json.loads(self.read_blob(desc["digest"]))
-        config = json.loads(self.read_blob(manifest["config"]["digest"]))
-        return config, chain_id(list((config.get("rootfs") or {}).get("diff_ids") or []))
+        manifest: dict[str, Any] = json.loads(self.read_blob(desc["digest"]))
+        return manifest
 
     def ingest_progress(self) -> tuple[int, int]:
         """Bytes fetched and expected over the downloads in progress in this namespace."""
+        statuses = self.ingest_statuses()
+        return sum(s[1] for s in statuses), sum(s[2] for s in statuses)
+
+    def ingest_statuses(self) -> list[tuple[str, int, int]]:
+        """The downloads in progress in this namespace: (ref, bytes fetched, bytes expected)."""
         resp = self._call("content", "ListStatuses", self._msg("content", "ListStatusesRequest"))
-        return (sum(int(s.offset) for s in resp.statuses), sum(int(s.total) for s in resp.statuses))
+        return [(str(s.ref), int(s.offset), int(s.total)) for s in resp.statuses]
 
     # -- snapshots and containers ------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from common.errors import Conflict, Internal, NotFound, RikletError
 from common.imageref import normalize_ref, registry_host
@@ -20,6 +21,36 @@ def pull_args(ref: str, snapshotter: str, insecure: set[str]) -> list[str]:
     if registry_host(ref) in insecure:
         args.append("--plain-http")
     return args
+
+
+@dataclass(frozen=True)
+class PullStatus:
+    """A pull's downloads so far, each ``(ref, state, offset, total)``: "downloading" while
+    containerd ingests it, "done" once it left the ingests."""
+    message: str
+    layers: tuple[tuple[str, str, int, int], ...]
+
+
+class Layers:
+    """The downloads one pull has seen (containerd lists only those still in progress)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[str, int, int]] = {}
+
+    def update(self, statuses: list[tuple[str, int, int]]) -> tuple[tuple[str, str, int, int], ...]:
+        now = {ref: (offset, total) for ref, offset, total in statuses}
+        for ref, (state, _offset, total) in list(self.seen.items()):
+            if ref not in now and state != "done":
+                self.seen[ref] = ("done", total, total)
+        for ref, (offset, total) in now.items():
+            self.seen[ref] = ("downloading", offset, total)
+        return tuple((ref, st, off, tot) for ref, (st, off, tot) in self.seen.items())
+
+    def finish(self, image_layers: list[tuple[str, int]]) -> None:
+        """The image's layers, done, for those that were fetched too fast to be seen (or were
+        already here)."""
+        for digest, size in image_layers:
+            self.seen.setdefault(f"layer-{digest}", ("done", size, size))
 
 
 class Images:
@@ -40,17 +71,24 @@ class Images:
             if not self.client.has_image(image):
                 self.pull(image, progress)
 
-    def pull(self, image: str, progress: Callable[[str], None] | None = None) -> str:
+    def pull(self, image: str, progress: Callable[[str], None] | None = None,
+             layers: Callable[[PullStatus], None] | None = None) -> str:
+        """``layers``, when given, is told each download's progress (instead of ``progress``)."""
         ref = normalize_ref(image)
         args = pull_args(ref, self.client.snapshotter, self.insecure)
         done = threading.Event()
+        seen = Layers()
 
         def report() -> None:
-            while not done.wait(0.5):
+            while not done.wait(0.5 if layers is None else 0.2):
                 with contextlib.suppress(RikletError):
-                    got, total = self.client.ingest_progress()
-                    if progress is not None and total:
-                        progress(f"pulling image {ref}: {got / 2**20:.1f} of {total / 2**20:.1f} MiB")
+                    statuses = self.client.ingest_statuses()
+                    got, total = sum(s[1] for s in statuses), sum(s[2] for s in statuses)
+                    message = f"pulling image {ref}: {got / 2**20:.1f} of {total / 2**20:.1f} MiB"
+                    if layers is not None:
+                        layers(PullStatus(message, seen.update(statuses)))
+                    elif progress is not None and total:
+                        progress(message)
 
         reporter = threading.Thread(target=report, daemon=True)
         reporter.start()
@@ -61,7 +99,12 @@ class Images:
                            ) from None
         finally:
             done.set()
-        if progress is not None:
+            reporter.join()
+        if layers is not None:
+            with contextlib.suppress(RikletError):
+                seen.finish(self.client.image_layers(ref))
+            layers(PullStatus(f"pulled image {ref}", seen.update([])))
+        elif progress is not None:
             progress(f"pulled image {ref}")
         return ref
 
