@@ -227,12 +227,14 @@ def test_metrics_endpoint_serves_prometheus_text(monitor: Monitor, memory: FakeM
     status, ctype, body = monitor.http("/metrics")
     assert status == 200 and ctype.startswith("text/plain; version=0.0.4")
     samples = parse_exposition(body)
-    assert {"riklet_node_cpu_usage_ratio", "riklet_node_memory_total_bytes", "riklet_node_memory_available_bytes",
-            "riklet_node_disk_total_bytes", "riklet_node_disk_used_bytes", "riklet_node_disk_available_bytes",
+    assert {"riklet_node_cpu_usage_ratio", "riklet_node_memory_total_bytes",
+            "riklet_node_memory_available_bytes", "riklet_node_disk_total_bytes",
+            "riklet_node_disk_used_bytes", "riklet_node_disk_available_bytes",
             "riklet_pod_cpu_usage_ratio", "riklet_pod_memory_usage_bytes", "riklet_pod_restarts_total",
             "riklet_pods", "riklet_monitor_scrape_errors_total"} <= set(samples)
     assert 0 <= samples["riklet_node_cpu_usage_ratio"][""] <= 1
-    assert 0 < samples["riklet_node_memory_available_bytes"][""] <= samples["riklet_node_memory_total_bytes"][""]
+    memory = samples["riklet_node_memory_available_bytes"][""]
+    assert 0 < memory <= samples["riklet_node_memory_total_bytes"][""]
     assert samples["riklet_pod_restarts_total"] == {'{pod="web"}': 2, '{pod="odd\\"pod"}': 0}
     assert samples["riklet_pods"]['{phase="running"}'] == 1
     assert samples["riklet_pods"]['{phase="creating"}'] == 1
@@ -317,7 +319,8 @@ def test_a_scrape_serves_the_last_sample_not_the_cgroup_now(slow_monitor: Monito
         memory = FakeMemory(monitor.memory_endpoint, monitor.memory_events, [rec])
 
         def used() -> float:
-            return parse_exposition(monitor.http("/metrics")[2])["riklet_pod_memory_usage_bytes"]['{pod="web"}']
+            scraped = parse_exposition(monitor.http("/metrics")[2])
+            return scraped["riklet_pod_memory_usage_bytes"]['{pod="web"}']
 
         first = wait_for(used, 5, what="the pod measured")
         proc.stdin.write(b"more\n")
