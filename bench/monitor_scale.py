@@ -112,7 +112,7 @@ def run(pods: int, seconds: float, scrapes: int, resolution: str, checkout: Path
                                 stdout=log, stderr=subprocess.STDOUT)
         client = RequestClient(f"ipc://{run_dir}/monitor.sock", timeout=30, retries=0)
         try:
-            wait_for(lambda: scrape(address)[1].count("riklet_pod_memory_bytes{") == pods, 120,
+            wait_for(lambda: scrape(address)[1].count("riklet_pod_memory_usage_bytes{") == pods, 120,
                      what=f"{pods} pods on /metrics", interval=1.0)
             time.sleep(float(resolution.rstrip("s")) * 2)   # let start-up work settle
             out["idle_cpu_percent"] = round(cpu_percent(proc.pid, seconds), 2)

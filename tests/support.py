@@ -102,6 +102,8 @@ def parse_prometheus(text: str) -> tuple[dict[str, str], dict[str, dict[str, flo
         for suffix in HIST_SUFFIXES:
             if name.endswith(suffix) and types.get(name[: -len(suffix)]) == "histogram":
                 family = name[: -len(suffix)]
+        if name.endswith("_total") and types.get(name[:-6]) == "counter":
+            family = name[:-6]   # prometheus_client's TYPE line names a counter without _total
         assert family in types, f"{name} has no TYPE line"
         samples.setdefault(name, {})[m.group(2) or ""] = float(m.group(3))
     return types, samples

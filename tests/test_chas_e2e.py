@@ -54,8 +54,8 @@ def test_registers_then_reports_health(reporting: tuple[Agent, ChasServer]) -> N
     assert m["riklet_chas_health_reports_total"]['{result="success"}'] >= 1
     # the API's own requests are counted and timed per endpoint
     requests = m["riklet_chas_requests_total"]
-    assert requests['{method="GET",endpoint="/health",status="200"}'] >= 1
-    assert m["riklet_chas_request_duration_seconds_count"]['{endpoint="/health"}'] >= 1
+    assert requests['{code="200",method="GET",route="/health"}'] >= 1
+    assert m["riklet_chas_request_duration_seconds_count"]['{code="200",method="GET",route="/health"}'] >= 1
 
 
 def test_keeps_serving_while_the_server_is_down_and_comes_back(reporting: tuple[Agent, ChasServer]) -> None:

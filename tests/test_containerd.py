@@ -210,7 +210,7 @@ def test_cpu_quota_throttles(ctr_agent: CtrAgent) -> None:
 
     # The monitor serves its last sample (taken once per metric_resolution, 5 s): wait for a
     # pass after the measuring window.
-    labels = '{pod="spin",container="spin"}'
+    labels = '{container="spin",pod="spin"}'
     samples = wait_for(lambda: (m := scraped()).get("riklet_container_cpu_seconds_total", {}).get(labels, 0)
                        >= (u1 - u0) / 1e9 and m, 15, "per-container series past the window")
     assert samples["riklet_container_memory_limit_bytes"][labels] == 64 * 2**20

@@ -52,7 +52,7 @@ def test_render_exports_proxy_families_in_text_format() -> None:
     name = "riklet_proxy_connect_duration_seconds"
     assert types[name] == "histogram"
     buckets = samples[f"{name}_bucket"]
-    assert buckets['{le="0.0005"}'] == 2 and buckets['{le="3"}'] == 5 and buckets['{le="+Inf"}'] == 6
+    assert buckets['{le="0.0005"}'] == 2 and buckets['{le="3.0"}'] == 5 and buckets['{le="+Inf"}'] == 6
     assert len(buckets) == len(CONNECT_BUCKETS) + 1
     assert samples[f"{name}_count"] == {"": 6} and samples[f"{name}_sum"][""] == pytest.approx(12.0425)
 
@@ -146,5 +146,5 @@ def test_pods_rendered_once_read_the_same_as_pods_rendered_per_scrape() -> None:
     once = prom.render(node, [], 2, series=[prom.pod_series(p, rows[p["appId"]]) for p in pods])
     assert once == per_scrape
     _, samples = parse_prometheus(once)
-    assert samples["riklet_pods"]['{phase="CREATING"}'] == 1
-    assert samples["riklet_container_memory_limit_bytes"] == {'{pod="web",container="db"}': 65536}
+    assert samples["riklet_pods"]['{phase="creating"}'] == 1
+    assert samples["riklet_container_memory_limit_bytes"] == {'{container="db",pod="web"}': 65536}

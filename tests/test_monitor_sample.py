@@ -75,7 +75,7 @@ class Rig:
     monitor: Monitor
 
     def scrape(self) -> dict[str, dict[str, float]]:
-        return parse_prometheus(self.monitor.scrape())[1]
+        return parse_prometheus(self.monitor.scrape()[0].decode())[1]
 
 
 def rig(budget: int | None = None) -> Rig:
@@ -97,11 +97,11 @@ def test_requests_serve_the_last_sample_and_read_no_file(parent: str) -> None:
         r = rig()
         r.table.on_change("web", record("web", pod, [proc.pid]))
         r.loop.sample_now()
-        labels = '{pod="web",container="app"}'
+        labels = '{container="app",pod="web"}'
         before = r.scrape()
         assert before["riklet_container_memory_limit_bytes"][labels] == 512 * MiB
         working_set = before["riklet_container_memory_working_set_bytes"][labels]
-        pod_used = before["riklet_pod_memory_bytes"]['{pod="web"}']
+        pod_used = before["riklet_pod_memory_usage_bytes"]['{pod="web"}']
         assert pod_used == working_set > 0
 
         proc.stdin.write(b"more\n")
@@ -111,7 +111,7 @@ def test_requests_serve_the_last_sample_and_read_no_file(parent: str) -> None:
         reads = r.reader.reads
         after = r.scrape()
         assert after["riklet_container_memory_working_set_bytes"][labels] == working_set
-        assert after["riklet_pod_memory_bytes"]['{pod="web"}'] == pod_used
+        assert after["riklet_pod_memory_usage_bytes"]['{pod="web"}'] == pod_used
         figures = r.monitor.pod_realtime("web")
         assert figures["memory"]["totalMemory"] - figures["memory"]["freeMemory"] == pod_used
         assert r.monitor.pods_realtime() == [figures]
@@ -121,7 +121,7 @@ def test_requests_serve_the_last_sample_and_read_no_file(parent: str) -> None:
 
         r.loop.sample_now()
         grown = r.scrape()
-        assert grown["riklet_pod_memory_bytes"]['{pod="web"}'] >= pod_used + STEP * 0.9
+        assert grown["riklet_pod_memory_usage_bytes"]['{pod="web"}'] >= pod_used + STEP * 0.9
         assert grown["riklet_container_memory_working_set_bytes"][labels] >= working_set + STEP * 0.9
     finally:
         proc.kill()

@@ -227,13 +227,17 @@ def test_metrics_endpoint_serves_prometheus_text(monitor: Monitor, memory: FakeM
     status, ctype, body = monitor.http("/metrics")
     assert status == 200 and ctype.startswith("text/plain; version=0.0.4")
     samples = parse_exposition(body)
-    assert {"riklet_node_cpu_usage_percent", "riklet_node_memory_bytes", "riklet_node_disk_bytes",
-            "riklet_pod_cpu_usage_percent", "riklet_pod_memory_bytes", "riklet_pod_restarts_total",
+    assert {"riklet_node_cpu_usage_ratio", "riklet_node_memory_total_bytes",
+            "riklet_node_memory_available_bytes", "riklet_node_disk_total_bytes",
+            "riklet_node_disk_used_bytes", "riklet_node_disk_available_bytes",
+            "riklet_pod_cpu_usage_ratio", "riklet_pod_memory_usage_bytes", "riklet_pod_restarts_total",
             "riklet_pods", "riklet_monitor_scrape_errors_total"} <= set(samples)
-    assert set(samples["riklet_node_memory_bytes"]) == {'{kind="total"}', '{kind="used"}', '{kind="free"}'}
+    assert 0 <= samples["riklet_node_cpu_usage_ratio"][""] <= 1
+    memory = samples["riklet_node_memory_available_bytes"][""]
+    assert 0 < memory <= samples["riklet_node_memory_total_bytes"][""]
     assert samples["riklet_pod_restarts_total"] == {'{pod="web"}': 2, '{pod="odd\\"pod"}': 0}
-    assert samples["riklet_pods"]['{phase="RUNNING"}'] == 1
-    assert samples["riklet_pods"]['{phase="CREATING"}'] == 1
+    assert samples["riklet_pods"]['{phase="running"}'] == 1
+    assert samples["riklet_pods"]['{phase="creating"}'] == 1
     assert samples["riklet_monitor_scrape_errors_total"] == {"": 0}
 
 
@@ -259,8 +263,8 @@ def test_memory_down_makes_pod_ops_unavailable_but_not_node_ops(monitor: Monitor
     assert status == 200
     samples = parse_exposition(body)
     assert samples["riklet_monitor_scrape_errors_total"][""] >= 1
-    assert "riklet_pod_cpu_usage_percent" not in samples, "no pod series without memory"
-    assert "riklet_node_cpu_usage_percent" in samples
+    assert "riklet_pod_cpu_usage_ratio" not in samples, "no pod series without memory"
+    assert "riklet_node_cpu_usage_ratio" in samples
 
 
 def test_socket_is_private_and_sigterm_exits_cleanly(monitor: Monitor) -> None:
@@ -281,7 +285,7 @@ def test_pods_come_and_go_with_memorys_change_stream(slow_monitor: Monitor,
             return sorted(p["appId"] for p in monitor.call("pods.realtime")["pods"])
 
         def scraped() -> set[str]:
-            return set(parse_exposition(monitor.http("/metrics")[2])["riklet_pod_memory_bytes"])
+            return set(parse_exposition(monitor.http("/metrics")[2])["riklet_pod_memory_usage_bytes"])
 
         wait_for(lambda: names() == ['odd"pod', "web"], 5, what="memory's pods")
         memory.put({**records(workload.pid)[0], "name": "late", "uid": "u-late"})
@@ -315,7 +319,8 @@ def test_a_scrape_serves_the_last_sample_not_the_cgroup_now(slow_monitor: Monito
         memory = FakeMemory(monitor.memory_endpoint, monitor.memory_events, [rec])
 
         def used() -> float:
-            return parse_exposition(monitor.http("/metrics")[2])["riklet_pod_memory_bytes"]['{pod="web"}']
+            scraped = parse_exposition(monitor.http("/metrics")[2])
+            return scraped["riklet_pod_memory_usage_bytes"]['{pod="web"}']
 
         first = wait_for(used, 5, what="the pod measured")
         proc.stdin.write(b"more\n")

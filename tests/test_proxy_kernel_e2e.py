@@ -111,7 +111,8 @@ def test_kernel_mode_forwards_balances_counts_and_removes_a_deleted_pods_rules(
     node = kagent.ctl("node").stdout
     assert "proxy: kernel mode (proxy.mode is kernel), 2 host ports, 3/3 endpoints ready" in node, node
     text = wait_for(lambda: (m := metrics(kagent)) and f'port="{host}"' in m and m, 10, what="metrics")
-    assert 'riklet_proxy_mode{mode="kernel"} 1' in text and 'riklet_proxy_mode{mode="userspace"} 0' in text
+    assert 'riklet_proxy_mode{mode="kernel"} 1.0' in text
+    assert 'riklet_proxy_mode{mode="userspace"} 0.0' in text
     line = next(x for x in text.splitlines() if x.startswith("riklet_proxy_port_packets_total")
                 and f'port="{host}"' in x and 'direction="in"' in x)
     assert float(line.split()[-1]) >= 500, line     # ~6 packets per request, 100 requests

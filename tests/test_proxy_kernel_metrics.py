@@ -63,13 +63,13 @@ def test_metrics_show_the_mode_and_each_port() -> None:
     assert samples["riklet_proxy_mode"] == {'{mode="kernel"}': 1, '{mode="userspace"}': 0}
     assert types["riklet_proxy_port_packets_total"] == "counter"
     assert samples["riklet_proxy_port_bytes_total"] == {
-        '{protocol="TCP",port="8080",direction="in"}': 1000,
-        '{protocol="TCP",port="8080",direction="out"}': 4000}
-    assert samples["riklet_proxy_port_conntrack_entries"] == {'{protocol="TCP",port="8080"}': 4}
-    assert samples["riklet_proxy_port_endpoints"] == {'{protocol="TCP",port="8080",state="ready"}': 2,
-                                                      '{protocol="TCP",port="8080",state="unready"}': 1}
+        '{direction="in",port="8080",protocol="TCP"}': 1000,
+        '{direction="out",port="8080",protocol="TCP"}': 4000}
+    assert samples["riklet_proxy_port_conntrack_entries"] == {'{port="8080",protocol="TCP"}': 4}
+    assert samples["riklet_proxy_port_endpoints"] == {'{port="8080",protocol="TCP",state="ready"}': 2,
+                                                      '{port="8080",protocol="TCP",state="unready"}': 1}
     assert samples["riklet_proxy_conntrack_entries"] == {"": 4}
-    assert samples["riklet_proxy_port_flows_total"] == {'{protocol="TCP",port="8080"}': 7}
+    assert samples["riklet_proxy_port_flows_total"] == {'{port="8080",protocol="TCP"}': 7}
     assert samples["riklet_proxy_kernel_syncs_total"] == {"": 3}
 
 

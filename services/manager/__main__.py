@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     from services.manager.reconcile.pidwatch import raise_fd_limit
     from services.manager.reconcile.reconciler import Reconciler
     from services.manager.rik.link import SchedulerLink
+    from services.manager.telemetry import Telemetry
     from services.manager.volumes.sizewatch import SizeWatch
     from services.manager.volumes.store import VolumeStore
 
@@ -103,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     reconciler = Reconciler(memory, {"process": runtime, "containerd": containers}, mirror,
                             resync_interval=cfg.reconcile_resync_interval, blocked=blocked,
                             recorder=recorder, probes=True)
+    telemetry = Telemetry()   # Node API, pod start and probe metrics, read by the monitor
+    reconciler.telemetry = telemetry
+    if reconciler.prober is not None:
+        reconciler.prober.telemetry = telemetry
     shim_events = ShimEvents(events_path(cfg.paths_run_dir), reconciler.shim_said)
     containers.on_progress = reconciler.progress
     service = NodeService(memory, mirror, RequestClient(cfg.monitor_endpoint, timeout=2.0, retries=1),
@@ -124,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     # log follows can never take the workers unary calls need.
     streams = StreamLimits(cfg.api_max_streams, cfg.api_max_streams_per_client)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=streams.workers, thread_name_prefix="grpc"),
-                         interceptors=[auth.grpc_token_interceptor(lambda: token), streams.interceptor()],
+                         interceptors=[telemetry.interceptor(), auth.grpc_token_interceptor(lambda: token),
+                                       streams.interceptor()],
                          options=[("grpc.max_receive_message_length", 1024 * 1024)])
     add_to_server(service, server)
     health_servicer = health.HealthServicer()
@@ -144,7 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     shim_events.start()  # bound before the first sync: a shim started from now on is heard
     reconciler.start()
     chas_stats = ChasStats()
-    stats_server = StatsServer(cfg.manager_endpoint, chas_stats.snapshot, name="manager-stats")
+    stats_server = StatsServer(cfg.manager_endpoint,
+                               lambda: {**chas_stats.snapshot(), "manager": telemetry.snapshot()},
+                               name="manager-stats")
     stats_server.start()
     try:
         chas_api = start_from_config(cfg, service, chas_stats)

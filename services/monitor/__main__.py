@@ -6,6 +6,7 @@ Run as ``riklet-monitor`` or ``python -m services.monitor``. SIGTERM or SIGINT s
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -24,9 +25,10 @@ from common.memclient import PodMirror
 from common.parentwatch import watch_parent
 from common.zmqutil import RequestClient, ipc_path, make_run_dir, prepare_ipc_bind, route_one
 from services.monitor.cgroupfiles import GroupReader, kept_budget, raise_open_files
+from services.monitor.httpserver import MetricsServer
 from services.monitor.loop import SampleLoop
 from services.monitor.podtable import PodTable
-from services.monitor.prom import MetricsServer
+from services.monitor.procstats import supervisor_pids
 from services.monitor.service import Monitor, proxy_stats_reader
 from services.monitor.snapshot import Snapshotter
 
@@ -53,7 +55,9 @@ def serve(cfg: config.Config, stop: threading.Event) -> None:
     loop = SampleLoop(snapshotter, table, cfg.monitoring_metric_resolution)
     table.on_new = loop.pods_arrived
     monitor = Monitor(cfg.node_id, table, loop, proxy_stats=proxy_stats_reader(proxy),
-                      manager_stats=proxy_stats_reader(manager, "manager"))
+                      manager_stats=proxy_stats_reader(manager, "manager"),
+                      service_pids=functools.partial(supervisor_pids,
+                                                     os.path.join(cfg.paths_run_dir, "supervisor.sock")))
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(cfg.monitor_endpoint)

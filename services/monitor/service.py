@@ -27,7 +27,7 @@ from typing import Any
 from common import ipc
 from common.errors import InvalidArgument, NotFound, RikletError, Unavailable
 from common.zmqutil import RequestClient, ipc_path
-from services.monitor import metrics, prom
+from services.monitor import metrics, procstats, prom
 from services.monitor.loop import SampleLoop
 from services.monitor.podtable import PodEntry, PodTable
 from services.monitor.snapshot import Sample
@@ -74,12 +74,14 @@ class Monitor:
     file read and no call to memory on the request path."""
 
     def __init__(self, node_id: str, table: PodTable, loop: SampleLoop,
-                 proxy_stats: ProxyStats | None = None, manager_stats: ProxyStats | None = None) -> None:
+                 proxy_stats: ProxyStats | None = None, manager_stats: ProxyStats | None = None,
+                 service_pids: Callable[[], Mapping[str, int | None] | None] = lambda: None) -> None:
         self.node_id = node_id
         self.table = table
         self.loop = loop
         self._proxy_stats = proxy_stats
         self._manager_stats = manager_stats
+        self._service_pids = service_pids
         self._scrape_errors = 0
         # by PodEntry.key: (facts, (usage, container rows, node totals), the pod's rendered series)
         self._series: dict[str, tuple[metrics.PodFacts, tuple[Any, ...], prom.PodSeries]] = {}
@@ -158,8 +160,12 @@ class Monitor:
         with self._errors_lock:
             self._scrape_errors += 1
 
-    def scrape(self) -> str:
-        """The ``/metrics`` body. Memory (or the proxy) being down costs the pod (or proxy)
+    def scrape(self, accept: str = "") -> tuple[bytes, str]:
+        """The ``/metrics`` body and its content type (OpenMetrics when ``accept`` asks)."""
+        return prom.exposition(self.families(), accept)
+
+    def families(self) -> list[Any]:
+        """Every family of a scrape. Memory (or the proxy) being down costs the pod (or proxy)
         series, not the node's."""
         sample = self.sample()
         try:
@@ -182,8 +188,9 @@ class Monitor:
             except Unavailable as exc:
                 log.warning("scrape without the manager's stats", extra={"error": str(exc)})
                 self._scrape_error()
-        return prom.render(sample.node, [], self._scrape_errors, proxy,
-                           with_proxy=self._proxy_stats is not None, chas=chas, series=series)
+        return (prom.all_families(sample.node, [], self._scrape_errors, proxy,
+                                  with_proxy=self._proxy_stats is not None, manager=chas, series=series)
+                + procstats.agent_families(self._service_pids))
 
     def _pod_series(self, entries: list[PodEntry], sample: Sample) -> list[prom.PodSeries]:
         """Each pod's rendered series; a pod whose record, usage and node are those of the

@@ -20,6 +20,8 @@ class ChasStats:
         self.requests: dict[tuple[str, str, int], int] = {}        # (method, endpoint, status)
         self.latency: dict[str, list[int]] = {}                    # endpoint -> bucket counts
         self.latency_sum: dict[str, float] = {}
+        # (method, endpoint, status) -> (bucket counts, [sum]): the latency by method and code
+        self.by_request: dict[tuple[str, str, int], tuple[list[int], list[float]]] = {}
         self.deployments: dict[str, int] = {"success": 0, "failure": 0}
         self.errors: dict[str, int] = {}                           # error code -> count
         self.healthy: bool | None = None                           # last /health verdict
@@ -34,6 +36,9 @@ class ChasStats:
             counts = self.latency.setdefault(endpoint, [0] * (len(BUCKETS) + 1))
             counts[bisect_left(BUCKETS, seconds)] += 1
             self.latency_sum[endpoint] = self.latency_sum.get(endpoint, 0.0) + seconds
+            hist = self.by_request.setdefault(key, ([0] * (len(BUCKETS) + 1), [0.0]))
+            hist[0][bisect_left(BUCKETS, seconds)] += 1
+            hist[1][0] += seconds
 
     def deployment(self, ok: bool) -> None:
         with self._lock:
@@ -55,12 +60,17 @@ class ChasStats:
         with self._lock:
             self.reports["success" if ok else "failure"] += 1
 
+    def _hist(self, key: tuple[str, str, int]) -> tuple[list[int], float]:
+        counts, total = self.by_request[key]
+        return counts, total[0]
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             latency = {endpoint: histogram.snapshot(BUCKETS, counts, self.latency_sum[endpoint])
                        for endpoint, counts in self.latency.items()}
             return {
-                "requests": [{"method": m, "endpoint": e, "status": s, "count": n}
+                "requests": [{"method": m, "endpoint": e, "status": s, "count": n,
+                              "latency": histogram.snapshot(BUCKETS, *self._hist((m, e, s)))}
                              for (m, e, s), n in sorted(self.requests.items())],
                 "latency": latency,
                 "deployments": dict(self.deployments),

@@ -85,6 +85,7 @@ class Prober:
         self.poke = poke
         self.recorder: Records = recorder or NullRecorder()
         self.attempts = 0                       # probe attempts run, for tests and the bench
+        self.telemetry: Any = None              # services.manager.telemetry.Telemetry
         self._lock = threading.Lock()
         self._pods: dict[str, dict[str, _Container]] = {}
         # (pod, container) -> (start time of the run killed, why): the restart's reason
@@ -249,12 +250,15 @@ class Prober:
             task.add_done_callback(self._tasks.discard)
 
     async def _attempt(self, st: _Container, run: _Run) -> None:
+        began = time.monotonic()
         try:
             ok, message = await run_check(run.spec, st.host, st.run)
         except Exception as exc:   # a bug in a check must not end the prober
             log.exception("probe crashed", extra={"pod": st.pod, "container": st.name})
             ok, message = False, f"probe error: {exc}"
         self.attempts += 1
+        if self.telemetry is not None:
+            self.telemetry.probe(run.kind, ok, time.monotonic() - began)
         if st.done:
             return
         if self._outcome(st, run, ok, message):

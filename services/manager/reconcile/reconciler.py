@@ -73,6 +73,7 @@ class Reconciler:
         self.holders = PidWatch(self.poke)
         # containers' health probes; their results come back through adjust() in each sync
         self.prober = Prober(self.poke, self.recorder) if probes else None
+        self.telemetry: Any = None   # services.manager.telemetry.Telemetry: pod start latency
         self.sizer = Sizer(self.recorder)
         self.syncs = 0                         # syncs run, for tests and diagnostics
         self.resync_skipped = 0                # resync looks a driver found needless
@@ -417,6 +418,8 @@ class Reconciler:
             "phase") else {**old, **status}
         self.memory.set_status(record["name"], record["uid"], status, generation=record["generation"])
         self.status_events.observed(record, old, status)   # the one place a status is written
+        if self.telemetry is not None:
+            self.telemetry.pod_status(record, old, status)
 
 
 def _host_ports(record: PodRecord) -> set[blocked_ports.Key]:
