@@ -24,6 +24,7 @@ import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -253,3 +254,23 @@ def _stop(agent: subprocess.Popen[bytes], state: str) -> None:
             if pid and pid_alive(int(pid)):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)
+
+
+def test_a_checkout_without_its_generated_code_says_what_to_run(tmp_path: Path) -> None:
+    """Nothing is generated at run time any more: a checkout missing the stubs, or holding stubs
+    older than their .proto, gets an error naming the command, and nothing is written."""
+    shutil.copytree(os.path.join(CHECKOUT, "common"), tmp_path / "common",
+                    ignore=shutil.ignore_patterns("*_pb2*", "ctrd", "__pycache__"))
+    check = [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(tmp_path)!r}); "
+             "import common.pb as p; p.ensure()"]
+    missing = subprocess.run(check, capture_output=True, text=True, timeout=60)
+    assert missing.returncode != 0 and "node_pb2.py is missing): run `make proto`" in missing.stderr
+    assert not list((tmp_path / "common" / "pb").glob("*_pb2*"))
+    for f in os.listdir(os.path.join(CHECKOUT, "common", "pb")):
+        if "_pb2" in f:
+            shutil.copy2(os.path.join(CHECKOUT, "common", "pb", f), tmp_path / "common" / "pb" / f)
+    assert subprocess.run(check, capture_output=True, text=True, timeout=60).returncode == 0
+    (tmp_path / "common" / "pb" / "node.proto").touch()
+    os.utime(tmp_path / "common" / "pb" / "node_pb2.py", (0, 0))
+    stale = subprocess.run(check, capture_output=True, text=True, timeout=60)
+    assert stale.returncode != 0 and "is older than" in stale.stderr and "make proto" in stale.stderr
