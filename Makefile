@@ -49,6 +49,16 @@ containerd-api: $(STAMP)
 	  for f in *.deb; do dpkg -x "$$f" ../containerd-api; done; fi
 	$(BIN)/python -m common.pb.containerd
 
+# A wheel (py3-none-<platform>: it carries the compiled shim) and an sdist into dist/, built with
+# this venv's setuptools and grpcio-tools (no network). The wheel is built from the sdist, so
+# the sdist is known to build it. containerd's API stubs go in when their .proto files are found
+# (`make containerd-api`); the .proto files themselves never do.
+.PHONY: dist
+dist: install
+	rm -rf dist
+	RIKLET_CONTAINERD_API="$${RIKLET_CONTAINERD_API:-$$($(BIN)/python -c 'import common.pb.containerd as c; print(c.find_source() or "")')}" \
+	  $(BIN)/python -m build --no-isolation --outdir dist .
+
 proto: $(STAMP)
 	$(BIN)/python -c 'import common.pb as p; p.generate()'
 
@@ -57,7 +67,7 @@ lint: install
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) common/pb/*_pb2*.py* common/pb/ctrd .cache .mypy_cache .ruff_cache .pytest_cache $(SHIM)
+	rm -rf $(VENV) dist build common/pb/*_pb2*.py* common/pb/ctrd .cache .mypy_cache .ruff_cache .pytest_cache $(SHIM)
 
 .PHONY: bench-spine
 bench-spine: install

@@ -3,11 +3,20 @@ token, and TLS (mutual when a CA is configured) from the same files.
 
 The token lives in a file (``auth.token_file``, default ``<state_dir>/api-token``), made with
 mode 0600 on first start when absent; clients on the node (rikletctl) read the same file.
+
+Non-root clients: when the group ``riklet`` exists (another name with ``RIKLET_GROUP``; an empty
+value turns this off), the agent shares the token with it: the file becomes 0640 owner:riklet
+(also a file made before the group was, at the next start), and the directory holding it and the
+state directory gain the group and its search bit only (0710: members reach the token by its
+name but cannot list the directory, nor read anything else that is not theirs). Bits are only
+added, a directory the agent does not own is left alone, and without the group everything
+stays 0600/0700.
 """
 
 from __future__ import annotations
 
 import contextlib
+import grp
 import hmac
 import ipaddress
 import os
@@ -21,19 +30,71 @@ from common.errors import InvalidArgument
 HEADER = "authorization"
 PREFIX = "Bearer "
 OPEN_METHODS = ("/grpc.health.v1.Health/",)  # liveness probes carry no data: no token needed
+GROUP_ENV = "RIKLET_GROUP"
+DEFAULT_GROUP = "riklet"
+
+
+def access_group() -> int | None:
+    """The gid of the group whose members may read the token, when that group exists."""
+    name = os.environ.get(GROUP_ENV, DEFAULT_GROUP)
+    if not name:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
+def open_to_group(directory: str, gid: int | None = None) -> None:
+    """Let the access group search ``directory`` (g+x, group set to it) when the group exists,
+    the directory is ours and its others may not search it already. Best effort: a directory
+    that cannot be changed stays as it is (rikletctl then needs root)."""
+    gid = access_group() if gid is None else gid
+    if gid is None:
+        return
+    with contextlib.suppress(OSError):
+        st = os.stat(directory)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o001 or (st.st_gid == gid and st.st_mode & 0o010):
+            return
+        os.chown(directory, -1, gid)
+        os.chmod(directory, (st.st_mode & 0o7777) | 0o010)
+
+
+def _share(fd: int, gid: int | None) -> None:
+    """The token file 0640 owner:group, when the access group exists and the file is ours."""
+    if gid is None:
+        return
+    with contextlib.suppress(OSError):
+        st = os.fstat(fd)
+        if st.st_uid == os.geteuid() and (st.st_gid != gid or st.st_mode & 0o777 != 0o640):
+            os.fchown(fd, -1, gid)
+            os.fchmod(fd, 0o640)
 
 
 def load_or_create_token(path: str) -> str:
-    """The token in ``path``; a new random one (0600) when the file does not exist."""
+    """The token in ``path``; a new random one (0600) when the file does not exist. Shared
+    with the access group when it exists (see above)."""
+    gid = access_group()
     with contextlib.suppress(FileNotFoundError):
-        return _read(path)
+        token = _read(path)
+        if gid is not None:
+            with contextlib.suppress(OSError):
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    _share(fd, gid)
+                finally:
+                    os.close(fd)
+            open_to_group(os.path.dirname(os.path.abspath(path)), gid)
+        return token
     os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    open_to_group(os.path.dirname(os.path.abspath(path)), gid)
     token = secrets.token_urlsafe(32)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:  # another service made it first
         return _read(path)
     with os.fdopen(fd, "w") as fh:
+        _share(fh.fileno(), gid)
         fh.write(token + "\n")
         fh.flush()
         os.fsync(fh.fileno())

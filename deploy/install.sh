@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Install riklet as a systemd service (what `make install-system` runs); idempotent.
 #
-#   deploy/install.sh [--prefix /opt/riklet] [--root DIR] [--python python3]
+#   deploy/install.sh [--prefix /opt/riklet] [--root DIR] [--python python3] [--wheel FILE]
 #   deploy/install.sh --uninstall [--prefix /opt/riklet] [--root DIR]
 #
 # Installs:
-#   PREFIX/venv/                       a virtualenv holding riklet (from this checkout) and the
-#                                      gRPC code generated from its .proto files
-#   PREFIX/supervisord.conf            the checkout's, its supervisorctl serverurl set to
-#                                      unix:///run/riklet/supervisor.sock (the unit's run dir)
+#   PREFIX/venv/                       a virtualenv holding riklet from its wheel: --wheel FILE
+#                                      (`make dist` makes one), else one built from this checkout
+#                                      (pip wheel; the build hook generates the gRPC code and
+#                                      compiles the shim into it)
+#   PREFIX/supervisord.conf            a copy of the one in the wheel (which `riklet run` uses by
+#                                      default), for `supervisorctl -c PREFIX/supervisord.conf`
 #   PREFIX/README.md
 #   /etc/riklet/riklet.yaml            deploy/riklet.yaml (every key commented), only when absent
 #   /etc/systemd/system/riklet.service deploy/riklet.service, pointing into PREFIX
@@ -29,6 +31,7 @@ PREFIX=/opt/riklet
 ROOT=
 PYTHON=python3
 UNINSTALL=0
+WHEEL=
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MARKER="installed by riklet's deploy/install.sh"
 
@@ -44,6 +47,8 @@ while [ $# -gt 0 ]; do
         --root=*) ROOT=${1#*=}; shift ;;
         --python) [ $# -ge 2 ] || die "--python needs an interpreter"; PYTHON=$2; shift 2 ;;
         --python=*) PYTHON=${1#*=}; shift ;;
+        --wheel) [ $# -ge 2 ] || die "--wheel needs a file"; WHEEL=$2; shift 2 ;;
+        --wheel=*) WHEEL=${1#*=}; shift ;;
         --uninstall) UNINSTALL=1; shift ;;
         -h|--help) usage 0 ;;
         *) echo "install.sh: unknown argument: $1" >&2; usage 2 >&2 ;;
@@ -118,39 +123,44 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 
-# 2. riklet from a clean copy of the checkout: the wheel is not built in the checkout (no
-# build/ nor egg-info left there) and carries none of the checkout's generated stubs.
+# 2. The wheel: the one given, or one built from a clean copy of the checkout (no build/ nor
+# egg-info left in the checkout, none of its generated files taken). Its build hook generates
+# the gRPC code (and containerd's API stubs when their .proto files are found: the system's Go
+# tree, or the one the checkout's `make containerd-api` unpacked) and compiles the shim (gcc,
+# libc6-dev).
 STAGE=$(mktemp -d)
 trap 'rm -rf "$STAGE"' EXIT
-cp -R "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/common" "$SRC/services" "$SRC/cli" "$STAGE/"
-find "$STAGE" -name __pycache__ -prune -exec rm -rf {} +
-rm -rf "$STAGE"/common/pb/*_pb2*.py* "$STAGE/common/pb/ctrd"
-say "installing riklet into $VENV (pip)"
-"$VENV/bin/python" -m pip install --quiet --upgrade "$STAGE"
-
-# The per-pod shim of the process runtime, compiled into the installed package (gcc, libc6-dev).
-say "building the process runtime's shim"
-"$VENV/bin/python" -I -m services.manager.process.build >/dev/null \
-    || say "note: the shim was not built; process pods fail until a C compiler is installed"
-
-# 3. The gRPC code, generated into the installed package (what `make proto` does in the checkout).
-# -I: import the installed riklet, never a checkout in the current directory.
-say "generating the gRPC code"
-"$VENV/bin/python" -I -c 'import common.pb as p; p.generate()'
-# containerd's API stubs (`make containerd-api`): from the system's Go tree, or the one the
-# checkout's `make containerd-api` unpacked. Without them pods with an image fail, with the reason.
-if [ -z "${RIKLET_CONTAINERD_API:-}" ] && [ -d "$SRC/.cache/containerd-api/usr/share/gocode/src" ]; then
-    export RIKLET_CONTAINERD_API="$SRC/.cache/containerd-api/usr/share/gocode/src"
+if [ -z "$WHEEL" ]; then
+    mkdir "$STAGE/src" "$STAGE/dist"
+    cp -R "$SRC/pyproject.toml" "$SRC/setup.py" "$SRC/MANIFEST.in" "$SRC/README.md" "$SRC/LICENSE" \
+        "$SRC/supervisord.conf" "$SRC/deploy" "$SRC/common" "$SRC/services" "$SRC/cli" "$STAGE/src/"
+    find "$STAGE/src" -name __pycache__ -prune -exec rm -rf {} +
+    rm -rf "$STAGE"/src/common/pb/*_pb2*.py* "$STAGE/src/common/pb/ctrd" "$STAGE/src/common/INSTALLED" \
+        "$STAGE/src/services/manager/process/riklet-shim"
+    if [ -z "${RIKLET_CONTAINERD_API:-}" ] && [ -d "$SRC/.cache/containerd-api/usr/share/gocode/src" ]; then
+        export RIKLET_CONTAINERD_API="$SRC/.cache/containerd-api/usr/share/gocode/src"
+    fi
+    say "building riklet's wheel (pip wheel)"
+    "$VENV/bin/python" -m pip wheel --quiet --no-deps --wheel-dir "$STAGE/dist" "$STAGE/src"
+    WHEEL=$(ls "$STAGE"/dist/riklet-*.whl)
 fi
-if ! "$VENV/bin/python" -I -m common.pb.containerd >/dev/null 2>&1; then
-    say "note: containerd API stubs not generated (run 'make containerd-api' in the checkout, then this" \
-        "script again); process pods work, pods with an image fail until then"
+[ -f "$WHEEL" ] || die "no such wheel: $WHEEL"
+say "installing $(basename "$WHEEL") into $VENV (pip)"
+# --force-reinstall --no-deps first: a rebuilt wheel of the same version replaces the old one.
+"$VENV/bin/python" -m pip install --quiet --force-reinstall --no-deps "$WHEEL"
+"$VENV/bin/python" -m pip install --quiet "$WHEEL"
+
+# 3. What the wheel carries. -I: import the installed riklet, never a checkout in the current
+# directory.
+if ! "$VENV/bin/python" -I -c 'import common.pb.containerd as c, sys; sys.exit(not c.available())'; then
+    say "note: this wheel has no containerd API stubs (build it after 'make containerd-api' in the" \
+        "checkout); process pods work, pods with an image fail until then"
 fi
 
-# 4. supervisord.conf: the checkout's, supervisorctl pointed at the unit's run directory.
-sed -e 's|^serverurl=.*|serverurl=unix:///run/riklet/supervisor.sock|' \
-    -e "1i ; $MARKER from $SRC/supervisord.conf: [supervisorctl] serverurl set to the service's run dir." \
-    "$SRC/supervisord.conf" > "$DEST/supervisord.conf.new"
+# 4. supervisord.conf: a copy of the wheel's (`riklet run` reads that one by default).
+CONF=$("$VENV/bin/python" -I -c 'from services import launcher; print(launcher.PACKAGED_CONF)')
+sed -e "1i ; $MARKER: a copy of the package's services/supervisord.conf (what riklet run uses by default)." \
+    "$CONF" > "$DEST/supervisord.conf.new"
 mv -f "$DEST/supervisord.conf.new" "$DEST/supervisord.conf"
 cp "$SRC/README.md" "$DEST/README.md"
 

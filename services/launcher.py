@@ -18,13 +18,20 @@ import os
 import sys
 from typing import Any
 
-from common import config, paths
+from common import auth, config, paths
 from common.errors import InvalidArgument, Unavailable
 from common.parentwatch import SUPERVISOR_PID_ENV
 from common.subreaper import become_subreaper
 from services import takeover
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# An installed wheel carries supervisord's configuration in the package (made by the build hook,
+# setup.py, from the checkout's top-level supervisord.conf, the one source); a checkout uses that.
+PACKAGED_CONF = os.path.join(ROOT, "services", "supervisord.conf")
+
+
+def default_supervisord_conf() -> str:
+    return PACKAGED_CONF if paths.installed() else os.path.join(ROOT, "supervisord.conf")
 
 
 def defaults(environ: dict[str, str], root: str = ROOT) -> dict[str, str]:
@@ -76,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--config", help="YAML configuration file (env RIKLET_CONFIG)")
     run.add_argument("--chas-config", help="CHaS node-agent YAML file (env CHAS_CONFIG; default "
                      f"{config.CHAS_CONFIG_PATH} when it exists)")
-    run.add_argument("--supervisord-conf", default=os.path.join(ROOT, "supervisord.conf"))
+    run.add_argument("--supervisord-conf", default=default_supervisord_conf(),
+                     help="supervisord's configuration (default: the package's, or the checkout's)")
     conf = sub.add_parser("config", help="inspect the configuration").add_subparsers(
         dest="action", metavar="show", required=True)
     show = conf.add_parser("show", help="print every setting, its value and where it came from")
@@ -96,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         env[key] = os.path.abspath(env[key])
         os.makedirs(env[key], mode=0o700, exist_ok=True)
     os.makedirs(os.path.join(env["RIKLET_STATE_DIR"], "log"), mode=0o700, exist_ok=True)
+    auth.open_to_group(env["RIKLET_STATE_DIR"])  # rikletctl of the riklet group reaches the token
     prepare(env["RIKLET_RUN_DIR"], env["RIKLET_STATE_DIR"])
     # exec keeps the pid: the services compare their parent with it (common.parentwatch).
     env[SUPERVISOR_PID_ENV] = str(os.getpid())

@@ -55,15 +55,18 @@ def _rewrite(text: str) -> str:
     return text.replace('"google/rpc/status.proto"', '"common/pb/ctrd/rpc/status.proto"')
 
 
-def generate(source: str | None = None) -> list[str]:
-    """Copy, rewrite and compile containerd's API protos; returns the generated modules."""
+def generate(source: str | None = None, root: str = ROOT, keep_protos: bool = True) -> list[str]:
+    """Copy, rewrite and compile containerd's API protos into ``root/common/pb/ctrd``; returns
+    the copied protos. ``keep_protos=False`` (a wheel's build) removes the copies afterwards:
+    a wheel ships the generated modules, never third-party .proto files."""
     from grpc_tools import protoc  # build-time dependency
 
     source = source or find_source()
     if source is None:
         raise RuntimeError("containerd's API protos were not found; run `make containerd-api`")
     api = os.path.join(source, API)
-    shutil.rmtree(OUT, ignore_errors=True)
+    out = os.path.join(root, "common", "pb", "ctrd")
+    shutil.rmtree(out, ignore_errors=True)
     protos: list[str] = []
     for dirpath, _dirs, files in os.walk(api):
         rel = os.path.relpath(dirpath, api)
@@ -71,17 +74,20 @@ def generate(source: str | None = None) -> list[str]:
             continue  # the ttrpc flavour of events: not served over gRPC
         for f in files:
             if f.endswith(".proto"):
-                protos.append(_copy(os.path.join(dirpath, f), os.path.join(OUT, rel, f)))
+                protos.append(_copy(os.path.join(dirpath, f), os.path.join(out, rel, f)))
     status = os.path.join(source, STATUS)
     if os.path.exists(status):
-        protos.append(_copy(status, os.path.join(OUT, "rpc", "status.proto")))
+        protos.append(_copy(status, os.path.join(out, "rpc", "status.proto")))
     include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
-    args = ["protoc", f"-I{ROOT}", f"-I{include}", f"--python_out={ROOT}", f"--grpc_python_out={ROOT}",
+    args = ["protoc", f"-I{root}", f"-I{include}", f"--python_out={root}", f"--grpc_python_out={root}",
             *sorted(protos)]
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed on containerd's API protos")
-    for dirpath, _dirs, _files in os.walk(OUT):
+    for dirpath, _dirs, _files in os.walk(out):
         open(os.path.join(dirpath, "__init__.py"), "a").close()
+    if not keep_protos:
+        for proto in protos:
+            os.remove(proto)
     return protos
 
 
