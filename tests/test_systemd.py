@@ -19,8 +19,8 @@ import pytest
 
 from common import sdnotify
 from common.zmqutil import RequestClient
-from services.notify.__main__ import serve
 from services.notify.health import Health, PodCounts, status_line
+from services.notify.loop import serve
 from tests.stack import BIN, ROOT, Agent
 from tests.support import need, wait_for
 
