@@ -24,6 +24,7 @@ from common.parentwatch import SUPERVISOR_PID_ENV
 from common.subreaper import become_subreaper
 from services import takeover
 
+NOTIFY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # An installed wheel carries supervisord's configuration in the package (made by the build hook,
 # setup.py, from the checkout's top-level supervisord.conf, the one source); a checkout uses that.
@@ -108,12 +109,21 @@ def main(argv: list[str] | None = None) -> None:
     prepare(env["RIKLET_RUN_DIR"], env["RIKLET_STATE_DIR"])
     # exec keeps the pid: the services compare their parent with it (common.parentwatch).
     env[SUPERVISOR_PID_ENV] = str(os.getpid())
+    hand_notify_socket(env)
     try:
         become_subreaper()
     except Unavailable as exc:
         print(f"riklet: {exc}; orphaned shims may linger as zombies", file=sys.stderr)
     supervisord = os.path.join(os.path.dirname(sys.executable), "supervisord")
     os.execve(supervisord, [supervisord, "-n", "-c", args.supervisord_conf], env)
+
+
+def hand_notify_socket(env: dict[str, str]) -> None:
+    """systemd's NOTIFY_SOCKET and watchdog variables reach the notify program only (its
+    supervisord.conf entry maps them back from RIKLET_*): a service, or a helper or shim it
+    starts, that happens to honour NOTIFY_SOCKET cannot speak for the agent's unit."""
+    for name in NOTIFY_ENV:
+        env[f"RIKLET_{name}"] = env.pop(name, "")
 
 
 def prepare(run_dir: str, state_dir: str) -> int:

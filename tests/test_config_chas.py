@@ -284,7 +284,7 @@ def test_the_unit(staged: Staged) -> None:
                  "After=network-online.target containerd.service", "Wants=containerd.service",
                  "Environment=RIKLET_RUN_DIR=/run/riklet", "Environment=RIKLET_STATE_DIR=/var/lib/riklet",
                  "Environment=RIKLET_CONFIG=/etc/riklet/riklet.yaml", "WantedBy=multi-user.target",
-                 "ExecStart=/opt/riklet/venv/bin/riklet run --supervisord-conf /opt/riklet/supervisord.conf"):
+                 "ExecStart=/opt/riklet/venv/bin/riklet run"):
         assert want in lines, want
     assert not any(line.startswith("Requires=") for line in lines)
     if shutil.which("systemd-analyze"):   # where systemd's tools are installed, let them judge it
