@@ -143,12 +143,27 @@ def parse(text: str, path: str) -> CtlConfig:
     return CtlConfig(path, current or None, contexts)
 
 
+def _visible(path: str) -> bool:
+    try:
+        os.stat(path)
+    except OSError:
+        return False
+    return True
+
+
 def load(path: str) -> CtlConfig:
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read(1 << 20)
     except FileNotFoundError:
         return CtlConfig(path)
+    except PermissionError as exc:
+        # A directory on the way that this user may not search (sudo -u nobody keeps HOME=/root):
+        # nothing can be known of the file, so it is treated as absent. A file that is there but
+        # not readable is an error.
+        if not _visible(path):
+            return CtlConfig(path)
+        raise InvalidArgument(f"{path}: cannot read it: {exc}", "config") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidArgument(f"{path}: cannot read it: {exc}", "config") from None
     return parse(text, path)
