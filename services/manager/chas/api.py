@@ -50,11 +50,11 @@ from services.manager.chas.deploy import (
     parse_deploy,
     short,
 )
-from services.manager.chas.server import Edge
 from services.manager.chas.stats import ChasStats
 
 if TYPE_CHECKING:
     from services.manager.api.node import NodeService
+    from services.manager.chas.server import Edge
 
 log = logging.getLogger("riklet.chas")
 
@@ -106,7 +106,10 @@ class ChasApi:
         return self._server.port
 
     def start(self) -> None:
-        """Bind and serve on a daemon thread; Unavailable (field chas.port) if the port is taken."""
+        """Bind and serve on a daemon thread; Unavailable (field chas.port) if the port is taken.
+        (aiohttp is imported here: about 10 MiB of PSS a node without the CHaS API does not pay.)"""
+        from services.manager.chas.server import Edge
+
         self._server = Edge(self)
         self._server.start()
         log.info("CHaS API serving", extra={"address": f"{self.host}:{self.port}",

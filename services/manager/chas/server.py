@@ -153,7 +153,8 @@ class Connection(RequestHandler):
             field = "Content-Length"
         self._edge.api.stats.request("OTHER", "other", status, 0.0)
         self._edge.api.stats.error(code)
-        resp = web.json_response(error_body(code, text[:300], field), status=status, headers=headers)
+        resp = web.Response(status=status, body=json.dumps(error_body(code, text[:300], field)).encode(),
+                            content_type="application/json", headers=headers)
         resp.force_close()
         return resp
 
