@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -146,3 +147,23 @@ def test_inspect_filters_and_pages(agent: Agent) -> None:
 
     for cid in created.values():
         assert agent.chas_request("DELETE", f"/containers/{cid}")[0] == 200
+
+
+def test_expect_continue_only_for_a_body_that_would_be_read(agent: Agent) -> None:
+    host, port = agent.chas.rsplit(":", 1)
+    body = json.dumps({"name": "x"}).encode()
+
+    def first_answer(token: bool) -> bytes:
+        bearer = f"Authorization: Bearer {auth_token(agent)}\r\n" if token else ""
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(f"POST /containers/deploy HTTP/1.1\r\nHost: x\r\n{bearer}Expect: 100-continue\r\n"
+                      f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+            return s.recv(65536)
+    assert first_answer(True).startswith(b"HTTP/1.1 100 Continue\r\n")
+    refused = first_answer(False)
+    assert refused.startswith(b"HTTP/1.1 401 ") and b"Server: riklet-chas" in refused
+
+
+def auth_token(agent: Agent) -> str:
+    with open(agent.token_path, encoding="utf-8") as fh:
+        return fh.read().strip()

@@ -37,6 +37,7 @@ log = logging.getLogger("riklet.chas")
 
 WORKERS = 8                     # threads calling the blocking core at once
 MAX_HEADERS = 100               # header lines of a request (431 above), as http.server had
+SERVER = "riklet-chas"          # the Server header (not aiohttp's, with its version)
 _QUOTED_LINE = re.compile(r"b'[!-~]+ (/[!-~]*) HTTP/")
 MAX_LINE = 65536                # bytes of the request line (414 above)
 MAX_FIELD = MAX_LINE - 1        # bytes of a header line (431 above)
@@ -54,7 +55,7 @@ def raw_answer(status: int, phrase: str, code: str, message: str) -> bytes:
     aiohttp: a refused connection, a head that did not arrive)."""
     body = json.dumps(error_body(code, message)).encode()
     return (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nX-Request-Id: {uuid.uuid4().hex}\r\n"
+            f"Content-Length: {len(body)}\r\nX-Request-Id: {uuid.uuid4().hex}\r\nServer: {SERVER}\r\n"
             "Cache-Control: no-store\r\nConnection: close\r\n\r\n").encode() + body
 
 
@@ -136,7 +137,7 @@ class Connection(RequestHandler):
                      message: str | None = None) -> web.StreamResponse:
         code, field = "invalid_argument", None
         text = message or str(exc or "") or "bad request"
-        headers = {"X-Request-Id": uuid.uuid4().hex, "Cache-Control": "no-store"}
+        headers = {"X-Request-Id": uuid.uuid4().hex, "Cache-Control": "no-store", "Server": SERVER}
         if isinstance(exc, BadHttpMethod) and (allow := self._allow(text)):
             # A method no HTTP parser of aiohttp's knows: the route's 405, as for any other.
             status, code, text, field = 405, "method_not_allowed", f"the path answers {allow}", "method"

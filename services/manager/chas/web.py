@@ -27,7 +27,7 @@ from common.model import load_json
 from services.manager.chas import views
 from services.manager.chas.conn import body_deadline
 from services.manager.chas.deploy import container_summary, parse_deploy
-from services.manager.chas.server import Connection, error_body
+from services.manager.chas.server import SERVER, Connection, error_body
 
 if TYPE_CHECKING:
     from services.manager.chas.api import ChasApi
@@ -113,6 +113,7 @@ def decorate(request: web.Request, resp: web.StreamResponse) -> None:
     resp.headers["X-Request-Id"] = current.get().rid
     resp.headers.setdefault("Cache-Control", "no-store")
     resp.headers["X-Content-Type-Options"] = "nosniff"
+    resp.headers["Server"] = SERVER
 
 
 def template_of(request: web.Request) -> str:
@@ -296,6 +297,23 @@ async def logs(request: web.Request) -> web.StreamResponse:
     return await serve_logs(request, query(request, ("tail", "follow", "container")))
 
 
+async def expect(request: web.Request) -> None:
+    """``Expect: 100-continue``: the go-ahead only for a body this API would read (a deploy
+    with the token and an acceptable size); otherwise the answer comes without it. Other
+    expectations are ignored, as http.server did."""
+    if request.headers.get("Expect", "").lower() != "100-continue" or request.version != (1, 1):
+        return
+    if request.method != "POST" or template_of(request) != "/containers/deploy":
+        return
+    size = request.content_length
+    if size is None or size > MAX_BODY:
+        return
+    if not auth.bearer_ok(request.headers.get("Authorization"), request.app[API_KEY].token()):
+        return
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # (template, {method: handler}), in the order they are matched; "*" answers every method.
 ROUTES: tuple[tuple[str, Mapping[str, Handler]], ...] = (
@@ -339,5 +357,5 @@ def make_app(api: ChasApi, edge_: Edge) -> web.Application:
     for template, methods in ROUTES:
         resource = app.router.add_resource(template)
         for method, fn in methods.items():
-            resource.add_route(method, fn)
+            resource.add_route(method, fn, expect_handler=expect)
     return app
