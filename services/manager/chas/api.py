@@ -225,13 +225,14 @@ class ChasApi:
         return record is not None and record.get("uid") == uid
 
     def ready(self) -> dict[str, Any]:
-        """``/readyz``: memory answers (the core reads and writes through it)."""
+        """``/readyz``: memory answers (the core reads and writes through it); one record asked
+        for, whatever the node holds."""
         try:
             with self._probe_lock:
                 if self._probe is None:
                     self._probe = RequestClient(self.service.memory.endpoint, timeout=1.0, retries=0)
                 probe = self._probe
-            probe.call("pod.list")
+            probe.call("pod.list", limit=1)
         except RikletError as exc:
             return {"status": "not_ready", "problems": [f"memory: {exc}"]}
         return {"status": "ready", "problems": []}
