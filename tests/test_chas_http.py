@@ -8,6 +8,7 @@ import json
 import os
 import re
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 
 from services.manager.chas import api as chas_api
 from services.manager.chas import web
+from services.manager.chas.stats import ChasStats
 from tests.stack import Agent, chas_agent
 from tests.support import wait_for
 
@@ -167,3 +169,43 @@ def test_expect_continue_only_for_a_body_that_would_be_read(agent: Agent) -> Non
 def auth_token(agent: Agent) -> str:
     with open(agent.token_path, encoding="utf-8") as fh:
         return fh.read().strip()
+
+
+class _NoCore:
+    """A core that is never reached: the requests below wait for their bodies."""
+
+    memory = None
+    monitor = None
+    mirror = None
+
+
+def test_at_the_cap_with_every_connection_busy_a_new_one_gets_503() -> None:
+    token = "t" * 32
+    api = chas_api.ChasApi(_NoCore(), ChasStats(), host="127.0.0.1", port=0,  # type: ignore[arg-type]
+                           token=lambda: token, host_ports=HOST_PORTS, ssl_context=None,
+                           started_at=time.time(), disk_path="/tmp", max_connections=2, header_timeout=30)
+    api.start()
+    busy: list[socket.socket] = []
+    try:
+        for _ in range(2):   # deploys whose bodies never come: in a request, so never shed
+            s = socket.create_connection(("127.0.0.1", api.port), timeout=10)
+            s.sendall(f"POST /containers/deploy HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                      "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode())
+            busy.append(s)
+        assert api._server is not None
+        live = api._server.connections._live
+        wait_for(lambda: len(live) == 2 and all(c.busy for c in live.values()), 10,
+                 what="both connections in a request")
+        with socket.create_connection(("127.0.0.1", api.port), timeout=10) as extra:
+            answer = b""
+            while chunk := extra.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 503 ") and b'"code": "unavailable"' in answer, answer
+        for s in busy:   # the busy ones were left alone
+            s.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                s.recv(1)
+    finally:
+        for s in busy:
+            s.close()
+        api.stop()

@@ -73,10 +73,10 @@ class Connection(RequestHandler):
         slot = self._edge.connections.admit(self, self.force_close)
         if slot is None:            # every connection is in a request: refuse this one
             with contextlib.suppress(Exception):
-                if isinstance(transport, asyncio.WriteTransport):
-                    transport.write(raw_answer(503, "Service Unavailable", "unavailable",
-                                               "too many connections; retry later"))
-                transport.close()
+                getattr(transport, "write")(raw_answer(503, "Service Unavailable", "unavailable",  # noqa: B009
+                                                       "too many connections; retry later"))
+            transport.close()
+            self._edge.api.stats.request("OTHER", "other", 503, 0.0)
             return
         self._slot = slot
         super().connection_made(transport)
@@ -147,6 +147,11 @@ class Connection(RequestHandler):
             status, code = (414 if str(exc.args[1]) == str(MAX_LINE) else 431), "too_large"
         elif isinstance(exc, BadHttpMessage) and "too many headers" in text.lower():
             status, code = 431, "too_large"
+        elif isinstance(exc, ConnectionError):   # the client went in the middle of its request:
+            log.debug("connection ended", extra={"error": str(exc)})   # no one to answer, nothing to count
+            resp = web.Response(status=503)
+            resp.force_close()
+            return resp
         elif status >= 500:
             code, text = "internal", "internal error"
             log.error("request failed", exc_info=exc)
