@@ -60,6 +60,7 @@ class State:
     rid: str
     t0: float
     body_read: bool = False
+    deploy: bool = False             # a deploy that passed the token and method checks
     latency: float | None = None     # when the answer began, for a stream (else its end)
 
 
@@ -203,7 +204,7 @@ async def edge(request: web.Request,
             api.stats.request(method, template, status, state.latency or elapsed)
             if error:
                 api.stats.error(error)
-            if template == "/containers/deploy" and method == "POST":
+            if state.deploy:
                 api.stats.deployment(status < 300)
         log.info("request", extra={
             "method": method, "path": request.path[:256], "endpoint": template, "status": status or None,
@@ -282,6 +283,7 @@ async def deploy(request: web.Request) -> web.StreamResponse:
         raise HttpError(405, "method_not_allowed", "/containers/deploy answers POST", "method",
                         {"Allow": "POST"})
     query(request, ())
+    current.get().deploy = True
     api = request.app[API_KEY]
     raw = await read_body(request)
     data = load_json(raw, "body", MAX_BODY)  # size, depth, then the decoder
