@@ -93,14 +93,24 @@ async def _stream(request: web.Request, path: str, tail: int | None,
 def _read(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[bytes | None], stop: threading.Event,
           first: Iterator[bytes], new: Iterator[bytes]) -> None:
     def put(item: bytes | None) -> bool:
-        while not stop.is_set() or item is None:
+        """Hand ``item`` over (waiting while a slow client keeps the queue full); False once the
+        stream is over (stop set: only the end marker still goes) or the loop is gone."""
+        if stop.is_set() and item is not None:
+            return False
+        try:
+            future = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
+        except RuntimeError:   # the loop is closed
+            return False
+        while True:
             try:
-                asyncio.run_coroutine_threadsafe(queue.put(item), loop).result(FOLLOW_POLL)
+                future.result(FOLLOW_POLL)
                 return True
-            except (TimeoutError, RuntimeError):  # a full queue (a slow client), or the loop closed
-                if item is None or loop.is_closed():
+            except TimeoutError:
+                if (stop.is_set() and item is not None) or loop.is_closed():
+                    future.cancel()
                     return False
-        return False
+            except Exception:   # cancelled with the loop
+                return False
     try:
         for chunk in first:
             if not put(chunk):
