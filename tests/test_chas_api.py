@@ -326,7 +326,8 @@ def test_openapi_needs_no_token_and_is_the_repo_file(agent: Agent) -> None:
         assert body == json.load(fh)
     assert body["openapi"].startswith("3.0")
     assert set(body["paths"]) == {"/containers/deploy", "/containers", "/containers/{container_id}",
-                                  "/containers/{container_id}/logs", "/health", "/openapi.json"}
+                                  "/containers/{container_id}/logs", "/health", "/openapi.json",
+                                  "/livez", "/readyz"}
     status, headers, body = agent.chas_request("POST", "/openapi.json", {}, token=False)
     assert_error(status, body, 405, "method_not_allowed")
     assert headers["allow"] == "GET"
@@ -586,8 +587,8 @@ def test_unknown_paths_and_wrong_methods(agent: Agent) -> None:
     for method, path, allow in [("PUT", "/containers", "GET"), ("POST", "/containers", "GET"),
                                 ("GET", "/containers/deploy", "POST"),
                                 ("DELETE", "/containers/deploy", "POST"),
-                                ("POST", "/health", "GET"), ("GET", "/containers/some-id", "DELETE"),
-                                ("PATCH", "/containers/some-id", "DELETE"),
+                                ("POST", "/health", "GET"), ("PUT", "/containers/some-id", "DELETE, GET"),
+                                ("PATCH", "/containers/some-id", "DELETE, GET"),
                                 ("POST", "/containers/some-id/logs", "GET"), ("BREW", "/containers", "GET")]:
         status, headers, body = agent.chas_request(method, path)
         assert_error(status, body, 405, "method_not_allowed")

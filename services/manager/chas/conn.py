@@ -1,4 +1,5 @@
-"""Connections of the CHaS HTTP API: read deadlines and the connection cap.
+"""Connections of the CHaS HTTP API: the rules for read deadlines and the connection cap
+(aiohttp has neither; services/manager/chas/server.py applies them to its connections).
 
 A client that connects and sends nothing, or trickles a header a byte at a time (slowloris),
 must not hold a connection for long nor keep others out. Two rules see to it:
@@ -15,15 +16,14 @@ must not hold a connection for long nor keep others out. Two rules see to it:
 from __future__ import annotations
 
 import contextlib
-import io
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 HEADER_TIMEOUT = 10.0           # seconds for a request's head (chas.header_timeout)
 MAX_CONNECTIONS = 128           # connections held at once (chas.max_connections)
-WRITE_TIMEOUT = 60.0            # seconds one write to a client may block
 MIN_BODY_RATE = 16 * 1024       # bytes per second a body must at least arrive at
 
 
@@ -32,46 +32,22 @@ def body_deadline(size: int, header_timeout: float) -> float:
     return header_timeout + size / MIN_BODY_RATE
 
 
-class DeadlineReader(io.RawIOBase):
-    """A socket's reading side under a deadline for everything read until it is changed;
-    ``deadline`` None means each read may take ``WRITE_TIMEOUT``. Writes (by the handler's
-    own writer, on the same socket) always keep ``WRITE_TIMEOUT``."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        super().__init__()
-        self.sock = sock
-        self.deadline: float | None = None
-        self.received = 0          # bytes read since the counter was last reset
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        left = WRITE_TIMEOUT if self.deadline is None else self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("the read deadline passed")
-        self.sock.settimeout(left)
-        try:
-            n = self.sock.recv_into(buffer)
-        finally:
-            self.sock.settimeout(WRITE_TIMEOUT)
-        self.received += n
-        return n
-
-
 class Conn:
-    """One connection: its socket (the TLS one once wrapped), whether a request is in progress,
-    and since when it is idle."""
+    """One connection (a key: a socket, or the protocol serving it), whether a request is in
+    progress, and since when it is idle; ``closer`` ends it (default: shut the socket down)."""
 
-    __slots__ = ("busy", "since", "sock")
+    __slots__ = ("busy", "closer", "since", "sock")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: Any, closer: Callable[[], None] | None = None) -> None:
         self.sock = sock
+        self.closer = closer
         self.busy = False
         self.since = time.monotonic()
 
     def close(self) -> None:
-        """Wake the thread serving it (its read ends) and let that thread clean up."""
+        if self.closer is not None:
+            self.closer()
+            return
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
@@ -82,14 +58,14 @@ class Connections:
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self._lock = threading.Lock()
-        self._live: dict[socket.socket, Conn] = {}
+        self._live: dict[Any, Conn] = {}
         self.shed = 0              # idle connections closed to make room (for tests and logs)
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._live)
 
-    def admit(self, sock: socket.socket) -> Conn | None:
+    def admit(self, sock: Any, closer: Callable[[], None] | None = None) -> Conn | None:
         """Register a new connection; at the cap the oldest idle one is closed to make room.
         None when every connection is busy with a request: the new one is to be refused."""
         victim = None
@@ -100,16 +76,16 @@ class Connections:
                     return None
                 victim = self._live.pop(min(idle, key=lambda pair: pair[0])[1])
                 self.shed += 1
-            conn = self._live[sock] = Conn(sock)
+            conn = self._live[sock] = Conn(sock, closer)
         if victim is not None:
             victim.close()
         return conn
 
-    def get(self, sock: socket.socket) -> Conn:
+    def get(self, sock: Any) -> Conn:
         """The connection of ``sock`` (a detached one if it was closed for another already)."""
         with self._lock:
             return self._live.get(sock) or Conn(sock)
 
-    def leave(self, sock: socket.socket) -> None:
+    def leave(self, sock: Any) -> None:
         with self._lock:
             self._live.pop(sock, None)
