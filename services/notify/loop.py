@@ -93,7 +93,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     watch_parent("riklet-notify")
     notifier = Notifier()
     cfg, _ = parse_args("riklet-notify", argv)
-    logsetup.setup("notify", cfg.logging_level, cfg.logging_file)
+    logsetup.configure("notify", cfg)
     supervisord = expected_parent(os.environ)
     interval = watchdog_interval(os.environ, [supervisord] if supervisord else [])
     timeout = 1.0 if interval is None else max(0.2, min(1.0, interval / 4))
