@@ -18,7 +18,7 @@ import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import msgspec
 import yaml
@@ -26,6 +26,7 @@ import yaml
 from common import paths
 from common.configtypes import (
     IP,
+    PATTERNS,
     Address,
     After,
     Before,
@@ -258,9 +259,39 @@ class Setting:
             return value
         except InvalidArgument as exc:
             message = exc.message
-        except (msgspec.ValidationError, ValueError, TypeError) as exc:
+        except msgspec.ValidationError as exc:
+            message = str(exc)
+            choices = _choices(self.type)
+            if choices and message.startswith("Invalid enum value"):
+                message = f"expected one of {', '.join(choices)}, got {raw!r}"
+            else:
+                message = _plain(message.split(" - at ")[0], raw)
+        except (ValueError, TypeError) as exc:
             message = str(exc)
         raise InvalidArgument(message[:1].lower() + message[1:], where)
+
+
+# msgspec's words for types, as a user reads them
+_PLAIN = (("`int`", "an integer"), ("`float`", "a number"), ("`str`", "a string"),
+          ("`bool`", "true or false"), ("`array`", "a list"), ("`object`", "a mapping"),
+          ("`null`", "nothing"))
+
+
+def _plain(message: str, raw: object) -> str:
+    """msgspec's message in a user's words, with the value that was refused."""
+    for pattern, words in PATTERNS.items():
+        if f"matching regex {pattern!r}" in message:
+            return f"{words}, got {raw!r}"
+    for word, plain in _PLAIN:
+        message = message.replace(word, plain)
+    return f"{message.split(', got ')[0]}, got {raw!r}"
+
+
+def _choices(tp: Any) -> tuple[str, ...]:
+    """The values of the Literal inside a setting's type, if it is one."""
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    return tuple(str(a) for a in get_args(tp)) if get_origin(tp) is Literal else ()
 
 
 def _setting(info: msgspec.structs.FieldInfo) -> Setting:

@@ -116,23 +116,42 @@ def _quantity(parse: Callable[[object, str], Any]) -> Before:
     return Before(lambda v: None if v in (None, "") else parse(v, ""))
 
 
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError(f"must be a positive duration (like 30s), got {value:g}s")
+    return value
+
+
 _PORT = r"(6553[0-5]|655[0-2]\d|65[0-4]\d\d|6[0-4]\d{3}|[1-5]\d{4}|[1-9]\d{0,3})"
+
+_ADDRESS = rf"^.+:{_PORT}$"
+_NAME = r"^[A-Za-z0-9._-]{1,15}$"
+_HOST = r"^[^/\s]+$"
+# What a value failing a pattern was expected to be, in words (msgspec would print the regex).
+PATTERNS = {
+    _ADDRESS: "expected HOST:PORT with a port from 1 to 65535",
+    _NAME: "expected a name of 1 to 15 letters, digits, '.', '_' or '-'",
+    _HOST: "expected HOST or HOST:PORT",
+    r"^https?://\S+$": "expected an http:// or https:// URL",
+    "^/": "expected an absolute path",
+    "^/[^\x00]*$": "expected an absolute path",
+}
 
 Text = Annotated[str, Before(_text), Meta(min_length=1)]
 Path = Annotated[str, Before(_text), Meta(min_length=1), After(os.path.abspath)]
 OptionalPath = Annotated[Annotated[str, Meta(min_length=1)] | None, Before(_empty_is_none), Before(_text),
                          After(_abspath)]
-Address = Annotated[str, Meta(pattern=rf"^.+:{_PORT}$")]        # HOST:PORT
+Address = Annotated[str, Meta(pattern=_ADDRESS)]        # HOST:PORT
 OptionalAddress = Annotated[Address | None, Before(_empty_is_none)]
 Url = Annotated[Annotated[str, Meta(pattern=r"^https?://\S+$")] | None,
                 Before(lambda v: _empty_is_none(v.rstrip("/")) if isinstance(v, str) else v)]
 SocketPath = Annotated[str, Before(lambda v: v.removeprefix("unix://") if isinstance(v, str) else v),
                        Meta(pattern="^/")]
 # an interface or snapshotter name
-Name = Annotated[str, Before(_text), Meta(pattern=r"^[A-Za-z0-9._-]{1,15}$")]
+Name = Annotated[str, Before(_text), Meta(pattern=_NAME)]
 Subnet = Annotated[str, After(_subnet)]
 IP = Annotated[str, After(_ip)]
-Hosts = Annotated[tuple[Annotated[str, Meta(pattern=r"^[^/\s]+$")], ...], Before(_list)]   # HOST[:PORT]
+Hosts = Annotated[tuple[Annotated[str, Meta(pattern=_HOST)], ...], Before(_list)]   # HOST[:PORT]
 PathPrefixes = Annotated[tuple[Annotated[str, Meta(pattern="^/[^\x00]*$")], ...], Before(_list),
                          After(lambda ps: tuple(os.path.normpath(p) for p in ps))]
 Port = Annotated[int, Meta(ge=0, le=65535)]
@@ -143,7 +162,7 @@ Bool = Annotated[bool, Before(_words)]
 Count = Annotated[int, Meta(ge=1)]
 CountOrZero = Annotated[int, Meta(ge=0)]
 Duration = Annotated[float, _quantity(parse_duration), Meta(ge=0)]
-PositiveDuration = Annotated[float, _quantity(parse_duration), Meta(gt=0)]
+PositiveDuration = Annotated[float, _quantity(parse_duration), After(_positive)]
 Resolution = Annotated[float, _quantity(parse_duration), Meta(ge=0.05, le=3600)]
 Memory = Annotated[int, _quantity(parse_memory)]
 OptionalMemory = Annotated[int | None, _quantity(parse_memory)]
