@@ -148,7 +148,7 @@ class IndexReader:
 
     def first_at_or_after(self, since_ns: int) -> int | None:
         """The offset of the first record written at or after ``since_ns`` (None: none)."""
-        self.seek(0)
+        self._buf, self._pos, self._cur, self._next, self._checked = b"", 0, None, 0, -1
         while (rec := self._peek(True)) is not None:
             self._take()
             if rec[1] >= since_ns:

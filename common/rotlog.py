@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from io import BufferedReader
 
 from common.errors import InvalidArgument, Unavailable
@@ -25,7 +25,8 @@ _CHUNK = 64 * 1024
 
 
 class RotatingWriter:
-    def __init__(self, path: str, max_size: int, max_files: int) -> None:
+    def __init__(self, path: str, max_size: int, max_files: int,
+                 clock: Callable[[], int] = time.time_ns) -> None:
         if max_size < 1:
             raise InvalidArgument("must be at least 1 byte", "max_size")
         if max_files < 1:
@@ -37,6 +38,7 @@ class RotatingWriter:
         self._size = 0
         self._index: IndexWriter | None = None
         self._now = 0
+        self._clock = clock
         self._open()
 
     def write(self, data: bytes) -> None:
@@ -47,7 +49,7 @@ class RotatingWriter:
         """
         view = memoryview(data)
         start = 0
-        self._now = time.time_ns()
+        self._now = self._clock()
         while len(data) - start > self.max_size - self._size:
             end = data.rfind(b"\n", start, start + self.max_size - self._size) + 1
             if end == 0 and self._size == 0:
