@@ -19,7 +19,9 @@ import pytest
 
 from common import logindex, rotlog
 from common.errors import InvalidArgument
+from common.pb import node_pb2 as npb
 from common.since import parse_since
+from services.manager.api import logs
 from tests.stack import Agent, chas_agent
 from tests.support import wait_for
 
@@ -164,6 +166,20 @@ def test_since_reads_rfc3339_unix_seconds_and_durations() -> None:
         with pytest.raises(InvalidArgument) as exc:
             parse_since(bad, "query.since")
         assert exc.value.field == "query.since"
+
+
+def test_the_node_api_refuses_a_negative_since_and_reads_the_fields(tmp_path: Path) -> None:
+    log = str(tmp_path / "c.log")
+    w = rotlog.RotatingWriter(log, 1 << 20, 2, clock=Clock(7 * S))
+    w.write(b"a\n")
+    w.close()
+    stop = threading.Event()
+    with pytest.raises(InvalidArgument) as exc:
+        logs.stream(log, npb.LogsRequest(name="p", since_unix_nano=-1), stop)
+    assert exc.value.field == "since_unix_nano"
+    req = npb.LogsRequest(name="p", since_unix_nano=7 * S, timestamps=True)
+    assert b"".join(logs.stream(log, req, stop)) == b"1970-01-01T00:00:07.000000000Z a\n"
+    assert b"".join(logs.stream(log, npb.LogsRequest(name="p", since_unix_nano=8 * S), stop)) == b""
 
 
 def test_the_containerd_log_driver_writes_the_index(tmp_path: Path) -> None:
