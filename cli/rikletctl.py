@@ -25,6 +25,7 @@ from common.units import parse_cpu, parse_memory
 pb.ensure()
 from cli import apps, completion, connect, output, pods, pull, volume  # noqa: E402  (stubs made above)
 from cli import exec as exec_cli  # noqa: E402
+from cli import logs as logs_cli  # noqa: E402
 from cli import watch as watch_cli  # noqa: E402
 from cli.output import DOCS, FORMATS  # noqa: E402
 from common.pb import node_pb2 as npb  # noqa: E402  (generated just above when missing)
@@ -219,7 +220,8 @@ class Ctl:
 
     def logs(self, args: argparse.Namespace) -> None:
         req = npb.LogsRequest(name=args.name, container=args.container or "", follow=args.follow,
-                              tail=args.tail if args.tail is not None else 0)
+                              tail=args.tail if args.tail is not None else 0,
+                              since_unix_nano=logs_cli.since_unix_nano(args), timestamps=args.timestamps)
         out = sys.stdout.buffer
         for chunk in self.stub.Logs(req, timeout=None if args.follow else 30):
             out.write(chunk.data)
@@ -327,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-c", "--container")
     sp.add_argument("-f", "--follow", action="store_true")
     sp.add_argument("--tail", type=int)
+    logs_cli.add_arguments(sp)
     add("node", Ctl.node, "node resources and usage", output=DOCS)
     sp = add("image", Ctl.image, "containerd images: ls, pull REF, import FILE, rm REF", aliases=["images"],
              output=True)

@@ -611,7 +611,8 @@ def test_logs_tail_follow_and_their_end(agent: Agent) -> None:
     assert status == 200 and two.count(b"\n") == 2 and two.startswith(b"tick ")
     assert agent.chas_request("GET", logs + "?tail=0")[2] == b""
     for query, field in [("tail=-1", "query.tail"), ("tail=abc", "query.tail"), ("tail=1.5", "query.tail"),
-                         ("follow=maybe", "query.follow"), ("since=1", "query.since"),
+                         ("follow=maybe", "query.follow"), ("since=yesterday", "query.since"),
+                         ("timestamps=maybe", "query.timestamps"), ("since=" + "1" * 65, "query.since"),
                          ("tail=1&tail=2", "query.tail"), ("container=Not_A_Label", "query.container")]:
         status, _, body = agent.chas_request("GET", f"{logs}?{query}")
         assert_error(status, body, 400, "invalid_argument", field)

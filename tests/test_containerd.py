@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import subprocess
 import time
 import urllib.request
@@ -139,6 +140,10 @@ def test_run_serve_logs_stop_remove(ctr_agent: CtrAgent) -> None:
     logs = wait_for(lambda: (out := a.agent.ctl("logs", "web").stdout) and "to-stderr" in out and out,
                     10, "both streams in the log")
     assert "hello from env\n" in logs
+    # the log driver keeps times: a recent since keeps the line, stamped as docker logs -t
+    stamped = a.agent.ctl("logs", "web", "--since", "5m", "--timestamps").stdout.splitlines()
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z "
+    assert any(re.fullmatch(stamp + "hello from env", line) for line in stamped), stamped
     assert a.containers() == [f"{a.agent_id}-web_web"]
     assert len(a.netns()) == 1
 

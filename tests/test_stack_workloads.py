@@ -34,8 +34,10 @@ def test_logs_rotate_and_stay_bounded(small_logs_agent: Agent) -> None:
     agent.ctl("run", "chatty", "--restart", "Never", "--", PY, "-c", writer)
     agent.wait_phase("chatty", "Terminated", timeout=30)
     logdir = os.path.join(agent.state_dir, "pods", "chatty", "logs")
-    files = sorted(os.listdir(logdir))
+    files = sorted(f for f in os.listdir(logdir) if not f.endswith(".times"))
     assert files == ["chatty.log", "chatty.log.1", "chatty.log.2"]
+    indexes = sorted(f for f in os.listdir(logdir) if f.endswith(".times"))
+    assert indexes == sorted(f"{f}.times" for f in files)
     assert sum(os.path.getsize(os.path.join(logdir, f)) for f in files) <= 3 * 64 * 1024
     last = agent.ctl("logs", "chatty", "--tail", "2").stdout.splitlines()
     assert [line.split()[1] for line in last] == ["019998", "019999"]

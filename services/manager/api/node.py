@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 import grpc
 
-from common import rotlog
 from common.app import is_app_file, parse_app
 from common.errors import ErrorCode, InvalidArgument, NotFound, RikletError, Unavailable, bounded
 from common.memclient import MemoryClient
@@ -28,7 +27,7 @@ from common.pb import node_pb2_grpc as pb_grpc
 from common.policy import Policy
 from common.ports import ApplyView, check_ports, wanted_ports
 from common.zmqutil import RequestClient
-from services.manager.api import resize
+from services.manager.api import logs, resize
 from services.manager.api.apps import apply_app
 from services.manager.api.listing import ListReply, PodMessages, pod_message
 from services.manager.api.podevents import EventsApi
@@ -375,12 +374,7 @@ class NodeService(EventsApi, VolumeRpcs, pb_grpc.NodeServicer):
         path = self._call(context, lambda: self._log_file(request.name, request.container))
         stop = threading.Event()
         context.add_callback(stop.set)
-        # follow() takes its position when called: before tail(), so nothing falls between.
-        new = rotlog.follow(path, stop) if request.follow else iter(())
-        data = rotlog.tail(path, request.tail if request.tail > 0 else None)
-        for i in range(0, len(data), 64 * 1024):
-            yield pb.LogChunk(data=data[i:i + 64 * 1024])
-        for chunk in new:
+        for chunk in self._call(context, lambda: logs.stream(path, request, stop)):
             yield pb.LogChunk(data=chunk)
 
     def _log_file(self, name: str, container: str) -> str:

@@ -17,6 +17,7 @@ from aiohttp import web
 from common import rotlog
 from common.errors import InvalidArgument
 from common.model import dns_label
+from common.since import parse_since
 from services.manager.chas.web import API_KEY, DIGITS, core, current, decorate
 
 FOLLOW_POLL = 0.25                 # seconds between the checks that end a log stream
@@ -30,9 +31,14 @@ async def logs(request: web.Request, params: Mapping[str, str]) -> web.StreamRes
         if not DIGITS.fullmatch(params["tail"]):
             raise InvalidArgument("expected a non-negative integer (lines)", "query.tail")
         tail = int(params["tail"])
-    follow = params.get("follow", "false").lower()
-    if follow not in ("true", "false", "1", "0", "yes", "no", ""):
-        raise InvalidArgument("expected true or false", "query.follow")
+    follow = _flag(params, "follow")
+    stamps = _flag(params, "timestamps")
+    since: int | None = None
+    if "since" in params:
+        if len(params["since"]) > 64:
+            raise InvalidArgument("longer than 64 characters", "query.since")
+        since = parse_since(params["since"], "query.since")
+        since = since if since > 0 else None   # from the epoch or before: every line, as docker
     container = params.get("container", "")
     if container:
         if len(container) > 63:
@@ -45,19 +51,28 @@ async def logs(request: web.Request, params: Mapping[str, str]) -> web.StreamRes
         if exc.field == "container":
             exc.field = "query.container"
         raise
-    if follow not in ("true", "1", "yes"):
-        data = await core(request, rotlog.tail, path, tail)
+    if not follow:
+        data = await core(request, rotlog.tail, path, tail, since, stamps)
         return web.Response(status=200, body=data, content_type="text/plain", charset="utf-8")
-    return await _stream(request, path, tail, record)
+    return await _stream(request, path, (tail, since, stamps), record)
 
 
-async def _stream(request: web.Request, path: str, tail: int | None,
+def _flag(params: Mapping[str, str], name: str) -> bool:
+    value = params.get(name, "false").lower()
+    if value not in ("true", "false", "1", "0", "yes", "no", ""):
+        raise InvalidArgument("expected true or false", f"query.{name}")
+    return value in ("true", "1", "yes")
+
+
+async def _stream(request: web.Request, path: str, how: tuple[int | None, int | None, bool],
                   record: Mapping[str, Any]) -> web.StreamResponse:
     api = request.app[API_KEY]
     loop = asyncio.get_running_loop()
     stop = threading.Event()
-    new = rotlog.follow(path, stop)  # before tail(): nothing written in between is lost
-    data = await core(request, rotlog.tail, path, tail)
+    tail, since, stamps = how
+    # follow() before tail(): nothing written in between is lost
+    new = rotlog.follow(path, stop, since=since, timestamps=stamps)
+    data = await core(request, rotlog.tail, path, tail, since, stamps)
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE)
     with api._streams_lock:
         api._streams.add(stop)

@@ -296,7 +296,7 @@ async def deploy(request: web.Request) -> web.StreamResponse:
 
 async def logs(request: web.Request) -> web.StreamResponse:
     from services.manager.chas.logstream import logs as serve_logs
-    return await serve_logs(request, query(request, ("tail", "follow", "container")))
+    return await serve_logs(request, query(request, ("tail", "follow", "container", "since", "timestamps")))
 
 
 async def expect(request: web.Request) -> None:

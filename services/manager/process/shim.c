@@ -107,6 +107,8 @@ struct ctr {
     double started_at, started_mono, finished_at, delay, restart_due, next_restart_at, last_started;
     struct term end, last, start_err;
     long long log_size;
+    int timesfd;                /* the time index beside the log (common/logindex.py), -1: none */
+    long long times_last;       /* when its last record was written (ns), -1: none yet */
 };
 
 static struct {
@@ -423,7 +425,7 @@ static int parse_container(struct ctr *c, struct rec *r, int from, int to) {
             return spec_error = "user is not UID:GID", -1;
         c->has_user = 1, c->uid = (uid_t)u, c->gid = (gid_t)gr;
     }
-    c->out = c->logfd = -1;
+    c->out = c->logfd = c->timesfd = -1;
     c->started_at = c->finished_at = c->delay = c->restart_due = c->next_restart_at = -1;
     c->last_started = -1;
     c->pid_start = -1;
@@ -652,13 +654,71 @@ static void write_status(void) {
 
 /* ---- logs: byte for byte what common/rotlog.RotatingWriter writes -------------------------- */
 
+/* The time index (format: common/logindex.py): a header naming the log's inode, then a record
+ * (offset, wall ns) written before each chunk, at most one per LOG_TIMES_GAP ns. Little-endian. */
+#define LOG_TIMES_GAP 1000000LL
+
+static void put_le64(unsigned char *p, unsigned long long v) {
+    for (int i = 0; i < 8; i++)
+        p[i] = (unsigned char)(v >> (8 * i));
+}
+
+static void times_close(struct ctr *c, int failed) {
+    if (c->timesfd < 0)
+        return;
+    if (failed && ftruncate(c->timesfd, 0) < 0) {
+        /* an emptied index means unknown times: better than wrong ones; nothing more to do */
+    }
+    close(c->timesfd);
+    c->timesfd = -1;
+}
+
+static void times_open(struct ctr *c, const struct stat *log) {
+    char path[PATH_BUF + 8];
+    unsigned char want[16], have[16];
+    snprintf(path, sizeof path, "%s.times", c->log_path);
+    c->times_last = -1;
+    c->timesfd = open(path, O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+    if (c->timesfd < 0)
+        return;
+    memcpy(want, "RKLTIME1", 8);
+    put_le64(want + 8, (unsigned long long)log->st_ino);
+    if (pread(c->timesfd, have, 16, 0) == 16 && memcmp(have, want, 16) == 0)
+        return;
+    if (ftruncate(c->timesfd, 0) < 0 || write_all(c->timesfd, (const char *)want, 16) < 0)
+        times_close(c, 1);
+}
+
+static void times_note(struct ctr *c, long long now_ns) {
+    unsigned char rec[16];
+    if (c->timesfd < 0 || (c->times_last >= 0 && now_ns - c->times_last < LOG_TIMES_GAP))
+        return;
+    put_le64(rec, (unsigned long long)c->log_size);
+    put_le64(rec + 8, (unsigned long long)now_ns);
+    if (write(c->timesfd, rec, 16) != 16)
+        times_close(c, 1);
+    else
+        c->times_last = now_ns;
+}
+
 static int log_open(struct ctr *c) {
     struct stat st;
     c->logfd = open(c->log_path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
     if (c->logfd < 0 || fstat(c->logfd, &st) < 0)
         return -1;
     c->log_size = st.st_size;
+    times_open(c, &st);
     return 0;
+}
+
+/* Rename a log's index after its log (a reader pairs them by inode, never by name alone); with
+ * no index to move, none may stay under the new name. */
+static void times_rename(const char *older, const char *newer) {
+    char from[PATH_BUF + 8], to[PATH_BUF + 8];
+    snprintf(from, sizeof from, "%s.times", older);
+    snprintf(to, sizeof to, "%s.times", newer);
+    if (rename(from, to) < 0 && errno == ENOENT)
+        unlink(to);
 }
 
 static int log_rotate(struct ctr *c) {
@@ -666,27 +726,37 @@ static int log_rotate(struct ctr *c) {
     if (c->logfd >= 0)
         close(c->logfd);
     c->logfd = -1;
-    if (g.log_files == 1 && unlink(c->log_path) < 0)
-        return -1;
+    times_close(c, 0);
+    if (g.log_files == 1) {
+        if (unlink(c->log_path) < 0)
+            return -1;
+        char times[PATH_BUF + 8];
+        snprintf(times, sizeof times, "%s.times", c->log_path);
+        unlink(times);
+    }
     for (long long i = g.log_files - 1; i > 0; i--) {
         if (i > 1)
             snprintf(older, sizeof older, "%s.%lld", c->log_path, i - 1);
         else
             snprintf(older, sizeof older, "%s", c->log_path);
         snprintf(newer, sizeof newer, "%s.%lld", c->log_path, i);
-        if (access(older, F_OK) == 0 && rename(older, newer) < 0)
-            return -1; /* the rename replaces, so drops, the oldest */
+        if (access(older, F_OK) == 0) {
+            if (rename(older, newer) < 0)
+                return -1; /* the rename replaces, so drops, the oldest */
+            times_rename(older, newer);
+        }
     }
     return log_open(c);
 }
 
-static int log_put(struct ctr *c, const char *p, long long n) {
+static int log_put(struct ctr *c, const char *p, long long n, long long now_ns) {
     if (n <= 0)
         return 0;
     if (c->logfd < 0) {
         errno = EBADF;
         return -1;
     }
+    times_note(c, now_ns);
     if (write_all(c->logfd, p, (size_t)n) < 0)
         return -1;
     c->log_size += n;
@@ -698,6 +768,9 @@ static int log_put(struct ctr *c, const char *p, long long n) {
  * negative end included, so that both writers cut a stream at the same places. */
 static int log_write(struct ctr *c, const char *data, long long len) {
     long long start = 0;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    long long now_ns = (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
     while (len - start > g.log_max - c->log_size) {
         long long lim = start + g.log_max - c->log_size, end = 0;
         if (lim < 0)
@@ -708,13 +781,13 @@ static int log_write(struct ctr *c, const char *data, long long len) {
             end = nl - data + 1;
         if (end == 0 && c->log_size == 0)
             end = start + g.log_max;
-        if (end > start && log_put(c, data + start, end - start) < 0)
+        if (end > start && log_put(c, data + start, end - start, now_ns) < 0)
             return -1;
         start = start > end ? start : end;
         if (log_rotate(c) < 0)
             return -1;
     }
-    return log_put(c, data + start, len - start);
+    return log_put(c, data + start, len - start, now_ns);
 }
 
 /* ---- output pipes -------------------------------------------------------------------------- */
@@ -1216,6 +1289,7 @@ static void finish(void) {
         if (c->logfd >= 0)
             close(c->logfd);
         c->logfd = -1;
+        times_close(c, 0);
     }
     for (int i = 0; i < g.nctrs; i++)
         for (int k = 0; k < g.ctrs[i].ndirs; k++)
