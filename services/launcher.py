@@ -78,7 +78,7 @@ def show_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="riklet", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="riklet", description=(__doc__ or "riklet").splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="start the four services under supervisord (foreground)")
     run.add_argument("--config", help="YAML configuration file (env RIKLET_CONFIG)")
