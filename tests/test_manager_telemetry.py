@@ -20,7 +20,7 @@ NODE: Any = {"cpu": {"currentUsage": 0.0}, "memory": {"totalMemory": 1, "freeMem
 
 def scraped(telemetry: Telemetry, chas: ChasStats | None = None) -> dict[str, dict[str, float]]:
     stats = {**(chas or ChasStats()).snapshot(), "manager": telemetry.snapshot()}
-    return parse_prometheus(prom.render(NODE, [], 0, chas=stats))[1]
+    return parse_prometheus(prom.render(NODE, [], 0, manager=stats))[1]
 
 
 def test_node_api_calls_are_timed_by_method_and_status_code() -> None:

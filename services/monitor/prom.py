@@ -199,19 +199,9 @@ def all_families(
     return out
 
 
-def render(
-    node: RealtimeNode,
-    pods: Sequence[RealtimePod],
-    scrape_errors: int,
-    proxy: Mapping[str, Any] | None = None,
-    with_proxy: bool = False,
-    containers: Sequence[Any] = (),
-    chas: Mapping[str, Any] | None = None,
-    series: Sequence[PodSeries] = (),
-) -> str:
-    """The text exposition of :func:`all_families` (for tests and tools)."""
-    fams = all_families(node, pods, scrape_errors, proxy, with_proxy, containers, chas, series)
-    return exposition(fams)[0].decode()
+def render(*args: Any, **kwargs: Any) -> str:
+    """The text exposition of :func:`all_families`, called with the same arguments (tests, tools)."""
+    return exposition(all_families(*args, **kwargs))[0].decode()
 
 
 __all__ = ["CONTENT_TYPE", "PodSeries", "all_families", "exposition", "number", "pod_series", "render"]
