@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import select
 import subprocess
@@ -18,9 +19,12 @@ import psutil
 import pytest
 
 from common import cgroups
+from common.pb import rik_common_pb2 as cpb
+from common.pod import instance_id_of
+from common.rik import status_of
 from services.monitor import metrics
 from services.monitor.cgroupfiles import GroupGone, GroupReader, GroupUsage
-from services.monitor.podtable import entry
+from services.monitor.podtable import entry, kept
 from services.monitor.sampler import CpuSampler
 from services.monitor.snapshot import Snapshotter
 from tests.support import need, wait_for
@@ -392,3 +396,31 @@ def test_a_pod_without_its_cgroup_is_measured_from_its_process_tree() -> None:
 def test_pid_1_is_never_taken_for_a_pod() -> None:
     pod = measure(record(pids=[1, 0]))
     assert pod["memory"]["freeMemoryAmount"] == 100.0
+
+
+# ---- what the monitor's mirror keeps of a record --------------------------------------------
+
+def test_the_kept_record_gives_the_monitor_what_the_whole_record_does() -> None:
+    full = record(cgroup="riklet/n/web", pids=[4242], image=None, command=["sleep", "infinity"])
+    full["spec"].update({"instance_id": "inst-1", "ports": [{"port": 30080, "target_port": 80}],
+                         "restartPolicy": "Always", "gracePeriod": 10.0})
+    full["spec"]["containers"][0].update({"env": {"A": "1" * 200}, "args": ["x"] * 20})
+    full["status"].update({"ready": False, "conditions": [{"type": "Ready", "status": "False"}],
+                           "message": "m" * 300, "transitionAt": 1700000001.5, "endpoints": []})
+    full["status"]["containers"][0].update({"pid": 4243, "startedAt": 1700000001.0, "reason": None})
+    small = kept(full)
+    whole, part = entry(full), entry(small)
+    assert (part.name, part.key, part.facts, part.cgroup, part.pids, part.containers) == \
+        (whole.name, whole.key, whole.facts, whole.cgroup, whole.pids, whole.containers)
+    assert part.pids == (4242, 4243) and part.facts.deployment["repository"] == "sleep"
+    assert status_of(small) == status_of(full) == cpb.CREATING   # running, not ready
+    assert instance_id_of(small) == "inst-1"
+    # what the monitor never reads is not kept: the env, args, ports, messages and conditions
+    assert small["spec"]["containers"][0] == {"image": None, "command": ["sleep"],
+                                              "resources": full["spec"]["containers"][0]["resources"]}
+    assert "ports" not in small["spec"]
+    assert not {"message", "conditions", "transitionAt"} & set(small["status"])
+    assert len(json.dumps(small)) < len(json.dumps(full)) / 2
+    # a deleted pod, and fields of a wrong type, reach the readers as they were
+    full["desired"], full["status"]["containers"] = "deleted", "junk"
+    assert status_of(kept(full)) == cpb.DESTROYING and kept(full)["status"]["containers"] == "junk"

@@ -27,7 +27,7 @@ from common.zmqutil import RequestClient, ipc_path, make_run_dir, prepare_ipc_bi
 from services.monitor.cgroupfiles import GroupReader, kept_budget, raise_open_files
 from services.monitor.httpserver import MetricsServer
 from services.monitor.loop import SampleLoop
-from services.monitor.podtable import PodTable
+from services.monitor.podtable import PodTable, kept
 from services.monitor.procstats import supervisor_pids
 from services.monitor.service import Monitor, proxy_stats_reader
 from services.monitor.snapshot import Snapshotter
@@ -48,8 +48,9 @@ def serve(cfg: config.Config, stop: threading.Event) -> None:
     manager = RequestClient(cfg.manager_endpoint, timeout=0.3, retries=0, context=ctx)
     raise_open_files()
     table = PodTable()
-    # The table keeps each record as it came and never changes it: it shares the mirror's.
-    mirror = PodMirror(cfg, on_change=table.on_change, context=ctx, shared=True)
+    # The table keeps each record as the mirror holds it (only what the monitor reads) and never
+    # changes it: it shares the mirror's.
+    mirror = PodMirror(cfg, on_change=table.on_change, context=ctx, shared=True, keep=kept)
     table.is_synced = mirror.wait_synced
     snapshotter = Snapshotter(cfg.node_id, cfg.paths_state_dir, GroupReader(cgroups.detect(), kept_budget()))
     loop = SampleLoop(snapshotter, table, cfg.monitoring_metric_resolution)

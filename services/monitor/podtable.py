@@ -53,6 +53,49 @@ def safe_relpath(value: Any) -> str | None:
     return path
 
 
+# What the monitor reads of a record (PodTable.entry, metrics.pod_facts, push): the mirror keeps
+# only these (``kept``), not the whole spec and status, about 6 KiB a pod as decoded.
+_TOP_KEYS = ("name", "uid", "version", "generation", "desired", "created_at")
+_SPEC_KEYS = ("workload", "instance_id")
+_SPEC_CONTAINER_KEYS = ("image", "resources")
+_STATUS_KEYS = ("phase", "ready", "cgroup", "pids", "internalIp", "restartCount")
+_STATUS_CONTAINER_KEYS = ("name", "state", "pid", "restartCount")
+
+
+def _pick(value: Any, keys: tuple[str, ...]) -> Any:
+    """``value``'s ``keys`` when it is an object; anything else as it is (the readers judge it)."""
+    return {k: value[k] for k in keys if k in value} if isinstance(value, dict) else value
+
+
+def _containers(value: Any, keys: tuple[str, ...], command: bool = False) -> Any:
+    if not isinstance(value, list):
+        return value
+    out = []
+    for c in value:
+        one = _pick(c, keys)
+        if command and isinstance(c, dict) and "command" in c:
+            cmd = c["command"]
+            one["command"] = cmd[:1] if isinstance(cmd, list) else cmd   # its program names an image-less pod
+        out.append(one)
+    return out
+
+
+def kept(record: dict[str, Any]) -> dict[str, Any]:
+    """What the monitor's mirror holds of a pod record (``PodMirror(keep=...)``): the fields its
+    figures, its sampling and its pushes read, in the record's own shape."""
+    out = _pick(record, _TOP_KEYS)
+    spec, status = record.get("spec"), record.get("status")
+    if spec is not None:
+        out["spec"] = _pick(spec, _SPEC_KEYS)
+        if isinstance(spec, dict) and "containers" in spec:
+            out["spec"]["containers"] = _containers(spec["containers"], _SPEC_CONTAINER_KEYS, command=True)
+    if status is not None:
+        out["status"] = _pick(status, _STATUS_KEYS)
+        if isinstance(status, dict) and "containers" in status:
+            out["status"]["containers"] = _containers(status["containers"], _STATUS_CONTAINER_KEYS)
+    return out
+
+
 def entry(record: Mapping[str, Any]) -> PodEntry:
     status = _dict(record.get("status"))
     names = []
