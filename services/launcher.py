@@ -119,9 +119,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def hand_notify_socket(env: dict[str, str]) -> None:
-    """systemd's NOTIFY_SOCKET and watchdog variables reach the notify program only (its
-    supervisord.conf entry maps them back from RIKLET_*): a service, or a helper or shim it
-    starts, that happens to honour NOTIFY_SOCKET cannot speak for the agent's unit."""
+    """systemd's NOTIFY_SOCKET and watchdog variables reach the monitor only (its
+    supervisord.conf entry maps them back from RIKLET_*, and it takes them out of its own
+    environment): another service, or a helper or shim it starts, that happens to honour
+    NOTIFY_SOCKET cannot speak for the agent's unit."""
     for name in NOTIFY_ENV:
         env[f"RIKLET_{name}"] = env.pop(name, "")
 

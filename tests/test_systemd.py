@@ -19,8 +19,8 @@ import pytest
 
 from common import sdnotify
 from common.zmqutil import RequestClient
-from services.notify.health import Health, PodCounts, status_line
-from services.notify.loop import serve
+from services.monitor import notify
+from services.monitor.notify import Health, PodCounts, serve, status_line
 from tests.stack import BIN, ROOT, Agent
 from tests.support import need, wait_for
 
@@ -78,9 +78,16 @@ def test_watchdog_interval() -> None:
 def test_without_notify_socket_nothing_is_sent_nor_kept() -> None:
     notifier = sdnotify.Notifier({})
     assert not notifier.enabled and notifier.notify(READY=1) is False
-    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "SUPERVISOR_ENABLED")}
-    res = subprocess.run([os.path.join(BIN, "riklet-notify")], env=env, timeout=60)
-    assert res.returncode == 0
+    # Outside systemd supervisord.conf hands the monitor the variables empty: it takes them out
+    # of its environment and starts no notifier.
+    env = {"NOTIFY_SOCKET": "", "WATCHDOG_USEC": "", "WATCHDOG_PID": "", "PATH": "/bin"}
+    given = notify.take_environment(env)
+    assert given == {} and env == {"PATH": "/bin"}
+    assert notify.start(None, None, None, given) is None  # type: ignore[arg-type]
+    # Under systemd it keeps them for itself alone: nothing it starts inherits them.
+    env = {"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "60000000", "WATCHDOG_PID": "", "HOME": "/root"}
+    assert notify.take_environment(env) == {"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "60000000"}
+    assert env == {"HOME": "/root"}
 
 
 class Listener:
@@ -180,10 +187,11 @@ def test_agent_notifies_ready_status_and_watchdog(notified: tuple[Agent, Listene
     started.join(90)
     assert agent.proc is not None and agent.proc.poll() is None
 
-    # The services (and the helpers and shims they start) do not get systemd's variables.
-    with open(f"/proc/{agent.service_pid('manager')}/environ", "rb") as fh:
-        names = {entry.split(b"=", 1)[0] for entry in fh.read().split(b"\0")}
-    assert not names & {b"NOTIFY_SOCKET", b"WATCHDOG_USEC"}
+    # The other services (and the helpers and shims they start) do not get systemd's variables.
+    for service in ("memory", "manager", "proxy"):
+        with open(f"/proc/{agent.service_pid(service)}/environ", "rb") as fh:
+            names = {entry.split(b"=", 1)[0] for entry in fh.read().split(b"\0")}
+        assert not names & {b"NOTIFY_SOCKET", b"WATCHDOG_USEC"}, service
 
     if not STATUS_UP.match(ready["STATUS"]):  # the pods' count follows once memory is mirrored
         listener.until(lambda m: bool(STATUS_UP.match(m.get("STATUS", ""))), 30, "a full STATUS=")
@@ -195,18 +203,18 @@ def test_agent_notifies_ready_status_and_watchdog(notified: tuple[Agent, Listene
 
     listener.until(lambda _: watchdogs >= 3, 30, "three WATCHDOG=1", count)
 
-    monitor = agent.service_pid("monitor")
-    os.kill(monitor, signal.SIGSTOP)
+    manager = agent.service_pid("manager")
+    os.kill(manager, signal.SIGSTOP)
     try:
-        listener.until(lambda m: "monitor not answering" in m.get("STATUS", ""), 30,
-                       "STATUS= naming the stopped monitor")
+        listener.until(lambda m: "manager not answering" in m.get("STATUS", ""), 30,
+                       "STATUS= naming the stopped manager")
         # While it stays stopped, no round finds the four answering: no WATCHDOG=1 at all.
         window_end = time.monotonic() + 4
         while (left := window_end - time.monotonic()) > 0:
             msg = listener.next(left)
             assert msg is None or "WATCHDOG" not in msg, listener.seen[-5:]
     finally:
-        os.kill(monitor, signal.SIGCONT)
+        os.kill(manager, signal.SIGCONT)
     listener.until(lambda m: bool(STATUS_UP.match(m.get("STATUS", ""))), 30, "STATUS= back to 4/4")
     listener.until(lambda m: m.get("WATCHDOG") == "1", 30, "WATCHDOG=1 again")
-    wait_for(lambda: agent.statuses()["monitor"] == "RUNNING", 30, what="monitor still RUNNING")
+    wait_for(lambda: agent.statuses()["manager"] == "RUNNING", 30, what="manager still RUNNING")

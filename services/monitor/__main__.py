@@ -1,4 +1,5 @@
-"""riklet-monitor: answers node and pod metric queries over IPC and serves /metrics.
+"""riklet-monitor: answers node and pod metric queries over IPC and serves /metrics; under
+systemd it also tells systemd how the agent is (services.monitor.notify).
 
 Run as ``riklet-monitor`` or ``python -m services.monitor``. SIGTERM or SIGINT stop it cleanly
 (exit 0): the HTTP server is shut down and the socket file removed.
@@ -12,7 +13,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from common.errors import RikletError
 from common.memclient import PodMirror
 from common.parentwatch import watch_parent
 from common.zmqutil import RequestClient, ipc_path, make_run_dir, prepare_ipc_bind, route_one
+from services.monitor import notify
 from services.monitor.cgroupfiles import GroupReader, kept_budget, raise_open_files
 from services.monitor.httpserver import MetricsServer
 from services.monitor.loop import SampleLoop
@@ -40,7 +42,7 @@ log = logging.getLogger("riklet.monitor")
 POLL_MS = 1000  # how soon a stop request is noticed while the socket is idle
 
 
-def serve(cfg: config.Config, stop: threading.Event) -> None:
+def serve(cfg: config.Config, stop: threading.Event, systemd: Mapping[str, str] | None = None) -> None:
     ctx: zmq.Context[Any] = zmq.Context.instance()
     make_run_dir(cfg.paths_run_dir)
     prepare_ipc_bind(cfg.monitor_endpoint, ctx)
@@ -72,6 +74,7 @@ def serve(cfg: config.Config, stop: threading.Event) -> None:
         loop.start()
         if http is not None:
             http.start()
+        notifier = notify.start(cfg, table, ctx, systemd or {})
         log.info("monitor ready", extra={"endpoint": cfg.monitor_endpoint, "metrics": cfg.metrics_address,
                                          "scheduler": cfg.scheduler_address})
         try:
@@ -79,6 +82,8 @@ def serve(cfg: config.Config, stop: threading.Event) -> None:
                 if sock.poll(POLL_MS, zmq.POLLIN):
                     route_one(sock, monitor.handle)
         finally:
+            if notifier is not None:
+                notifier.stop()
             if http is not None:
                 http.stop()
             loop.stop()
@@ -110,6 +115,7 @@ def start_pusher(cfg: config.Config, monitor: Monitor) -> MetricPusher | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     watch_parent("riklet-monitor")
+    systemd = notify.take_environment(os.environ)   # before anything here could pass it on
     cfg, _ = config.parse_args("riklet-monitor", argv)
     rlog.configure("monitor", cfg)
     stop = threading.Event()
@@ -121,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        serve(cfg, stop)
+        serve(cfg, stop, systemd)
     # Another monitor live on the endpoint, the metrics port taken, the run dir unwritable.
     except (RikletError, OSError, zmq.ZMQError) as exc:
         log.error("cannot start", extra={"error": str(exc)})

@@ -1,1 +1,0 @@
-"""``riklet-notify``: tells systemd how the agent is (Type=notify, STATUS=, the watchdog)."""
