@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 SOCKET_ENV = "NOTIFY_SOCKET"
 WATCHDOG_USEC_ENV = "WATCHDOG_USEC"
 WATCHDOG_PID_ENV = "WATCHDOG_PID"
+ENV = (SOCKET_ENV, WATCHDOG_USEC_ENV, WATCHDOG_PID_ENV)   # all that systemd hands a notifying service
 
 
 def address(environ: Mapping[str, str]) -> str | None:

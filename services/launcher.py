@@ -18,13 +18,12 @@ import os
 import sys
 from typing import Any
 
-from common import auth, config, paths
+from common import auth, config, paths, sdnotify
 from common.errors import InvalidArgument, Unavailable
 from common.parentwatch import SUPERVISOR_PID_ENV
 from common.subreaper import become_subreaper
 from services import takeover
 
-NOTIFY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # An installed wheel carries supervisord's configuration in the package (made by the build hook,
 # setup.py, from the checkout's top-level supervisord.conf, the one source); a checkout uses that.
@@ -123,7 +122,7 @@ def hand_notify_socket(env: dict[str, str]) -> None:
     supervisord.conf entry maps them back from RIKLET_*, and it takes them out of its own
     environment): another service, or a helper or shim it starts, that happens to honour
     NOTIFY_SOCKET cannot speak for the agent's unit."""
-    for name in NOTIFY_ENV:
+    for name in sdnotify.ENV:
         env[f"RIKLET_{name}"] = env.pop(name, "")
 
 

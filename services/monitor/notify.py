@@ -29,7 +29,7 @@ from common.config import Config
 from common.errors import RikletError, Timeout
 from common.parentwatch import expected_parent
 from common.pod import serving
-from common.sdnotify import SOCKET_ENV, WATCHDOG_PID_ENV, WATCHDOG_USEC_ENV, Notifier, watchdog_interval
+from common.sdnotify import ENV, Notifier, watchdog_interval
 from common.zmqutil import RequestClient
 from services.monitor.podtable import PodTable
 
@@ -141,26 +141,22 @@ def serve(notifier: Notifier, prober: Prober, interval: float | None, stop: thre
 def take_environment(environ: MutableMapping[str, str]) -> dict[str, str]:
     """systemd's variables, removed from ``environ`` (empty ones, as supervisord.conf passes
     them outside systemd, are dropped too)."""
-    taken = {name: environ.pop(name, "") for name in (SOCKET_ENV, WATCHDOG_USEC_ENV, WATCHDOG_PID_ENV)}
+    taken = {name: environ.pop(name, "") for name in ENV}
     return {name: value for name, value in taken.items() if value}
 
 
 class SystemdNotifier:
-    """The notifying thread, started only when systemd gave a socket."""
+    """The notifying thread."""
 
-    def __init__(self, cfg: Config, table: PodTable, environ: Mapping[str, str],
+    def __init__(self, cfg: Config, table: PodTable, notifier: Notifier, environ: Mapping[str, str],
                  ctx: zmq.Context[Any]) -> None:
-        self._notifier = Notifier(environ)
+        self._notifier = notifier
         supervisord = expected_parent(os.environ)
         self._interval = watchdog_interval(environ, [supervisord] if supervisord else [])
         timeout = 1.0 if self._interval is None else max(0.2, min(1.0, self._interval / 4))
         self._prober = Prober(cfg, table, timeout, ctx)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="systemd-notify", daemon=True)
-
-    @property
-    def enabled(self) -> bool:
-        return self._notifier.enabled
 
     def start(self) -> None:
         log.info("notifying systemd", extra={"socket": self._notifier.address,
@@ -184,10 +180,9 @@ def start(cfg: Config, table: PodTable, ctx: zmq.Context[Any],
           given: Mapping[str, str]) -> SystemdNotifier | None:
     """The notifying thread, started when systemd's variables (:func:`take_environment`) name a
     socket; None otherwise."""
-    if SOCKET_ENV not in given:
-        return None
-    notifier = SystemdNotifier(cfg, table, given, ctx)
+    notifier = Notifier(given)
     if not notifier.enabled:
         return None
-    notifier.start()
-    return notifier
+    thread = SystemdNotifier(cfg, table, notifier, given, ctx)
+    thread.start()
+    return thread
