@@ -347,7 +347,9 @@ def test_udp_probe_finds_a_port_nobody_listens_on() -> None:
         alive = Endpoint("127.0.0.1", bound.getsockname()[1])
         dead = Endpoint("127.0.0.1", free_port(socket.SOCK_DGRAM))
         changes = Changes()
-        checker = HealthChecker(changes, fall=2, udp_probe=True, interval=0.03, timeout=0.1)
+        # Silence is a UDP port's pass: the timeout leaves a loaded machine room to deliver the
+        # dead port's ICMP error, which would otherwise pass as silence now and then (a flap).
+        checker = HealthChecker(changes, fall=2, udp_probe=True, interval=0.03, timeout=0.5)
         checker.watch([alive, dead], protocol="UDP")
         checker.start()
         await until(lambda: not checker.healthy(dead, "UDP"), "the dead UDP port to fall")
