@@ -22,7 +22,7 @@ from common.model import parse_workload
 from services.manager.chas.deploy import container_health, parse_deploy
 from services.manager.probes import checks
 from tests.stack import Agent
-from tests.support import free_port, wait_for
+from tests.support import free_port, free_ports, wait_for
 
 PY = sys.executable
 
@@ -201,7 +201,7 @@ def apply(agent: Agent, tmp_path: Any, doc: dict[str, Any]) -> None:
 
 def test_readiness_gates_the_proxy_traffic(probing_agent: Agent, tmp_path: Any) -> None:
     agent = probing_agent
-    host, target = free_port(), free_port()
+    host, target = free_ports(2)
     flag = tmp_path / "ready"
     apply(agent, tmp_path, {"name": "web", "spec": {"containers": [{
         "name": "web", "command": [PY, "-c", SERVER, str(target), str(flag)],

@@ -246,8 +246,7 @@ def test_a_busy_udp_flow_moves_to_the_new_endpoint_within_a_second(kernel: Kerne
 
 def test_an_endpoint_that_refuses_leaves_the_map_within_the_fall_time(kernel: Kernel, servers: Any) -> None:
     a = servers(TcpServer, b"A")
-    dead = free_port()          # nothing listens: connects are refused
-    port = free_port()
+    dead, port = free_ports(2)  # nothing listens on dead: connects are refused
     kernel.apply({("TCP", port): (Endpoint(LO, a.port), Endpoint(LO, dead))})
     start = time.monotonic()
     gone = f"ep_tcp_{port}__{LO}_{dead}"

@@ -96,7 +96,7 @@ def metrics(agent: Agent) -> str:
 @pytest.mark.integration
 def test_kernel_mode_forwards_balances_counts_and_removes_a_deleted_pods_rules(
         kagent: Agent, tmp_path: Any) -> None:
-    host, other = free_port(), free_port()
+    host, other = host_ports(2)
     run_http(kagent, tmp_path, "web", host, replicas=2)
     run_http(kagent, tmp_path, "solo", other)
     wait_for(lambda: get(host), 10, what="a reply through the kernel")
