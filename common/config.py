@@ -1,12 +1,19 @@
-"""riklet's configuration: defaults < CHaS file < riklet's YAML file < environment < flags.
+"""riklet's configuration as the services hold it: :class:`Config`, one frozen record.
 
-Every setting is a field of :class:`Config`, a msgspec struct: the field's type carries its
-constraints (:mod:`common.configtypes`), its ``opt(...)`` its environment variable, flag and
-help; the YAML key is the attribute with its first ``_`` made a ``.`` (``api_max_streams`` is
-``api.max_streams``). The CHaS Node Agent's file (``/etc/chas/node-agent.yaml``, seed 003) is
-read too, its keys mapped onto the same settings by :data:`CHAS_KEYS`. Each raw value is
-validated on its own, so an unknown YAML key or a value that does not parse is an error naming
-the file (or variable, or flag) and the key.
+Every setting is a field of :class:`Config`: the field's type carries its constraints
+(:mod:`common.configtypes`), its ``opt(...)`` its environment variable, flag and help; the YAML
+key is the attribute with its first ``_`` made a ``.`` (``api_max_streams`` is
+``api.max_streams``). The annotations stay text here (``from __future__ import annotations``):
+only :mod:`common.configload`, which reads and checks the sources (defaults < CHaS file <
+riklet's YAML file < environment < flags), evaluates them, with msgspec and PyYAML.
+
+A service started by ``riklet run`` reads none of that: the launcher has checked the
+configuration once and written it to the run directory (``config.json``, named by
+``RIKLET_CHECKED_CONFIG``) with a fingerprint of what it read: the files' digests and the
+variables' values. :func:`parse_args` takes that record while the fingerprint still holds, so
+the services load neither the schema library nor the YAML parser (a few MiB each); once a file
+or a variable has changed (an operator edits the YAML and restarts one service), the service
+reads and checks the sources itself, exactly as before.
 """
 
 from __future__ import annotations
@@ -14,55 +21,51 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal, get_args, get_origin
-
-import msgspec
-import yaml
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Annotated, Any
 
 from common import paths
-from common.configtypes import (
-    IP,
-    PATTERNS,
-    Address,
-    After,
-    Before,
-    Bool,
-    Count,
-    CountOrZero,
-    Duration,
-    Hosts,
-    Level,
-    Memory,
-    Name,
-    OptionalAddress,
-    OptionalCpu,
-    OptionalMemory,
-    OptionalPath,
-    Path,
-    PathPrefixes,
-    Port,
-    PortRange,
-    PositiveDuration,
-    ProxyMode,
-    Resolution,
-    Runtime,
-    SocketPath,
-    Subnet,
-    Text,
-    Tristate,
-    Url,
-    User,
-)
-from common.errors import InvalidArgument
 
+if TYPE_CHECKING:
+    from common.configload import opt
+    from common.configtypes import (
+        IP,
+        Address,
+        Bool,
+        Count,
+        CountOrZero,
+        Duration,
+        Hosts,
+        Level,
+        Memory,
+        Name,
+        OptionalAddress,
+        OptionalCpu,
+        OptionalMemory,
+        OptionalPath,
+        Path,
+        PathPrefixes,
+        Port,
+        PortRange,
+        PositiveDuration,
+        ProxyMode,
+        Resolution,
+        Runtime,
+        SocketPath,
+        Subnet,
+        Text,
+        Tristate,
+        Url,
+        User,
+    )
 
-def opt(*, help: str, env: str | None = None, flag: str | None = None) -> msgspec.Meta:
-    """A setting's environment variable, flag and help, kept in its type's metadata."""
-    return msgspec.Meta(description=help, extra={"env": env, "flag": flag})
+# The variable naming the launcher's checked configuration (see the module's doc).
+CHECKED_ENV = "RIKLET_CHECKED_CONFIG"
+CHECKED_VERSION = 1
 
 
 def _primary_ip() -> str:
@@ -73,13 +76,14 @@ def _primary_ip() -> str:
     return "127.0.0.1"
 
 
-class Config(msgspec.Struct, frozen=True, kw_only=True):
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Config:
     paths_run_dir: Annotated[Path, opt(env="RIKLET_RUN_DIR", flag="--run-dir",
-        help="IPC sockets (created 0700)")] = msgspec.field(default_factory=paths.default_run_dir)
+        help="IPC sockets (created 0700)")] = field(default_factory=paths.default_run_dir)
     paths_state_dir: Annotated[Path, opt(env="RIKLET_STATE_DIR", flag="--state-dir",
-        help="database, logs, shim records")] = msgspec.field(default_factory=paths.default_state_dir)
+        help="database, logs, shim records")] = field(default_factory=paths.default_state_dir)
     node_id: Annotated[Text, opt(env="NODE_ID", flag="--node-id",
-        help="this node's id")] = msgspec.field(default_factory=socket.gethostname)
+        help="this node's id")] = field(default_factory=socket.gethostname)
     api_address: Annotated[Address, opt(env="RIKLET_API_ADDRESS", flag="--api-address",
         help="Node API (gRPC) listen address")] = "127.0.0.1:9091"
     api_max_streams: Annotated[Count, opt(
@@ -129,10 +133,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     chas_header_timeout: Annotated[PositiveDuration, opt(
         help="a connection must send a request's headers within this long (else it is closed)")] = 10.0
     node_hostname: Annotated[Text, opt(
-        help="hostname reported to CHaS")] = msgspec.field(default_factory=socket.gethostname)
+        help="hostname reported to CHaS")] = field(default_factory=socket.gethostname)
     node_ip_address: Annotated[IP, opt(env="NODE_IP",
         help="address reported to CHaS (default: the source address of the default "
-        "route)")] = msgspec.field(default_factory=_primary_ip)
+        "route)")] = field(default_factory=_primary_ip)
     auth_token_file: Annotated[OptionalPath, opt(env="RIKLET_TOKEN_FILE", flag="--token-file",
         help="bearer token both APIs require (default <state_dir>/api-token; made 0600 when absent)")] = None
     tls_cert_file: Annotated[OptionalPath, opt(env="RIKLET_TLS_CERT", flag="--tls-cert",
@@ -200,7 +204,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         help="TCP clients per host port; more are reset at once (0: no limit)")] = 4096
     proxy_idle_timeout: Annotated[Duration, opt(flag="--idle-timeout",
         help="a TCP connection with no byte either way for this long is closed (0: never)")] = 3600.0
-    sources: Mapping[str, str] = msgspec.field(default_factory=dict)   # key -> where its value came from
+    sources: Mapping[str, str] = field(default_factory=dict)   # key -> where its value came from
 
     @property
     def agent_id(self) -> str:
@@ -234,229 +238,68 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         return f"ipc://{self.paths_run_dir}/proxy.sock"
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One field of :class:`Config` as the sources see it: its key, variable, flag and checks."""
-    key: str                      # dotted YAML key; the attribute is the key with '.' -> '_'
-    attr: str
-    type: Any                     # the field's Annotated type, constraints included
-    default: Callable[[], Any]
-    env: str | None
-    flag: str | None
-    help: str
-    before: tuple[Callable[[Any], Any], ...]
-    after: tuple[Callable[[Any], Any], ...]
+def load(flags: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and check every source: :func:`common.configload.load`."""
+    from common import configload
 
-    def parse(self, raw: object, where: str) -> Any:
-        """``raw`` (YAML, environment or flag text) as this setting's value; an error names ``where``."""
-        try:
-            value = raw
-            for step in self.before:
-                value = step(value)
-            value = msgspec.convert(value, self.type, strict=False)   # strict=False: "5" is 5
-            for step in self.after:
-                value = step(value)
-            return value
-        except InvalidArgument as exc:
-            message = exc.message
-        except msgspec.ValidationError as exc:
-            message = str(exc)
-            choices = _choices(self.type)
-            if choices and message.startswith("Invalid enum value"):
-                message = f"expected one of {', '.join(choices)}, got {raw!r}"
-            else:
-                message = _plain(message.split(" - at ")[0], raw)
-        except (ValueError, TypeError) as exc:
-            message = str(exc)
-        raise InvalidArgument(message[:1].lower() + message[1:], where)
+    return configload.load(flags, environ)
 
 
-# msgspec's words for types, as a user reads them
-_PLAIN = (("`int`", "an integer"), ("`float`", "a number"), ("`str`", "a string"),
-          ("`bool`", "true or false"), ("`array`", "a list"), ("`object`", "a mapping"),
-          ("`null`", "nothing"))
+# -- the launcher's checked configuration ---------------------------------------------------
+
+def digest(path: str) -> str | None:
+    """A file's SHA-256, or None when it cannot be read (absent: the CHaS file's default)."""
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except OSError:
+        return None
 
 
-def _plain(message: str, raw: object) -> str:
-    """msgspec's message in a user's words, with the value that was refused."""
-    for pattern, words in PATTERNS.items():
-        if f"matching regex {pattern!r}" in message:
-            return f"{words}, got {raw!r}"
-    for word, plain in _PLAIN:
-        message = message.replace(word, plain)
-    return f"{message.split(', got ')[0]}, got {raw!r}"
+def _tuples(value: Any) -> Any:
+    """JSON's lists back into the tuples every sequence setting holds."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def _choices(tp: Any) -> tuple[str, ...]:
-    """The values of the Literal inside a setting's type, if it is one."""
-    while get_origin(tp) is Annotated:
-        tp = get_args(tp)[0]
-    return tuple(str(a) for a in get_args(tp)) if get_origin(tp) is Literal else ()
-
-
-def _setting(info: msgspec.structs.FieldInfo) -> Setting:
-    extras = info.type.__metadata__ if get_origin(info.type) is Annotated else ()
-    meta = next(m for m in reversed(extras) if isinstance(m, msgspec.Meta) and m.extra)
-    extra = meta.extra or {}
-    default = info.default_factory if info.default is msgspec.NODEFAULT else (lambda: info.default)
-    return Setting(info.name.replace("_", ".", 1), info.name, info.type, default, extra["env"], extra["flag"],
-                   meta.description or "",
-                   tuple(m.step for m in extras if isinstance(m, Before)),
-                   tuple(m.step for m in extras if isinstance(m, After)))
-
-
-SETTINGS: tuple[Setting, ...] = tuple(
-    _setting(f) for f in msgspec.structs.fields(Config) if f.name != "sources")
-_BY_KEY = {s.key: s for s in SETTINGS}
-
-
-# The CHaS Node Agent's configuration file (seed 003, "Configuration"): read alongside riklet's
-# own, its keys mapped onto riklet's settings. Precedence: defaults < CHaS file < riklet's file
-# < environment < flags.
-CHAS_CONFIG_PATH = "/etc/chas/node-agent.yaml"   # read when it exists; CHAS_CONFIG / --chas-config
-CHAS_KEYS: Mapping[str, str] = {                  # CHaS key -> riklet setting
-    "api.chas_url": "chas.api_url",
-    "api.port": "chas.port",
-    "node.id": "node.id",
-    "node.hostname": "node.hostname",
-    "containerd.socket": "containerd.address",
-    "containerd.namespace": "containerd.namespace",
-    "monitoring.health_interval": "chas.health_interval",
-    "monitoring.metrics_enabled": "monitoring.metrics_enabled",
-    "logging.level": "logging.level",
-    "logging.file": "logging.file",
-}
-if not set(CHAS_KEYS.values()) <= set(_BY_KEY):
-    raise RuntimeError(f"CHAS_KEYS names settings SETTINGS lacks: {set(CHAS_KEYS.values()) - set(_BY_KEY)}")
-_CHAS_BY_SETTING = {v: k for k, v in CHAS_KEYS.items()}
-
-# Settings whose value `riklet config show` never prints (none yet: the token *file* is a path).
-SECRET_KEYS: frozenset[str] = frozenset()
-
-
-def _flatten(data: Mapping[str, Any], prefix: str, source: str,
-             known: Mapping[str, Any] = _BY_KEY) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, value in data.items():
-        key = f"{prefix}{name}"
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, key + ".", source, known))
-        elif key in known:
-            out[key] = value
-        else:
-            raise InvalidArgument(f"unknown configuration key in {source}", key)
-    return out
-
-
-def _read_mapping(path: str, field: str) -> Mapping[str, Any]:
+def read_checked(path: str, environ: Mapping[str, str] | None = None) -> Config | None:
+    """The launcher's checked configuration, or None when it is missing, of another version, or
+    stale: a variable it read differs now, or a file it read has changed (or appeared)."""
+    env = os.environ if environ is None else environ
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except OSError as exc:
-        raise InvalidArgument(f"cannot read configuration file {path}: {exc.strerror}", field) from exc
-    except yaml.YAMLError as exc:
-        raise InvalidArgument(f"{path} is not valid YAML: {exc}", field) from exc
-    if data is None:
-        return {}
-    if not isinstance(data, Mapping):
-        raise InvalidArgument(f"{path} must hold a mapping at the top level", field)
-    return data
-
-
-def read_yaml(path: str) -> dict[str, Any]:
-    """riklet's own file: setting key -> raw value."""
-    return _flatten(_read_mapping(path, "config"), "", path)
-
-
-def read_chas_yaml(path: str, field: str = "chas-config") -> dict[str, Any]:
-    """The CHaS file: CHaS key (``api.port``) -> raw value; an unknown key is an error."""
-    return _flatten(_read_mapping(path, field), "", path, CHAS_KEYS)
-
-
-def chas_config_path(flags: argparse.Namespace | None, environ: Mapping[str, str]) -> str | None:
-    """The CHaS file to read: --chas-config, else CHAS_CONFIG (both must exist; /dev/null reads
-    as empty, so it turns the default off), else the default path when it exists, else none."""
-    for path, field in ((getattr(flags, "chas_config", None), "--chas-config"),
-                        (environ.get("CHAS_CONFIG"), "CHAS_CONFIG")):
-        if path:
-            if not os.path.exists(path):
-                raise InvalidArgument(f"CHaS configuration file {path} does not exist", field)
-            if os.path.isdir(path):
-                raise InvalidArgument(f"CHaS configuration file {path} is a directory", field)
-            return path
-    return CHAS_CONFIG_PATH if os.path.exists(CHAS_CONFIG_PATH) else None
-
-
-def describe_source(key: str, source: str) -> str:
-    """``Config.sources[key]`` for people: default, FILE: KEY, environment VAR or flag --FLAG."""
-    s = _BY_KEY[key]
-    if source == "environment":
-        return f"environment {s.env}"
-    if source == "flags":
-        return f"flag {s.flag}"
-    chas_key = _CHAS_BY_SETTING.get(key)
-    if source == "default" or (chas_key and source.endswith(f": {chas_key}")):
-        return source               # the CHaS file's entry already names its key
-    return f"{source}: {key}"       # riklet's file: the key is the setting's
-
-
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML configuration file (env RIKLET_CONFIG)")
-    parser.add_argument("--chas-config", help="CHaS node-agent YAML file (env CHAS_CONFIG; "
-                        f"default {CHAS_CONFIG_PATH} when it exists)")
-    for s in SETTINGS:
-        if s.flag:
-            parser.add_argument(s.flag, dest=s.attr, help=s.help)
-
-
-def load(flags: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Defaults < CHaS file < riklet's file < environment < flags.
-
-    ``Config.sources[key]`` says where each value came from: ``default``, ``<CHaS file>:
-    <CHaS key>``, ``<riklet file>``, ``environment`` or ``flags`` (:func:`describe_source`
-    spells out the key, variable or flag)."""
-    env = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    # (setting key, raw value, where: named in errors, source: recorded in Config.sources)
-    layers: list[list[tuple[str, Any, str, str]]] = []
-    chas_path = chas_config_path(flags, env)
-    if chas_path:
-        layers.append([(CHAS_KEYS[k], raw, f"{chas_path}: {k}", f"{chas_path}: {k}")
-                       for k, raw in read_chas_yaml(chas_path).items()])
-    path = getattr(flags, "config", None) or env.get("RIKLET_CONFIG")
-    if path:
-        layers.append([(k, raw, f"{path}: {k}", path) for k, raw in read_yaml(path).items()])
-    layers.append([(s.key, env[s.env], s.env, "environment") for s in SETTINGS if s.env and env.get(s.env)])
-    if flags is not None:
-        layers.append([(s.key, getattr(flags, s.attr), s.flag, "flags") for s in SETTINGS
-                       if s.flag and getattr(flags, s.attr, None) is not None])
-    for layer in layers:
-        for key, raw, where, source in layer:
-            values[key] = _BY_KEY[key].parse(raw, where)
-            sources[key] = source
-    for s in SETTINGS:
-        if s.key not in values:
-            values[s.key] = s.parse(s.default(), s.key)
-            sources[s.key] = "default"
-    # Unix socket paths are limited to 107 bytes; the longest one riklet makes is this one.
-    longest = os.path.join(values["paths.run_dir"], "memory-events.sock")
-    if len(longest.encode()) > 107:
-        raise InvalidArgument(f"too long for unix sockets ({len(longest)} > 107 bytes with "
-                              "'/memory-events.sock'): pick a shorter directory", "paths.run_dir")
-    return Config(**{_BY_KEY[k].attr: v for k, v in values.items()}, sources=sources)
+            record = json.load(fh)
+        if record.get("version") != CHECKED_VERSION:
+            return None
+        inputs = record["inputs"]
+        if any((env.get(name) or None) != value for name, value in inputs["env"].items()):
+            return None
+        if any(digest(file) != value for file, value in inputs["files"].items()):
+            return None
+        values = {name: _tuples(value) for name, value in record["values"].items()}
+        if set(values) != {f.name for f in fields(Config)} - {"sources"}:
+            return None                 # written by another riklet's idea of the settings
+        return Config(**values, sources=dict(record["sources"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def parse_args(prog: str, argv: Sequence[str] | None = None,
                extra: Callable[[argparse.ArgumentParser], None] | None = None,
                ) -> tuple[Config, argparse.Namespace]:
-    """The command line every service shares; exits with a clear message on a bad setting."""
-    parser = argparse.ArgumentParser(prog=prog)
-    add_flags(parser)
-    if extra:
-        extra(parser)
-    ns = parser.parse_args(argv)
-    try:
-        return load(ns), ns
-    except InvalidArgument as exc:
-        parser.exit(2, f"{prog}: configuration error: {exc}\n")
+    """The command line every service shares; exits with a clear message on a bad setting.
+
+    Started by ``riklet run`` with no setting on its command line (``extra``'s own flags
+    aside), a service takes the launcher's checked configuration while it still holds; else it
+    reads and checks the sources itself (:func:`common.configload.parse_args`)."""
+    checked = os.environ.get(CHECKED_ENV)
+    if checked:
+        parser = argparse.ArgumentParser(prog=prog, add_help=False)
+        if extra:
+            extra(parser)
+        ns, rest = parser.parse_known_args(argv)
+        cfg = None if rest else read_checked(checked)
+        if cfg is not None:
+            return cfg, ns
+    from common import configload
+
+    return configload.parse_args(prog, argv, extra)

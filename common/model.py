@@ -21,8 +21,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from common.errors import InvalidArgument, excerpt
 from common.fields import check_int as _int
 from common.fields import check_object as _obj
@@ -98,7 +96,7 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def _too_deep(field: str) -> InvalidArgument:
+def too_deep(field: str) -> InvalidArgument:
     return InvalidArgument(f"nested deeper than {MAX_DEPTH} levels of objects and lists", field)
 
 
@@ -145,71 +143,22 @@ def load_json(text: str | bytes, field: str, max_bytes: int = MAX_MANIFEST_BYTES
     elif len(text) > max_bytes or len(text.encode("utf-8", "surrogatepass")) > max_bytes:
         raise InvalidArgument(f"larger than {max_bytes} bytes", field)
     if json_depth_exceeds(text):
-        raise _too_deep(field)
+        raise too_deep(field)
     try:
         return json.loads(text, parse_constant=_no_constant)
     except RecursionError as exc:  # cannot happen after the scan; kept so it can never crash
-        raise _too_deep(field) from exc
+        raise too_deep(field) from exc
     except ValueError as exc:       # also integers longer than Python converts (4300 digits)
         raise InvalidArgument(f"not valid JSON: {exc}", field) from exc
 
 
-class _ManifestLoader(yaml.SafeLoader):
-    """PyYAML's safe loader without aliases and with bounded nesting.
-
-    Aliases are refused outright: a pod manifest has no need of them, and nine nested aliases in
-    a few hundred bytes expand to gigabytes wherever the document is walked (a repr, a JSON dump
-    of the stored spec). The composer is the one recursive part of PyYAML: counting its depth
-    refuses ``[[[[...`` long before Python's recursion limit."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            mark = self.peek_event().start_mark
-            raise InvalidArgument(f"YAML aliases (*name) are not accepted (line {mark.line + 1}, "
-                                  f"column {mark.column + 1})", "manifest")
-        if not self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
-            return super().compose_node(parent, index)
-        self._depth += 1      # counts collections only, as json_depth_exceeds counts brackets
-        try:
-            if self._depth > MAX_DEPTH:
-                raise _too_deep("manifest")
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-def _bounded_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
-    # YAML 1.1's base-60 integers (1:2:3:...) cost quadratic time to build: a 256 KiB one takes
-    # seconds. No field takes an integer anywhere near this long.
-    if len(node.value) > _MAX_INT_CHARS:
-        raise InvalidArgument(f"an integer of more than {_MAX_INT_CHARS} characters (line "
-                              f"{node.start_mark.line + 1})", "manifest")
-    value: int = yaml.SafeLoader.construct_yaml_int(loader, node)
-    return value
-
-
-_MAX_INT_CHARS = 64
-_ManifestLoader.add_constructor("tag:yaml.org,2002:int", _bounded_int)
-
-
 def load_yaml(text: str, field: str = "manifest") -> Any:
-    """Decode untrusted YAML with :class:`_ManifestLoader`; failures name ``field``."""
-    loader = _ManifestLoader(text)
-    try:
-        return loader.get_single_data()
-    except InvalidArgument as exc:
-        exc.field = field
-        raise
-    except yaml.YAMLError as exc:
-        raise InvalidArgument(f"not valid YAML: {exc}", field) from exc
-    except (ValueError, OverflowError) as exc:  # a constructor's: 2020-13-45, a 5000-digit int
-        raise InvalidArgument(f"not valid YAML: {exc}", field) from exc
-    finally:
-        loader.dispose()
+    """Decode untrusted YAML (:func:`common.manifestyaml.load_yaml`); failures name ``field``.
+    PyYAML is imported on the first YAML manifest: the proxy and the monitor use this module
+    and never read one."""
+    from common import manifestyaml
+
+    return manifestyaml.load_yaml(text, field)
 
 
 def load_manifest(text: str | bytes, fmt: str = "") -> dict[str, Any]:

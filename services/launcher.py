@@ -1,10 +1,11 @@
 """``riklet run``: start the agent in the foreground under supervisord with embedded defaults.
 
 Sets the environment supervisord.conf reads (RIKLET_RUN_DIR, RIKLET_STATE_DIR, RIKLET_CONFIG)
-when the caller has not, makes sure no other agent runs from the same run dir and stops what
-a previous one left running there (services.takeover), makes this process a child subreaper so
-that shims orphaned by a manager restart are reaped by supervisord rather than left as zombies,
-and execs supervisord.
+when the caller has not, checks the configuration once (a bad setting exits 2 before anything
+is made or started) and writes it for the services (common.config.read_checked), makes sure no
+other agent runs from the same run dir and stops what a previous one left running there
+(services.takeover), makes this process a child subreaper so that shims orphaned by a manager
+restart are reaped by supervisord rather than left as zombies, and execs supervisord.
 
 ``riklet config show`` prints the effective configuration and where each value came from,
 without any service running.
@@ -18,7 +19,7 @@ import os
 import sys
 from typing import Any
 
-from common import auth, config, paths, sdnotify
+from common import auth, config, configload, paths, sdnotify
 from common.errors import InvalidArgument, Unavailable
 from common.parentwatch import SUPERVISOR_PID_ENV
 from common.subreaper import become_subreaper
@@ -47,13 +48,13 @@ def defaults(environ: dict[str, str], root: str = ROOT) -> dict[str, str]:
 def effective(cfg: config.Config) -> dict[str, dict[str, Any]]:
     """Every setting, sorted by key: ``{key: {"value": ..., "source": ...}}``, secrets masked."""
     out: dict[str, dict[str, Any]] = {}
-    for s in sorted(config.SETTINGS, key=lambda s: s.key):
+    for s in sorted(configload.SETTINGS, key=lambda s: s.key):
         value = getattr(cfg, s.attr)
-        if s.key in config.SECRET_KEYS and value is not None:
+        if s.key in configload.SECRET_KEYS and value is not None:
             value = "<redacted>"
         elif isinstance(value, tuple):
             value = list(value)
-        out[s.key] = {"value": value, "source": config.describe_source(s.key, cfg.sources[s.key])}
+        out[s.key] = {"value": value, "source": configload.describe_source(s.key, cfg.sources[s.key])}
     return out
 
 
@@ -82,13 +83,13 @@ def main(argv: list[str] | None = None) -> None:
     run = sub.add_parser("run", help="start the four services under supervisord (foreground)")
     run.add_argument("--config", help="YAML configuration file (env RIKLET_CONFIG)")
     run.add_argument("--chas-config", help="CHaS node-agent YAML file (env CHAS_CONFIG; default "
-                     f"{config.CHAS_CONFIG_PATH} when it exists)")
+                     f"{configload.CHAS_CONFIG_PATH} when it exists)")
     run.add_argument("--supervisord-conf", default=default_supervisord_conf(),
                      help="supervisord's configuration (default: the package's, or the checkout's)")
     conf = sub.add_parser("config", help="inspect the configuration").add_subparsers(
         dest="action", metavar="show", required=True)
     show = conf.add_parser("show", help="print every setting, its value and where it came from")
-    config.add_flags(show)
+    configload.add_flags(show)
     show.add_argument("-o", "--output", choices=("text", "json"), default="text")
     args = parser.parse_args(argv)
     if args.command == "config":
@@ -102,10 +103,20 @@ def main(argv: list[str] | None = None) -> None:
         env["CHAS_CONFIG"] = os.path.abspath(args.chas_config)
     for key in ("RIKLET_RUN_DIR", "RIKLET_STATE_DIR"):
         env[key] = os.path.abspath(env[key])
+    try:  # checked once, here: a bad setting stops the start before anything is made
+        cfg = configload.load(None, env)
+    except InvalidArgument as exc:
+        parser.exit(2, f"riklet: configuration error: {exc}\n")
+    for key in ("RIKLET_RUN_DIR", "RIKLET_STATE_DIR"):
         os.makedirs(env[key], mode=0o700, exist_ok=True)
     os.makedirs(os.path.join(env["RIKLET_STATE_DIR"], "log"), mode=0o700, exist_ok=True)
     auth.open_to_group(env["RIKLET_STATE_DIR"])  # rikletctl of the riklet group reaches the token
     prepare(env["RIKLET_RUN_DIR"], env["RIKLET_STATE_DIR"])
+    # The services take the checked settings while the files and variables they came from
+    # hold (common.config.parse_args): they import neither msgspec nor PyYAML for them.
+    checked = os.path.join(env["RIKLET_RUN_DIR"], "config.json")
+    configload.write_checked(cfg, env, checked)
+    env[config.CHECKED_ENV] = checked
     # exec keeps the pid: the services compare their parent with it (common.parentwatch).
     env[SUPERVISOR_PID_ENV] = str(os.getpid())
     hand_notify_socket(env)

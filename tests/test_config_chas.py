@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from common import config
+from common import config, configload
 from common.errors import InvalidArgument
 
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -52,12 +52,12 @@ SEED_YAML = "\n".join((
 @pytest.fixture(autouse=True)
 def no_system_chas_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The default path points into the test's directory: a real /etc/chas file never leaks in."""
-    monkeypatch.setattr(config, "CHAS_CONFIG_PATH", str(tmp_path / "etc-chas-node-agent.yaml"))
+    monkeypatch.setattr(configload, "CHAS_CONFIG_PATH", str(tmp_path / "etc-chas-node-agent.yaml"))
 
 
 def flags(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    config.add_flags(parser)
+    configload.add_flags(parser)
     return parser.parse_args(list(argv))
 
 
@@ -83,7 +83,7 @@ def test_five_layers_in_order_with_their_sources(tmp_path: Path) -> None:
     assert cfg.sources["containerd.namespace"] == f"{chas}: containerd.namespace"
     assert cfg.metrics_address == "127.0.0.1:9092" and cfg.sources["metrics.address"] == "default"
 
-    said = {k: config.describe_source(k, cfg.sources[k]) for k in cfg.sources}
+    said = {k: configload.describe_source(k, cfg.sources[k]) for k in cfg.sources}
     assert said["chas.port"] == "flag --node-port"
     assert said["chas.health_interval"] == "environment HEALTH_INTERVAL"
     assert said["logging.level"] == f"{rik}: logging.level"
@@ -110,14 +110,14 @@ def test_the_seed_example_is_accepted_and_maps_onto_riklet_settings(tmp_path: Pa
     assert cfg.logging_level == "INFO"
     assert cfg.logging_file == "/var/log/chas-node-agent.log"
     assert {k: v for k, v in cfg.sources.items() if v != "default"} == {
-        riklet_key: f"{path}: {chas_key}" for chas_key, riklet_key in config.CHAS_KEYS.items()}
+        riklet_key: f"{path}: {chas_key}" for chas_key, riklet_key in configload.CHAS_KEYS.items()}
 
 
 def test_the_default_path_is_read_when_it_exists_and_skipped_when_not(tmp_path: Path) -> None:
     assert config.load(None, {}).sources["chas.port"] == "default"     # missing default: fine
-    write(Path(config.CHAS_CONFIG_PATH), "api:\n  port: 9111\n")
+    write(Path(configload.CHAS_CONFIG_PATH), "api:\n  port: 9111\n")
     cfg = config.load(None, {})
-    assert cfg.chas_port == 9111 and cfg.sources["chas.port"] == f"{config.CHAS_CONFIG_PATH}: api.port"
+    assert cfg.chas_port == 9111 and cfg.sources["chas.port"] == f"{configload.CHAS_CONFIG_PATH}: api.port"
 
 
 @pytest.mark.parametrize("text, key", [
@@ -151,7 +151,7 @@ def test_an_explicit_chas_file_must_exist(tmp_path: Path) -> None:
 
 
 def test_dev_null_turns_the_default_file_off_and_a_directory_is_refused(tmp_path: Path) -> None:
-    write(Path(config.CHAS_CONFIG_PATH), "api:\n  port: 9111\n")
+    write(Path(configload.CHAS_CONFIG_PATH), "api:\n  port: 9111\n")
     assert config.load(None, {"CHAS_CONFIG": "/dev/null"}).sources["chas.port"] == "default"
     with pytest.raises(InvalidArgument) as err:
         config.load(flags("--chas-config", str(tmp_path)), {})
@@ -184,7 +184,7 @@ def test_config_show_prints_every_setting_value_and_source(tmp_path: Path, layer
                    LOG_LEVEL="debug")
     assert out.returncode == 0, out.stderr
     rows = {line.split()[0]: line.split(None, 2)[1:] for line in out.stdout.splitlines()[1:]}
-    assert set(rows) == {s.key for s in config.SETTINGS}
+    assert set(rows) == {s.key for s in configload.SETTINGS}
     assert rows["node.id"] == ["n1", "flag --node-id"]
     assert rows["logging.level"] == ["DEBUG", "environment LOG_LEVEL"]
     assert rows["logs.max_files"] == ["5", f"{layered['rik']}: logs.max_files"]
@@ -199,7 +199,7 @@ def test_config_show_json(tmp_path: Path, layered: dict[str, str]) -> None:
                    NODE_PORT="9393")
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
-    assert set(data) == {s.key for s in config.SETTINGS}
+    assert set(data) == {s.key for s in configload.SETTINGS}
     assert data["chas.port"] == {"value": 9393, "source": "environment NODE_PORT"}
     assert data["monitoring.metrics_enabled"] == {"value": True,
                                                   "source": f"{layered['chas']}: monitoring.metrics_enabled"}
@@ -326,7 +326,7 @@ def test_the_shipped_yaml_lists_every_setting_commented_out(tmp_path: Path) -> N
 
     uncommented = [line[1:] for line in lines if re.match(r"^#(  )*[a-z_]+:", line)]
     path = write(tmp_path / "riklet.yaml", "\n".join(uncommented) + "\n")
-    assert set(config.read_yaml(path)) == {s.key for s in config.SETTINGS}
+    assert set(configload.read_yaml(path)) == {s.key for s in configload.SETTINGS}
     config.load(None, {"RIKLET_CONFIG": path})     # and every value parses
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from common import config
+from common import config, configload
 from common.errors import InvalidArgument
 
 RIKLET = os.path.join(os.path.dirname(sys.executable), "riklet")
@@ -19,7 +19,7 @@ RIKLET = os.path.join(os.path.dirname(sys.executable), "riklet")
 
 @pytest.fixture(autouse=True)
 def no_system_chas_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(config, "CHAS_CONFIG_PATH", str(tmp_path / "etc-chas-node-agent.yaml"))
+    monkeypatch.setattr(configload, "CHAS_CONFIG_PATH", str(tmp_path / "etc-chas-node-agent.yaml"))
 
 
 @pytest.mark.parametrize("env, value", [
