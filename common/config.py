@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Annotated, Any
 
 from common import paths
+from common.jsonfile import read_json
 
 if TYPE_CHECKING:
     from common.configload import opt
@@ -265,11 +265,10 @@ def read_checked(path: str, environ: Mapping[str, str] | None = None) -> Config 
     """The launcher's checked configuration, or None when it is missing, of another version, or
     stale: a variable it read differs now, or a file it read has changed (or appeared)."""
     env = os.environ if environ is None else environ
+    record = read_json(path)
+    if record is None or record.get("version") != CHECKED_VERSION:
+        return None
     try:
-        with open(path, encoding="utf-8") as fh:
-            record = json.load(fh)
-        if record.get("version") != CHECKED_VERSION:
-            return None
         inputs = record["inputs"]
         if any((env.get(name) or None) != value for name, value in inputs["env"].items()):
             return None
@@ -279,7 +278,7 @@ def read_checked(path: str, environ: Mapping[str, str] | None = None) -> Config 
         if set(values) != {f.name for f in fields(Config)} - {"sources"}:
             return None                 # written by another riklet's idea of the settings
         return Config(**values, sources=dict(record["sources"]))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (KeyError, TypeError, ValueError, AttributeError):   # a record of another shape
         return None
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from common import configtypes
 from common.config import CHECKED_VERSION, Config, digest
 from common.configtypes import PATTERNS, After, Before
 from common.errors import InvalidArgument
+from common.jsonfile import write_json
 
 
 def opt(*, help: str, env: str | None = None, flag: str | None = None) -> msgspec.Meta:
@@ -278,7 +278,8 @@ def inputs(environ: Mapping[str, str]) -> dict[str, Any]:
     """What :func:`load` reads, given no flags: every variable it looks at (unset as None) and
     every file (its digest; None when absent, as the CHaS file's default path may be)."""
     names = ["RIKLET_CONFIG", "CHAS_CONFIG", *(s.env for s in SETTINGS if s.env)]
-    files = [p for p in (environ.get("RIKLET_CONFIG"), environ.get("CHAS_CONFIG") or CHAS_CONFIG_PATH) if p]
+    chas = chas_config_path(None, environ) or CHAS_CONFIG_PATH   # the default: its absence counts
+    files = [p for p in (environ.get("RIKLET_CONFIG"), chas) if p]
     return {"env": {n: environ.get(n) or None for n in names}, "files": {p: digest(p) for p in files}}
 
 
@@ -288,9 +289,5 @@ def write_checked(cfg: Config, environ: Mapping[str, str], path: str) -> None:
     values = {s.attr: getattr(cfg, s.attr) for s in SETTINGS}
     record = {"version": CHECKED_VERSION, "inputs": inputs(environ), "values": values,
               "sources": dict(cfg.sources)}
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(record, fh)
-    os.replace(tmp, path)
+    write_json(path, record, mode=0o600)
 

@@ -9,15 +9,16 @@ import threading
 from typing import Any
 
 
-def write_json(path: str, data: object) -> None:
-    """Replace path atomically: readers see the old or the new file, never a partial one.
+def write_json(path: str, data: object, mode: int = 0o666) -> None:
+    """Replace path atomically: readers see the old or the new file, never a partial one;
+    created with ``mode`` (less the umask).
 
     Not fsynced (a millisecond per write, two per pod start): these files must survive the kill
     of any process, which the page cache ensures; a machine crash takes the workloads with it,
     and a file lost to one reads as missing, which makes the pod start afresh from memory's
     record (memory's own writes are the ones fsynced)."""
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    with open(tmp, "w") as f:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w") as f:
         json.dump(data, f, separators=(",", ":"))
     os.replace(tmp, path)
 
